@@ -1,0 +1,128 @@
+"""The ``backpack`` context that activates extensions, and ``disable``.
+
+State is thread-local: a backward pass in one thread never sees the
+extensions another thread activated.
+"""
+
+from __future__ import annotations
+
+import threading
+from contextlib import contextmanager
+from typing import Iterator, Optional, Tuple
+
+from curvext.extensions.base import Extension
+
+_state = threading.local()
+
+
+def active_extensions() -> Tuple[Extension, ...]:
+    """Extensions of the innermost active ``backpack`` context (empty if none)."""
+    return getattr(_state, "extensions", ())
+
+
+def recording_enabled() -> bool:
+    """Whether forward passes of extended modules are recorded now."""
+    return not getattr(_state, "disabled", False)
+
+
+def current_run_log() -> Optional[list]:
+    """List that the engine appends to each time it runs inside the context."""
+    return getattr(_state, "run_log", None)
+
+
+def max_columns_per_backward() -> Optional[int]:
+    """Largest number of columns pushed through one batched backward, or None."""
+    return getattr(_state, "max_columns", None)
+
+
+class backpack:  # noqa: N801 - lower case like BackPACK's context, users know it
+    """Compute the given extensions during ``loss.backward()``.
+
+    Args:
+        *extensions: Extension instances, e.g. ``GGNDiag(), KFAC()``.
+        max_columns: Largest number of loss-Hessian columns pushed through one
+            batched backward. More columns are processed in chunks whose
+            results are summed (or concatenated for ``SqrtGGN``). ``None``
+            (default) picks a chunk size from the size of the recorded
+            module outputs (about 1 GiB of output gradients per chunk).
+        debug: Unused; kept for BackPACK compatibility.
+
+    Example:
+        >>> import torch
+        >>> from curvext import backpack, extend
+        >>> from curvext.extensions import GGNDiag
+        >>> model = extend(torch.nn.Linear(3, 2))
+        >>> loss_fn = extend(torch.nn.MSELoss())
+        >>> loss = loss_fn(model(torch.randn(4, 3)), torch.randn(4, 2))
+        >>> with backpack(GGNDiag()):
+        ...     loss.backward()
+        >>> model.weight.ggn_diag.shape
+        torch.Size([2, 3])
+    """
+
+    def __init__(
+        self, *extensions: Extension, max_columns: Optional[int] = None, debug=False
+    ):
+        for ext in extensions:
+            if isinstance(ext, type):
+                raise TypeError(
+                    f"backpack() got the class {ext.__name__}, not an instance. "
+                    f"Pass {ext.__name__}() instead."
+                )
+            if not isinstance(ext, Extension):
+                raise TypeError(
+                    f"backpack() accepts curvext extensions only, got "
+                    f"{type(ext).__name__}. Use the classes in curvext.extensions."
+                )
+        savefields = [ext.savefield for ext in extensions]
+        duplicates = {f for f in savefields if savefields.count(f) > 1}
+        if duplicates:
+            raise ValueError(
+                f"backpack() got two extensions that write the same attribute "
+                f"{sorted(duplicates)}. Pass each extension once."
+            )
+        if max_columns is not None and max_columns < 1:
+            raise ValueError(f"backpack(max_columns={max_columns}) must be >= 1.")
+        self.extensions = tuple(extensions)
+        self.max_columns = max_columns
+
+    def __enter__(self):
+        self._saved = (
+            active_extensions(),
+            current_run_log(),
+            max_columns_per_backward(),
+        )
+        _state.extensions = self.extensions
+        _state.run_log = []
+        _state.max_columns = self.max_columns
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        run_log = _state.run_log
+        _state.extensions, _state.run_log, _state.max_columns = self._saved
+        if exc_type is None and self.extensions and not run_log:
+            names = ", ".join(type(e).__name__ for e in self.extensions)
+            raise RuntimeError(
+                f"backpack({names}) computed nothing: no backward pass inside the "
+                "context went through a loss function wrapped with "
+                "curvext.extend. Call `loss_fn = extend(loss_fn)` on a "
+                "torch.nn loss module (MSELoss, CrossEntropyLoss, "
+                "BCEWithLogitsLoss) and call loss.backward() inside the context."
+            )
+        return False
+
+
+@contextmanager
+def disable() -> Iterator[None]:
+    """Stop recording the forward passes of extended modules.
+
+    Inside this context the forward hooks of extended modules do nothing, so a
+    forward pass costs what it costs without curvext; a backward pass through
+    such a forward computes no extension.
+    """
+    previous = getattr(_state, "disabled", False)
+    _state.disabled = True
+    try:
+        yield
+    finally:
+        _state.disabled = previous

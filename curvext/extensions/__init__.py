@@ -1,0 +1,23 @@
+"""Extensions: what to compute during ``loss.backward()``.
+
+One file per family; each extension asks module rules for reductions and
+never special-cases a module type.
+"""
+
+from curvext.extensions.base import Extension
+from curvext.extensions.first_order import BatchGrad, BatchL2Grad, SumGradSquared, Variance
+from curvext.extensions.ggn_diag import BatchGGNDiag, GGNDiag
+from curvext.extensions.kfac import KFAC
+from curvext.extensions.sqrt_ggn import SqrtGGN
+
+__all__ = [
+    "Extension",
+    "GGNDiag",
+    "BatchGGNDiag",
+    "SqrtGGN",
+    "KFAC",
+    "BatchGrad",
+    "BatchL2Grad",
+    "SumGradSquared",
+    "Variance",
+]

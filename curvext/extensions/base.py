@@ -1,0 +1,90 @@
+"""What every extension declares: columns it needs, how it reduces them.
+
+An extension never special-cases a module type. For every trainable
+parameter in the graph it asks the parameter's module rule for one reduction
+of the per-sample vectors of its column set (:meth:`Extension.reduce`),
+combines the results of column chunks (summed, or concatenated for
+``combine = "cat"``), and turns them into the attribute stored on the
+parameter (:meth:`Extension.finalize`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional, Tuple
+
+from torch import Tensor
+
+from curvext.modules.base import ModuleRule
+
+#: Column-set keys: ("exact",) exact loss-Hessian square root,
+#: ("mc", M) M Monte-Carlo samples, ("grad",) the loss gradient.
+ColumnSet = Tuple
+
+
+@dataclass
+class RunInfo:
+    """Facts about the backward pass that finalisation may need.
+
+    Attributes:
+        batch_size: ``N``, the size of axis 0 of the loss input.
+        normalization: ``c``, what the loss multiplies its sum over samples by.
+    """
+
+    batch_size: int
+    normalization: float
+
+
+def check_mc_samples(owner: str, mc_samples: Any, minimum: int = 0) -> int:
+    """Validate an ``mc_samples`` argument (an int ``>= minimum``)."""
+    if isinstance(mc_samples, bool) or not isinstance(mc_samples, int) or mc_samples < minimum:
+        meaning = "0 for exact, or " if minimum == 0 else ""
+        raise ValueError(
+            f"{owner}(mc_samples={mc_samples!r}) is invalid: use {meaning}a "
+            f"positive number of Monte-Carlo samples."
+        )
+    return mc_samples
+
+
+def ggn_columns(mc_samples: int) -> ColumnSet:
+    """Column set of the exact GGN (0) or of its MC estimate (``M > 0``)."""
+    return ("exact",) if mc_samples == 0 else ("mc", mc_samples)
+
+
+class Extension:
+    """Base class of all extensions.
+
+    Attributes:
+        savefield: Name of the attribute set on each parameter.
+        combine: How partial results of column chunks combine: ``"sum"`` or
+            ``"cat"`` (along the column axis).
+    """
+
+    savefield: str = ""
+    combine: str = "sum"
+
+    def column_set(self) -> Optional[ColumnSet]:
+        """The columns this extension reduces, or ``None`` if it needs none."""
+        raise NotImplementedError
+
+    def reduce(self, rule: ModuleRule, name: str, grads) -> Any:
+        """Partial result for one chunk of columns."""
+        raise NotImplementedError
+
+    def finalize(self, rule: ModuleRule, name: str, partial: Any, info: RunInfo) -> Any:
+        """The value stored as ``p.<savefield>``."""
+        return partial
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in vars(self).items())
+        return f"{type(self).__name__}({args})"
+
+
+def sum_partials(first, second):
+    """Add two partial results (tensors or tuples of tensors)."""
+    if isinstance(first, tuple):
+        return tuple(a + b for a, b in zip(first, second))
+    return first + second
+
+
+__all__ = ["Extension", "RunInfo", "ColumnSet", "Tensor"]

@@ -1,0 +1,64 @@
+r"""First-order extensions: reductions of the individual gradients.
+
+The individual gradient of sample ``n`` is the gradient of its term
+:math:`c\,\ell_n` of the loss, so the individual gradients sum to ``p.grad``
+(BackPACK's convention). They are the per-sample vectors of the single
+column "loss gradient".
+"""
+
+from __future__ import annotations
+
+from curvext.extensions.base import Extension
+
+
+class _FirstOrder(Extension):
+    def column_set(self):
+        return ("grad",)
+
+    def __init__(self):
+        pass
+
+
+class BatchGrad(_FirstOrder):
+    """Individual gradients ``p.grad_batch``, ``[N, *p.shape]``."""
+
+    savefield = "grad_batch"
+
+    def reduce(self, rule, name, grads):
+        return rule.per_sample(name, grads)[0]
+
+
+class BatchL2Grad(_FirstOrder):
+    """Squared L2 norms of the individual gradients, ``p.batch_l2`` ``[N]``."""
+
+    savefield = "batch_l2"
+
+    def reduce(self, rule, name, grads):
+        return rule.batch_l2(name, grads)
+
+
+class SumGradSquared(_FirstOrder):
+    """Sum of squared individual gradients, ``p.sum_grad_squared`` (shape of ``p``)."""
+
+    savefield = "sum_grad_squared"
+
+    def reduce(self, rule, name, grads):
+        return rule.diag(name, grads)
+
+
+class Variance(_FirstOrder):
+    r"""Variance of the individual gradients, ``p.variance`` (shape of ``p``).
+
+    :math:`\frac{1}{N}\sum_n g_n^2 - \big(\frac{1}{N}\sum_n g_n\big)^2` with
+    :math:`g_n` the individual gradients (BackPACK's definition).
+    """
+
+    savefield = "variance"
+
+    def reduce(self, rule, name, grads):
+        return rule.sample_sum(name, grads)[0], rule.diag(name, grads)
+
+    def finalize(self, rule, name, partial, info):
+        grad, sum_grad_squared = partial
+        batch = info.batch_size
+        return sum_grad_squared / batch - (grad / batch) ** 2

@@ -1,0 +1,42 @@
+r"""Diagonal of the GGN, summed over the batch or per sample.
+
+:math:`\mathrm{diag}(G) = \sum_{n,k} v_{nk}^2` with :math:`v_{nk}` the
+per-sample vectors of the exact loss-Hessian square root
+(``mc_samples=0``) or of ``mc_samples`` Monte-Carlo samples.
+"""
+
+from __future__ import annotations
+
+from curvext.extensions.base import Extension, check_mc_samples, ggn_columns
+
+
+class GGNDiag(Extension):
+    """GGN diagonal ``p.ggn_diag`` (shape of ``p``).
+
+    Args:
+        mc_samples: 0 (default) for the exact GGN, ``M > 0`` for a Monte-Carlo
+            estimate with ``M`` samples from the model's predictive distribution.
+    """
+
+    savefield = "ggn_diag"
+
+    def __init__(self, mc_samples: int = 0):
+        self.mc_samples = check_mc_samples(type(self).__name__, mc_samples)
+
+    def column_set(self):
+        return ggn_columns(self.mc_samples)
+
+    def reduce(self, rule, name, grads):
+        return rule.diag(name, grads)
+
+
+class BatchGGNDiag(GGNDiag):
+    """Per-sample GGN diagonals ``p.batch_ggn_diag``, ``[N, *p.shape]``.
+
+    They sum over ``N`` to ``GGNDiag``'s result.
+    """
+
+    savefield = "batch_ggn_diag"
+
+    def reduce(self, rule, name, grads):
+        return rule.batch_diag(name, grads)

@@ -1,0 +1,83 @@
+r"""Kronecker-factored curvature (KFAC, KFLR, empirical and forward-only).
+
+For a weight with per-sample vectors :math:`v_{nk} = \sum_t g_{nkt} \otimes
+a_{nt}` the GGN block is approximated by :math:`G \otimes A` with
+
+- ``kfac_approx="expand"``: :math:`A = \frac{1}{NT}\sum_{n,t} a a^\top`,
+  :math:`G = \sum_{n,k,t} g g^\top`;
+- ``kfac_approx="reduce"``: :math:`A = \frac{1}{N}\sum_n \bar a \bar a^\top`
+  (:math:`\bar a` the mean over positions), :math:`G = \sum_{n,k} \bar g
+  \bar g^\top` (:math:`\bar g` the sum over positions)
+
+(Eschenhagen et al., 2023). The columns :math:`g` come from the exact
+loss-Hessian square root (``"type-2"``, BackPACK's KFLR), ``mc_samples``
+Monte-Carlo samples (``"mc"``), the loss gradient scaled by
+:math:`1/\sqrt{c}` (``"empirical"``: the empirical Fisher
+:math:`c\sum_n \nabla\ell_n \nabla\ell_n^\top`) or are skipped
+(``"forward-only"``: :math:`G = I`).
+
+``p.kfac`` is a list of factors with ``torch.kron(*p.kfac)`` approximating
+the GGN block of ``p`` w.r.t. ``p.flatten()``: ``[G, A]`` for weights of
+Linear and Conv layers, ``[A, G]`` for weights ``[in, out, ...]`` of
+transposed convolutions and ``[V, D]`` of embeddings, ``[G]`` for biases.
+Parameters without Kronecker structure (normalisation layers, the generic
+rule) get one factor: their whole GGN block (``I`` for ``"forward-only"``).
+"""
+
+from __future__ import annotations
+
+from curvext.extensions.base import Extension, check_mc_samples
+from curvext.modules.base import identity
+from curvext.modules.factored import KFAC_APPROXIMATIONS
+
+FISHER_TYPES = ("mc", "type-2", "empirical", "forward-only")
+
+
+class KFAC(Extension):
+    """Kronecker factors ``p.kfac``.
+
+    Args:
+        fisher_type: ``"mc"`` (default), ``"type-2"``, ``"empirical"`` or
+            ``"forward-only"`` (see the module docstring).
+        mc_samples: Number of MC samples for ``fisher_type="mc"``.
+        kfac_approx: ``"expand"`` (default) or ``"reduce"``, for layers that
+            share weights over positions (sequences, convolutions).
+    """
+
+    savefield = "kfac"
+
+    def __init__(
+        self, fisher_type: str = "mc", mc_samples: int = 1, kfac_approx: str = "expand"
+    ):
+        if fisher_type not in FISHER_TYPES:
+            raise ValueError(
+                f"KFAC(fisher_type={fisher_type!r}) is unknown; use one of "
+                f"{FISHER_TYPES}."
+            )
+        if kfac_approx not in KFAC_APPROXIMATIONS:
+            raise ValueError(
+                f"KFAC(kfac_approx={kfac_approx!r}) is unknown; use one of "
+                f"{KFAC_APPROXIMATIONS}."
+            )
+        minimum = 1 if fisher_type == "mc" else 0
+        self.fisher_type = fisher_type
+        self.mc_samples = check_mc_samples("KFAC", mc_samples, minimum)
+        self.kfac_approx = kfac_approx
+
+    def column_set(self):
+        return {
+            "mc": ("mc", self.mc_samples),
+            "type-2": ("exact",),
+            "empirical": ("grad",),
+            "forward-only": None,
+        }[self.fisher_type]
+
+    def reduce(self, rule, name, grads):
+        return rule.kfac_grad_factor(name, grads, self.kfac_approx)
+
+    def finalize(self, rule, name, partial, info):
+        if self.fisher_type == "forward-only":
+            partial = identity(rule.kfac_grad_dim(name), rule.param(name))
+        elif self.fisher_type == "empirical" and info.normalization > 0:
+            partial = partial / info.normalization
+        return rule.kfac_factors(name, partial, self.kfac_approx)

@@ -1,0 +1,285 @@
+r"""Loss functions: normalisation, Hessian square roots and MC samples.
+
+For a loss :math:`L = c \sum_n \ell(f_n, y_n)` with :math:`c` what PyTorch
+divides by (``reduction="mean"``) or 1 (``"sum"``), a *column* is a tensor
+``s`` shaped like the loss input with :math:`\sum_k s_k s_k^\top = c\,\nabla^2_f
+\sum_n \ell` (exact) or equal to it in expectation (MC, ``M`` samples, each
+column scaled by :math:`1/\sqrt{M}`). Every column already carries
+:math:`\sqrt{c}`.
+
+Per-position losses (``CrossEntropyLoss`` on ``[N, C, d1, ...]``, ``MSELoss``
+and ``BCEWithLogitsLoss`` on any shape) have a Hessian that is block-diagonal
+over positions, so the exact square root has one column per output entry of
+a sample (``C·d1·...`` for cross-entropy). Columns are generated lazily,
+``exact_columns(start, stop)``, so they can be pushed through the network in
+chunks.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch import Generator, Tensor, nn
+
+SUPPORTED_LOSSES = (nn.MSELoss, nn.CrossEntropyLoss, nn.BCEWithLogitsLoss)
+
+
+class LossRule:
+    """Square roots and samples of one call of a loss module.
+
+    Args:
+        module: The loss module.
+        loss_input: Model prediction ``[N, ...]`` (detached).
+        target: The target passed to the loss.
+    """
+
+    def __init__(self, module: nn.Module, loss_input: Tensor, target: Tensor):
+        self.module = module
+        self.input = loss_input
+        self.target = target
+        self.name = type(module).__name__
+        if module.reduction not in ("mean", "sum"):
+            raise ValueError(
+                f"{self.name}(reduction={module.reduction!r}) is not supported by "
+                "curvext: curvature needs a scalar loss. Use reduction='mean' or "
+                "'sum' and scale the loss yourself if you need another weighting."
+            )
+        if loss_input.dim() < 1 or (
+            isinstance(module, nn.CrossEntropyLoss) and loss_input.dim() < 2
+        ):
+            raise ValueError(
+                f"{self.name} got an input of shape {tuple(loss_input.shape)} "
+                "without a batch dimension. curvext needs inputs shaped [N, ...]; "
+                "add one with input.unsqueeze(0)."
+            )
+        if not torch.isfinite(loss_input).all():
+            raise ValueError(
+                f"The input of {self.name} contains NaN or Inf values; curvext "
+                "cannot compute curvature from it. Check the model output "
+                "(learning rate, initialisation, data) before the loss."
+            )
+
+    @property
+    def batch_size(self) -> int:
+        return self.input.shape[0]
+
+    @property
+    def num_exact_columns(self) -> int:
+        """Number of columns of the exact square root (per sample)."""
+        raise NotImplementedError
+
+    def exact_columns(self, start: int, stop: int) -> Tensor:
+        """Columns ``start:stop`` of the exact square root, ``[k, *input.shape]``."""
+        raise NotImplementedError
+
+    def mc_columns(self, mc_samples: int, generator: Generator) -> Tensor:
+        """``mc_samples`` MC columns ``[M, *input.shape]`` (scaled by ``1/√M``)."""
+        raise NotImplementedError
+
+    @property
+    def normalization(self) -> float:
+        """The factor ``c`` that PyTorch multiplies the summed loss with."""
+        raise NotImplementedError
+
+
+def _unit_columns(
+    scale: Tensor, start: int, stop: int
+) -> Tensor:
+    """Columns ``start:stop`` of ``diag(scale)`` per sample, for ``scale [N, D]``.
+
+    Returns ``[stop - start, N, D]`` where column ``j`` is ``scale[:, j] e_j``.
+    """
+    num_cols = stop - start
+    columns = scale.new_zeros(num_cols, *scale.shape)
+    cols = torch.arange(start, stop, device=scale.device)
+    columns[torch.arange(num_cols, device=scale.device), :, cols] = scale[:, cols].T
+    return columns
+
+
+class MSELossRule(LossRule):
+    r""":math:`\ell = \sum_d (f_d - y_d)^2`, Hessian :math:`2I`."""
+
+    def __init__(self, module, loss_input, target):
+        super().__init__(module, loss_input, target)
+        if target.shape != loss_input.shape:
+            raise ValueError(
+                f"MSELoss got input {tuple(loss_input.shape)} and target "
+                f"{tuple(target.shape)}. curvext needs equal shapes (PyTorch would "
+                "broadcast); expand the target to the input's shape."
+            )
+
+    @property
+    def normalization(self) -> float:
+        return 1.0 / self.input.numel() if self.module.reduction == "mean" else 1.0
+
+    @property
+    def num_exact_columns(self) -> int:
+        return self.input[0].numel()
+
+    def exact_columns(self, start, stop):
+        flat = self.input.flatten(1)
+        scale = torch.full_like(flat, math.sqrt(2 * self.normalization))
+        return _unit_columns(scale, start, stop).reshape(-1, *self.input.shape)
+
+    def mc_columns(self, mc_samples, generator):
+        noise = torch.randn(
+            mc_samples,
+            *self.input.shape,
+            generator=generator,
+            device=self.input.device,
+            dtype=self.input.dtype,
+        )
+        return noise.mul_(math.sqrt(2 * self.normalization / mc_samples))
+
+
+class BCEWithLogitsLossRule(LossRule):
+    r""":math:`\ell = -w[p_w y \log\sigma(f) + (1-y)\log(1-\sigma(f))]` per entry.
+
+    Hessian per entry :math:`w (p_w y + 1 - y)\,\sigma(1-\sigma)` (``w`` the
+    ``weight``, :math:`p_w` the ``pos_weight``, both default 1).
+    """
+
+    def __init__(self, module, loss_input, target):
+        super().__init__(module, loss_input, target)
+        if target.shape != loss_input.shape:
+            raise ValueError(
+                f"BCEWithLogitsLoss got input {tuple(loss_input.shape)} and target "
+                f"{tuple(target.shape)}; curvext needs equal shapes."
+            )
+        target = target.to(loss_input.dtype)
+        self.label_weight = torch.ones_like(loss_input)
+        if module.weight is not None:
+            self.label_weight = self.label_weight * module.weight
+        if module.pos_weight is not None:
+            self.label_weight = self.label_weight * (
+                module.pos_weight * target + 1 - target
+            )
+        self.prob = torch.sigmoid(loss_input)
+
+    @property
+    def normalization(self) -> float:
+        return 1.0 / self.input.numel() if self.module.reduction == "mean" else 1.0
+
+    @property
+    def num_exact_columns(self) -> int:
+        return self.input[0].numel()
+
+    def exact_columns(self, start, stop):
+        hessian = self.normalization * self.label_weight * self.prob * (1 - self.prob)
+        columns = _unit_columns(hessian.flatten(1).sqrt(), start, stop)
+        return columns.reshape(-1, *self.input.shape)
+
+    def mc_columns(self, mc_samples, generator):
+        probs = self.prob.expand(mc_samples, *self.prob.shape)
+        labels = torch.bernoulli(probs, generator=generator)
+        scale = (self.normalization * self.label_weight / mc_samples).sqrt()
+        return (probs - labels).mul_(scale)
+
+
+class CrossEntropyLossRule(LossRule):
+    r"""Softmax cross-entropy over dim 1 of ``[N, C, d1, ...]``.
+
+    At every position the Hessian is :math:`\beta (\mathrm{diag}(p) - pp^\top)`
+    with :math:`p` the softmax and :math:`\beta` the weight of that position:
+    the class weight of the target (0 at ``ignore_index``), mixed with the
+    mean class weight under label smoothing, or
+    :math:`\sum_c w_c y'_c` for probability targets :math:`y'` (smoothed).
+    Exact square root per position: columns :math:`\sqrt{p_c}(e_c - p)`.
+    """
+
+    def __init__(self, module, loss_input, target):
+        super().__init__(module, loss_input, target)
+        num_classes = loss_input.shape[1]
+        smoothing = module.label_smoothing
+        weight = module.weight
+        if weight is None:
+            weight = loss_input.new_ones(num_classes)
+        if target.is_floating_point():
+            if target.shape != loss_input.shape:
+                raise ValueError(
+                    f"CrossEntropyLoss got probability targets of shape "
+                    f"{tuple(target.shape)} for input {tuple(loss_input.shape)}; "
+                    "they must have the input's shape."
+                )
+            target = target.to(loss_input.dtype)
+            if smoothing > 0:
+                target = (1 - smoothing) * target + smoothing / num_classes
+            shape = [1, num_classes] + [1] * (loss_input.dim() - 2)
+            self.position_weight = (target * weight.view(shape)).sum(1)
+            self.denominator = float(target.shape[0] * target[0, 0].numel())
+        else:
+            expected = (loss_input.shape[0],) + tuple(loss_input.shape[2:])
+            if tuple(target.shape) != expected:
+                raise ValueError(
+                    f"CrossEntropyLoss got class-index targets of shape "
+                    f"{tuple(target.shape)} for input {tuple(loss_input.shape)}; "
+                    f"expected {expected}."
+                )
+            valid = target != module.ignore_index
+            target_weight = weight[torch.where(valid, target, 0)] * valid
+            self.denominator = float(target_weight.sum())
+            if smoothing > 0:
+                # the smoothing term sum_c w_c (-log p_c) / C has Hessian
+                # mean(w) (diag(p) - pp^T) at every non-ignored position
+                target_weight = (
+                    (1 - smoothing) * target_weight + smoothing * weight.mean() * valid
+                )
+            self.position_weight = target_weight
+        self.prob = loss_input.softmax(1)
+
+    @property
+    def normalization(self) -> float:
+        if self.module.reduction == "sum":
+            return 1.0
+        return 1.0 / self.denominator if self.denominator > 0 else 0.0
+
+    @property
+    def num_exact_columns(self) -> int:
+        return self.input[0].numel()
+
+    def exact_columns(self, start, stop):
+        num_classes = self.input.shape[1]
+        prob = self.prob.reshape(*self.prob.shape[:2], -1)  # [N, C, T]
+        scale = (self.normalization * self.position_weight.reshape(prob.shape[0], -1)).sqrt()
+        index = torch.arange(start, stop, device=prob.device)
+        positions, classes = index // num_classes, index % num_classes
+        prob_at = prob[:, :, positions].permute(2, 0, 1)  # [k, N, C]
+        unit = torch.nn.functional.one_hot(classes, num_classes).to(prob.dtype)
+        root_prob = prob_at.gather(2, classes.view(-1, 1, 1).expand(-1, prob.shape[0], 1))
+        values = (unit[:, None, :] - prob_at) * root_prob.sqrt()
+        values = values * scale[:, positions].T[:, :, None]
+        columns = prob.new_zeros(stop - start, *prob.shape)
+        columns[torch.arange(stop - start, device=prob.device), :, :, positions] = values
+        return columns.reshape(-1, *self.input.shape)
+
+    def mc_columns(self, mc_samples, generator):
+        num_classes = self.input.shape[1]
+        prob = self.prob.movedim(1, -1).reshape(-1, num_classes)
+        labels = torch.multinomial(prob, mc_samples, replacement=True, generator=generator)
+        unit = torch.nn.functional.one_hot(labels.T, num_classes).to(prob.dtype)
+        columns = prob.unsqueeze(0) - unit  # [M, N*T, C]
+        scale = (self.normalization * self.position_weight.reshape(-1, 1) / mc_samples)
+        columns = columns * scale.sqrt()
+        moved_shape = (mc_samples, self.input.shape[0], *self.input.shape[2:], num_classes)
+        return columns.reshape(moved_shape).movedim(-1, 2)
+
+
+_RULES = {
+    nn.MSELoss: MSELossRule,
+    nn.CrossEntropyLoss: CrossEntropyLossRule,
+    nn.BCEWithLogitsLoss: BCEWithLogitsLossRule,
+}
+
+
+def loss_rule(module: nn.Module, loss_input: Tensor, target: Optional[Tensor]) -> LossRule:
+    """The :class:`LossRule` for one call of ``module``."""
+    rule_class = _RULES.get(type(module))
+    if rule_class is None:
+        supported = ", ".join(cls.__name__ for cls in SUPPORTED_LOSSES)
+        raise NotImplementedError(
+            f"curvext does not support the loss {type(module).__name__}. "
+            f"Supported: {supported}."
+        )
+    return rule_class(module, loss_input, target)

@@ -1,0 +1,108 @@
+r"""Rules for ``Conv1d/2d/3d`` and ``ConvTranspose1d/2d/3d``.
+
+A convolution is a ``Linear`` layer applied to patches. For ``ConvNd`` the
+patches of the input (``in/groups · prod(kernel)`` per group and output
+position) are ``A`` and the output columns are ``G``. For
+``ConvTransposeNd``, whose weight is ``[in, out/groups, *kernel]``, the roles
+swap: the input at each position is ``A`` and the patches of the output
+column, taken with the forward-convolution geometry of the layer, are ``G``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from curvext.modules.factored import FactoredRule
+
+_CONV_FUNCTIONS = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+
+
+def unfold(
+    inputs: Tensor,
+    kernel_size: Sequence[int],
+    stride: Sequence[int],
+    padding: Union[str, Sequence[int]],
+    dilation: Sequence[int],
+) -> Tensor:
+    """Patches of ``inputs [B, C, *spatial]`` as ``[B, C · prod(kernel), L]``.
+
+    The patch axis is ordered ``(channel, *kernel)`` like a flattened weight.
+    """
+    batch, channels = inputs.shape[:2]
+    if inputs.dim() == 4 and not isinstance(padding, str):
+        return F.unfold(inputs, kernel_size, dilation, padding, stride)
+    # any dimension, string padding: convolve with one-hot kernels per channel
+    kernel_numel = math.prod(kernel_size)
+    one_hot = torch.eye(kernel_numel, dtype=inputs.dtype, device=inputs.device)
+    one_hot = one_hot.reshape(kernel_numel, 1, *kernel_size).repeat(
+        channels, *[1] * (len(kernel_size) + 1)
+    )
+    conv = _CONV_FUNCTIONS[inputs.dim() - 2]
+    patches = conv(inputs, one_hot, None, stride, padding, dilation, channels)
+    return patches.reshape(batch, channels * kernel_numel, -1)
+
+
+class ConvRule(FactoredRule):
+    """``ConvNd``: ``A`` are the input patches, ``G`` the output columns."""
+
+    def input_side(self, call):
+        module: nn.Conv2d = self.module
+        inputs = call.args[0]
+        padding = module.padding
+        if module.padding_mode != "zeros":
+            inputs = F.pad(
+                inputs, module._reversed_padding_repeated_twice, mode=module.padding_mode
+            )
+            padding = 0 if isinstance(padding, str) else [0] * len(module.kernel_size)
+        patches = unfold(inputs, module.kernel_size, module.stride, padding, module.dilation)
+        patches = patches.reshape(patches.shape[0], module.groups, -1, patches.shape[-1])
+        return patches.permute(0, 3, 1, 2)
+
+    def grad_side(self, call, grads):
+        groups = self.module.groups
+        grads = grads.reshape(*grads.shape[:2], groups, -1, grads[0, 0, 0].numel())
+        return grads.permute(0, 1, 4, 2, 3)
+
+    def bias_side(self, call, grads):
+        grads = grads.flatten(3)
+        return grads.permute(0, 1, 3, 2).unsqueeze(3)
+
+    def check(self):
+        for call in self.calls:
+            if call.args[0].dim() != len(self.module.kernel_size) + 2:
+                raise ValueError(
+                    f"{self.module} was called on an input of shape "
+                    f"{tuple(call.args[0].shape)} without a batch dimension. "
+                    "curvext needs inputs shaped [N, C, *spatial]."
+                )
+
+
+class ConvTransposeRule(ConvRule):
+    """``ConvTransposeNd``: ``A`` is the input, ``G`` the output-column patches."""
+
+    grad_first = False
+
+    def input_side(self, call):
+        inputs = call.args[0]
+        groups = self.module.groups
+        inputs = inputs.reshape(inputs.shape[0], groups, -1, inputs[0, 0].numel())
+        return inputs.permute(0, 3, 1, 2)
+
+    def grad_side(self, call, grads):
+        module: nn.ConvTranspose2d = self.module
+        num_cols, batch = grads.shape[:2]
+        patches = unfold(
+            grads.flatten(0, 1),
+            module.kernel_size,
+            module.stride,
+            module.padding,
+            module.dilation,
+        )
+        positions = call.args[0][0, 0].numel()
+        patches = patches.reshape(num_cols, batch, module.groups, -1, positions)
+        return patches.permute(0, 1, 4, 2, 3)

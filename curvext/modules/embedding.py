@@ -1,0 +1,106 @@
+r"""Rule for ``torch.nn.Embedding``.
+
+The weight ``[V, D]`` is looked up at indices ``i_{nt}``, so
+:math:`v_{nk} = \sum_t e_{i_{nt}} \otimes g_{nkt}`: the columns of a sample
+are summed over the positions that share an index (a *segment*). Reductions
+work on these segment sums and scatter them into ``[V, D]``; no one-hot
+matrix is formed.
+"""
+
+from __future__ import annotations
+
+from typing import Tuple
+
+import torch
+from torch import Tensor
+
+from curvext.modules.base import ModuleRule
+
+
+class EmbeddingRule(ModuleRule):
+    """``y[n, t] = W[i[n, t]]``."""
+
+    def check(self):
+        if self.module.scale_grad_by_freq:
+            raise NotImplementedError(
+                f"{self.module} uses scale_grad_by_freq=True: its gradient is not "
+                "the derivative of the output, so curvext cannot compute "
+                "curvature for it. Set scale_grad_by_freq=False."
+            )
+
+    def _indices_and_grads(self, grads) -> Tuple[Tensor, Tensor]:
+        """Indices ``[N, T]`` and columns ``[K, N, T, D]`` of all calls."""
+        index_parts, grad_parts = [], []
+        for call, call_grads in zip(self.calls, grads):
+            indices = call.args[0].reshape(call.args[0].shape[0], -1)
+            call_grads = call_grads.reshape(*call_grads.shape[:2], -1, call_grads.shape[-1])
+            if self.module.padding_idx is not None:
+                keep = (indices != self.module.padding_idx).to(call_grads.dtype)
+                call_grads = call_grads * keep[None, :, :, None]
+            index_parts.append(indices)
+            grad_parts.append(call_grads)
+        return torch.cat(index_parts, 1), torch.cat(grad_parts, 2)
+
+    def _segments(self, grads) -> Tuple[Tensor, Tensor]:
+        """Keys ``n·V + i`` of each segment ``[S]`` and its column sums ``[K, S, D]``."""
+        indices, grads = self._indices_and_grads(grads)
+        num_rows = self.module.num_embeddings
+        sample = torch.arange(indices.shape[0], device=indices.device)[:, None]
+        keys, segment = torch.unique((sample * num_rows + indices).flatten(), return_inverse=True)
+        sums = grads.new_zeros(grads.shape[0], keys.numel(), grads.shape[-1])
+        sums.index_add_(1, segment, grads.flatten(1, 2))
+        return keys, sums
+
+    def per_sample(self, name, grads):
+        indices, grads = self._indices_and_grads(grads)
+        num_cols, batch = grads.shape[:2]
+        result = grads.new_zeros(num_cols, batch, *self.module.weight.shape)
+        scatter_index = indices[None, :, :, None].expand_as(grads)
+        return result.scatter_add_(2, scatter_index, grads)
+
+    def diag(self, name, grads):
+        keys, sums = self._segments(grads)
+        result = sums.new_zeros(self.module.weight.shape)
+        return result.index_add_(0, keys % self.module.num_embeddings, sums.square().sum(0))
+
+    def batch_diag(self, name, grads):
+        keys, sums = self._segments(grads)
+        rows, dim = self.module.weight.shape
+        result = sums.new_zeros(self.batch_size * rows, dim)
+        result.index_add_(0, keys, sums.square().sum(0))
+        return result.reshape(self.batch_size, rows, dim)
+
+    def batch_l2(self, name, grads):
+        keys, sums = self._segments(grads)
+        result = sums.new_zeros(self.batch_size)
+        sample = keys // self.module.num_embeddings
+        return result.index_add_(0, sample, sums.square().sum((0, 2)))
+
+    def sample_sum(self, name, grads):
+        indices, grads = self._indices_and_grads(grads)
+        result = grads.new_zeros(grads.shape[0], *self.module.weight.shape)
+        return result.index_add_(1, indices.flatten(), grads.flatten(1, 2))
+
+    def kfac_grad_factor(self, name, grads, approx):
+        indices, grads = self._indices_and_grads(grads)
+        if approx == "reduce":
+            grads = grads.sum(2, keepdim=True)
+        flat = grads.flatten(0, 2)
+        return flat.T @ flat
+
+    def kfac_grad_dim(self, name):
+        return self.module.embedding_dim
+
+    def kfac_input_factor(self, name, approx):
+        indices = torch.cat(
+            [c.args[0].reshape(c.args[0].shape[0], -1) for c in self.calls], 1
+        )
+        rows = self.module.num_embeddings
+        one_hot = torch.nn.functional.one_hot(indices, rows).to(self.module.weight.dtype)
+        if approx == "reduce":
+            one_hot = one_hot.mean(1, keepdim=True)
+        flat = one_hot.flatten(0, 1)
+        return (flat.T @ flat) / flat.shape[0]
+
+    def kfac_factors(self, name, grad_factor, approx):
+        return [self.kfac_input_factor(name, approx), grad_factor]

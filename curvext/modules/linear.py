@@ -1,0 +1,31 @@
+"""Rule for ``torch.nn.Linear`` on inputs ``[N, ..., in]``.
+
+The dimensions between the batch and the feature axis (tokens of a sequence,
+say) are positions that share the weight.
+"""
+
+from __future__ import annotations
+
+from curvext.modules.factored import FactoredRule
+
+
+class LinearRule(FactoredRule):
+    """``y = x Wᵀ + b``: ``G`` is the output column, ``A`` the input."""
+
+    def check(self):
+        for call in self.calls:
+            if call.args[0].dim() < 2:
+                raise ValueError(
+                    f"{self.module} was called on an input of shape "
+                    f"{tuple(call.args[0].shape)} without a batch dimension. "
+                    "curvext needs inputs shaped [N, ..., in_features]."
+                )
+
+    def input_side(self, call):
+        inputs = call.args[0]
+        return inputs.reshape(inputs.shape[0], -1, 1, inputs.shape[-1])
+
+    def grad_side(self, call, grads):
+        return grads.reshape(*grads.shape[:2], -1, 1, grads.shape[-1])
+
+    bias_side = grad_side

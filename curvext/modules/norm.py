@@ -1,0 +1,101 @@
+r"""Rules for normalisation layers with an elementwise affine transform.
+
+``BatchNorm`` (eval mode), ``LayerNorm``, ``GroupNorm`` and ``RMSNorm`` compute
+:math:`y = \hat{x} \odot \gamma + \beta` with :math:`\hat x` independent of
+:math:`\gamma, \beta`. The per-sample vectors are
+:math:`v_\gamma = \sum_{\text{other axes}} g \odot \hat x` and
+:math:`v_\beta = \sum g`; they are small (``[K, N, C]``), so every reduction
+comes from them.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from curvext.modules.base import ModuleRule
+
+
+class AffineNormRule(ModuleRule):
+    """Shared part; subclasses say how to normalise and where ``γ`` lives."""
+
+    def normalized(self, inputs: Tensor) -> Tensor:
+        """:math:`\\hat x`, shaped like the output."""
+        raise NotImplementedError
+
+    def param_axes(self, output_dim: int) -> list:
+        """Axes of the output (after ``[K, N]``) that the parameter spans."""
+        raise NotImplementedError
+
+    def per_sample(self, name, grads):
+        total = 0
+        for call, call_grads in zip(self.calls, grads):
+            if name == "weight":
+                call_grads = call_grads * self.normalized(call.args[0])
+            keep = self.param_axes(call_grads.dim())
+            summed = [d for d in range(2, call_grads.dim()) if d not in keep]
+            total = total + (call_grads.sum(summed) if summed else call_grads)
+        return total.reshape(*total.shape[:2], *self.param(name).shape)
+
+
+class BatchNormRule(AffineNormRule):
+    """``BatchNorm1d/2d/3d`` in eval mode with running statistics."""
+
+    def check(self):
+        if self.module.training or not self.module.track_running_stats:
+            raise RuntimeError(
+                f"{self.module} normalises with batch statistics (train mode or "
+                "track_running_stats=False), which couples the samples of a "
+                "batch; per-sample curvature is not defined. Call "
+                "model.eval() before the forward pass, or replace BatchNorm "
+                "with GroupNorm/LayerNorm."
+            )
+
+    def normalized(self, inputs):
+        module = self.module
+        return F.batch_norm(
+            inputs, module.running_mean, module.running_var, eps=module.eps, training=False
+        )
+
+    def param_axes(self, output_dim):
+        return [2]
+
+
+class LayerNormRule(AffineNormRule):
+    """``LayerNorm`` over the trailing ``normalized_shape`` axes."""
+
+    def normalized(self, inputs):
+        return F.layer_norm(inputs, self.module.normalized_shape, eps=self.module.eps)
+
+    def param_axes(self, output_dim):
+        num = len(self.module.normalized_shape)
+        return list(range(output_dim - num, output_dim))
+
+
+class RMSNormRule(LayerNormRule):
+    """``RMSNorm`` over the trailing ``normalized_shape`` axes."""
+
+    def normalized(self, inputs):
+        return F.rms_norm(inputs, self.module.normalized_shape, eps=self.module.eps)
+
+
+class GroupNormRule(AffineNormRule):
+    """``GroupNorm`` over groups of channels (axis 1 of the input)."""
+
+    def normalized(self, inputs):
+        return F.group_norm(inputs, self.module.num_groups, eps=self.module.eps)
+
+    def param_axes(self, output_dim):
+        return [2]
+
+
+RULES = {
+    nn.BatchNorm1d: BatchNormRule,
+    nn.BatchNorm2d: BatchNormRule,
+    nn.BatchNorm3d: BatchNormRule,
+    nn.LayerNorm: LayerNormRule,
+    nn.GroupNorm: GroupNormRule,
+}
+if hasattr(nn, "RMSNorm"):
+    RULES[nn.RMSNorm] = RMSNormRule

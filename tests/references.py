@@ -1,0 +1,292 @@
+r"""Dense float64 references, built with ``torch.func`` only (never curvext).
+
+For a loss :math:`L(f(\theta))` with model output :math:`f \in \mathbb{R}^F`
+(the whole batch, flattened), the GGN is
+
+.. math::  G = J^\top H J, \qquad J = \partial f / \partial \theta,
+           \qquad H = \nabla^2_f L,
+
+where ``H`` is the Hessian of the *actual PyTorch loss* on the whole batch, so
+the normalisation (``1/N'`` for ``reduction="mean"``, class weights,
+``ignore_index``, ...) is PyTorch's own. All losses in the suite are sums over
+samples, so ``H`` is block-diagonal over samples (asserted below) and the
+per-sample GGN is :math:`G_n = J_n^\top H_{nn} J_n`, the per-sample gradient
+:math:`J_n^\top \nabla_{f_n} L`: both keep PyTorch's batch normalisation.
+
+Kronecker-factor references follow the conventions in the curvext brief
+(curvlinops'): for a layer with inputs :math:`a_{n,t}` and output
+:math:`z_{n,t}` (``t`` runs over shared positions),
+
+* expand: :math:`A = \sum_{n,t} a a^\top / (N T)`,
+  :math:`G = \sum_{n,t} [\,\mathrm{GGN}_z\,]_{(n,t),(n,t)}`,
+* reduce: :math:`A = \sum_n \bar a \bar a^\top / N` with :math:`\bar a` the
+  mean over ``t``, :math:`G = \sum_n \sum_{t,t'} [\,\mathrm{GGN}_z\,]_{(n,t),(n,t')}`,
+
+where :math:`\mathrm{GGN}_z = J_z^\top H J_z` is the exact GGN w.r.t. the
+layer output (type-2). The empirical Fisher replaces it by
+:math:`g g^\top` with :math:`g = \nabla_z L / \sqrt{c}`, ``c`` the loss
+scaling, computed as ``L_mean / L_sum`` from PyTorch itself.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call, grad, hessian, jacrev
+
+CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+def trainable_params(model: nn.Module) -> dict[str, Tensor]:
+    """Detached trainable parameters, in ``named_parameters`` order."""
+    return {
+        name: param.detach()
+        for name, param in model.named_parameters()
+        if param.requires_grad
+    }
+
+
+class DenseReference:
+    """Dense GGN, per-sample GGN and per-sample gradients of one batch.
+
+    Args:
+        model: an un-extended model; ``model(X)`` is the loss input.
+        loss_fn: an un-extended PyTorch loss.
+        X: inputs ``[N, ...]``.
+        y: targets.
+    """
+
+    def __init__(self, model: nn.Module, loss_fn: nn.Module, X: Tensor, y: Tensor):
+        self.params = trainable_params(model)
+        self.names = list(self.params)
+
+        def forward(params: dict[str, Tensor]) -> Tensor:
+            return functional_call(model, params, (X,))
+
+        output = forward(self.params).detach()
+        self.output = output
+        self.N = output.shape[0]
+        num_outputs = output.numel()
+        self.outputs_per_sample = num_outputs // self.N
+        jacobians = jacrev(forward)(self.params)
+        self.jacobians = {
+            name: jacobians[name].reshape(num_outputs, -1) for name in self.names
+        }
+
+        def loss_of_output(out: Tensor) -> Tensor:
+            return loss_fn(out, y)
+
+        self.loss = loss_of_output(output).detach()
+        self.loss_grad = grad(loss_of_output)(output).reshape(num_outputs)
+        self.loss_hessian = hessian(loss_of_output)(output).reshape(
+            num_outputs, num_outputs
+        )
+        blocks = self.loss_hessian.reshape(
+            self.N, self.outputs_per_sample, self.N, self.outputs_per_sample
+        )
+        off_diagonal = blocks.clone()
+        for n in range(self.N):
+            off_diagonal[n, :, n, :] = 0
+        assert off_diagonal.abs().max() <= 1e-12 * (1 + blocks.abs().max()), (
+            "loss Hessian is not block-diagonal over samples"
+        )
+        self._hessian_blocks = blocks
+
+    # full GGN --------------------------------------------------------------
+    def jacobian(self, names: list[str] | None = None) -> Tensor:
+        """``[F, P]`` Jacobian of the flattened output w.r.t. the named params."""
+        names = self.names if names is None else names
+        return torch.cat([self.jacobians[name] for name in names], dim=1)
+
+    def ggn(self, names: list[str] | None = None) -> Tensor:
+        """``[P, P]`` GGN w.r.t. the concatenated flattened params ``names``."""
+        J = self.jacobian(names)
+        return J.T @ self.loss_hessian @ J
+
+    def block(self, name: str) -> Tensor:
+        """``[P_i, P_i]`` GGN block of one parameter (row-major flattening)."""
+        return self.ggn([name])
+
+    def diag(self, name: str) -> Tensor:
+        """GGN diagonal of one parameter, shaped like the parameter."""
+        return self.block(name).diagonal().reshape(self.params[name].shape)
+
+    # per sample ------------------------------------------------------------
+    def _per_sample_jacobian(self, name: str) -> Tensor:
+        return self.jacobians[name].reshape(self.N, self.outputs_per_sample, -1)
+
+    def per_sample_blocks(self, name: str) -> Tensor:
+        """``[N, P_i, P_i]``: ``G_n = J_n^T H_nn J_n``, summing to the block."""
+        Jn = self._per_sample_jacobian(name)
+        return torch.stack(
+            [Jn[n].T @ self._hessian_blocks[n, :, n, :] @ Jn[n] for n in range(self.N)]
+        )
+
+    def per_sample_diag(self, name: str) -> Tensor:
+        """``[N, *p.shape]`` per-sample GGN diagonals."""
+        blocks = self.per_sample_blocks(name)
+        return blocks.diagonal(dim1=1, dim2=2).reshape(
+            self.N, *self.params[name].shape
+        )
+
+    def per_sample_grads(self, name: str) -> Tensor:
+        """``[N, *p.shape]``: ``J_n^T ∇_{f_n} L`` (loss scaling included)."""
+        Jn = self._per_sample_jacobian(name)
+        grad_n = self.loss_grad.reshape(self.N, self.outputs_per_sample)
+        per_sample = torch.einsum("nfp,nf->np", Jn, grad_n)
+        return per_sample.reshape(self.N, *self.params[name].shape)
+
+    def gradient(self, name: str) -> Tensor:
+        return self.per_sample_grads(name).sum(0)
+
+
+# ---------------------------------------------------------------------------
+# Layer-level quantities for Kronecker-factor references
+# ---------------------------------------------------------------------------
+def loss_scaling(loss_fn: nn.Module, output: Tensor, y: Tensor) -> float:
+    """``c`` in ``L = c Σ ℓ``, measured from PyTorch (``L_mean / L_sum``)."""
+    if loss_fn.reduction == "sum":
+        return 1.0
+    summed = copy.deepcopy(loss_fn)
+    summed.reduction = "sum"
+    value_sum = summed(output, y)
+    assert value_sum.abs() > 1e-8, "cannot measure the loss scaling"
+    return (loss_fn(output, y) / value_sum).item()
+
+
+def module_call(model: nn.Module, X: Tensor, module: nn.Module) -> tuple[Tensor, Tensor]:
+    """Input and output of the single call of ``module`` in ``model(X)``."""
+    calls = []
+    handle = module.register_forward_hook(
+        lambda mod, args, out: calls.append((args[0].detach(), out.detach()))
+    )
+    try:
+        with torch.no_grad():
+            model(X)
+    finally:
+        handle.remove()
+    assert len(calls) == 1, f"{module} is called {len(calls)} times"
+    return calls[0]
+
+
+def output_jacobian_wrt_module_output(
+    model: nn.Module, X: Tensor, module: nn.Module, output_shape: torch.Size
+) -> Tensor:
+    """``[F, *z.shape]``: Jacobian of the model output w.r.t. ``module``'s output.
+
+    The module output is perturbed by an additive ``delta`` through a forward
+    hook; the Jacobian w.r.t. ``delta`` at zero is the one w.r.t. the output,
+    and anything after the module (in-place ops included) acts on it.
+    """
+    state = {}
+
+    def perturb(mod, args, out):
+        return out + state["delta"]
+
+    def forward(delta: Tensor) -> Tensor:
+        state["delta"] = delta
+        return model(X).flatten()
+
+    handle = module.register_forward_hook(perturb)
+    try:
+        J = jacrev(forward)(torch.zeros(output_shape))
+    finally:
+        handle.remove()
+    return J.detach()
+
+
+def _positions_last_index(module: nn.Module, shape: torch.Size) -> tuple[Tensor, int, int]:
+    """Index that reorders a flattened output ``shape`` into ``[N, T, D]``."""
+    index = torch.arange(math.prod(shape)).reshape(shape)
+    N = shape[0]
+    if isinstance(module, CONV_TYPES):
+        index = index.flatten(2).transpose(1, 2)  # [N, T, C]
+    index = index.reshape(N, -1, index.shape[-1])
+    return index.flatten(), index.shape[1], index.shape[2]
+
+
+def layer_inputs(module: nn.Module, layer_input: Tensor) -> Tensor:
+    """``[N, T, D_in]`` vectors ``a_{n,t}`` with ``z_{n,t} = W a_{n,t} (+ b)``."""
+    N = layer_input.shape[0]
+    if isinstance(module, nn.Linear):
+        return layer_input.reshape(N, -1, layer_input.shape[-1])
+    if isinstance(module, nn.Embedding):
+        one_hot = nn.functional.one_hot(layer_input, module.num_embeddings)
+        return one_hot.to(torch.get_default_dtype()).reshape(N, -1, module.num_embeddings)
+    if isinstance(module, CONV_TYPES):
+        assert module.groups == 1, "reference only for groups=1"
+        features = module.in_channels * math.prod(module.kernel_size)
+        identity = torch.eye(features).reshape(
+            features, module.in_channels, *module.kernel_size
+        )
+        # a convolution with identity filters (same stride, padding,
+        # padding_mode, dilation) extracts the patches in weight.flatten(1) order
+        patches = module._conv_forward(layer_input, identity, None)
+        return patches.flatten(2).transpose(1, 2)
+    raise NotImplementedError(type(module))
+
+
+def kfac_reference(
+    model: nn.Module,
+    loss_fn: nn.Module,
+    X: Tensor,
+    y: Tensor,
+    module: nn.Module,
+    fisher_type: str,
+    kfac_approx: str,
+) -> dict[str, list[Tensor]]:
+    """Kronecker factors of ``module``'s parameters, keyed by parameter name.
+
+    Linear/Conv: ``{"weight": [G, A], "bias": [G]}``; Embedding:
+    ``{"weight": [A, G]}`` (its weight is ``[V, D]``). ``fisher_type="mc"``
+    has the type-2 factors as its expectation.
+    """
+    layer_input, layer_output = module_call(model, X, module)
+    a = layer_inputs(module, layer_input)
+    N, T, _ = a.shape
+    if kfac_approx == "expand":
+        A = torch.einsum("nti,ntj->ij", a, a) / (N * T)
+    else:
+        mean_a = a.mean(1)
+        A = torch.einsum("ni,nj->ij", mean_a, mean_a) / N
+
+    index, T_out, D = _positions_last_index(module, layer_output.shape)
+    assert T_out == T
+    if fisher_type == "forward-only":
+        G = torch.eye(D)
+    else:
+        output = model(X).detach()
+        J_z = output_jacobian_wrt_module_output(
+            model, X, module, layer_output.shape
+        ).reshape(output.numel(), -1)[:, index]
+        if fisher_type in ("type-2", "mc"):
+            H = hessian(lambda out: loss_fn(out, y))(output).reshape(
+                output.numel(), output.numel()
+            )
+            ggn_z = (J_z.T @ H @ J_z).reshape(N, T, D, N, T, D)
+            if kfac_approx == "expand":
+                G = ggn_z.reshape(N * T, D, N * T, D).diagonal(dim1=0, dim2=2).sum(-1)
+            else:
+                G = ggn_z.sum(dim=(1, 4)).diagonal(dim1=0, dim2=2).sum(-1)
+        elif fisher_type == "empirical":
+            loss_grad = grad(lambda out: loss_fn(out, y))(output).flatten()
+            columns = (J_z.T @ loss_grad).reshape(N, T, D)
+            columns = columns / math.sqrt(loss_scaling(loss_fn, output, y))
+            if kfac_approx == "expand":
+                G = torch.einsum("ntd,nte->de", columns, columns)
+            else:
+                summed = columns.sum(1)
+                G = torch.einsum("nd,ne->de", summed, summed)
+        else:
+            raise ValueError(fisher_type)
+
+    if isinstance(module, nn.Embedding):
+        return {"weight": [A, G]}
+    factors = {"weight": [G, A]}
+    if module.bias is not None:
+        factors["bias"] = [G]
+    return factors
+
