@@ -290,3 +290,11 @@ def kfac_reference(
         factors["bias"] = [G]
     return factors
 
+
+
+def kron(factors: list[Tensor]) -> Tensor:
+    """Kronecker product of a list of factors (a single factor is itself)."""
+    result = factors[0]
+    for factor in factors[1:]:
+        result = torch.kron(result, factor)
+    return result
