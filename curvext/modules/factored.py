@@ -26,6 +26,10 @@ from curvext.recording import ModuleCall
 KFAC_APPROXIMATIONS = ("expand", "reduce")
 
 
+def _cat(parts: List[Tensor], dim: int) -> Tensor:
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim)
+
+
 class FactoredRule(ModuleRule):
     """Per-sample vectors as ``Σ_t G ⊗ A`` (see module docstring).
 
@@ -55,14 +59,39 @@ class FactoredRule(ModuleRule):
     def inputs(self) -> Tensor:
         """``A`` of all calls, concatenated along positions (computed once)."""
         if getattr(self, "_inputs", None) is None:
-            self._inputs = torch.cat([self.input_side(c) for c in self.calls], dim=1)
+            self._inputs = _cat([self.input_side(c) for c in self.calls], dim=1)
         return self._inputs
 
     def factors(self, name: str, grads: List[Tensor]) -> Tuple[Tensor, Optional[Tensor]]:
         """``G`` and ``A`` (``None`` for the bias) with all calls as positions."""
         side = self.bias_side if name == "bias" else self.grad_side
-        grad_side = torch.cat([side(c, g) for c, g in zip(self.calls, grads)], dim=2)
+        grad_side = _cat([side(c, g) for c, g in zip(self.calls, grads)], dim=2)
         return grad_side, (None if name == "bias" else self.inputs())
+
+    def single_position(self) -> bool:
+        """Whether ``T = 1`` (no weight sharing, one call)."""
+        return self.inputs().shape[1] == 1
+
+    def squares(self, name: str, grads: List[Tensor]) -> Tuple[Tensor, Optional[Tensor]]:
+        r"""For ``T = 1``: :math:`\sum_k G^2` ``[N, groups, d_grad]`` and
+        :math:`A^2` ``[N, groups, d_in]`` (``None`` for the bias).
+
+        The first is shared by the weight and the bias of a layer whose bias
+        sees the same columns (one pass over the columns for both).
+        """
+        side = self.bias_side if name == "bias" else self.grad_side
+        key = (side.__func__, tuple(id(g) for g in grads))
+        memo = getattr(self, "_squares_memo", None)
+        if memo is None or memo[0] != key:
+            grad_side = self.factors(name, grads)[0]
+            squared = torch.linalg.vector_norm(grad_side[:, :, 0], dim=0).square()
+            memo = (key, grads, squared)  # keep grads alive: their ids are the key
+            self._squares_memo = memo
+        if name == "bias":
+            return memo[2], None
+        if getattr(self, "_input_squares", None) is None:
+            self._input_squares = self.inputs()[:, 0].square()
+        return memo[2], self._input_squares
 
     def _to_param(self, name: str, vectors: Tensor, num_lead: int) -> Tensor:
         return vectors.reshape(*vectors.shape[:num_lead], *self.param(name).shape)
@@ -76,40 +105,40 @@ class FactoredRule(ModuleRule):
         return self._to_param(name, vectors, 2)
 
     def diag(self, name, grads):
-        grad_side, input_side = self.factors(name, grads)
-        if input_side is None:
-            return self._to_param(name, grad_side.sum(2).square().sum((0, 1)), 0)
-        if grad_side.shape[2] > 1:
+        if not self.single_position():
+            if name == "bias":
+                grad_side = self.factors(name, grads)[0].sum(2)
+                return self._to_param(name, grad_side.square().sum((0, 1)), 0)
             return super().diag(name, grads)
+        grad_squares, input_squares = self.squares(name, grads)
+        if input_squares is None:
+            return self._to_param(name, grad_squares.sum(0), 0)
         side = "goi" if self.grad_first else "gio"
-        diag = torch.einsum(
-            f"kngo,ngi->{side}", grad_side[:, :, 0].square(), input_side[:, 0].square()
-        )
+        diag = torch.einsum(f"ngo,ngi->{side}", grad_squares, input_squares)
         return self._to_param(name, diag, 0)
 
     def batch_diag(self, name, grads):
-        grad_side, input_side = self.factors(name, grads)
-        if input_side is None:
-            return self._to_param(name, grad_side.sum(2).square().sum(0), 1)
-        if grad_side.shape[2] > 1:
+        if not self.single_position():
+            if name == "bias":
+                grad_side = self.factors(name, grads)[0].sum(2)
+                return self._to_param(name, grad_side.square().sum(0), 1)
             return super().batch_diag(name, grads)
+        grad_squares, input_squares = self.squares(name, grads)
+        if input_squares is None:
+            return self._to_param(name, grad_squares, 1)
         side = "ngoi" if self.grad_first else "ngio"
-        diag = torch.einsum(
-            f"kngo,ngi->{side}", grad_side[:, :, 0].square(), input_side[:, 0].square()
-        )
+        diag = torch.einsum(f"ngo,ngi->{side}", grad_squares, input_squares)
         return self._to_param(name, diag, 1)
 
     def batch_l2(self, name, grads):
-        grad_side, input_side = self.factors(name, grads)
-        if input_side is None:
-            return grad_side.sum(2).square().sum((0, 2, 3))
-        if grad_side.shape[2] > 1:
+        if not self.single_position():
+            if name == "bias":
+                return self.factors(name, grads)[0].sum(2).square().sum((0, 2, 3))
             return super().batch_l2(name, grads)
-        return torch.einsum(
-            "kng,ng->n",
-            grad_side[:, :, 0].square().sum(-1),
-            input_side[:, 0].square().sum(-1),
-        )
+        grad_squares, input_squares = self.squares(name, grads)
+        if input_squares is None:
+            return grad_squares.sum((1, 2))
+        return (grad_squares.sum(-1) * input_squares.sum(-1)).sum(-1)
 
     def sample_sum(self, name, grads):
         grad_side, input_side = self.factors(name, grads)
