@@ -18,7 +18,7 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
-from tests.references import DenseReference
+from tests.references import CONV_TRANSPOSE_TYPES, CONV_TYPES, DenseReference
 
 NORM_TYPES = (
     nn.BatchNorm1d,
@@ -27,7 +27,7 @@ NORM_TYPES = (
     nn.LayerNorm,
     nn.GroupNorm,
 )
-CONV_TRANSPOSE_TYPES = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+KRONECKER_TYPES = (nn.Linear, nn.Embedding) + CONV_TYPES + CONV_TRANSPOSE_TYPES
 
 ATTRIBUTES = (
     "ggn_diag",
@@ -110,6 +110,18 @@ class ScaleShift(nn.Module):
         return torch.tanh(x * self.scale + self.shift) / self.temperature
 
 
+class VectorScaleShift(nn.Module):
+    """Like :class:`ScaleShift` without the 0-dim parameter."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.scale = nn.Parameter(torch.randn(dim))
+        self.shift = nn.Parameter(torch.randn(1, dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.tanh(x * self.scale + self.shift)
+
+
 class AttentionBlock(nn.Module):
     """Single-head self-attention written with tensor ops, then a classifier."""
 
@@ -157,6 +169,8 @@ class Case:
         kfac_exact_n1: every parametrized layer is a Linear without shared
             positions, so type-2 KFAC is exact for a batch of one.
         tags: free-form labels (``"positions"``, ``"tied"``, ...).
+        option: for a loss option curvext may refuse instead of supporting,
+            a regex the refusal's message must match (the option's name).
     """
 
     name: str
@@ -167,6 +181,7 @@ class Case:
     kfac_exact_n1: bool = False
     tags: frozenset = field(default_factory=frozenset)
     seed: int = 0
+    option: str | None = None
 
     def build(self, batch_size: int | None = None):
         """Fresh ``(model, loss_fn, X, y)``, identical on every call.
@@ -412,6 +427,12 @@ CASES = [
         classification((5,), 3),
     ),
     Case(
+        "custom_param_vectors",
+        lambda: nn.Sequential(nn.Linear(5, 4), VectorScaleShift(4), nn.Linear(4, 3)),
+        nn.CrossEntropyLoss,
+        classification((5,), 3),
+    ),
+    Case(
         "frozen",
         frozen_mlp,
         nn.CrossEntropyLoss,
@@ -428,7 +449,229 @@ CASES = [
         tags=frozenset({"positions"}),
     ),
 ]
-CASES_BY_NAME = {case.name: case for case in CASES}
+
+# Convolutions whose every weight entry acts at a single position: with one
+# sample, type-2 KFAC is exact for them (as for plain Linear layers).
+SINGLE_POSITION_CASES = [
+    Case(
+        "single_position_convs",
+        lambda: nn.Sequential(
+            nn.Conv1d(2, 3, 3, padding="same", padding_mode="circular"),
+            nn.Tanh(),
+            nn.Unflatten(2, (1, 1, 1)),
+            nn.Conv3d(3, 2, (1, 1, 3), padding=(0, 0, 1), padding_mode="replicate"),
+            nn.Sigmoid(),
+            nn.Flatten(),
+            nn.Unflatten(1, (1, 2, 1)),
+            nn.Conv2d(1, 3, (2, 1), padding=0),
+            nn.Flatten(),
+            nn.Linear(3, 3),
+        ),
+        nn.CrossEntropyLoss,
+        classification((2, 1), 3),
+        batch_size=1,
+    ),
+    Case(
+        "single_pixel_conv_transpose",
+        lambda: nn.Sequential(
+            nn.ConvTranspose2d(2, 3, (2, 3), bias=False),
+            nn.Tanh(),
+            nn.Flatten(),
+            nn.Linear(18, 3),
+        ),
+        lambda: nn.MSELoss(reduction="sum"),
+        regression((2, 1, 1), (3,)),
+        batch_size=1,
+    ),
+]
+
+
+# ---------------------------------------------------------------------------
+# Losses and their options, on small models
+# ---------------------------------------------------------------------------
+def logits_model(classes: int = 3) -> nn.Module:
+    return nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, classes))
+
+
+def spatial_logits_model(classes: int = 3) -> nn.Module:
+    """``[N, 2, H, W] -> [N, C, H, W]`` (segmentation-style cross-entropy)."""
+    return nn.Sequential(nn.Conv2d(2, 4, 1), nn.Tanh(), nn.Conv2d(4, classes, 1))
+
+
+def soft_targets(shape, class_dim: int = 1):
+    def make(N):
+        X = torch.randn(N, *shape[0])
+        y = torch.softmax(2 * torch.randn(N, *shape[1]), dim=class_dim)
+        return X, y
+
+    return make
+
+
+def with_ignored(make_data, ignore_index: int):
+    """Targets that hit ``ignore_index`` at a few (not all) entries."""
+
+    def make(N):
+        X, y = make_data(N)
+        y[y == ignore_index] = 2  # accidental hits become a valid class
+        y.view(-1)[::3] = ignore_index
+        return X, y
+
+    return make
+
+
+def spatial_classification(N, classes: int = 3):
+    return torch.randn(N, 2, 2, 3), torch.randint(0, classes, (N, 2, 3))
+
+
+def bce_soft(in_shape, out_shape):
+    def make(N):
+        return torch.randn(N, *in_shape), torch.rand(N, *out_shape)
+
+    return make
+
+
+CLASS_WEIGHT = (0.5, 2.0, 1.2)
+PROBABILITIES = r"(?i)probabilit|soft|target"
+LOSS_CASES = [
+    Case("ce_mean", logits_model, nn.CrossEntropyLoss, classification((4,), 3), 5),
+    Case(
+        "ce_sum",
+        logits_model,
+        lambda: nn.CrossEntropyLoss(reduction="sum"),
+        classification((4,), 3),
+        5,
+    ),
+    Case("ce_spatial_mean", spatial_logits_model, nn.CrossEntropyLoss, spatial_classification, 3),
+    Case(
+        "ce_spatial_sum",
+        spatial_logits_model,
+        lambda: nn.CrossEntropyLoss(reduction="sum"),
+        spatial_classification,
+        3,
+    ),
+    Case(
+        "ce_probability_targets",
+        logits_model,
+        nn.CrossEntropyLoss,
+        soft_targets(((4,), (3,))),
+        5,
+        option=PROBABILITIES,
+    ),
+    Case(
+        "ce_spatial_probability_targets",
+        spatial_logits_model,
+        lambda: nn.CrossEntropyLoss(reduction="sum"),
+        soft_targets(((2, 2, 3), (3, 2, 3))),
+        3,
+        option=PROBABILITIES,
+    ),
+    Case(
+        "ce_ignore_index_mean",
+        logits_model,
+        lambda: nn.CrossEntropyLoss(ignore_index=1),
+        with_ignored(classification((4,), 3), 1),
+        5,
+        option="ignore_index",
+    ),
+    Case(
+        "ce_spatial_ignore_index_sum",
+        spatial_logits_model,
+        lambda: nn.CrossEntropyLoss(ignore_index=-100, reduction="sum"),
+        with_ignored(spatial_classification, -100),
+        3,
+        option="ignore_index",
+    ),
+    Case(
+        "ce_label_smoothing",
+        logits_model,
+        lambda: nn.CrossEntropyLoss(label_smoothing=0.1),
+        classification((4,), 3),
+        5,
+        option="label_smoothing",
+    ),
+    Case(
+        "ce_class_weight_mean",
+        logits_model,
+        lambda: nn.CrossEntropyLoss(weight=torch.tensor(CLASS_WEIGHT)),
+        classification((4,), 3),
+        5,
+        option="weight",
+    ),
+    Case(
+        "ce_spatial_class_weight_mean",
+        spatial_logits_model,
+        lambda: nn.CrossEntropyLoss(weight=torch.tensor(CLASS_WEIGHT)),
+        spatial_classification,
+        3,
+        option="weight",
+    ),
+    Case(
+        "ce_class_weight_ignore_index",
+        logits_model,
+        lambda: nn.CrossEntropyLoss(weight=torch.tensor(CLASS_WEIGHT), ignore_index=0),
+        with_ignored(classification((4,), 3), 0),
+        5,
+        option="weight|ignore_index",
+    ),
+    Case("mse_mean", lambda: logits_model(2), nn.MSELoss, regression((4,), (2,)), 5),
+    Case(
+        "mse_sum",
+        lambda: logits_model(2),
+        lambda: nn.MSELoss(reduction="sum"),
+        regression((4,), (2,)),
+        5,
+    ),
+    Case(
+        "mse_spatial_mean",
+        lambda: spatial_logits_model(2),
+        nn.MSELoss,
+        regression((2, 2, 3), (2, 2, 3)),
+        3,
+    ),
+    Case("bce_mean", logits_model, nn.BCEWithLogitsLoss, binary((4,), (3,)), 5),
+    Case(
+        "bce_sum",
+        logits_model,
+        lambda: nn.BCEWithLogitsLoss(reduction="sum"),
+        binary((4,), (3,)),
+        5,
+    ),
+    Case(
+        "bce_soft_targets",
+        logits_model,
+        nn.BCEWithLogitsLoss,
+        bce_soft((4,), (3,)),
+        5,
+        option=PROBABILITIES,
+    ),
+    Case(
+        "bce_pos_weight_mean",
+        logits_model,
+        lambda: nn.BCEWithLogitsLoss(pos_weight=torch.tensor([0.5, 2.0, 3.0])),
+        binary((4,), (3,)),
+        5,
+        option="pos_weight",
+    ),
+    Case(
+        "bce_pos_weight_spatial_sum",
+        spatial_logits_model,
+        lambda: nn.BCEWithLogitsLoss(
+            pos_weight=torch.tensor([0.5, 2.0, 3.0]).reshape(3, 1, 1), reduction="sum"
+        ),
+        binary((2, 2, 3), (3, 2, 3)),
+        3,
+        option="pos_weight",
+    ),
+    Case(
+        "bce_weight",
+        logits_model,
+        lambda: nn.BCEWithLogitsLoss(weight=torch.tensor([0.5, 2.0, 1.0])),
+        binary((4,), (3,)),
+        5,
+        option="weight",
+    ),
+]
+CASES_BY_NAME = {case.name: case for case in CASES + SINGLE_POSITION_CASES + LOSS_CASES}
 
 
 # ---------------------------------------------------------------------------
@@ -483,3 +726,37 @@ def deepcopy_case(case: Case, batch_size: int | None = None):
     """Two identical builds: one for curvext, one kept pristine."""
     built = case.build(batch_size)
     return built, tuple(copy.deepcopy(obj) for obj in built)
+
+
+def calls_per_module(model: nn.Module, X: Tensor) -> dict[nn.Module, int]:
+    """How often each submodule is called in ``model(X)``."""
+    counts = {}
+
+    def count(module, *_):
+        counts[module] = counts.get(module, 0) + 1
+
+    handles = [m.register_forward_hook(count) for m in model.modules()]
+    try:
+        with torch.no_grad():
+            model(X)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return counts
+
+
+def kronecker_modules(case: Case) -> list[str]:
+    """Modules with a Kronecker-factor reference: Linear, Conv, ConvTranspose
+    (groups=1) and Embedding, called once, with a trainable parameter."""
+    model, _, X, _ = case.build()
+    counts = calls_per_module(model, X)
+    names = []
+    for name, module in model.named_modules():
+        if not isinstance(module, KRONECKER_TYPES) or counts.get(module, 0) != 1:
+            continue
+        if getattr(module, "groups", 1) != 1:
+            continue
+        if not any(p.requires_grad for p in module.parameters(recurse=False)):
+            continue
+        names.append(name)
+    return names

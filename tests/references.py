@@ -38,6 +38,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, hessian, jacrev
 
 CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+CONV_TRANSPOSE_TYPES = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 
 
 def trainable_params(model: nn.Module) -> dict[str, Tensor]:
@@ -115,15 +116,19 @@ class DenseReference:
         return self.block(name).diagonal().reshape(self.params[name].shape)
 
     # per sample ------------------------------------------------------------
-    def _per_sample_jacobian(self, name: str) -> Tensor:
-        return self.jacobians[name].reshape(self.N, self.outputs_per_sample, -1)
+    def _per_sample_jacobian(self, names: list[str] | None = None) -> Tensor:
+        return self.jacobian(names).reshape(self.N, self.outputs_per_sample, -1)
 
-    def per_sample_blocks(self, name: str) -> Tensor:
-        """``[N, P_i, P_i]``: ``G_n = J_n^T H_nn J_n``, summing to the block."""
-        Jn = self._per_sample_jacobian(name)
+    def per_sample_ggn(self, names: list[str] | None = None) -> Tensor:
+        """``[N, P, P]``: ``G_n = J_n^T H_nn J_n``, summing to :meth:`ggn`."""
+        Jn = self._per_sample_jacobian(names)
         return torch.stack(
             [Jn[n].T @ self._hessian_blocks[n, :, n, :] @ Jn[n] for n in range(self.N)]
         )
+
+    def per_sample_blocks(self, name: str) -> Tensor:
+        """``[N, P_i, P_i]`` per-sample GGN blocks of one parameter."""
+        return self.per_sample_ggn([name])
 
     def per_sample_diag(self, name: str) -> Tensor:
         """``[N, *p.shape]`` per-sample GGN diagonals."""
@@ -134,7 +139,7 @@ class DenseReference:
 
     def per_sample_grads(self, name: str) -> Tensor:
         """``[N, *p.shape]``: ``J_n^T ∇_{f_n} L`` (loss scaling included)."""
-        Jn = self._per_sample_jacobian(name)
+        Jn = self._per_sample_jacobian([name])
         grad_n = self.loss_grad.reshape(self.N, self.outputs_per_sample)
         per_sample = torch.einsum("nfp,nf->np", Jn, grad_n)
         return per_sample.reshape(self.N, *self.params[name].shape)
@@ -198,18 +203,21 @@ def output_jacobian_wrt_module_output(
     return J.detach()
 
 
-def _positions_last_index(module: nn.Module, shape: torch.Size) -> tuple[Tensor, int, int]:
-    """Index that reorders a flattened output ``shape`` into ``[N, T, D]``."""
+
+def _positions_last_index(channels_first: bool, shape) -> Tensor:
+    """Index reordering a flattened tensor of ``shape`` into ``[N, T, D]``."""
     index = torch.arange(math.prod(shape)).reshape(shape)
-    N = shape[0]
-    if isinstance(module, CONV_TYPES):
+    if channels_first:
         index = index.flatten(2).transpose(1, 2)  # [N, T, C]
-    index = index.reshape(N, -1, index.shape[-1])
-    return index.flatten(), index.shape[1], index.shape[2]
+    return index.reshape(shape[0], -1, index.shape[-1])
 
 
 def layer_inputs(module: nn.Module, layer_input: Tensor) -> Tensor:
-    """``[N, T, D_in]`` vectors ``a_{n,t}`` with ``z_{n,t} = W a_{n,t} (+ b)``."""
+    """``[N, T, D_in]`` vectors ``a_{n,t}`` with ``z_{n,t} = W a_{n,t} (+ b)``.
+
+    For a transposed convolution ``z`` is the pre-overlap-add output
+    ``u_{n,s} = W^T x_{n,s}`` at every *input* position ``s``.
+    """
     N = layer_input.shape[0]
     if isinstance(module, nn.Linear):
         return layer_input.reshape(N, -1, layer_input.shape[-1])
@@ -226,7 +234,65 @@ def layer_inputs(module: nn.Module, layer_input: Tensor) -> Tensor:
         # padding_mode, dilation) extracts the patches in weight.flatten(1) order
         patches = module._conv_forward(layer_input, identity, None)
         return patches.flatten(2).transpose(1, 2)
+    if isinstance(module, CONV_TRANSPOSE_TYPES):
+        assert module.groups == 1, "reference only for groups=1"
+        return layer_input.flatten(2).transpose(1, 2)
     raise NotImplementedError(type(module))
+
+
+def _overlap_add(module: nn.Module, pre_output: Tensor) -> Tensor:
+    """The parameter-free part of a transposed convolution.
+
+    ``ConvTranspose(x) = overlap_add(u) + b`` with ``u[(o, k), s] =
+    Σ_i W[i, o, k] x[i, s]``; the overlap-add is itself a transposed
+    convolution with identity filters.
+    """
+    features = module.out_channels * math.prod(module.kernel_size)
+    identity = torch.eye(features).reshape(
+        features, module.out_channels, *module.kernel_size
+    )
+    conv_transpose = {
+        1: nn.functional.conv_transpose1d,
+        2: nn.functional.conv_transpose2d,
+        3: nn.functional.conv_transpose3d,
+    }[len(module.kernel_size)]
+    return conv_transpose(
+        pre_output,
+        identity,
+        None,
+        module.stride,
+        module.padding,
+        module.output_padding,
+        1,
+        module.dilation,
+    )
+
+
+def _output_side_factor(
+    J_z: Tensor,
+    shape: tuple[int, int, int],
+    loss_hessian: Tensor,
+    loss_grad: Tensor,
+    scaling: float,
+    fisher_type: str,
+    kfac_approx: str,
+) -> Tensor:
+    """``G`` from the ``[F, N*T*D]`` Jacobian of the output w.r.t. ``z``."""
+    N, T, D = shape
+    if fisher_type == "forward-only":
+        return torch.eye(D)
+    if fisher_type in ("type-2", "mc"):
+        ggn_z = (J_z.T @ loss_hessian @ J_z).reshape(N, T, D, N, T, D)
+        if kfac_approx == "expand":
+            return ggn_z.reshape(N * T, D, N * T, D).diagonal(dim1=0, dim2=2).sum(-1)
+        return ggn_z.sum(dim=(1, 4)).diagonal(dim1=0, dim2=2).sum(-1)
+    if fisher_type == "empirical":
+        columns = (J_z.T @ loss_grad).reshape(N, T, D) / math.sqrt(scaling)
+        if kfac_approx == "expand":
+            return torch.einsum("ntd,nte->de", columns, columns)
+        summed = columns.sum(1)
+        return torch.einsum("nd,ne->de", summed, summed)
+    raise ValueError(fisher_type)
 
 
 def kfac_reference(
@@ -240,9 +306,10 @@ def kfac_reference(
 ) -> dict[str, list[Tensor]]:
     """Kronecker factors of ``module``'s parameters, keyed by parameter name.
 
-    Linear/Conv: ``{"weight": [G, A], "bias": [G]}``; Embedding:
-    ``{"weight": [A, G]}`` (its weight is ``[V, D]``). ``fisher_type="mc"``
-    has the type-2 factors as its expectation.
+    Linear/Conv: ``{"weight": [G, A], "bias": [G]}``; Embedding (weight
+    ``[V, D]``) and transposed convolutions (weight ``[C_in, C_out, *k]``):
+    ``{"weight": [A, G], ...}``, so that ``kron`` matches ``p.flatten()``.
+    ``fisher_type="mc"`` has the type-2 factors as its expectation.
     """
     layer_input, layer_output = module_call(model, X, module)
     a = layer_inputs(module, layer_input)
@@ -253,44 +320,44 @@ def kfac_reference(
         mean_a = a.mean(1)
         A = torch.einsum("ni,nj->ij", mean_a, mean_a) / N
 
-    index, T_out, D = _positions_last_index(module, layer_output.shape)
-    assert T_out == T
-    if fisher_type == "forward-only":
-        G = torch.eye(D)
+    output = model(X).detach()
+    F = output.numel()
+    loss_hessian = hessian(lambda out: loss_fn(out, y))(output).reshape(F, F)
+    loss_grad = grad(lambda out: loss_fn(out, y))(output).flatten()
+    scaling = loss_scaling(loss_fn, output, y)
+    J_out = output_jacobian_wrt_module_output(
+        model, X, module, layer_output.shape
+    ).reshape(F, -1)
+    channels_first = isinstance(module, CONV_TYPES + CONV_TRANSPOSE_TYPES)
+    out_index = _positions_last_index(channels_first, layer_output.shape)
+
+    def output_factor(J_z: Tensor, index: Tensor) -> Tensor:
+        return _output_side_factor(
+            J_z[:, index.flatten()],
+            tuple(index.shape),
+            loss_hessian,
+            loss_grad,
+            scaling,
+            fisher_type,
+            kfac_approx,
+        )
+
+    G_out = output_factor(J_out, out_index)
+    factors = {}
+    if isinstance(module, CONV_TRANSPOSE_TYPES):
+        pre_shape = (N, G_out.shape[0] * math.prod(module.kernel_size), *layer_input.shape[2:])
+        J_pre = jacrev(lambda u: J_out @ _overlap_add(module, u).flatten())(
+            torch.zeros(pre_shape)
+        ).reshape(F, -1)
+        G_pre = output_factor(J_pre, _positions_last_index(True, pre_shape))
+        factors["weight"] = [A, G_pre]
+    elif isinstance(module, nn.Embedding):
+        factors["weight"] = [A, G_out]
     else:
-        output = model(X).detach()
-        J_z = output_jacobian_wrt_module_output(
-            model, X, module, layer_output.shape
-        ).reshape(output.numel(), -1)[:, index]
-        if fisher_type in ("type-2", "mc"):
-            H = hessian(lambda out: loss_fn(out, y))(output).reshape(
-                output.numel(), output.numel()
-            )
-            ggn_z = (J_z.T @ H @ J_z).reshape(N, T, D, N, T, D)
-            if kfac_approx == "expand":
-                G = ggn_z.reshape(N * T, D, N * T, D).diagonal(dim1=0, dim2=2).sum(-1)
-            else:
-                G = ggn_z.sum(dim=(1, 4)).diagonal(dim1=0, dim2=2).sum(-1)
-        elif fisher_type == "empirical":
-            loss_grad = grad(lambda out: loss_fn(out, y))(output).flatten()
-            columns = (J_z.T @ loss_grad).reshape(N, T, D)
-            columns = columns / math.sqrt(loss_scaling(loss_fn, output, y))
-            if kfac_approx == "expand":
-                G = torch.einsum("ntd,nte->de", columns, columns)
-            else:
-                summed = columns.sum(1)
-                G = torch.einsum("nd,ne->de", summed, summed)
-        else:
-            raise ValueError(fisher_type)
-
-    if isinstance(module, nn.Embedding):
-        return {"weight": [A, G]}
-    factors = {"weight": [G, A]}
-    if module.bias is not None:
-        factors["bias"] = [G]
+        factors["weight"] = [G_out, A]
+    if getattr(module, "bias", None) is not None:
+        factors["bias"] = [G_out]
     return factors
-
-
 
 def kron(factors: list[Tensor]) -> Tensor:
     """Kronecker product of a list of factors (a single factor is itself)."""

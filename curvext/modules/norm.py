@@ -40,17 +40,10 @@ class AffineNormRule(ModuleRule):
 
 
 class BatchNormRule(AffineNormRule):
-    """``BatchNorm1d/2d/3d`` in eval mode with running statistics."""
+    """``BatchNorm1d/2d/3d`` in eval mode with running statistics.
 
-    def check(self):
-        if self.module.training or not self.module.track_running_stats:
-            raise RuntimeError(
-                f"{self.module} normalises with batch statistics (train mode or "
-                "track_running_stats=False), which couples the samples of a "
-                "batch; per-sample curvature is not defined. Call "
-                "model.eval() before the forward pass, or replace BatchNorm "
-                "with GroupNorm/LayerNorm."
-            )
+    Train mode couples samples and is refused by the engine.
+    """
 
     def normalized(self, inputs):
         module = self.module
