@@ -53,6 +53,7 @@ import statistics
 import subprocess
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional
 
@@ -68,6 +69,9 @@ BATCH = 128
 NUM_CLASSES = 10
 TARGET_RATIO = 0.67
 PROBE_MARKER = "MEMORY_PROBE_RESULT "
+
+# BackPACK's full backward hooks warn on the first layer (its input needs no grad)
+warnings.filterwarnings("ignore", message="Full backward hook is firing")
 
 
 # --------------------------------------------------------------------------
@@ -224,8 +228,12 @@ def extension_for(row: Row, kind: str):
 # --------------------------------------------------------------------------
 # timing (interleaved, median)
 # --------------------------------------------------------------------------
-def time_row(contenders: Dict[str, Contender], row: Row, data, device, warmup, repeats):
-    """Median ms per contender; contenders run in turn, order rotating."""
+def time_row(contenders: Dict[str, Contender], row: Row, data, device, args):
+    """Times (ms) per contender; contenders run in turn, the order rotating.
+
+    At least ``args.repeats`` repeats, more (up to ``args.max_repeats``) while
+    the timed runs of the row took less than ``args.min_time`` seconds in all.
+    """
     inputs, targets = data
     plan = []
     for kind, contender in contenders.items():
@@ -241,15 +249,19 @@ def time_row(contenders: Dict[str, Contender], row: Row, data, device, warmup, r
         sync(device)
         return time.perf_counter() - start
 
-    for _ in range(warmup):
+    for _ in range(args.warmup):
         for _, contender, extension in plan:
             run(contender, extension)
     times = {kind: [] for kind, _, _ in plan}
-    for repeat in range(repeats):
+    repeat, spent = 0, 0.0
+    while repeat < args.repeats or (spent < args.min_time and repeat < args.max_repeats):
         shift = repeat % len(plan)
         for kind, contender, extension in plan[shift:] + plan[:shift]:
-            times[kind].append(run(contender, extension))
-    return {kind: 1e3 * statistics.median(values) for kind, values in times.items()}
+            elapsed = run(contender, extension)
+            times[kind].append(1e3 * elapsed)
+            spent += elapsed
+        repeat += 1
+    return times
 
 
 # --------------------------------------------------------------------------
@@ -272,23 +284,42 @@ def _kron_rel(cx_factors, bp_factors) -> float:
     return max(worst, abs(scale_cx - scale_bp) / max(scale_bp, 1e-30))
 
 
+def _paired_params(contenders: Dict[str, Contender]):
+    """(module, curvext parameter, BackPACK parameter) for every parameter."""
+    modules = zip(contenders["curvext"].model.modules(),
+                  contenders["backpack"].model.modules())
+    for m_cx, m_bp in modules:
+        for name, p_cx in m_cx._parameters.items():
+            if p_cx is not None and p_cx.requires_grad:
+                yield m_cx, p_cx, m_bp._parameters[name]
+
+
 def agreement(contenders: Dict[str, Contender], row: Row) -> str:
+    """Largest relative difference between the results, as a short string.
+
+    KFAC factors are compared on Linear layers only: for convolutions BackPACK
+    (KFAC/KFLR) sums the output-side columns over positions before the outer
+    product and uses ``A = sum_t a a^T / N``, while curvext's default
+    ``kfac_approx="expand"`` uses ``G = sum_t g g^T`` and
+    ``A = sum_t a a^T / (N T)``, so the two products differ by design.
+    """
     if row.compare is None:
         return "MC" if row.curvext is not None else ""
-    worst = 0.0
-    pairs = zip(contenders["curvext"].model.parameters(),
-                contenders["backpack"].model.parameters())
-    for p_cx, p_bp in pairs:
+    worst, skipped = 0.0, False
+    for module, p_cx, p_bp in _paired_params(contenders):
         a, b = getattr(p_cx, row.cx_field, None), getattr(p_bp, row.bp_field, None)
         if a is None or b is None:
             return "missing"
         if row.compare == "kron":
+            if not isinstance(module, nn.Linear):
+                skipped = True
+                continue
             worst = max(worst, _kron_rel(a, b))
         elif a.shape != b.shape:
             return f"shape {tuple(a.shape)} vs {tuple(b.shape)}"
         else:
             worst = max(worst, _rel(a, b))
-    return f"{worst:.0e}"
+    return f"{worst:.0e}" + (" (Linear only)" if skipped else "")
 
 
 # --------------------------------------------------------------------------
@@ -383,6 +414,50 @@ def peak_cpu_subprocess(kind: str, model: str, row: Row, seed: int) -> Optional[
 
 
 # --------------------------------------------------------------------------
+# other processes: this script is often run on small shared machines
+# --------------------------------------------------------------------------
+def _cpu_jiffies():
+    """(busy jiffies of the whole machine, jiffies of this process)."""
+    try:
+        with open("/proc/stat") as stat:
+            fields = [int(v) for v in stat.readline().split()[1:]]
+        with open("/proc/self/stat") as own:
+            own_fields = own.read().rsplit(")", 1)[1].split()
+        busy = sum(fields) - fields[3] - fields[4]  # minus idle, iowait
+        return busy, int(own_fields[11]) + int(own_fields[12])  # utime + stime
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+class ForeignLoad:
+    """Fraction of all CPUs that other processes used since construction."""
+
+    def __init__(self):
+        self.start, self.clock = _cpu_jiffies(), time.perf_counter()
+
+    def stop(self) -> Optional[float]:
+        end = _cpu_jiffies()
+        if self.start is None or end is None:
+            return None
+        seconds = time.perf_counter() - self.clock
+        ticks = os.sysconf("SC_CLK_TCK")
+        foreign = (end[0] - self.start[0]) - (end[1] - self.start[1])
+        return max(0.0, foreign / ticks / (seconds * os.cpu_count()))
+
+
+def wait_for_quiet(threshold: float, timeout: float, window: float = 2.0):
+    """Sleep until other processes use less than ``threshold`` of the CPUs."""
+    deadline = time.perf_counter() + timeout
+    while time.perf_counter() < deadline:
+        meter = ForeignLoad()
+        time.sleep(window)
+        load = meter.stop()
+        if load is None or load < threshold:
+            return True
+    return False
+
+
+# --------------------------------------------------------------------------
 # report
 # --------------------------------------------------------------------------
 def machine_line(device: torch.device) -> str:
@@ -409,6 +484,18 @@ def machine_line(device: torch.device) -> str:
     return "; ".join(parts)
 
 
+def load_average() -> str:
+    try:
+        with open("/proc/loadavg") as loadavg:
+            return " ".join(loadavg.read().split()[:3])
+    except OSError:
+        return "n/a"
+
+
+def _pct(value: Optional[float]) -> str:
+    return "n/a" if value is None else f"{100 * value:.0f}%"
+
+
 def _mb(value: Optional[float]) -> str:
     return "n/a" if value is None else f"{value / 2**20:.1f}"
 
@@ -419,9 +506,14 @@ def render(results, args, device, started, elapsed) -> str:
         "",
         f"Machine: {machine_line(device)}",
         "",
+        f"Load average (1, 5, 15 min) at start: {args.load_start}; at end: "
+        f"{load_average()} (other processes on the machine distort timings).",
+        "",
         f"Run {started:%Y-%m-%d %H:%M} UTC, {elapsed:.0f} s: batch {BATCH}, float32, "
-        f"CrossEntropyLoss, median of {args.repeats} interleaved repeats after "
-        f"{args.warmup} warm-up runs each. Unit = forward + loss + backward inside "
+        f"CrossEntropyLoss, median of at least {args.repeats} interleaved repeats "
+        + (f"(more, up to {args.max_repeats}, while a row's timed runs took less "
+           f"than {args.min_time:g} s) " if args.min_time > 0 else "")
+        + f"after {args.warmup} warm-up runs each (repeats per row: column `n`). Unit = forward + loss + backward inside "
         "the extension context. Peak MB = extra memory of one unit over what "
         "is allocated before it ("
         + ("torch.cuda.max_memory_allocated" if device.type == "cuda"
@@ -433,8 +525,8 @@ def render(results, args, device, started, elapsed) -> str:
         ) + ".",
         "",
         "| model | extension | curvext ms | BackPACK ms | ratio (curvext/BackPACK) "
-        "| curvext peak MB | BackPACK peak MB | target | max rel. diff |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: | --- | --- |",
+        "| curvext peak MB | BackPACK peak MB | target | n | other load | max rel. diff |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: | --- |",
     ]
     notes = []
     for result in results:
@@ -447,7 +539,8 @@ def render(results, args, device, started, elapsed) -> str:
         lines.append(
             f"| {result['model']} | {row.label} | {result['curvext_ms']:.2f} | "
             f"{result['backpack_ms']:.2f} | {ratio:.2f} | {_mb(result['curvext_mem'])} | "
-            f"{_mb(result['backpack_mem'])} | {mark} | {result['agreement']} |"
+            f"{_mb(result['backpack_mem'])} | {mark} | {len(result['times_ms']['curvext'])} "
+            f"| {_pct(result['foreign_load'])} | {result['agreement']} |"
         )
         if "torch_ms" in result:
             notes.append(
@@ -461,7 +554,10 @@ def render(results, args, device, started, elapsed) -> str:
         "(KFAC: of the Kronecker product, from the normalised factors and their "
         "norms); MC rows draw different samples and are not compared. The "
         "plain-backward row runs both extended models outside any extension "
-        "context (the cost of the hooks).",
+        "context (the cost of the hooks). `other load`: share of all CPUs that "
+        "other processes used while the row was timed (rows above "
+        f"{100 * args.busy_threshold:.0f}% were retried up to {args.busy_retries} "
+        "times after waiting for quiet; a high value means the row is unreliable).",
         "",
         *notes,
     ]
@@ -481,6 +577,16 @@ def parse_args(argv=None):
     parser.add_argument("--models", default="mlp,cnn", help="comma-separated: mlp,cnn")
     parser.add_argument("--rows", default=",".join(r.key for r in ROWS),
                         help="comma-separated row keys: " + ",".join(r.key for r in ROWS))
+    parser.add_argument("--min-time", type=float, default=2.0,
+                        help="keep repeating a row (up to --max-repeats) until its "
+                        "timed runs took this many seconds in all")
+    parser.add_argument("--max-repeats", type=int, default=31)
+    parser.add_argument("--busy-threshold", type=float, default=0.15,
+                        help="a row during which other processes used more than this "
+                        "fraction of the CPUs is measured again (see --busy-retries)")
+    parser.add_argument("--busy-retries", type=int, default=3)
+    parser.add_argument("--quiet-wait", type=float, default=120.0,
+                        help="seconds to wait for other processes before a retry")
     parser.add_argument("--no-memory", action="store_true", help="skip peak memory")
     parser.add_argument("--quick", action="store_true",
                         help="smoke run: 1 warm-up, 2 repeats (memory still measured)")
@@ -488,7 +594,7 @@ def parse_args(argv=None):
     parser.add_argument("--memory-probe", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.quick:
-        args.repeats, args.warmup = 2, 1
+        args.repeats, args.warmup, args.min_time = 2, 1, 0.0
     args.models = [m for m in args.models.split(",") if m]
     args.rows = [ROWS_BY_KEY[key] for key in args.rows.split(",") if key]
     if args.out is None:
@@ -508,6 +614,8 @@ def main(argv=None):
     device = torch.device(args.device)
     started, clock = datetime.datetime.utcnow(), time.perf_counter()
     print(machine_line(device), flush=True)
+    args.load_start = load_average()
+    print(f"load average: {args.load_start}", flush=True)
 
     results = []
     for model_name in args.models:
@@ -515,8 +623,20 @@ def main(argv=None):
         for row in args.rows:
             kinds = ["curvext", "backpack"] + (["torch"] if row.key == "none" else [])
             contenders = make_contenders(model_name, device, args.seed, kinds)
-            ms = time_row(contenders, row, data, device, args.warmup, args.repeats)
-            result = {"model": model_name, "row": row,
+            for attempt in range(args.busy_retries + 1):
+                meter = ForeignLoad()
+                times = time_row(contenders, row, data, device, args)
+                foreign = meter.stop()
+                if foreign is None or foreign <= args.busy_threshold:
+                    break
+                if attempt < args.busy_retries:
+                    print(f"  other processes used {100 * foreign:.0f}% of the CPUs "
+                          "during this row; waiting for quiet and measuring again",
+                          flush=True)
+                    wait_for_quiet(args.busy_threshold / 2, timeout=args.quiet_wait)
+            ms = {kind: statistics.median(values) for kind, values in times.items()}
+            result = {"model": model_name, "row": row, "times_ms": times,
+                      "foreign_load": foreign,
                       "curvext_ms": ms["curvext"], "backpack_ms": ms["backpack"],
                       "agreement": agreement(contenders, row)}
             if "torch" in ms:
@@ -531,11 +651,12 @@ def main(argv=None):
                     mem = peak_cpu_subprocess(kind, model_name, row, args.seed)
                 result[f"{kind}_mem"] = mem
             results.append(result)
-            print(f"{model_name:4s} {row.label:50s} curvext {ms['curvext']:8.2f} ms  "
+            print(f"{model_name:4s} {row.label:50s} x{len(times['curvext']):<3d}"
+                  f"curvext {ms['curvext']:8.2f} ms  "
                   f"BackPACK {ms['backpack']:8.2f} ms  ratio "
                   f"{ms['curvext'] / ms['backpack']:.2f}  "
                   f"mem {_mb(result['curvext_mem'])} / {_mb(result['backpack_mem'])} MB  "
-                  f"diff {result['agreement']}", flush=True)
+                  f"diff {result['agreement']}  other load {_pct(foreign)}", flush=True)
             del contenders
             gc.collect()
 
@@ -545,7 +666,19 @@ def main(argv=None):
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as out:
         out.write(report)
-    print(f"written to {args.out}")
+    raw = {
+        "machine": machine_line(device),
+        "args": {k: v for k, v in vars(args).items() if k not in ("rows",)},
+        "results": [
+            {**{k: v for k, v in r.items() if k != "row"}, "row": r["row"].key,
+             "label": r["row"].label}
+            for r in results
+        ],
+    }
+    raw_path = os.path.splitext(args.out)[0] + ".json"
+    with open(raw_path, "w") as out:
+        json.dump(raw, out, indent=1)
+    print(f"written to {args.out} and {raw_path}")
 
 
 if __name__ == "__main__":

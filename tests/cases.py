@@ -9,7 +9,6 @@ cross-entropy), eval-mode normalisation, parameter-free code between layers.
 
 from __future__ import annotations
 
-import copy
 import functools
 import math
 from dataclasses import dataclass, field
@@ -395,18 +394,40 @@ CASES = [
         tags=frozenset({"positions", "inplace"}),
     ),
     Case(
-        "groupnorm",
+        "groupnorm_conv2d_same_reflect",
         lambda: randomize_norms(
             nn.Sequential(
-                nn.Conv2d(2, 4, 3),
+                nn.Conv2d(2, 4, 3, padding="same", dilation=2, padding_mode="reflect"),
                 nn.GroupNorm(2, 4),
                 nn.ReLU(),
+                nn.Conv2d(4, 2, 2, stride=2, padding="valid"),
                 nn.Flatten(),
-                nn.Linear(16, 3),
+                nn.Linear(8, 3),
             )
         ),
         nn.CrossEntropyLoss,
         classification((2, 4, 4), 3),
+        batch_size=3,
+        tags=frozenset({"positions"}),
+    ),
+    Case(
+        "linear_4d_input",
+        lambda: nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 2)),
+        lambda: nn.MSELoss(reduction="sum"),
+        regression((2, 3, 4), (2, 3, 2)),
+        batch_size=3,
+        tags=frozenset({"positions"}),
+    ),
+    Case(
+        "embedding_padding_idx",
+        lambda: nn.Sequential(
+            nn.Embedding(6, 3, padding_idx=0), nn.Flatten(), nn.Linear(12, 3)
+        ),
+        nn.CrossEntropyLoss,
+        lambda N: (
+            torch.randint(0, 6, (N, 4)).index_fill_(1, torch.tensor([0]), 0),
+            torch.randint(0, 3, (N,)),
+        ),
         batch_size=3,
         tags=frozenset({"positions"}),
     ),
@@ -541,7 +562,13 @@ LOSS_CASES = [
         classification((4,), 3),
         5,
     ),
-    Case("ce_spatial_mean", spatial_logits_model, nn.CrossEntropyLoss, spatial_classification, 3),
+    Case(
+        "ce_spatial_mean",
+        spatial_logits_model,
+        nn.CrossEntropyLoss,
+        spatial_classification,
+        3,
+    ),
     Case(
         "ce_spatial_sum",
         spatial_logits_model,
@@ -707,7 +734,9 @@ def trainable(model: nn.Module) -> dict[str, nn.Parameter]:
     return {n: p for n, p in model.named_parameters() if p.requires_grad}
 
 
-def assert_close(actual: Tensor, expected: Tensor, rtol: float = 1e-7, atol: float = 1e-10, msg=""):
+def assert_close(
+    actual: Tensor, expected: Tensor, rtol: float = 1e-7, atol: float = 1e-10, msg=""
+):
     """``torch.testing.assert_close`` with an ``atol`` relative to the scale."""
     assert actual.shape == expected.shape, (
         f"{msg}: shape {tuple(actual.shape)} != expected {tuple(expected.shape)}"
@@ -720,12 +749,6 @@ def assert_close(actual: Tensor, expected: Tensor, rtol: float = 1e-7, atol: flo
         atol=atol * max(1.0, scale),
         msg=lambda m: f"{msg}\n{m}",
     )
-
-
-def deepcopy_case(case: Case, batch_size: int | None = None):
-    """Two identical builds: one for curvext, one kept pristine."""
-    built = case.build(batch_size)
-    return built, tuple(copy.deepcopy(obj) for obj in built)
 
 
 def calls_per_module(model: nn.Module, X: Tensor) -> dict[nn.Module, int]:
@@ -756,6 +779,8 @@ def kronecker_modules(case: Case) -> list[str]:
             continue
         if getattr(module, "groups", 1) != 1:
             continue
+        if getattr(module, "padding_idx", None) is not None:
+            continue  # no agreed convention for padding positions (test_kfac)
         if not any(p.requires_grad for p in module.parameters(recurse=False)):
             continue
         names.append(name)

@@ -133,9 +133,7 @@ class DenseReference:
     def per_sample_diag(self, name: str) -> Tensor:
         """``[N, *p.shape]`` per-sample GGN diagonals."""
         blocks = self.per_sample_blocks(name)
-        return blocks.diagonal(dim1=1, dim2=2).reshape(
-            self.N, *self.params[name].shape
-        )
+        return blocks.diagonal(dim1=1, dim2=2).reshape(self.N, *self.params[name].shape)
 
     def per_sample_grads(self, name: str) -> Tensor:
         """``[N, *p.shape]``: ``J_n^T ∇_{f_n} L`` (loss scaling included)."""
@@ -162,7 +160,9 @@ def loss_scaling(loss_fn: nn.Module, output: Tensor, y: Tensor) -> float:
     return (loss_fn(output, y) / value_sum).item()
 
 
-def module_call(model: nn.Module, X: Tensor, module: nn.Module) -> tuple[Tensor, Tensor]:
+def module_call(
+    model: nn.Module, X: Tensor, module: nn.Module
+) -> tuple[Tensor, Tensor]:
     """Input and output of the single call of ``module`` in ``model(X)``."""
     calls = []
     handle = module.register_forward_hook(
@@ -203,7 +203,6 @@ def output_jacobian_wrt_module_output(
     return J.detach()
 
 
-
 def _positions_last_index(channels_first: bool, shape) -> Tensor:
     """Index reordering a flattened tensor of ``shape`` into ``[N, T, D]``."""
     index = torch.arange(math.prod(shape)).reshape(shape)
@@ -223,7 +222,9 @@ def layer_inputs(module: nn.Module, layer_input: Tensor) -> Tensor:
         return layer_input.reshape(N, -1, layer_input.shape[-1])
     if isinstance(module, nn.Embedding):
         one_hot = nn.functional.one_hot(layer_input, module.num_embeddings)
-        return one_hot.to(torch.get_default_dtype()).reshape(N, -1, module.num_embeddings)
+        return one_hot.to(torch.get_default_dtype()).reshape(
+            N, -1, module.num_embeddings
+        )
     if isinstance(module, CONV_TYPES):
         assert module.groups == 1, "reference only for groups=1"
         features = module.in_channels * math.prod(module.kernel_size)
@@ -345,7 +346,11 @@ def kfac_reference(
     G_out = output_factor(J_out, out_index)
     factors = {}
     if isinstance(module, CONV_TRANSPOSE_TYPES):
-        pre_shape = (N, G_out.shape[0] * math.prod(module.kernel_size), *layer_input.shape[2:])
+        pre_shape = (
+            N,
+            G_out.shape[0] * math.prod(module.kernel_size),
+            *layer_input.shape[2:],
+        )
         J_pre = jacrev(lambda u: J_out @ _overlap_add(module, u).flatten())(
             torch.zeros(pre_shape)
         ).reshape(F, -1)
@@ -358,6 +363,7 @@ def kfac_reference(
     if getattr(module, "bias", None) is not None:
         factors["bias"] = [G_out]
     return factors
+
 
 def kron(factors: list[Tensor]) -> Tensor:
     """Kronecker product of a list of factors (a single factor is itself)."""

@@ -18,6 +18,7 @@ import torch
 from curvext.extensions import KFAC
 from tests.cases import (
     CASES,
+    CASES_BY_NAME,
     NORM_TYPES,
     SINGLE_POSITION_CASES,
     ScaleShift,
@@ -57,7 +58,13 @@ def test_factors_match_reference(case, fisher_type, kfac_approx):
     pristine_modules = dict(pristine.named_modules())
     for module_name in kronecker_modules(case):
         expected = kfac_reference(
-            pristine, loss_fn, X, y, pristine_modules[module_name], fisher_type, kfac_approx
+            pristine,
+            loss_fn,
+            X,
+            y,
+            pristine_modules[module_name],
+            fisher_type,
+            kfac_approx,
         )
         for param_name, expected_factors in expected.items():
             param = getattr(modules[module_name], param_name)
@@ -69,7 +76,9 @@ def test_factors_match_reference(case, fisher_type, kfac_approx):
                 f"{label}: {len(factors)} factors, expected {len(expected_factors)} "
                 f"with shapes {[tuple(f.shape) for f in expected_factors]}"
             )
-            for i, (factor, expected_factor) in enumerate(zip(factors, expected_factors)):
+            for i, (factor, expected_factor) in enumerate(
+                zip(factors, expected_factors)
+            ):
                 assert_close(factor, expected_factor, msg=f"{label} factor {i}")
 
 
@@ -80,7 +89,8 @@ def single_factor_params(case):
     for module_name, module in model.named_modules():
         if isinstance(module, NORM_TYPES + (ScaleShift, VectorScaleShift)):
             names += [
-                f"{module_name}.{n}" for n, p in module.named_parameters(recurse=False)
+                f"{module_name}.{n}"
+                for n, p in module.named_parameters(recurse=False)
                 if p.requires_grad
             ]
     return names
@@ -99,6 +109,31 @@ def test_single_factor_is_exact_block(case, kfac_approx):
         factors = params[name].kfac
         assert len(factors) == 1, f"{name}: {len(factors)} factors"
         assert_close(factors[0], reference.block(name), msg=name)
+
+
+@pytest.mark.parametrize("kfac_approx", APPROXIMATIONS)
+@pytest.mark.parametrize("fisher_type", ["type-2", "empirical"])
+def test_embedding_padding_row_has_no_curvature(fisher_type, kfac_approx):
+    """PyTorch never backpropagates into ``weight[padding_idx]``: its exact GGN
+    block and its gradients are zero, so the Kronecker approximation of that
+    row (and its coupling to other rows) must be zero too, whatever the
+    normalisation convention for padding positions."""
+    case = CASES_BY_NAME["embedding_padding_idx"]
+    reference = dense_reference(case.name)
+    model = run_case(case, KFAC(fisher_type, kfac_approx=kfac_approx))
+    embedding = model[0]
+    rows = embedding.weight.shape[0]
+    dim = embedding.weight.shape[1]
+    padding_entries = slice(
+        embedding.padding_idx * dim, (embedding.padding_idx + 1) * dim
+    )
+    exact_block = reference.block("0.weight")
+    assert exact_block[padding_entries].abs().max() == 0  # the premise
+    approximation = kron(embedding.weight.kfac)
+    assert approximation.shape == (rows * dim, rows * dim)
+    assert_close(
+        approximation[padding_entries], torch.zeros_like(approximation[padding_entries])
+    )
 
 
 # Modules for which the factorisation convention is not pinned down: a clear

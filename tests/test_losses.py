@@ -58,7 +58,13 @@ def kfac_checker(fisher_type):
         pristine_modules = dict(pristine.named_modules())
         for module_name in kronecker_modules(case):
             expected = kfac_reference(
-                pristine, loss_fn, X, y, pristine_modules[module_name], fisher_type, "expand"
+                pristine,
+                loss_fn,
+                X,
+                y,
+                pristine_modules[module_name],
+                fisher_type,
+                "expand",
             )
             for param_name, expected_factors in expected.items():
                 factors = getattr(modules[module_name], param_name).kfac

@@ -82,7 +82,9 @@ class ModuleRule:
 
     def batch_l2(self, name: str, grads: List[Tensor]) -> Tensor:
         r""":math:`\sum_k \|v_{nk}\|^2`, ``[N]``."""
-        return self._chunked(name, grads, lambda v: v.square().flatten(2).sum((0, 2)))
+        return self._chunked(
+            name, grads, lambda v: v.square().reshape(*v.shape[:2], -1).sum((0, 2))
+        )
 
     def sample_sum(self, name: str, grads: List[Tensor]) -> Tensor:
         r""":math:`\sum_n v_{nk}`, ``[K, *p.shape]``."""
@@ -97,7 +99,7 @@ class ModuleRule:
         """
 
         def outer(v):
-            flat = v.flatten(2).flatten(0, 1)
+            flat = v.reshape(v.shape[0] * v.shape[1], -1)
             return flat.T @ flat
 
         return self._chunked(name, grads, outer)

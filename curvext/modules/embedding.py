@@ -96,11 +96,18 @@ class EmbeddingRule(ModuleRule):
             [c.args[0].reshape(c.args[0].shape[0], -1) for c in self.calls], 1
         )
         rows = self.module.num_embeddings
-        one_hot = torch.nn.functional.one_hot(indices, rows).to(self.module.weight.dtype)
-        if approx == "reduce":
-            one_hot = one_hot.mean(1, keepdim=True)
-        flat = one_hot.flatten(0, 1)
-        return (flat.T @ flat) / flat.shape[0]
+        weight = self.module.weight
+        # padding positions have no input: PyTorch never updates that row
+        present = torch.ones_like(indices, dtype=weight.dtype)
+        if self.module.padding_idx is not None:
+            present = present * (indices != self.module.padding_idx)
+        if approx == "expand":
+            counts = torch.zeros(rows, dtype=weight.dtype, device=weight.device)
+            counts.index_add_(0, indices.flatten(), present.flatten())
+            return torch.diag(counts / indices.numel())
+        one_hot = torch.nn.functional.one_hot(indices, rows).to(weight.dtype)
+        mean_one_hot = (one_hot * present.unsqueeze(-1)).mean(1)
+        return (mean_one_hot.T @ mean_one_hot) / indices.shape[0]
 
     def kfac_factors(self, name, grad_factor, approx):
         return [self.kfac_input_factor(name, approx), grad_factor]
