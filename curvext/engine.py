@@ -21,6 +21,7 @@ The ordinary backward then continues and fills ``.grad`` as usual.
 from __future__ import annotations
 
 import threading
+import warnings
 from collections import OrderedDict
 from typing import Dict, List, Tuple
 
@@ -31,8 +32,8 @@ from torch.autograd.graph import get_gradient_edge
 from curvext.context import active_extensions, current_run_log, max_columns_per_backward
 from curvext.extensions.base import Extension, RunInfo, sum_partials
 from curvext.losses import LossRule, loss_rule
-from curvext.modules import SharedParameterRule, rule_for
-from curvext.modules.base import ModuleRule
+from curvext.modules import SharedParameterRule, rules_for
+from curvext.modules.base import ModuleRule, own_trainable, slice_columns
 from curvext.recording import ModuleCall, collect_calls
 
 #: Bytes of module-output gradients that one chunk of columns may hold when
@@ -96,7 +97,7 @@ class _Target:
         return per_owner[0] if len(self.owners) == 1 else per_owner
 
 
-def _check_calls(calls: List[ModuleCall], batch_size: int, loss_name: str):
+def _check_calls(calls: List[ModuleCall]):
     for call in calls:
         if call.couples_samples:
             raise RuntimeError(
@@ -105,30 +106,58 @@ def _check_calls(calls: List[ModuleCall], batch_size: int, loss_name: str):
                 "defined. Call model.eval() (BatchNorm then uses its running "
                 "statistics) or replace BatchNorm with GroupNorm/LayerNorm."
             )
-        for shape in call.output_shapes:
-            if len(shape) == 0 or shape[0] != batch_size:
-                raise ValueError(
-                    f"{call.module} produced an output of shape {tuple(shape)} whose "
-                    f"first axis is not the batch axis of the {loss_name} input "
-                    f"(N={batch_size}). curvext needs every module with trainable "
-                    "parameters to be called on a batch [N, ...], e.g. "
-                    "pos_embedding(positions.expand(N, -1)) instead of "
-                    "pos_embedding(positions)."
-                )
 
 
-def _targets(calls: List[ModuleCall]) -> List[_Target]:
+def _targets(calls: List[ModuleCall], leaves: List[Tensor], batch_size: int) -> List[_Target]:
+    """One target per trainable parameter in the graph, with its rules.
+
+    A parameter is handled by the module that owns it if that module was
+    called; otherwise by the nearest called ancestor (generic rule), e.g.
+    ``MultiheadAttention`` for its ``out_proj``, which it uses without a call.
+    """
     calls_by_module: Dict[int, List[ModuleCall]] = OrderedDict()
     for call in calls:
         calls_by_module.setdefault(id(call.module), []).append(call)
+    modules = {key: module_calls[0].module for key, module_calls in calls_by_module.items()}
+    covered = {
+        id(module.get_parameter(name))
+        for module in modules.values()
+        for name in own_trainable(module)
+    }
+    uncovered = {
+        id(leaf): leaf
+        for leaf in leaves
+        if leaf.requires_grad and id(leaf) not in covered
+    }
+    extra_names: Dict[int, List[str]] = {key: [] for key in modules}
+    if uncovered:
+        nearest: Dict[int, Tuple[int, int, str]] = {}
+        for key, module in modules.items():
+            for name, param in module.named_parameters():
+                depth = name.count(".")
+                if id(param) in uncovered and depth < nearest.get(id(param), (depth + 1,))[0]:
+                    nearest[id(param)] = (depth, key, name)
+        for depth, key, name in nearest.values():
+            extra_names[key].append(name)
+        missing = [leaf for key, leaf in uncovered.items() if key not in nearest]
+        if missing and isinstance(missing[0], nn.Parameter):
+            shapes = ", ".join(str(tuple(leaf.shape)) for leaf in missing)
+            warnings.warn(
+                f"curvext computes nothing for {len(missing)} parameter(s) of shapes "
+                f"{shapes}: they reach the loss without passing through a call of "
+                "an extended module. Call extend() on the model that uses them.",
+                stacklevel=4,
+            )
+
     owners: Dict[int, list] = OrderedDict()
     params: Dict[int, Tensor] = {}
-    for module_calls in calls_by_module.values():
-        rule = rule_for(module_calls[0].module, module_calls)
-        for name in rule.param_names():
-            param = rule.param(name)
-            owners.setdefault(id(param), []).append((rule, name))
-            params[id(param)] = param
+    for key, module_calls in calls_by_module.items():
+        for rule in rules_for(modules[key], module_calls, extra_names[key]):
+            rule.check_batch(batch_size)
+            for name in rule.param_names():
+                param = rule.param(name)
+                owners.setdefault(id(param), []).append((rule, name))
+                params[id(param)] = param
     return [_Target(params[key], owner) for key, owner in owners.items()]
 
 
@@ -158,15 +187,15 @@ def _chunk_size(calls: List[ModuleCall], loss: LossRule, total: int) -> int:
 def run(loss_call: LossCall, grad: Tensor, extensions: Tuple[Extension, ...]):
     """Compute ``extensions`` for the loss call whose input gradient is ``grad``."""
     loss = loss_rule(loss_call.module, loss_call.input, loss_call.target)
-    calls = collect_calls(loss_call.edge.node)
+    calls, leaves = collect_calls(loss_call.edge.node)
     try:
-        _run(loss_call, loss, calls, grad, extensions)
+        _run(loss_call, loss, calls, leaves, grad, extensions)
     finally:
         for call in calls:  # the edges hold graph nodes: release them now
             call.edges = []
 
 
-def _run(loss_call, loss, calls, grad, extensions):
+def _run(loss_call, loss, calls, leaves, grad, extensions):
     loss_name = type(loss_call.module).__name__
     if not calls:
         raise RuntimeError(
@@ -174,8 +203,8 @@ def _run(loss_call, loss, calls, grad, extensions):
             "module with trainable parameters. Call `model = extend(model)` "
             "before the forward pass, outside of curvext.disable()."
         )
-    _check_calls(calls, loss.batch_size, loss_name)
-    targets = _targets(calls)
+    _check_calls(calls)
+    targets = _targets(calls, leaves, loss.batch_size)
     info = RunInfo(batch_size=loss.batch_size, normalization=loss.normalization)
 
     sets = list(OrderedDict.fromkeys(
@@ -198,7 +227,7 @@ def _run(loss_call, loss, calls, grad, extensions):
             if lo >= hi:
                 continue
             set_grads = {
-                key_id: _slice(g, lo - start, hi - start) for key_id, g in call_grads.items()
+                key_id: slice_columns(g, lo - start, hi - start) for key_id, g in call_grads.items()
             }
             for ext_index, ext in enumerate(extensions):
                 if ext.column_set() != key:
@@ -218,12 +247,6 @@ def _run(loss_call, loss, calls, grad, extensions):
             partial = partials.get((ext_index, target_index))
             value = ext.finalize(target.rule, target.name, partial, info)
             setattr(target.param, ext.savefield, value)
-
-
-def _slice(grads, lo, hi):
-    if isinstance(grads, tuple):
-        return tuple(g[lo:hi] for g in grads)
-    return grads[lo:hi]
 
 
 def _draw_mc_columns(sets: List[tuple], loss: LossRule) -> Dict[tuple, Tensor]:

@@ -15,7 +15,7 @@ _HOOK_FLAG = "_curvext_extended"
 def extend(module: nn.Module) -> nn.Module:
     """Install curvext's hooks on ``module`` and all its sub-modules.
 
-    For every sub-module that owns trainable parameters, each call records its
+    For every sub-module with trainable parameters, each call records its
     inputs so that the engine can turn backpropagated columns into curvature
     of those parameters. A supported loss module (``MSELoss``,
     ``CrossEntropyLoss``, ``BCEWithLogitsLoss``) gets a hook that starts the
@@ -61,9 +61,10 @@ def _couples_samples(module: nn.Module) -> bool:
 def _record_call(module: nn.Module, args, kwargs, output):
     if not recording_enabled():
         return
-    trainable = any(
-        p is not None and p.requires_grad for p in module._parameters.values()
-    )
+    # modules whose sub-modules own parameters are recorded too: their call
+    # covers parameters used without a module call (MultiheadAttention's
+    # out_proj, F.linear(x, self.child.weight))
+    trainable = any(p.requires_grad for p in module.parameters())
     couples_samples = _couples_samples(module)
     if not (trainable or couples_samples):
         return

@@ -81,13 +81,16 @@ def attach(call: ModuleCall, outputs: List[Tensor]):
         slots.append(OutputSlot(call, index, edge.output_nr))
 
 
-def collect_calls(root: Node) -> List[ModuleCall]:
-    """Recorded calls reachable from ``root``, in order of discovery.
+def collect_calls(root: Node) -> Tuple[List[ModuleCall], List[Tensor]]:
+    """Recorded calls and leaf tensors reachable from ``root``.
 
     Sets ``call.edges`` (one gradient edge per recorded output). Outputs that
-    do not reach ``root`` keep no edge and receive zero gradients.
+    do not reach ``root`` keep no edge and receive zero gradients. The leaf
+    tensors (parameters among them) are those whose gradient the graph
+    accumulates.
     """
     calls: Dict[int, ModuleCall] = {}
+    leaves: List[Tensor] = []
     seen = set()
     stack = [root]
     while stack:
@@ -100,5 +103,8 @@ def collect_calls(root: Node) -> List[ModuleCall]:
             if not call.edges:
                 call.edges = [None] * len(call.output_shapes)
             call.edges[slot.index] = GradientEdge(node, slot.output_nr)
+        leaf = getattr(node, "variable", None)
+        if isinstance(leaf, Tensor):
+            leaves.append(leaf)
         stack.extend(next_node for next_node, _ in node.next_functions)
-    return list(calls.values())
+    return list(calls.values()), leaves

@@ -6,7 +6,7 @@ from typing import List
 
 from torch import Tensor, nn
 
-from curvext.modules.base import ModuleRule
+from curvext.modules.base import ModuleRule, own_trainable
 from curvext.modules.conv import ConvRule, ConvTransposeRule
 from curvext.modules.embedding import EmbeddingRule
 from curvext.modules.generic import CurvextNote, GenericRule
@@ -27,13 +27,26 @@ RULES = {
 }
 
 
-def rule_for(module: nn.Module, calls: List[ModuleCall]) -> ModuleRule:
-    """The rule of ``module``'s exact type, else the generic ``torch.func`` rule.
+def rules_for(
+    module: nn.Module, calls: List[ModuleCall], extra_names: List[str] = ()
+) -> List[ModuleRule]:
+    """Rules for ``module``'s own trainable parameters and ``extra_names``.
 
-    Subclasses of built-in layers get the generic rule: they may override
-    ``forward``.
+    A module's own parameters get the rule of its exact type (subclasses of
+    built-in layers may override ``forward``, so they get the generic rule).
+    ``extra_names`` are parameters of sub-modules that the forward pass used
+    without calling those sub-modules; only the generic ``torch.func`` rule
+    can differentiate the module's output with respect to them.
     """
-    return RULES.get(type(module), GenericRule)(module, calls)
+    own = own_trainable(module)
+    rule_class = RULES.get(type(module))
+    if rule_class is None:
+        names = own + list(extra_names)
+        return [GenericRule(module, calls, names)] if names else []
+    rules = [rule_class(module, calls)] if own else []
+    if extra_names:
+        rules.append(GenericRule(module, calls, list(extra_names)))
+    return rules
 
 
 class SharedParameterRule(ModuleRule):
@@ -46,6 +59,7 @@ class SharedParameterRule(ModuleRule):
         self.owners = owners  # (rule, name) pairs
         self.module = owners[0][0].module
         self.calls = owners[0][0].calls
+        self.batch_size = owners[0][0].batch_size
         self._name = owners[0][1]
 
     def param(self, name):
@@ -66,4 +80,4 @@ class SharedParameterRule(ModuleRule):
         )
 
 
-__all__ = ["ModuleRule", "rule_for", "SharedParameterRule", "CurvextNote", "RULES"]
+__all__ = ["ModuleRule", "rules_for", "SharedParameterRule", "CurvextNote", "RULES"]

@@ -31,30 +31,54 @@ class ModuleRule:
         module: The module.
         calls: Its recorded calls in this forward pass (several for tied
             weights), each with detached inputs.
+        names: Names (dotted, relative to ``module``) of the parameters the
+            rule handles. Default: the module's own trainable parameters.
     """
 
-    def __init__(self, module: nn.Module, calls: List[ModuleCall]):
+    def __init__(
+        self, module: nn.Module, calls: List[ModuleCall], names: Optional[List[str]] = None
+    ):
         self.module = module
         self.calls = calls
+        self.names = names
         self.check()
 
     def check(self):
         """Raise if the module is configured in a way the rule cannot handle."""
 
-    @property
-    def batch_size(self) -> int:
-        return self.calls[0].output_shapes[0][0]
+    #: ``N``, set by :meth:`check_batch`.
+    batch_size: int = 0
 
     def param_names(self) -> List[str]:
-        """Names of the module's own trainable parameters."""
-        return [
-            name
-            for name, p in self.module._parameters.items()
-            if p is not None and p.requires_grad
-        ]
+        """Names of the parameters this rule handles."""
+        if self.names is not None:
+            return list(self.names)
+        return own_trainable(self.module)
 
     def param(self, name: str) -> Tensor:
-        return self.module._parameters[name]
+        return self.module.get_parameter(name)
+
+    def batch_axis(self, shape: torch.Size) -> Optional[int]:
+        """Axis of an output of this shape that holds the samples (``None``: none).
+
+        Dedicated rules need it first.
+        """
+        return 0 if len(shape) > 0 and shape[0] == self.batch_size else None
+
+    def check_batch(self, batch_size: int):
+        """Remember ``N``; refuse outputs that reach the loss without a batch axis."""
+        self.batch_size = batch_size
+        for call in self.calls:
+            for edge, shape in zip(call.edges, call.output_shapes):
+                if edge is not None and self.batch_axis(shape) is None:
+                    raise ValueError(
+                        f"{self.module} produced an output of shape {tuple(shape)} "
+                        f"without the batch axis of the loss input (N={batch_size}). "
+                        "curvext needs every module with trainable parameters to "
+                        "be called on a batch [N, ...], e.g. "
+                        "pos_embedding(positions.expand(N, -1)) instead of "
+                        "pos_embedding(positions)."
+                    )
 
     # the one reduction every rule must provide
     def per_sample(self, name: str, grads: List[Tensor]) -> Tensor:
@@ -63,12 +87,13 @@ class ModuleRule:
 
     # reductions derived from per_sample, chunked over columns
     def _chunked(self, name: str, grads: List[Tensor], reduce) -> Tensor:
-        num_cols = grads[0].shape[0]
+        num_cols = num_columns(grads[0])
         per_col = self.batch_size * self.param(name).numel()
         step = max(1, MAX_PER_SAMPLE_ELEMENTS // max(per_col, 1))
         result = None
         for start in range(0, num_cols, step):
-            part = reduce(self.per_sample(name, [g[start : start + step] for g in grads]))
+            chunk = [slice_columns(g, start, start + step) for g in grads]
+            part = reduce(self.per_sample(name, chunk))
             result = part if result is None else result + part
         return result
 
@@ -116,6 +141,25 @@ class ModuleRule:
         """The factors in the order in which ``torch.kron`` matches ``p.flatten()``."""
         input_factor = self.kfac_input_factor(name, approx)
         return [grad_factor] if input_factor is None else [grad_factor, input_factor]
+
+
+def num_columns(call_grads) -> int:
+    """``K`` of one call's columns (a tensor, or a tuple for several outputs)."""
+    return (call_grads[0] if isinstance(call_grads, tuple) else call_grads).shape[0]
+
+
+def slice_columns(call_grads, start: int, stop: int):
+    """Columns ``start:stop`` of one call's columns."""
+    if isinstance(call_grads, tuple):
+        return tuple(g[start:stop] for g in call_grads)
+    return call_grads[start:stop]
+
+
+def own_trainable(module: nn.Module) -> List[str]:
+    """Names of the trainable parameters ``module`` owns directly."""
+    return [
+        name for name, p in module._parameters.items() if p is not None and p.requires_grad
+    ]
 
 
 def identity(size: int, like: Tensor) -> Tensor:
