@@ -484,6 +484,24 @@ def machine_line(device: torch.device) -> str:
     return "; ".join(parts)
 
 
+def source_line() -> str:
+    """The git commit of the curvext checkout, and whether curvext/ has edits."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(curvext.__file__)))
+    try:
+        commit = subprocess.run(
+            ["git", "-C", root, "rev-parse", "--short", "HEAD"],
+            capture_output=True, text=True, check=True,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", root, "status", "--porcelain", "--", "curvext"],
+            capture_output=True, text=True, check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return f"curvext from {root} (not a git checkout)"
+    edits = " plus uncommitted changes in curvext/" if dirty else ""
+    return f"curvext at commit {commit}{edits}"
+
+
 def load_average() -> str:
     try:
         with open("/proc/loadavg") as loadavg:
@@ -505,6 +523,8 @@ def render(results, args, device, started, elapsed) -> str:
         f"# curvext vs BackPACK ({device.type})",
         "",
         f"Machine: {machine_line(device)}",
+        "",
+        f"Source: {args.source}.",
         "",
         f"Load average (1, 5, 15 min) at start: {args.load_start}; at end: "
         f"{load_average()} (other processes on the machine distort timings).",
@@ -615,6 +635,8 @@ def main(argv=None):
     started, clock = datetime.datetime.utcnow(), time.perf_counter()
     print(machine_line(device), flush=True)
     args.load_start = load_average()
+    args.source = source_line()
+    print(args.source, flush=True)
     print(f"load average: {args.load_start}", flush=True)
 
     results = []
@@ -668,6 +690,7 @@ def main(argv=None):
         out.write(report)
     raw = {
         "machine": machine_line(device),
+        "source": args.source,
         "args": {k: v for k, v in vars(args).items() if k not in ("rows",)},
         "results": [
             {**{k: v for k, v in r.items() if k != "row"}, "row": r["row"].key,

@@ -60,17 +60,14 @@ class ConvRule(FactoredRule):
             )
             padding = 0 if isinstance(padding, str) else [0] * len(module.kernel_size)
         patches = unfold(inputs, module.kernel_size, module.stride, padding, module.dilation)
-        patches = patches.reshape(patches.shape[0], module.groups, -1, patches.shape[-1])
-        return patches.permute(0, 3, 1, 2)
+        return patches.reshape(patches.shape[0], module.groups, -1, patches.shape[-1])
 
     def grad_side(self, call, grads):
         groups = self.module.groups
-        grads = grads.reshape(*grads.shape[:2], groups, -1, grads[0, 0, 0].numel())
-        return grads.permute(0, 1, 4, 2, 3)
+        return grads.reshape(*grads.shape[:2], groups, -1, grads[0, 0, 0].numel())
 
     def bias_side(self, call, grads):
-        grads = grads.flatten(3)
-        return grads.permute(0, 1, 3, 2).unsqueeze(3)
+        return grads.reshape(*grads.shape[:3], -1).unsqueeze(2)
 
     def check(self):
         for call in self.calls:
@@ -89,9 +86,7 @@ class ConvTransposeRule(ConvRule):
 
     def input_side(self, call):
         inputs = call.args[0]
-        groups = self.module.groups
-        inputs = inputs.reshape(inputs.shape[0], groups, -1, inputs[0, 0].numel())
-        return inputs.permute(0, 3, 1, 2)
+        return inputs.reshape(inputs.shape[0], self.module.groups, -1, inputs[0, 0].numel())
 
     def grad_side(self, call, grads):
         module: nn.ConvTranspose2d = self.module
@@ -103,6 +98,4 @@ class ConvTransposeRule(ConvRule):
             module.padding,
             module.dilation,
         )
-        positions = call.args[0][0, 0].numel()
-        patches = patches.reshape(num_cols, batch, module.groups, -1, positions)
-        return patches.permute(0, 1, 4, 2, 3)
+        return patches.reshape(num_cols, batch, module.groups, -1, patches.shape[-1])

@@ -1,16 +1,20 @@
 r"""Rules for layers whose per-sample vectors are sums of outer products.
 
 For ``Linear``, ``ConvNd`` and ``ConvTransposeNd`` the per-sample vector of the
-weight is
+weight is, per group,
 
-.. math:: v_{nk} = \sum_t G_{k,n,t} \otimes A_{n,t}
+.. math:: v_{nk} = \sum_t G_{k,n,:,t} A_{n,:,t}^\top
 
 over positions ``t`` (tokens, spatial locations, and the calls of a tied
-module, which act as extra positions) and per group, with ``G`` built from
-the backpropagated columns and ``A`` from the layer input. The bias has
-:math:`v_{nk} = \sum_t G_{k,n,t}`. Diagonals, Gram blocks and Kronecker
-factors are then reductions of ``G`` and ``A`` that never form ``v`` when
-there is one position.
+module, which act as extra positions), with ``G`` built from the
+backpropagated columns and ``A`` from the layer input. The bias has
+:math:`v_{nk} = \sum_t G_{k,n,:,t}`.
+
+Layout: positions come last, ``G [K, N, groups, d_grad, T]`` and
+``A [N, groups, d_in, T]``, which is how convolutions store them, so the
+per-sample vectors are one batched matrix product and the Kronecker factors
+batched Gram matrices, without copying to another layout. Diagonals never
+form ``v`` when there is one position.
 """
 
 from __future__ import annotations
@@ -30,8 +34,24 @@ def _cat(parts: List[Tensor], dim: int) -> Tensor:
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim)
 
 
+def sum_of_squares(columns: Tensor) -> Tensor:
+    r""":math:`\sum_k x_k^2` over the leading axis, one pass over memory."""
+    total = columns[0].square()
+    for column in columns[1:]:
+        total.addcmul_(column, column)
+    return total
+
+
+def gram(matrices: Tensor) -> Tensor:
+    r""":math:`\sum_b M_b M_b^\top` of ``matrices [B, d, T]``, ``[d, d]``."""
+    if matrices.shape[-1] == 1:
+        flat = matrices[..., 0]
+        return flat.T @ flat
+    return torch.bmm(matrices, matrices.mT).sum(0)
+
+
 class FactoredRule(ModuleRule):
-    """Per-sample vectors as ``Σ_t G ⊗ A`` (see module docstring).
+    """Per-sample vectors as ``Σ_t G Aᵀ`` (see module docstring).
 
     Subclasses provide :meth:`input_side`, :meth:`grad_side` and
     :meth:`bias_side`.
@@ -45,32 +65,31 @@ class FactoredRule(ModuleRule):
     grad_first = True
 
     def input_side(self, call: ModuleCall) -> Tensor:
-        """``A [N, T, groups, d_in]`` of the weight."""
+        """``A [N, groups, d_in, T]`` of the weight."""
         raise NotImplementedError
 
     def grad_side(self, call: ModuleCall, grads: Tensor) -> Tensor:
-        """``G [K, N, T, groups, d_grad]`` of the weight."""
+        """``G [K, N, groups, d_grad, T]`` of the weight."""
         raise NotImplementedError
 
     def bias_side(self, call: ModuleCall, grads: Tensor) -> Tensor:
-        """``G [K, N, T, 1, out]`` of the bias."""
+        """``G [K, N, 1, out, T]`` of the bias."""
         raise NotImplementedError
 
     def inputs(self) -> Tensor:
         """``A`` of all calls, concatenated along positions (computed once)."""
         if getattr(self, "_inputs", None) is None:
-            self._inputs = _cat([self.input_side(c) for c in self.calls], dim=1)
+            self._inputs = _cat([self.input_side(c) for c in self.calls], dim=-1)
         return self._inputs
 
-    def factors(self, name: str, grads: List[Tensor]) -> Tuple[Tensor, Optional[Tensor]]:
-        """``G`` and ``A`` (``None`` for the bias) with all calls as positions."""
+    def grad_factor(self, name: str, grads: List[Tensor]) -> Tensor:
+        """``G`` of all calls (weight or bias)."""
         side = self.bias_side if name == "bias" else self.grad_side
-        grad_side = _cat([side(c, g) for c, g in zip(self.calls, grads)], dim=2)
-        return grad_side, (None if name == "bias" else self.inputs())
+        return _cat([side(c, g) for c, g in zip(self.calls, grads)], dim=-1)
 
     def single_position(self) -> bool:
         """Whether ``T = 1`` (no weight sharing, one call)."""
-        return self.inputs().shape[1] == 1
+        return self.inputs().shape[-1] == 1
 
     def squares(self, name: str, grads: List[Tensor]) -> Tuple[Tensor, Optional[Tensor]]:
         r"""For ``T = 1``: :math:`\sum_k G^2` ``[N, groups, d_grad]`` and
@@ -79,87 +98,108 @@ class FactoredRule(ModuleRule):
         The first is shared by the weight and the bias of a layer whose bias
         sees the same columns (one pass over the columns for both).
         """
-        side = self.bias_side if name == "bias" else self.grad_side
-        key = (side.__func__, tuple(id(g) for g in grads))
-        memo = getattr(self, "_squares_memo", None)
-        if memo is None or memo[0] != key:
-            grad_side = self.factors(name, grads)[0]
-            squared = torch.linalg.vector_norm(grad_side[:, :, 0], dim=0).square()
-            memo = (key, grads, squared)  # keep grads alive: their ids are the key
-            self._squares_memo = memo
+        squared = self._shared(
+            "squares", name, grads,
+            lambda: sum_of_squares(self.grad_factor(name, grads)[..., 0]),
+        )
         if name == "bias":
-            return memo[2], None
+            return squared, None
         if getattr(self, "_input_squares", None) is None:
-            self._input_squares = self.inputs()[:, 0].square()
-        return memo[2], self._input_squares
+            self._input_squares = self.inputs()[..., 0].square()
+        return squared, self._input_squares
+
+    def _shared(self, what: str, name: str, grads: List[Tensor], compute):
+        """``compute()``, reused by weight and bias when their columns coincide.
+
+        For Linear and Conv the bias sees the same ``G`` as the weight, so the
+        squares and the KFAC gradient factor of one chunk are computed once.
+        """
+        side = self.bias_side if name == "bias" else self.grad_side
+        # the output-side KFAC factor of the weight of Linear/Conv equals the
+        # bias's whatever the layout, so it is keyed without the side
+        side_key = None if what.startswith("kfac") else side.__func__
+        key = (what, side_key, tuple(id(g) for g in grads))
+        memo = getattr(self, "_memo", {})
+        if key not in memo:
+            memo = {key: (grads, compute())}  # grads kept alive: their ids are the key
+            self._memo = memo
+        return memo[key][1]
 
     def _to_param(self, name: str, vectors: Tensor, num_lead: int) -> Tensor:
         return vectors.reshape(*vectors.shape[:num_lead], *self.param(name).shape)
 
+    def _outer(self, grad_side: Tensor, input_side: Tensor) -> Tensor:
+        """Per-sample vectors ``[K, N, groups, ., .]`` in the weight's order."""
+        if self.grad_first:
+            return torch.matmul(grad_side, input_side.mT)
+        return torch.matmul(input_side, grad_side.mT)
+
     def per_sample(self, name, grads):
-        grad_side, input_side = self.factors(name, grads)
-        if input_side is None:
-            return self._to_param(name, grad_side.sum(2), 2)
-        side = "kngoi" if self.grad_first else "kngio"
-        vectors = torch.einsum(f"kntgo,ntgi->{side}", grad_side, input_side)
-        return self._to_param(name, vectors, 2)
+        grad_side = self.grad_factor(name, grads)
+        if name == "bias":
+            return self._to_param(name, grad_side.sum(-1), 2)
+        return self._to_param(name, self._outer(grad_side, self.inputs()), 2)
 
     def diag(self, name, grads):
-        if not self.single_position():
-            if name == "bias":
-                grad_side = self.factors(name, grads)[0].sum(2)
-                return self._to_param(name, grad_side.square().sum((0, 1)), 0)
-            return super().diag(name, grads)
-        grad_squares, input_squares = self.squares(name, grads)
-        if input_squares is None:
-            return self._to_param(name, grad_squares.sum(0), 0)
-        side = "goi" if self.grad_first else "gio"
-        diag = torch.einsum(f"ngo,ngi->{side}", grad_squares, input_squares)
-        return self._to_param(name, diag, 0)
+        if self.single_position():
+            grad_squares, input_squares = self.squares(name, grads)
+            if input_squares is None:
+                return self._to_param(name, grad_squares.sum(0), 0)
+            side = "goi" if self.grad_first else "gio"
+            diag = torch.einsum(f"ngo,ngi->{side}", grad_squares, input_squares)
+            return self._to_param(name, diag, 0)
+        if name == "bias":
+            return self._to_param(name, sum_of_squares(self.grad_factor(name, grads).sum(-1)).sum(0), 0)
+        return super().diag(name, grads)
 
     def batch_diag(self, name, grads):
-        if not self.single_position():
-            if name == "bias":
-                grad_side = self.factors(name, grads)[0].sum(2)
-                return self._to_param(name, grad_side.square().sum(0), 1)
-            return super().batch_diag(name, grads)
-        grad_squares, input_squares = self.squares(name, grads)
-        if input_squares is None:
-            return self._to_param(name, grad_squares, 1)
-        side = "ngoi" if self.grad_first else "ngio"
-        diag = torch.einsum(f"ngo,ngi->{side}", grad_squares, input_squares)
-        return self._to_param(name, diag, 1)
+        if self.single_position():
+            grad_squares, input_squares = self.squares(name, grads)
+            if input_squares is None:
+                return self._to_param(name, grad_squares, 1)
+            side = "ngoi" if self.grad_first else "ngio"
+            diag = torch.einsum(f"ngo,ngi->{side}", grad_squares, input_squares)
+            return self._to_param(name, diag, 1)
+        if name == "bias":
+            return self._to_param(name, sum_of_squares(self.grad_factor(name, grads).sum(-1)), 1)
+        return super().batch_diag(name, grads)
 
     def batch_l2(self, name, grads):
-        if not self.single_position():
-            if name == "bias":
-                return self.factors(name, grads)[0].sum(2).square().sum((0, 2, 3))
-            return super().batch_l2(name, grads)
-        grad_squares, input_squares = self.squares(name, grads)
-        if input_squares is None:
-            return grad_squares.sum((1, 2))
-        return (grad_squares.sum(-1) * input_squares.sum(-1)).sum(-1)
+        if self.single_position():
+            grad_squares, input_squares = self.squares(name, grads)
+            if input_squares is None:
+                return grad_squares.sum((1, 2))
+            return (grad_squares.sum(-1) * input_squares.sum(-1)).sum(-1)
+        if name == "bias":
+            return sum_of_squares(self.grad_factor(name, grads).sum(-1)).sum((1, 2))
+        return super().batch_l2(name, grads)
 
     def sample_sum(self, name, grads):
-        grad_side, input_side = self.factors(name, grads)
-        if input_side is None:
-            return self._to_param(name, grad_side.sum((1, 2)), 1)
-        side = "kgoi" if self.grad_first else "kgio"
-        total = torch.einsum(f"kntgo,ntgi->{side}", grad_side, input_side)
-        return self._to_param(name, total, 1)
+        grad_side = self.grad_factor(name, grads)
+        if name == "bias":
+            return self._to_param(name, grad_side.sum((1, -1)), 1)
+        input_side = self.inputs()
+        pattern = "kngot,ngit->kgoi" if self.grad_first else "kngot,ngit->kgio"
+        return self._to_param(name, torch.einsum(pattern, grad_side, input_side), 1)
 
     # KFAC. The factor over the weight's leading axis spans all groups; the
     # other one is shared by the groups (summed for gradients, averaged for
     # inputs), so that kron(*factors) matches p.flatten().
     def kfac_grad_factor(self, name, grads, approx):
-        grad_side, _ = self.factors(name, grads)
+        outer = self.grad_first or name == "bias"
+        return self._shared(
+            f"kfac-{approx}-{outer}", name, grads,
+            lambda: self._grad_gram(self.grad_factor(name, grads), approx, outer),
+        )
+
+    @staticmethod
+    def _grad_gram(grad_side: Tensor, approx: str, outer: bool) -> Tensor:
         if approx == "reduce":
-            grad_side = grad_side.sum(2, keepdim=True)
-        if self.grad_first or name == "bias":
-            flat = grad_side.flatten(3).flatten(0, 2)
-        else:
-            flat = grad_side.flatten(0, 3)
-        return flat.T @ flat
+            grad_side = grad_side.sum(-1, keepdim=True)
+        num_cols, batch, groups, dim, positions = grad_side.shape
+        if outer:
+            return gram(grad_side.reshape(num_cols * batch, groups * dim, positions))
+        return gram(grad_side.reshape(num_cols * batch * groups, dim, positions))
 
     def kfac_grad_dim(self, name):
         shape = self.param(name).shape
@@ -172,12 +212,13 @@ class FactoredRule(ModuleRule):
             return None
         input_side = self.inputs()
         if approx == "reduce":
-            input_side = input_side.mean(1, keepdim=True)
+            input_side = input_side.mean(-1, keepdim=True)
+        batch, groups, dim, positions = input_side.shape
         if self.grad_first:
-            flat = input_side.flatten(0, 2)
-        else:
-            flat = input_side.flatten(2).flatten(0, 1)
-        return (flat.T @ flat) / flat.shape[0]
+            flat = input_side.reshape(batch * groups, dim, positions)
+            return gram(flat) / (batch * groups * positions)
+        flat = input_side.reshape(batch, groups * dim, positions)
+        return gram(flat) / (batch * positions)
 
     def kfac_factors(self, name, grad_factor, approx):
         input_factor = self.kfac_input_factor(name, approx)

@@ -23,9 +23,11 @@ class LinearRule(FactoredRule):
 
     def input_side(self, call):
         inputs = call.args[0]
-        return inputs.reshape(inputs.shape[0], -1, 1, inputs.shape[-1])
+        inputs = inputs.reshape(inputs.shape[0], -1, inputs.shape[-1])
+        return inputs.mT.unsqueeze(1)
 
     def grad_side(self, call, grads):
-        return grads.reshape(*grads.shape[:2], -1, 1, grads.shape[-1])
+        grads = grads.reshape(*grads.shape[:2], -1, grads.shape[-1])
+        return grads.mT.unsqueeze(2)
 
     bias_side = grad_side
