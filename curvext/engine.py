@@ -21,7 +21,6 @@ The ordinary backward then continues and fills ``.grad`` as usual.
 from __future__ import annotations
 
 import threading
-import warnings
 from collections import OrderedDict
 from typing import Dict, List, Tuple
 
@@ -32,8 +31,8 @@ from torch.autograd.graph import get_gradient_edge
 from curvext.context import active_extensions, current_run_log, max_columns_per_backward
 from curvext.extensions.base import Extension, RunInfo, sum_partials
 from curvext.losses import LossRule, loss_rule
-from curvext.modules import SharedParameterRule, rules_for
-from curvext.modules.base import ModuleRule, own_trainable, slice_columns
+from curvext.coverage import assign
+from curvext.modules.base import slice_columns
 from curvext.recording import ModuleCall, collect_calls
 
 #: Bytes of module-output gradients that one chunk of columns may hold when
@@ -80,23 +79,6 @@ class LossCall:
         return None
 
 
-class _Target:
-    """A trainable parameter and how to reduce its columns."""
-
-    def __init__(self, param: Tensor, owners: List[Tuple[ModuleRule, str]]):
-        self.param = param
-        self.owners = owners
-        if len(owners) == 1:
-            self.rule, self.name = owners[0]
-        else:
-            self.rule, self.name = SharedParameterRule(owners), owners[0][1]
-
-    def grads(self, call_grads: Dict[int, object]):
-        """The ``grads`` argument of the rule's reductions for one chunk."""
-        per_owner = [[call_grads[id(c)] for c in rule.calls] for rule, _ in self.owners]
-        return per_owner[0] if len(self.owners) == 1 else per_owner
-
-
 def _check_calls(calls: List[ModuleCall]):
     for call in calls:
         if call.couples_samples:
@@ -106,59 +88,6 @@ def _check_calls(calls: List[ModuleCall]):
                 "defined. Call model.eval() (BatchNorm then uses its running "
                 "statistics) or replace BatchNorm with GroupNorm/LayerNorm."
             )
-
-
-def _targets(calls: List[ModuleCall], leaves: List[Tensor], batch_size: int) -> List[_Target]:
-    """One target per trainable parameter in the graph, with its rules.
-
-    A parameter is handled by the module that owns it if that module was
-    called; otherwise by the nearest called ancestor (generic rule), e.g.
-    ``MultiheadAttention`` for its ``out_proj``, which it uses without a call.
-    """
-    calls_by_module: Dict[int, List[ModuleCall]] = OrderedDict()
-    for call in calls:
-        calls_by_module.setdefault(id(call.module), []).append(call)
-    modules = {key: module_calls[0].module for key, module_calls in calls_by_module.items()}
-    covered = {
-        id(module.get_parameter(name))
-        for module in modules.values()
-        for name in own_trainable(module)
-    }
-    uncovered = {
-        id(leaf): leaf
-        for leaf in leaves
-        if leaf.requires_grad and id(leaf) not in covered
-    }
-    extra_names: Dict[int, List[str]] = {key: [] for key in modules}
-    if uncovered:
-        nearest: Dict[int, Tuple[int, int, str]] = {}
-        for key, module in modules.items():
-            for name, param in module.named_parameters():
-                depth = name.count(".")
-                if id(param) in uncovered and depth < nearest.get(id(param), (depth + 1,))[0]:
-                    nearest[id(param)] = (depth, key, name)
-        for depth, key, name in nearest.values():
-            extra_names[key].append(name)
-        missing = [leaf for key, leaf in uncovered.items() if key not in nearest]
-        if missing and isinstance(missing[0], nn.Parameter):
-            shapes = ", ".join(str(tuple(leaf.shape)) for leaf in missing)
-            warnings.warn(
-                f"curvext computes nothing for {len(missing)} parameter(s) of shapes "
-                f"{shapes}: they reach the loss without passing through a call of "
-                "an extended module. Call extend() on the model that uses them.",
-                stacklevel=4,
-            )
-
-    owners: Dict[int, list] = OrderedDict()
-    params: Dict[int, Tensor] = {}
-    for key, module_calls in calls_by_module.items():
-        for rule in rules_for(modules[key], module_calls, extra_names[key]):
-            rule.check_batch(batch_size)
-            for name in rule.param_names():
-                param = rule.param(name)
-                owners.setdefault(id(param), []).append((rule, name))
-                params[id(param)] = param
-    return [_Target(params[key], owner) for key, owner in owners.items()]
 
 
 def _column_sizes(sets: List[tuple], loss: LossRule) -> List[int]:
@@ -187,15 +116,15 @@ def _chunk_size(calls: List[ModuleCall], loss: LossRule, total: int) -> int:
 def run(loss_call: LossCall, grad: Tensor, extensions: Tuple[Extension, ...]):
     """Compute ``extensions`` for the loss call whose input gradient is ``grad``."""
     loss = loss_rule(loss_call.module, loss_call.input, loss_call.target)
-    calls, leaves = collect_calls(loss_call.edge.node)
+    calls, consumers = collect_calls(loss_call.edge.node)
     try:
-        _run(loss_call, loss, calls, leaves, grad, extensions)
+        _run(loss_call, loss, calls, consumers, grad, extensions)
     finally:
         for call in calls:  # the edges hold graph nodes: release them now
             call.edges = []
 
 
-def _run(loss_call, loss, calls, leaves, grad, extensions):
+def _run(loss_call, loss, calls, consumers, grad, extensions):
     loss_name = type(loss_call.module).__name__
     if not calls:
         raise RuntimeError(
@@ -204,7 +133,7 @@ def _run(loss_call, loss, calls, leaves, grad, extensions):
             "before the forward pass, outside of curvext.disable()."
         )
     _check_calls(calls)
-    targets = _targets(calls, leaves, loss.batch_size)
+    targets = assign(calls, consumers, loss.batch_size)
     info = RunInfo(batch_size=loss.batch_size, normalization=loss.normalization)
 
     sets = list(OrderedDict.fromkeys(

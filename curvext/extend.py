@@ -7,7 +7,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from curvext.context import recording_enabled
 from curvext.losses import SUPPORTED_LOSSES
-from curvext.recording import ModuleCall, attach, detach_tree, graph_outputs
+from curvext.recording import ModuleCall, attach, detach_tree, graph_inputs, graph_outputs
 
 _HOOK_FLAG = "_curvext_extended"
 
@@ -74,7 +74,7 @@ def _record_call(module: nn.Module, args, kwargs, output):
     call = ModuleCall(
         module, detach_tree(args), detach_tree(kwargs), couples_samples=couples_samples
     )
-    attach(call, outputs)
+    attach(call, graph_inputs((args, kwargs)), outputs)
 
 
 def _extend_loss(loss_module: nn.Module):

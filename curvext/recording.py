@@ -11,11 +11,11 @@ walking that loss's graph (:func:`collect_calls`), never a global tape.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, List, Tuple
+from typing import Dict, List, Set, Tuple
 
 import torch
 from torch import Tensor, nn
-from torch.autograd.graph import GradientEdge, Node
+from torch.autograd.graph import GradientEdge, Node, get_gradient_edge
 
 METADATA_KEY = "curvext"
 
@@ -31,6 +31,8 @@ class ModuleCall:
         output_shapes: Shape of each recorded output tensor, ``[N, ...]``.
         edges: Filled by the engine: gradient edge of each recorded output.
         couples_samples: The call mixes samples (BatchNorm in train mode).
+        input_nodes: Autograd nodes of the inputs that require grad (they
+            bound the call's part of the graph).
     """
 
     module: nn.Module
@@ -39,6 +41,7 @@ class ModuleCall:
     output_shapes: List[torch.Size] = field(default_factory=list)
     edges: List[GradientEdge] = field(default_factory=list)
     couples_samples: bool = False
+    input_nodes: List[Node] = field(default_factory=list)
 
 
 @dataclass(eq=False)
@@ -72,25 +75,37 @@ def graph_outputs(output) -> List[Tensor]:
     return []
 
 
-def attach(call: ModuleCall, outputs: List[Tensor]):
+def graph_inputs(inputs) -> List[Tensor]:
+    """Tensors among a call's inputs that require grad."""
+    leaves, _ = torch.utils._pytree.tree_flatten(inputs)
+    return [t for t in leaves if isinstance(t, Tensor) and t.requires_grad]
+
+
+def attach(call: ModuleCall, inputs: List[Tensor], outputs: List[Tensor]):
     """Store ``call`` on the autograd nodes that produced ``outputs``."""
-    for index, tensor in enumerate(outputs):
-        edge = torch.autograd.graph.get_gradient_edge(tensor)
+    output_edges = [get_gradient_edge(tensor) for tensor in outputs]
+    output_nodes = {edge.node for edge in output_edges}
+    for tensor in inputs:
+        node = get_gradient_edge(tensor).node
+        # an input node that is also an output node would hold itself
+        if node not in output_nodes:
+            call.input_nodes.append(node)
+    for index, (tensor, edge) in enumerate(zip(outputs, output_edges)):
         call.output_shapes.append(tensor.shape)
         slots = edge.node.metadata.setdefault(METADATA_KEY, [])
         slots.append(OutputSlot(call, index, edge.output_nr))
 
 
-def collect_calls(root: Node) -> Tuple[List[ModuleCall], List[Tensor]]:
-    """Recorded calls and leaf tensors reachable from ``root``.
+def collect_calls(root: Node) -> Tuple[List[ModuleCall], Dict[Node, Set[Node]]]:
+    """Recorded calls and gradient accumulators reachable from ``root``.
 
     Sets ``call.edges`` (one gradient edge per recorded output). Outputs that
-    do not reach ``root`` keep no edge and receive zero gradients. The leaf
-    tensors (parameters among them) are those whose gradient the graph
-    accumulates.
+    do not reach ``root`` keep no edge and receive zero gradients. The
+    accumulators (``node.variable`` is the leaf tensor, e.g. a parameter)
+    map to the nodes that consume them.
     """
     calls: Dict[int, ModuleCall] = {}
-    leaves: List[Tensor] = []
+    consumers: Dict[Node, Set[Node]] = {}
     seen = set()
     stack = [root]
     while stack:
@@ -103,8 +118,8 @@ def collect_calls(root: Node) -> Tuple[List[ModuleCall], List[Tensor]]:
             if not call.edges:
                 call.edges = [None] * len(call.output_shapes)
             call.edges[slot.index] = GradientEdge(node, slot.output_nr)
-        leaf = getattr(node, "variable", None)
-        if isinstance(leaf, Tensor):
-            leaves.append(leaf)
-        stack.extend(next_node for next_node, _ in node.next_functions)
-    return list(calls.values()), leaves
+        for next_node, _ in node.next_functions:
+            if next_node is not None and hasattr(next_node, "variable"):
+                consumers.setdefault(next_node, set()).add(node)
+            stack.append(next_node)
+    return list(calls.values()), consumers

@@ -577,8 +577,9 @@ def test_positions_expanded_to_the_batch():
 
 
 # ---------------------------------------------------------------------------
-# Known failures (library bugs/limitations found while writing this file).
-# strict: a fix turns them into XPASS, i.e. a failure: remove the marker then.
+# Former failures (library bugs/limitations found while writing this file,
+# fixed since): parameters used inside and outside a call, RNN hidden states
+# whose layer count equals N, Linear on time-major outputs.
 # ---------------------------------------------------------------------------
 class TiedFunctionalHead(nn.Module):
     """fairseq-style tied output layer: ``F.linear(h, self.embed.weight)`` on an
@@ -627,9 +628,9 @@ class LayersEqualBatch(nn.Module):
         return self.head(h_n.transpose(0, 1).flatten(1))
 
 
-KNOWN_FAILURES = {
-    # a parameter of a called module that is also used directly gets only the
-    # contribution of the call: silently wrong GGN and per-sample gradients
+FORMER_FAILURES = {
+    # a parameter of a called module that is also used directly must get the
+    # contribution of both uses (through the nearest ancestor)
     "tied_functional_head": (
         TiedFunctionalHead,
         lambda: (torch.randint(0, 6, (N, S)), torch.randint(0, 6, (N, S))),
@@ -640,15 +641,13 @@ KNOWN_FAILURES = {
         classification(N, 4),
         AssertionError,
     ),
-    # hidden states [layers, N, H] with layers == N: the generic rule takes
-    # axis 0 for the samples (first axis of size N), the loop crashes
+    # hidden states [layers, N, H] with layers == N: the samples are on axis 1
     "rnn_layers_equal_batch": (
         LayersEqualBatch,
         classification(N, T, 2),
         RuntimeError,
     ),
-    # dedicated rules need the samples first: ValueError "without the batch
-    # axis" although axis 1 holds them
+    # a Linear on [T, N, H]: the samples are on axis 1
     "linear_on_time_major_output": (
         RecurrentHeadTimeMajor,
         lambda: (torch.randn(T, N, 2), torch.randint(0, 3, (N, T))),
@@ -658,18 +657,7 @@ KNOWN_FAILURES = {
 
 
 @pytest.mark.filterwarnings(NOTE)
-@pytest.mark.parametrize(
-    "name",
-    [
-        pytest.param(
-            name,
-            marks=pytest.mark.xfail(
-                strict=True, raises=error, reason="curvext bug/limitation, see above"
-            ),
-        )
-        for name, (_, _, error) in KNOWN_FAILURES.items()
-    ],
-)
-def test_known_failure(name):
-    make_model, make_data, _ = KNOWN_FAILURES[name]
+@pytest.mark.parametrize("name", list(FORMER_FAILURES))
+def test_former_failure(name):
+    make_model, make_data, _ = FORMER_FAILURES[name]
     run_and_check(make_model, make_data)

@@ -9,7 +9,7 @@ from torch import Tensor, nn
 from curvext.modules.base import ModuleRule, own_trainable
 from curvext.modules.conv import ConvRule, ConvTransposeRule
 from curvext.modules.embedding import EmbeddingRule
-from curvext.modules.generic import CurvextNote, GenericRule
+from curvext.modules.generic import CurvextNote, GenericRule, RecurrentRule
 from curvext.modules.linear import LinearRule
 from curvext.modules.norm import RULES as NORM_RULES
 from curvext.recording import ModuleCall
@@ -26,11 +26,20 @@ RULES = {
     **NORM_RULES,
 }
 
+#: Modules without a dedicated rule whose generic rule needs to know more.
+GENERIC_RULES = {nn.RNN: RecurrentRule, nn.LSTM: RecurrentRule, nn.GRU: RecurrentRule}
+
 
 def rules_for(
-    module: nn.Module, calls: List[ModuleCall], extra_names: List[str] = ()
+    module: nn.Module,
+    calls: List[ModuleCall],
+    extra_names: List[str] = (),
+    excluded: List[str] = (),
 ) -> List[ModuleRule]:
     """Rules for ``module``'s own trainable parameters and ``extra_names``.
+
+    Own parameters in ``excluded`` (also used outside the module's calls)
+    are left to an ancestor.
 
     A module's own parameters get the rule of its exact type (subclasses of
     built-in layers may override ``forward``, so they get the generic rule).
@@ -38,12 +47,13 @@ def rules_for(
     without calling those sub-modules; only the generic ``torch.func`` rule
     can differentiate the module's output with respect to them.
     """
-    own = own_trainable(module)
+    own = [name for name in own_trainable(module) if name not in excluded]
     rule_class = RULES.get(type(module))
     if rule_class is None:
         names = own + list(extra_names)
-        return [GenericRule(module, calls, names)] if names else []
-    rules = [rule_class(module, calls)] if own else []
+        generic = GENERIC_RULES.get(type(module), GenericRule)
+        return [generic(module, calls, names)] if names else []
+    rules = [rule_class(module, calls, own)] if own else []
     if extra_names:
         rules.append(GenericRule(module, calls, list(extra_names)))
     return rules

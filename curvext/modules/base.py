@@ -58,24 +58,47 @@ class ModuleRule:
     def param(self, name: str) -> Tensor:
         return self.module.get_parameter(name)
 
-    def batch_axis(self, shape: torch.Size) -> Optional[int]:
-        """Axis of an output of this shape that holds the samples (``None``: none).
+    #: Whether the samples may sit on any axis of the input and output (the
+    #: first of size ``N``), as for layers acting on the last axis only.
+    flexible_batch_axis = False
 
-        Dedicated rules need it first.
+    def batch_axis(self, shape: torch.Size) -> Optional[int]:
+        """Axis of a tensor of this shape that holds the samples (``None``: none).
+
+        Axis 0, or with :attr:`flexible_batch_axis` the first axis of size
+        ``N`` (axis 0 wins when several match).
         """
+        if self.flexible_batch_axis:
+            axes = [axis for axis, size in enumerate(shape) if size == self.batch_size]
+            return axes[0] if axes else None
         return 0 if len(shape) > 0 and shape[0] == self.batch_size else None
+
+    def output_axes(self, call: ModuleCall) -> List[Optional[int]]:
+        """Sample axis of each recorded output of ``call``."""
+        return [self.batch_axis(shape) for shape in call.output_shapes]
+
+    def batch_first(self, call: ModuleCall, tensor: Tensor, offset: int = 0) -> Tensor:
+        """``tensor`` (an input, or columns with ``offset=1``) with samples first.
+
+        Inputs and outputs of layers with :attr:`flexible_batch_axis` share the
+        sample axis of the first output.
+        """
+        axis = self.output_axes(call)[0]
+        return tensor if not axis else tensor.movedim(axis + offset, offset)
 
     def check_batch(self, batch_size: int):
         """Remember ``N``; refuse outputs that reach the loss without a batch axis."""
         self.batch_size = batch_size
         for call in self.calls:
-            for edge, shape in zip(call.edges, call.output_shapes):
-                if edge is not None and self.batch_axis(shape) is None:
+            axes = self.output_axes(call)
+            for edge, shape, axis in zip(call.edges, call.output_shapes, axes):
+                if edge is not None and axis is None:
                     raise ValueError(
                         f"{self.module} produced an output of shape {tuple(shape)} "
-                        f"without the batch axis of the loss input (N={batch_size}). "
-                        "curvext needs every module with trainable parameters to "
-                        "be called on a batch [N, ...], e.g. "
+                        f"without the batch axis of the loss input (N={batch_size})"
+                        f"{'' if self.flexible_batch_axis else ' first'}. curvext "
+                        "needs every module with trainable parameters to be called "
+                        "on a batch [N, ...], e.g. "
                         "pos_embedding(positions.expand(N, -1)) instead of "
                         "pos_embedding(positions)."
                     )

@@ -18,7 +18,9 @@ from curvext.modules.base import ModuleRule
 
 
 class EmbeddingRule(ModuleRule):
-    """``y[n, t] = W[i[n, t]]``."""
+    """``y[n, t] = W[i[n, t]]``; the samples may sit on any index axis."""
+
+    flexible_batch_axis = True
 
     def check(self):
         if self.module.scale_grad_by_freq:
@@ -28,11 +30,17 @@ class EmbeddingRule(ModuleRule):
                 "curvature for it. Set scale_grad_by_freq=False."
             )
 
+    def _indices(self, call) -> Tensor:
+        """Indices of one call, ``[N, T]``."""
+        indices = self.batch_first(call, call.args[0])
+        return indices.reshape(indices.shape[0], -1)
+
     def _indices_and_grads(self, grads) -> Tuple[Tensor, Tensor]:
         """Indices ``[N, T]`` and columns ``[K, N, T, D]`` of all calls."""
         index_parts, grad_parts = [], []
         for call, call_grads in zip(self.calls, grads):
-            indices = call.args[0].reshape(call.args[0].shape[0], -1)
+            indices = self._indices(call)
+            call_grads = self.batch_first(call, call_grads, offset=1)
             call_grads = call_grads.reshape(*call_grads.shape[:2], -1, call_grads.shape[-1])
             if self.module.padding_idx is not None:
                 keep = (indices != self.module.padding_idx).to(call_grads.dtype)
@@ -92,9 +100,7 @@ class EmbeddingRule(ModuleRule):
         return self.module.embedding_dim
 
     def kfac_input_factor(self, name, approx):
-        indices = torch.cat(
-            [c.args[0].reshape(c.args[0].shape[0], -1) for c in self.calls], 1
-        )
+        indices = torch.cat([self._indices(c) for c in self.calls], 1)
         rows = self.module.num_embeddings
         weight = self.module.weight
         # padding positions have no input: PyTorch never updates that row

@@ -61,14 +61,12 @@ class GenericRule(ModuleRule):
             return 1
         return axes[0] if axes else None
 
-    def _inputs(self, call):
-        """Flat inputs, their sample axes (``None``: shared) and the tree spec."""
-        leaves, spec = tree_flatten((call.args, call.kwargs))
-        axes = [
+    def input_axes(self, call, leaves) -> List[Optional[int]]:
+        """Sample axis of each flattened input (``None``: shared by all samples)."""
+        return [
             self.batch_axis(leaf.shape) if isinstance(leaf, Tensor) else None
             for leaf in leaves
         ]
-        return leaves, axes, spec
 
     def _call_per_sample(self, call, names: List[str], grads) -> List[Tensor]:
         """Per-sample vectors ``[K, N, *p.shape]`` of one call, per name.
@@ -77,10 +75,12 @@ class GenericRule(ModuleRule):
         """
         # outputs that do not reach the loss have zero columns: leave them out
         reached = [i for i, edge in enumerate(call.edges) if edge is not None]
-        out_axes = [self.batch_axis(call.output_shapes[i]) for i in reached]
+        all_out_axes = self.output_axes(call)
+        out_axes = [all_out_axes[i] for i in reached]
         grads = grads if isinstance(grads, tuple) else (grads,)
         grads = tuple(grads[i].movedim(a + 1, 1) for i, a in zip(reached, out_axes))
-        leaves, in_axes, spec = self._inputs(call)
+        leaves, spec = tree_flatten((call.args, call.kwargs))
+        in_axes = self.input_axes(call, leaves)
         params = {name: self.param(name).detach() for name in names}
 
         def forward(sample_params, sample_leaves):
@@ -156,3 +156,33 @@ def floating_outputs(output) -> List[Tensor]:
     if isinstance(output, dict):
         return [t for o in output.values() for t in floating_outputs(o)]
     return []
+
+
+class RecurrentRule(GenericRule):
+    """``RNN``/``LSTM``/``GRU``: the generic rule with the sample axes these
+    modules define (sequence input and output: 0 if ``batch_first`` else 1;
+    hidden states ``[layers, N, H]``: 1), never guessed from sizes."""
+
+    def _sequence_axis(self) -> int:
+        return 0 if self.module.batch_first else 1
+
+    def check(self):
+        super().check()
+        for call in self.calls:
+            if not isinstance(call.args[0], Tensor):
+                raise NotImplementedError(
+                    f"{self.module} was called on a {type(call.args[0]).__name__}; "
+                    "curvext supports recurrent layers on padded tensors only. "
+                    "Pad the sequences instead of packing them."
+                )
+
+    def input_axes(self, call, leaves):
+        sequence = self._sequence_axis()
+        return [
+            None if not isinstance(leaf, Tensor) else (sequence if index == 0 else 1)
+            for index, leaf in enumerate(leaves)
+        ]
+
+    def output_axes(self, call):
+        sequence = self._sequence_axis()
+        return [sequence] + [1] * (len(call.output_shapes) - 1)

@@ -1,4 +1,4 @@
-"""Rule for ``torch.nn.Linear`` on inputs ``[N, ..., in]``.
+"""Rule for ``torch.nn.Linear`` on inputs ``[N, ..., in]`` (or ``[..., N, ..., in]``).
 
 The dimensions between the batch and the feature axis (tokens of a sequence,
 say) are positions that share the weight.
@@ -10,7 +10,13 @@ from curvext.modules.factored import FactoredRule
 
 
 class LinearRule(FactoredRule):
-    """``y = x Wᵀ + b``: ``G`` is the output column, ``A`` the input."""
+    """``y = x Wᵀ + b``: ``G`` is the output column, ``A`` the input.
+
+    The samples may sit on any axis but the last (``[T, N, in]`` after a
+    time-major RNN).
+    """
+
+    flexible_batch_axis = True
 
     def check(self):
         for call in self.calls:
@@ -22,11 +28,12 @@ class LinearRule(FactoredRule):
                 )
 
     def input_side(self, call):
-        inputs = call.args[0]
+        inputs = self.batch_first(call, call.args[0])
         inputs = inputs.reshape(inputs.shape[0], -1, inputs.shape[-1])
         return inputs.mT.unsqueeze(1)
 
     def grad_side(self, call, grads):
+        grads = self.batch_first(call, grads, offset=1)
         grads = grads.reshape(*grads.shape[:2], -1, grads.shape[-1])
         return grads.mT.unsqueeze(2)
 

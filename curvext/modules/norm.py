@@ -33,6 +33,7 @@ class AffineNormRule(ModuleRule):
         for call, call_grads in zip(self.calls, grads):
             if name == "weight":
                 call_grads = call_grads * self.normalized(call.args[0])
+            call_grads = self.batch_first(call, call_grads, offset=1)
             keep = self.param_axes(call_grads.dim())
             summed = [d for d in range(2, call_grads.dim()) if d not in keep]
             total = total + (call_grads.sum(summed) if summed else call_grads)
@@ -56,7 +57,12 @@ class BatchNormRule(AffineNormRule):
 
 
 class LayerNormRule(AffineNormRule):
-    """``LayerNorm`` over the trailing ``normalized_shape`` axes."""
+    """``LayerNorm`` over the trailing ``normalized_shape`` axes.
+
+    The samples may sit on any leading axis.
+    """
+
+    flexible_batch_axis = True
 
     def normalized(self, inputs):
         return F.layer_norm(inputs, self.module.normalized_shape, eps=self.module.eps)

@@ -1,0 +1,157 @@
+"""Which rule handles which trainable parameter of a loss's graph.
+
+A parameter is handled by the rule of the module that owns it, if that
+module was called and every use of the parameter lies inside its calls.
+Otherwise it is handled by the nearest called ancestor with the generic
+rule, whose output depends on all of the parameter's uses within it:
+
+- ``MultiheadAttention`` uses its ``out_proj`` weight without calling
+  ``out_proj``;
+- a parent computes ``F.linear(h, self.embed.weight)`` after calling
+  ``self.embed`` (tied input/output embeddings, fairseq style).
+
+Parameters that reach the loss outside of every recorded call get nothing
+and a warning naming them.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections import OrderedDict
+from typing import Dict, List, Set, Tuple
+
+from torch import Tensor, nn
+from torch.autograd.graph import Node, get_gradient_edge
+
+from curvext.modules import SharedParameterRule, rules_for
+from curvext.modules.base import ModuleRule, own_trainable
+from curvext.recording import ModuleCall
+
+
+class Target:
+    """A trainable parameter and the rule(s) that reduce its columns."""
+
+    def __init__(self, param: Tensor, owners: List[Tuple[ModuleRule, str]]):
+        self.param = param
+        self.owners = owners
+        if len(owners) == 1:
+            self.rule, self.name = owners[0]
+        else:
+            self.rule, self.name = SharedParameterRule(owners), owners[0][1]
+
+    def grads(self, call_grads: Dict[int, object]):
+        """The ``grads`` argument of the rule's reductions for one chunk."""
+        per_owner = [[call_grads[id(c)] for c in rule.calls] for rule, _ in self.owners]
+        return per_owner[0] if len(self.owners) == 1 else per_owner
+
+
+def _inside_consumers(calls: List[ModuleCall], accumulators: Set[Node]) -> Set[Node]:
+    """Nodes inside ``calls`` (between outputs and inputs) that consume a
+    parameter through one of ``accumulators``."""
+    consumers = set()
+    for call in calls:
+        stop = set(call.input_nodes)
+        seen = set()
+        stack = [edge.node for edge in call.edges if edge is not None]
+        while stack:
+            node = stack.pop()
+            if node is None or node in seen or node in stop:
+                continue
+            seen.add(node)
+            for next_node, _ in node.next_functions:
+                if next_node in accumulators:
+                    consumers.add(node)
+                else:
+                    stack.append(next_node)
+    return consumers
+
+
+def _used_outside(
+    module: nn.Module, calls: List[ModuleCall], consumers: Dict[Node, Set[Node]]
+) -> List[str]:
+    """Own trainable parameters of ``module`` with a use outside its calls."""
+    accumulators = {}
+    for name in own_trainable(module):
+        node = get_gradient_edge(module.get_parameter(name)).node
+        if node in consumers:
+            accumulators[node] = name
+    if not accumulators:
+        return []
+    inside = _inside_consumers(calls, set(accumulators))
+    return [name for node, name in accumulators.items() if not consumers[node] <= inside]
+
+
+def assign(
+    calls: List[ModuleCall], consumers: Dict[Node, Set[Node]], batch_size: int
+) -> List[Target]:
+    """One :class:`Target` per trainable parameter in the graph.
+
+    Args:
+        calls: Recorded calls in the graph.
+        consumers: For each gradient accumulator (leaf) in the graph, the
+            nodes that consume it.
+        batch_size: ``N`` of the loss input.
+    """
+    calls_by_module: Dict[int, List[ModuleCall]] = OrderedDict()
+    for call in calls:
+        calls_by_module.setdefault(id(call.module), []).append(call)
+    modules = {key: module_calls[0].module for key, module_calls in calls_by_module.items()}
+    excluded = {
+        key: _used_outside(modules[key], calls_by_module[key], consumers) for key in modules
+    }
+    covered = {
+        id(module.get_parameter(name))
+        for key, module in modules.items()
+        for name in own_trainable(module)
+        if name not in excluded[key]
+    }
+    leaves = [getattr(node, "variable", None) for node in consumers]
+    uncovered = {
+        id(leaf): leaf
+        for leaf in leaves
+        if isinstance(leaf, Tensor) and leaf.requires_grad and id(leaf) not in covered
+    }
+    extra_names = _nearest_ancestors(modules, excluded, uncovered)
+
+    owners: Dict[int, list] = OrderedDict()
+    params: Dict[int, Tensor] = {}
+    for key, module_calls in calls_by_module.items():
+        for rule in rules_for(modules[key], module_calls, extra_names[key], excluded[key]):
+            rule.check_batch(batch_size)
+            for name in rule.param_names():
+                param = rule.param(name)
+                owners.setdefault(id(param), []).append((rule, name))
+                params[id(param)] = param
+    return [Target(params[key], owner) for key, owner in owners.items()]
+
+
+def _nearest_ancestors(modules, excluded, uncovered) -> Dict[int, List[str]]:
+    """For each called module, the uncovered parameters it is nearest to."""
+    extra_names: Dict[int, List[str]] = {key: [] for key in modules}
+    if not uncovered:
+        return extra_names
+    nearest: Dict[int, Tuple[int, int, str]] = {}
+    for key, module in modules.items():
+        for name, param in module.named_parameters():
+            if id(param) not in uncovered or name in excluded[key]:
+                continue  # an owner using it outside its calls cannot cover it
+            depth = name.count(".")
+            if depth < nearest.get(id(param), (depth + 1,))[0]:
+                nearest[id(param)] = (depth, key, name)
+    for _, key, name in nearest.values():
+        extra_names[key].append(name)
+    missing = [
+        leaf
+        for key, leaf in uncovered.items()
+        if key not in nearest and isinstance(leaf, nn.Parameter)
+    ]
+    if missing:
+        shapes = ", ".join(str(tuple(leaf.shape)) for leaf in missing)
+        warnings.warn(
+            f"curvext computes nothing for {len(missing)} parameter(s) of shapes "
+            f"{shapes}: they reach the loss outside of every call of an extended "
+            "module. Call extend() on the model that uses them (a parent module "
+            "that uses them in its forward covers them).",
+            stacklevel=5,
+        )
+    return extra_names
