@@ -240,6 +240,8 @@ class CrossEntropyLossRule(LossRule):
         return self.input[0].numel()
 
     def exact_columns(self, start, stop):
+        if self.input.dim() == 2:
+            return self._exact_columns_one_position(start, stop)
         num_classes = self.input.shape[1]
         prob = self.prob.reshape(*self.prob.shape[:2], -1)  # [N, C, T]
         scale = (self.normalization * self.position_weight.reshape(prob.shape[0], -1)).sqrt()
@@ -253,6 +255,15 @@ class CrossEntropyLossRule(LossRule):
         columns = prob.new_zeros(stop - start, *prob.shape)
         columns[torch.arange(stop - start, device=prob.device), :, :, positions] = values
         return columns.reshape(-1, *self.input.shape)
+
+    def _exact_columns_one_position(self, start, stop):
+        """:meth:`exact_columns` for ``[N, C]`` inputs, without scatter."""
+        prob = self.prob
+        root_prob = prob[:, start:stop].sqrt().T  # [k, N]
+        columns = (root_prob[:, :, None] * prob).neg_()  # -sqrt(p_c) p
+        columns[:, :, start:stop].diagonal(dim1=0, dim2=2).add_(root_prob.T)
+        scale = (self.normalization * self.position_weight).sqrt()
+        return columns.mul_(scale[None, :, None])
 
     def mc_columns(self, mc_samples, generator):
         num_classes = self.input.shape[1]

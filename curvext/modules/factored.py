@@ -150,7 +150,7 @@ class FactoredRule(ModuleRule):
             return self._to_param(name, diag, 0)
         if name == "bias":
             return self._to_param(name, sum_of_squares(self.grad_factor(name, grads).sum(-1)).sum(0), 0)
-        return super().diag(name, grads)
+        return self._to_param(name, self._column_loop(name, grads).sum(0), 0)
 
     def batch_diag(self, name, grads):
         if self.single_position():
@@ -162,7 +162,7 @@ class FactoredRule(ModuleRule):
             return self._to_param(name, diag, 1)
         if name == "bias":
             return self._to_param(name, sum_of_squares(self.grad_factor(name, grads).sum(-1)), 1)
-        return super().batch_diag(name, grads)
+        return self._to_param(name, self._column_loop(name, grads), 1)
 
     def batch_l2(self, name, grads):
         if self.single_position():
@@ -172,7 +172,22 @@ class FactoredRule(ModuleRule):
             return (grad_squares.sum(-1) * input_squares.sum(-1)).sum(-1)
         if name == "bias":
             return sum_of_squares(self.grad_factor(name, grads).sum(-1)).sum((1, 2))
-        return super().batch_l2(name, grads)
+        return self._column_loop(name, grads).flatten(1).sum(1)
+
+    def _column_loop(self, name: str, grads: List[Tensor]) -> Tensor:
+        r""":math:`\sum_k v_{nk}^2` ``[N, groups, ., .]`` for ``T > 1``, one column
+        at a time: one batched matrix product per column and an in-place
+        accumulation, so neither ``[K, N, *p.shape]`` nor a broadcast copy of
+        ``A`` is formed."""
+        grad_side, input_side = self.grad_factor(name, grads), self.inputs()
+        total = None
+        for column in grad_side:
+            vectors = self._outer(column, input_side)
+            if total is None:
+                total = vectors.square_()
+            else:
+                total.addcmul_(vectors, vectors)
+        return total
 
     def sample_sum(self, name, grads):
         grad_side = self.grad_factor(name, grads)
