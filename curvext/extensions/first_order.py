@@ -20,7 +20,21 @@ class _FirstOrder(Extension):
 
 
 class BatchGrad(_FirstOrder):
-    """Individual gradients ``p.grad_batch``, ``[N, *p.shape]``."""
+    """Individual gradients ``p.grad_batch``, ``[N, *p.shape]``.
+
+    Example:
+        >>> import torch
+        >>> from curvext import backpack, extend
+        >>> model = extend(torch.nn.Linear(3, 2))
+        >>> loss_fn = extend(torch.nn.MSELoss())
+        >>> loss = loss_fn(model(torch.randn(4, 3)), torch.randn(4, 2))
+        >>> with backpack(BatchGrad(), BatchL2Grad()):
+        ...     loss.backward()
+        >>> torch.allclose(model.weight.grad_batch.sum(0), model.weight.grad)
+        True
+        >>> model.weight.batch_l2.shape
+        torch.Size([4])
+    """
 
     savefield = "grad_batch"
 

@@ -16,6 +16,19 @@ class GGNDiag(Extension):
     Args:
         mc_samples: 0 (default) for the exact GGN, ``M > 0`` for a Monte-Carlo
             estimate with ``M`` samples from the model's predictive distribution.
+
+    Example:
+        >>> import torch
+        >>> from curvext import backpack, extend
+        >>> model = extend(torch.nn.Linear(3, 2))
+        >>> loss_fn = extend(torch.nn.CrossEntropyLoss())
+        >>> loss = loss_fn(model(torch.randn(4, 3)), torch.tensor([0, 1, 1, 0]))
+        >>> with backpack(GGNDiag(), BatchGGNDiag()):
+        ...     loss.backward()
+        >>> model.weight.ggn_diag.shape, model.weight.batch_ggn_diag.shape
+        (torch.Size([2, 3]), torch.Size([4, 2, 3]))
+        >>> torch.allclose(model.weight.batch_ggn_diag.sum(0), model.weight.ggn_diag)
+        True
     """
 
     savefield = "ggn_diag"

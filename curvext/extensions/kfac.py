@@ -42,6 +42,19 @@ class KFAC(Extension):
         mc_samples: Number of MC samples for ``fisher_type="mc"``.
         kfac_approx: ``"expand"`` (default) or ``"reduce"``, for layers that
             share weights over positions (sequences, convolutions).
+
+    Example:
+        >>> import torch
+        >>> from curvext import backpack, extend
+        >>> model = extend(torch.nn.Linear(3, 2))
+        >>> loss_fn = extend(torch.nn.MSELoss())
+        >>> loss = loss_fn(model(torch.randn(4, 3)), torch.randn(4, 2))
+        >>> with backpack(KFAC(fisher_type="type-2")):
+        ...     loss.backward()
+        >>> [tuple(f.shape) for f in model.weight.kfac], [tuple(f.shape) for f in model.bias.kfac]
+        ([(2, 2), (3, 3)], [(2, 2)])
+        >>> torch.kron(*model.weight.kfac).shape  # approximates the GGN block
+        torch.Size([6, 6])
     """
 
     savefield = "kfac"

@@ -17,6 +17,20 @@ class SqrtGGN(Extension):
     Args:
         mc_samples: 0 (default) for the exact square root, ``M > 0`` for ``M``
             Monte-Carlo samples.
+
+    Example:
+        >>> import torch
+        >>> from curvext import backpack, extend
+        >>> model = extend(torch.nn.Linear(3, 5))
+        >>> loss_fn = extend(torch.nn.CrossEntropyLoss())
+        >>> loss = loss_fn(model(torch.randn(4, 3)), torch.tensor([0, 1, 4, 2]))
+        >>> with backpack(SqrtGGN()):
+        ...     loss.backward()
+        >>> model.weight.sqrt_ggn.shape  # [classes, N, *p.shape]
+        torch.Size([5, 4, 5, 3])
+        >>> V = model.weight.sqrt_ggn.flatten(0, 1).flatten(1)
+        >>> (V.T @ V).shape  # the GGN block of the weight
+        torch.Size([15, 15])
     """
 
     savefield = "sqrt_ggn"
