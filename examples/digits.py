@@ -63,7 +63,7 @@ def main():
     loss = loss_fn(model(batch_X), batch_y)
     with backpack(
         GGNDiag(),
-        SqrtGGN(mc_samples=8),
+        SqrtGGN(mc_samples=32),
         KFAC(fisher_type="type-2"),
         BatchGrad(),
         BatchL2Grad(),
@@ -73,7 +73,7 @@ def main():
 
     print(f"\nCurvature at the trained model (batch of {len(batch_X)}, loss {loss:.3f})")
     header = (
-        f"{'parameter':14s} {'shape':>10s} {'tr GGN':>9s} {'tr MC':>9s} "
+        f"{'parameter':14s} {'shape':>10s} {'tr GGN':>9s} {'tr MC32':>9s} "
         f"{'KFAC λmax':>10s} {'|g_n| mean':>10s} {'noise':>8s}"
     )
     print(header)
