@@ -224,14 +224,18 @@ def _backpropagate(
     Calls with several outputs get a tuple.
     """
     reached = [edge for edge in edges if edge is not None]
+    columns = columns.to(loss_call.input.dtype)
+    single = columns.shape[0] == 1  # a plain backward avoids vmap's overhead
     results = torch.autograd.grad(
         [loss_call.edge],
         reached,
-        grad_outputs=[columns.to(loss_call.input.dtype)],
+        grad_outputs=[columns[0] if single else columns],
         retain_graph=True,
         allow_unused=True,
-        is_grads_batched=True,
+        is_grads_batched=not single,
     )
+    if single:
+        results = [None if r is None else r.unsqueeze(0) for r in results]
     results = iter(results)
     num_cols = columns.shape[0]
     call_grads: Dict[int, object] = {}

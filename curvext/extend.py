@@ -22,7 +22,9 @@ def extend(module: nn.Module) -> nn.Module:
     engine when ``loss.backward()`` reaches the loss input inside a
     :class:`curvext.backpack` context.
 
-    Extending twice is harmless. The module is returned, not copied.
+    Extending twice is harmless. The module is returned, not copied. Call it
+    after the model has all its parameters (modules without parameters get no
+    hook).
 
     Args:
         module: A model, a layer or a loss module.
@@ -46,7 +48,11 @@ def extend(module: nn.Module) -> nn.Module:
             f"Supported losses: {supported}."
         )
     for submodule in module.modules():
-        if not getattr(submodule, _HOOK_FLAG, False):
+        # parameter-free modules (activations, pooling) need no recording
+        has_params = next(submodule.parameters(), None) is not None
+        if (has_params or isinstance(submodule, _BatchNorm)) and not getattr(
+            submodule, _HOOK_FLAG, False
+        ):
             submodule.register_forward_hook(_record_call, with_kwargs=True)
             setattr(submodule, _HOOK_FLAG, True)
     return module

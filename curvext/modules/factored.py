@@ -145,8 +145,12 @@ class FactoredRule(ModuleRule):
             grad_squares, input_squares = self.squares(name, grads)
             if input_squares is None:
                 return self._to_param(name, grad_squares.sum(0), 0)
-            side = "goi" if self.grad_first else "gio"
-            diag = torch.einsum(f"ngo,ngi->{side}", grad_squares, input_squares)
+            if grad_squares.shape[1] == 1:  # one group: a plain matrix product
+                left, right = grad_squares[:, 0], input_squares[:, 0]
+                diag = left.T @ right if self.grad_first else right.T @ left
+            else:
+                side = "goi" if self.grad_first else "gio"
+                diag = torch.einsum(f"ngo,ngi->{side}", grad_squares, input_squares)
             return self._to_param(name, diag, 0)
         if name == "bias":
             return self._to_param(name, sum_of_squares(self.grad_factor(name, grads).sum(-1)).sum(0), 0)
