@@ -186,7 +186,7 @@ class CrossEntropyLossRule(LossRule):
     the class weight of the target (0 at ``ignore_index``), mixed with the
     mean class weight under label smoothing, or
     :math:`\sum_c w_c y'_c` for probability targets :math:`y'` (smoothed).
-    Exact square root per position: columns :math:`\sqrt{p_c}(e_c - p)`.
+    Exact square root per position: ``C - 1`` columns (see :meth:`_root_values`).
     """
 
     def __init__(self, module, loss_input, target):
@@ -237,33 +237,49 @@ class CrossEntropyLossRule(LossRule):
 
     @property
     def num_exact_columns(self) -> int:
-        return self.input[0].numel()
+        return self._roots_per_position * self.input[0, 0].numel()
+
+    @property
+    def _roots_per_position(self) -> int:
+        """``C - 1``: :math:`\mathrm{diag}(p) - pp^\top` has rank ``C - 1``."""
+        return max(self.input.shape[1] - 1, 1)
+
+    def _root_values(self, prob: Tensor, classes: Tensor) -> Tensor:
+        r"""Columns ``classes`` of a rank-``(C-1)`` root of
+        :math:`\mathrm{diag}(p) - pp^\top`, for ``prob [k, N, C]``.
+
+        The ``C`` columns :math:`s_c = \sqrt{p_c}(e_c - p)` are linearly
+        dependent (:math:`\sum_c \sqrt{p_c} s_c = 0`). Reflecting them with
+        the Householder matrix that maps :math:`\sqrt{p}` to :math:`-e_C`
+        makes the last one zero; the others are
+        :math:`\sqrt{p_j}\,(e_j - p - \alpha (e_C - p))`,
+        :math:`\alpha = \sqrt{p_C} / (1 + \sqrt{p_C})`, ``j < C``. One column
+        fewer per position means one backward column fewer.
+        """
+        num_classes = prob.shape[-1]
+        root_prob = prob.gather(2, classes.view(-1, 1, 1).expand(-1, prob.shape[1], 1)).sqrt()
+        if num_classes == 1:
+            return prob - 1  # the Hessian is zero
+        root_last = prob[..., -1:].sqrt()
+        alpha = root_last / (1 + root_last)
+        unit = torch.nn.functional.one_hot(classes, num_classes).to(prob.dtype)[:, None, :]
+        values = unit + (alpha - 1) * prob
+        values[..., -1:] -= alpha
+        return values * root_prob
 
     def exact_columns(self, start, stop):
-        if self.input.dim() == 2:
-            return self._exact_columns_one_position(start, stop)
-        num_classes = self.input.shape[1]
+        roots = self._roots_per_position
         prob = self.prob.reshape(*self.prob.shape[:2], -1)  # [N, C, T]
         scale = (self.normalization * self.position_weight.reshape(prob.shape[0], -1)).sqrt()
         index = torch.arange(start, stop, device=prob.device)
-        positions, classes = index // num_classes, index % num_classes
-        prob_at = prob[:, :, positions].permute(2, 0, 1)  # [k, N, C]
-        unit = torch.nn.functional.one_hot(classes, num_classes).to(prob.dtype)
-        root_prob = prob_at.gather(2, classes.view(-1, 1, 1).expand(-1, prob.shape[0], 1))
-        values = (unit[:, None, :] - prob_at) * root_prob.sqrt()
+        positions, classes = index // roots, index % roots
+        values = self._root_values(prob[:, :, positions].permute(2, 0, 1), classes)
         values = values * scale[:, positions].T[:, :, None]
+        if prob.shape[-1] == 1:
+            return values.reshape(-1, *self.input.shape)
         columns = prob.new_zeros(stop - start, *prob.shape)
         columns[torch.arange(stop - start, device=prob.device), :, :, positions] = values
         return columns.reshape(-1, *self.input.shape)
-
-    def _exact_columns_one_position(self, start, stop):
-        """:meth:`exact_columns` for ``[N, C]`` inputs, without scatter."""
-        prob = self.prob
-        root_prob = prob[:, start:stop].sqrt().T  # [k, N]
-        columns = (root_prob[:, :, None] * prob).neg_()  # -sqrt(p_c) p
-        columns[:, :, start:stop].diagonal(dim1=0, dim2=2).add_(root_prob.T)
-        scale = (self.normalization * self.position_weight).sqrt()
-        return columns.mul_(scale[None, :, None])
 
     def mc_columns(self, mc_samples, generator):
         num_classes = self.input.shape[1]

@@ -26,8 +26,8 @@ class SqrtGGN(Extension):
         >>> loss = loss_fn(model(torch.randn(4, 3)), torch.tensor([0, 1, 4, 2]))
         >>> with backpack(SqrtGGN()):
         ...     loss.backward()
-        >>> model.weight.sqrt_ggn.shape  # [classes, N, *p.shape]
-        torch.Size([5, 4, 5, 3])
+        >>> model.weight.sqrt_ggn.shape  # [classes - 1, N, *p.shape]
+        torch.Size([4, 4, 5, 3])
         >>> V = model.weight.sqrt_ggn.flatten(0, 1).flatten(1)
         >>> (V.T @ V).shape  # the GGN block of the weight
         torch.Size([15, 15])
