@@ -2,8 +2,9 @@ r"""Symmetric factorisation of the GGN: the per-sample vectors themselves.
 
 ``p.sqrt_ggn`` is ``[K, N, *p.shape]`` and, with
 ``V = p.sqrt_ggn.flatten(0, 1).flatten(1)``, ``V.T @ V`` is the GGN block of
-``p`` (exact, ``K`` = number of loss-Hessian columns per sample) or its MC
-estimate (``K = mc_samples``).
+``p`` (exact: ``K`` is the rank of the loss Hessian of a sample, ``C - 1``
+per position for cross-entropy and one per output entry for MSE and BCE) or
+its MC estimate (``K = mc_samples``).
 """
 
 from __future__ import annotations
