@@ -10,6 +10,8 @@ import threading
 from contextlib import contextmanager
 from typing import Iterator, Optional, Tuple
 
+import torch
+
 from curvext.extensions.base import Extension
 
 _state = threading.local()
@@ -87,6 +89,10 @@ class backpack:  # noqa: N801 - lower case like BackPACK's context, users know i
         self.max_columns = max_columns
 
     def __enter__(self):
+        # autograd runs the backward of accelerator tensors on worker threads;
+        # the hooks must see this thread's state, so backward stays here
+        self._single_thread = torch.autograd.set_multithreading_enabled(False)
+        self._single_thread.__enter__()
         self._saved = (
             active_extensions(),
             current_run_log(),
@@ -100,6 +106,7 @@ class backpack:  # noqa: N801 - lower case like BackPACK's context, users know i
     def __exit__(self, exc_type, exc, tb):
         run_log = _state.run_log
         _state.extensions, _state.run_log, _state.max_columns = self._saved
+        self._single_thread.__exit__(exc_type, exc, tb)
         if exc_type is None and self.extensions and not run_log:
             names = ", ".join(type(e).__name__ for e in self.extensions)
             raise RuntimeError(

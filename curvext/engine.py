@@ -26,7 +26,7 @@ from typing import Dict, List, Tuple
 
 import torch
 from torch import Tensor, nn
-from torch.autograd.graph import get_gradient_edge
+from torch.autograd.graph import GradientEdge, get_gradient_edge
 
 from curvext.context import active_extensions, current_run_log, max_columns_per_backward
 from curvext.extensions.base import Extension, RunInfo, sum_partials
@@ -43,34 +43,56 @@ _engine = threading.local()
 
 
 class LossCall:
-    """One call of an extended loss; its hook starts the engine.
+    """One call of an extended loss; its hooks start the engine.
+
+    The engine runs when the backward pass that reaches the loss input is the
+    one that went through this loss's output (a regulariser backpropagated
+    through the same prediction does not trigger it). The object holds no
+    autograd node, so the graph is freed as soon as the user drops it.
 
     Args:
         module: The loss module.
         loss_input: The prediction passed to the loss (in the graph).
         target: The target.
+        loss_output: The loss value returned by the module.
     """
 
-    def __init__(self, module: nn.Module, loss_input: Tensor, target):
+    def __init__(self, module: nn.Module, loss_input: Tensor, target, loss_output: Tensor):
         self.module = module
         self.input = loss_input.detach()
         self.target = target.detach() if isinstance(target, Tensor) else target
-        self.edge = get_gradient_edge(loss_input)
-        self._handle = loss_input.register_hook(self._on_grad)
+        self.output_nr = get_gradient_edge(loss_input).output_nr
+        self.graph_task = None
+        loss_input.register_hook(self._on_grad)
+        if loss_output.grad_fn is not None:
+            loss_output.grad_fn.register_prehook(self._on_loss_backward)
 
-    def install(self):
-        """Nothing more to do: the hook is registered on construction."""
-        return self
+    def _on_loss_backward(self, grad_outputs):
+        self.graph_task = torch._C._current_graph_task_id()
 
     def _on_grad(self, grad: Tensor):
         if getattr(_engine, "running", False):
             return None
         extensions = active_extensions()
-        if not extensions:
+        task = torch._C._current_graph_task_id()
+        if not extensions or task != self.graph_task:
             return None
+        previous = getattr(_engine, "last_run", None)
+        if previous is not None and previous[0] == task:
+            raise RuntimeError(
+                f"Two extended losses ({previous[1]} and "
+                f"{type(self.module).__name__}) are backpropagated in one backward "
+                "pass; curvext computes the curvature of one loss per backward "
+                "pass. Call backward on each loss separately, or compute the loss "
+                "with one call of the loss module (e.g. on concatenated outputs)."
+            )
+        _engine.last_run = (task, type(self.module).__name__)
+        # the autograd node of the loss input, found only now: keeping it from
+        # the forward pass would tie the graph's lifetime to this object
+        edge = GradientEdge(torch._C._current_autograd_node(), self.output_nr)
         _engine.running = True
         try:
-            run(self, grad.detach(), extensions)
+            run(self, edge, grad.detach(), extensions)
         finally:
             _engine.running = False
         run_log = current_run_log()
@@ -113,19 +135,26 @@ def _chunk_size(calls: List[ModuleCall], loss: LossRule, total: int) -> int:
     return max(1, min(total, CHUNK_BYTES // max(bytes_per_column, 1)))
 
 
-def run(loss_call: LossCall, grad: Tensor, extensions: Tuple[Extension, ...]):
-    """Compute ``extensions`` for the loss call whose input gradient is ``grad``."""
+def run(loss_call: LossCall, edge: GradientEdge, grad: Tensor, extensions: Tuple[Extension, ...]):
+    """Compute ``extensions`` for the loss call whose input gradient is ``grad``.
+
+    Args:
+        loss_call: The loss call.
+        edge: Gradient edge of the loss input.
+        grad: Gradient of the loss input, shaped like it.
+        extensions: The active extensions.
+    """
     loss = loss_rule(loss_call.module, loss_call.input, loss_call.target)
-    calls, consumers = collect_calls(loss_call.edge.node)
+    calls, consumers = collect_calls(edge.node)
     try:
-        _run(loss_call, loss, calls, consumers, grad, extensions)
+        _run(edge, loss, calls, consumers, grad, extensions)
     finally:
         for call in calls:  # the edges hold graph nodes: release them now
             call.edges = []
 
 
-def _run(loss_call, loss, calls, consumers, grad, extensions):
-    loss_name = type(loss_call.module).__name__
+def _run(edge, loss, calls, consumers, grad, extensions):
+    loss_name = type(loss.module).__name__
     if not calls:
         raise RuntimeError(
             f"The graph of the {loss_name} input contains no call of an extended "
@@ -134,6 +163,9 @@ def _run(loss_call, loss, calls, consumers, grad, extensions):
         )
     _check_calls(calls)
     targets = assign(calls, consumers, loss.batch_size)
+    rules = list({id(rule): rule for t in targets for rule, _ in t.owners}.values())
+    # only outputs of calls that some rule reads are backpropagated to
+    used_calls = list({id(c): c for rule in rules for c in rule.calls}.values())
     info = RunInfo(batch_size=loss.batch_size, normalization=loss.normalization)
 
     sets = list(OrderedDict.fromkeys(
@@ -144,38 +176,52 @@ def _run(loss_call, loss, calls, consumers, grad, extensions):
     mc_columns = _draw_mc_columns(sets, loss)
 
     partials: Dict[Tuple[int, int], object] = {}
-    edges = [edge for call in calls for edge in call.edges]
     total = offsets[-1]
-    step = _chunk_size(calls, loss, total) if total else 1
+    step = _chunk_size(used_calls, loss, total) if total else 1
     for start in range(0, total, step):
         stop = min(start + step, total)
-        columns = _columns(sets, offsets, start, stop, loss, mc_columns, grad)
-        call_grads = _backpropagate(loss_call, calls, edges, columns)
-        for set_index, key in enumerate(sets):
-            lo, hi = max(start, offsets[set_index]), min(stop, offsets[set_index + 1])
-            if lo >= hi:
-                continue
+        pieces = _overlaps(offsets, start, stop)
+        columns = _columns(sets, offsets, pieces, loss, mc_columns, grad)
+        call_grads = _backpropagate(edge, used_calls, columns, loss.input.dtype)
+        for set_index, lo, hi in pieces:
             set_grads = {
-                key_id: slice_columns(g, lo - start, hi - start) for key_id, g in call_grads.items()
+                key: slice_columns(g, lo - start, hi - start) for key, g in call_grads.items()
             }
             for ext_index, ext in enumerate(extensions):
-                if ext.column_set() != key:
+                if ext.column_set() != sets[set_index]:
                     continue
                 for target_index, target in enumerate(targets):
                     partial = ext.reduce(target.rule, target.name, target.grads(set_grads))
                     slot = (ext_index, target_index)
-                    if slot not in partials:
-                        partials[slot] = partial
-                    elif ext.combine == "cat":
-                        partials[slot] = torch.cat([partials[slot], partial])
-                    else:
+                    if ext.combine == "cat":
+                        partials.setdefault(slot, []).append(partial)
+                    elif slot in partials:
                         partials[slot] = sum_partials(partials[slot], partial)
+                    else:
+                        partials[slot] = partial
+        # free this chunk's columns before the next one is backpropagated
+        del call_grads, set_grads, columns
+        for rule in rules:
+            rule.release()
 
     for ext_index, ext in enumerate(extensions):
         for target_index, target in enumerate(targets):
             partial = partials.get((ext_index, target_index))
+            if ext.combine == "cat" and partial is not None:
+                partial = torch.cat(partial) if len(partial) > 1 else partial[0]
             value = ext.finalize(target.rule, target.name, partial, info)
             setattr(target.param, ext.savefield, value)
+
+
+def _overlaps(offsets: List[int], start: int, stop: int) -> List[Tuple[int, int, int]]:
+    """``(set index, lo, hi)``: the part ``lo:hi`` of each column set that lies
+    in the chunk ``start:stop`` of the concatenated columns."""
+    pieces = []
+    for set_index in range(len(offsets) - 1):
+        lo, hi = max(start, offsets[set_index]), min(stop, offsets[set_index + 1])
+        if lo < hi:
+            pieces.append((set_index, lo, hi))
+    return pieces
 
 
 def _draw_mc_columns(sets: List[tuple], loss: LossRule) -> Dict[tuple, Tensor]:
@@ -199,36 +245,40 @@ def _draw_mc_columns(sets: List[tuple], loss: LossRule) -> Dict[tuple, Tensor]:
     return columns
 
 
-def _columns(sets, offsets, start, stop, loss, mc_columns, grad) -> Tensor:
-    """Columns ``start:stop`` of the concatenation of all sets."""
-    pieces = []
-    for set_index, key in enumerate(sets):
-        lo, hi = max(start, offsets[set_index]), min(stop, offsets[set_index + 1])
-        if lo >= hi:
-            continue
+def _columns(sets, offsets, pieces, loss, mc_columns, grad) -> Tensor:
+    """The columns of one chunk, ``[stop - start, *loss_input.shape]``.
+
+    ``pieces`` holds ``(set index, lo, hi)`` in the concatenated numbering,
+    where set ``i`` starts at ``offsets[i]``.
+    """
+    columns = []
+    for set_index, lo, hi in pieces:
+        key = sets[set_index]
         lo, hi = lo - offsets[set_index], hi - offsets[set_index]
         if key[0] == "exact":
-            pieces.append(loss.exact_columns(lo, hi))
+            columns.append(loss.exact_columns(lo, hi))
         elif key[0] == "mc":
-            pieces.append(mc_columns[key][lo:hi])
+            columns.append(mc_columns[key][lo:hi])
         else:
-            pieces.append(grad.unsqueeze(0))
-    return torch.cat(pieces) if len(pieces) > 1 else pieces[0]
+            columns.append(grad.unsqueeze(0))
+    return torch.cat(columns) if len(columns) > 1 else columns[0]
 
 
 def _backpropagate(
-    loss_call: LossCall, calls: List[ModuleCall], edges: list, columns: Tensor
+    edge: GradientEdge, calls: List[ModuleCall], columns: Tensor, dtype: torch.dtype
 ) -> Dict[int, object]:
-    """Gradients ``[k, N, ...]`` of every recorded output, keyed by ``id(call)``.
+    """Gradients ``[k, N, ...]`` of every recorded output of ``calls``, keyed by
+    ``id(call)``; a call with several outputs gets a tuple.
 
-    Calls with several outputs get a tuple.
+    Each call's columns are cast to the dtype of its module's parameters
+    (under autocast, bfloat16 gradients meet float32 inputs and weights).
     """
-    reached = [edge for edge in edges if edge is not None]
-    columns = columns.to(loss_call.input.dtype)
+    edges = [e for call in calls for e in call.edges if e is not None]
+    columns = columns.to(dtype)
     single = columns.shape[0] == 1  # a plain backward avoids vmap's overhead
     results = torch.autograd.grad(
-        [loss_call.edge],
-        reached,
+        [edge],
+        edges,
         grad_outputs=[columns[0] if single else columns],
         retain_graph=True,
         allow_unused=True,
@@ -240,11 +290,13 @@ def _backpropagate(
     num_cols = columns.shape[0]
     call_grads: Dict[int, object] = {}
     for call in calls:
+        param = next(call.module.parameters(), None)
+        call_dtype = param.dtype if param is not None and param.is_floating_point() else dtype
         outputs = []
-        for edge, shape in zip(call.edges, call.output_shapes):
-            result = next(results) if edge is not None else None
+        for output_edge, shape in zip(call.edges, call.output_shapes, strict=True):
+            result = next(results) if output_edge is not None else None
             if result is None:
                 result = columns.new_zeros(num_cols, *shape)
-            outputs.append(result)
+            outputs.append(result.to(call_dtype))
         call_grads[id(call)] = outputs[0] if len(outputs) == 1 else tuple(outputs)
     return call_grads

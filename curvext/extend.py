@@ -98,4 +98,4 @@ def _record_loss_call(loss_module: nn.Module, args, output):
     loss_input, target = args
     if not isinstance(loss_input, Tensor) or loss_input.grad_fn is None:
         return
-    LossCall(loss_module, loss_input, target).install()
+    LossCall(loss_module, loss_input, target, output)

@@ -98,14 +98,15 @@ def _unit_columns(
     return columns
 
 
-class MSELossRule(LossRule):
-    r""":math:`\ell = \sum_d (f_d - y_d)^2`, Hessian :math:`2I`."""
+class _EntrywiseLossRule(LossRule):
+    """A loss that is a sum over entries of the input, each with its own
+    scalar Hessian: one exact column per entry of a sample."""
 
     def __init__(self, module, loss_input, target):
         super().__init__(module, loss_input, target)
         if target.shape != loss_input.shape:
             raise ValueError(
-                f"MSELoss got input {tuple(loss_input.shape)} and target "
+                f"{self.name} got input {tuple(loss_input.shape)} and target "
                 f"{tuple(target.shape)}. curvext needs equal shapes (PyTorch would "
                 "broadcast); expand the target to the input's shape."
             )
@@ -118,10 +119,20 @@ class MSELossRule(LossRule):
     def num_exact_columns(self) -> int:
         return self.input[0].numel()
 
+    def entry_hessian(self) -> Tensor:
+        """Hessian of the summed loss w.r.t. each input entry, shaped like it."""
+        raise NotImplementedError
+
     def exact_columns(self, start, stop):
-        flat = self.input.flatten(1)
-        scale = torch.full_like(flat, math.sqrt(2 * self.normalization))
+        scale = (self.normalization * self.entry_hessian()).flatten(1).sqrt()
         return _unit_columns(scale, start, stop).reshape(-1, *self.input.shape)
+
+
+class MSELossRule(_EntrywiseLossRule):
+    r""":math:`\ell = \sum_d (f_d - y_d)^2`, Hessian :math:`2I`."""
+
+    def entry_hessian(self):
+        return torch.full_like(self.input, 2.0)
 
     def mc_columns(self, mc_samples, generator):
         noise = torch.randn(
@@ -134,7 +145,7 @@ class MSELossRule(LossRule):
         return noise.mul_(math.sqrt(2 * self.normalization / mc_samples))
 
 
-class BCEWithLogitsLossRule(LossRule):
+class BCEWithLogitsLossRule(_EntrywiseLossRule):
     r""":math:`\ell = -w[p_w y \log\sigma(f) + (1-y)\log(1-\sigma(f))]` per entry.
 
     Hessian per entry :math:`w (p_w y + 1 - y)\,\sigma(1-\sigma)` (``w`` the
@@ -143,11 +154,6 @@ class BCEWithLogitsLossRule(LossRule):
 
     def __init__(self, module, loss_input, target):
         super().__init__(module, loss_input, target)
-        if target.shape != loss_input.shape:
-            raise ValueError(
-                f"BCEWithLogitsLoss got input {tuple(loss_input.shape)} and target "
-                f"{tuple(target.shape)}; curvext needs equal shapes."
-            )
         target = target.to(loss_input.dtype)
         self.label_weight = torch.ones_like(loss_input)
         if module.weight is not None:
@@ -158,18 +164,8 @@ class BCEWithLogitsLossRule(LossRule):
             )
         self.prob = torch.sigmoid(loss_input)
 
-    @property
-    def normalization(self) -> float:
-        return 1.0 / self.input.numel() if self.module.reduction == "mean" else 1.0
-
-    @property
-    def num_exact_columns(self) -> int:
-        return self.input[0].numel()
-
-    def exact_columns(self, start, stop):
-        hessian = self.normalization * self.label_weight * self.prob * (1 - self.prob)
-        columns = _unit_columns(hessian.flatten(1).sqrt(), start, stop)
-        return columns.reshape(-1, *self.input.shape)
+    def entry_hessian(self):
+        return self.label_weight * self.prob * (1 - self.prob)
 
     def mc_columns(self, mc_samples, generator):
         probs = self.prob.expand(mc_samples, *self.prob.shape)

@@ -13,8 +13,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Optional, Tuple
 
-from torch import Tensor
-
 from curvext.modules.base import ModuleRule
 
 #: Column-set keys: ("exact",) exact loss-Hessian square root,
@@ -87,4 +85,4 @@ def sum_partials(first, second):
     return first + second
 
 
-__all__ = ["Extension", "RunInfo", "ColumnSet", "Tensor"]
+__all__ = ["Extension", "RunInfo", "ColumnSet"]

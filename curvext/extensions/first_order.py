@@ -15,9 +15,6 @@ class _FirstOrder(Extension):
     def column_set(self):
         return ("grad",)
 
-    def __init__(self):
-        pass
-
 
 class BatchGrad(_FirstOrder):
     """Individual gradients ``p.grad_batch``, ``[N, *p.shape]``.

@@ -103,6 +103,9 @@ class ModuleRule:
                         "pos_embedding(positions)."
                     )
 
+    def release(self):
+        """Forget what was cached for the current chunk of columns."""
+
     # the one reduction every rule must provide
     def per_sample(self, name: str, grads: List[Tensor]) -> Tensor:
         """Per-sample vectors ``[K, N, *p.shape]`` (all calls summed)."""
@@ -113,6 +116,8 @@ class ModuleRule:
         num_cols = num_columns(grads[0])
         per_col = self.batch_size * self.param(name).numel()
         step = max(1, MAX_PER_SAMPLE_ELEMENTS // max(per_col, 1))
+        if step >= num_cols:  # the same grads objects let rules reuse their work
+            return reduce(self.per_sample(name, grads))
         result = None
         for start in range(0, num_cols, step):
             chunk = [slice_columns(g, start, start + step) for g in grads]

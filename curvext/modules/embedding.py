@@ -90,7 +90,7 @@ class EmbeddingRule(ModuleRule):
         return result.index_add_(1, indices.flatten(), grads.flatten(1, 2))
 
     def kfac_grad_factor(self, name, grads, approx):
-        indices, grads = self._indices_and_grads(grads)
+        _, grads = self._indices_and_grads(grads)
         if approx == "reduce":
             grads = grads.sum(2, keepdim=True)
         flat = grads.flatten(0, 2)

@@ -79,7 +79,9 @@ class FactoredRule(ModuleRule):
     def inputs(self) -> Tensor:
         """``A`` of all calls, concatenated along positions (computed once)."""
         if getattr(self, "_inputs", None) is None:
-            self._inputs = _cat([self.input_side(c) for c in self.calls], dim=-1)
+            inputs = _cat([self.input_side(c) for c in self.calls], dim=-1)
+            # under autocast the recorded inputs may be half precision
+            self._inputs = inputs.to(self.module.weight.dtype)
         return self._inputs
 
     def grad_factor(self, name: str, grads: List[Tensor]) -> Tensor:
@@ -113,17 +115,22 @@ class FactoredRule(ModuleRule):
 
         For Linear and Conv the bias sees the same ``G`` as the weight, so the
         squares and the KFAC gradient factor of one chunk are computed once.
+        Only the last result is kept, and :meth:`release` drops it after each
+        chunk.
         """
         side = self.bias_side if name == "bias" else self.grad_side
         # the output-side KFAC factor of the weight of Linear/Conv equals the
         # bias's whatever the layout, so it is keyed without the side
         side_key = None if what.startswith("kfac") else side.__func__
         key = (what, side_key, tuple(id(g) for g in grads))
-        memo = getattr(self, "_memo", {})
-        if key not in memo:
-            memo = {key: (grads, compute())}  # grads kept alive: their ids are the key
-            self._memo = memo
-        return memo[key][1]
+        last = getattr(self, "_last", None)
+        if last is None or last[0] != key:
+            last = (key, grads, compute())  # grads kept alive: their ids are the key
+            self._last = last
+        return last[2]
+
+    def release(self):
+        self._last = None
 
     def _to_param(self, name: str, vectors: Tensor, num_lead: int) -> Tensor:
         return vectors.reshape(*vectors.shape[:num_lead], *self.param(name).shape)

@@ -139,10 +139,21 @@ class GenericRule(ModuleRule):
         return result
 
     def per_sample(self, name, grads):
-        total = 0
-        for call, call_grads in zip(self.calls, grads):
-            total = total + self._call_per_sample(call, [name], call_grads)[0]
-        return total
+        # one vjp gives every parameter's vectors: compute them once per chunk
+        key = tuple(id(g) for g in grads)
+        last = getattr(self, "_last", None)
+        if last is None or last[0] != key:
+            names = self.param_names()
+            totals = [0] * len(names)
+            for call, call_grads in zip(self.calls, grads, strict=True):
+                vectors = self._call_per_sample(call, names, call_grads)
+                totals = [total + v for total, v in zip(totals, vectors)]
+            last = (key, grads, dict(zip(names, totals)))  # grads kept alive for the key
+            self._last = last
+        return last[2][name]
+
+    def release(self):
+        self._last = None
 
 
 def floating_outputs(output) -> List[Tensor]:

@@ -10,7 +10,6 @@ comes from them.
 
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -21,7 +20,7 @@ class AffineNormRule(ModuleRule):
     """Shared part; subclasses say how to normalise and where ``γ`` lives."""
 
     def normalized(self, inputs: Tensor) -> Tensor:
-        """:math:`\\hat x`, shaped like the output."""
+        r""":math:`\hat x`, shaped like the output."""
         raise NotImplementedError
 
     def param_axes(self, output_dim: int) -> list:
@@ -32,7 +31,8 @@ class AffineNormRule(ModuleRule):
         total = 0
         for call, call_grads in zip(self.calls, grads):
             if name == "weight":
-                call_grads = call_grads * self.normalized(call.args[0])
+                inputs = call.args[0].to(call_grads.dtype)  # autocast: half inputs
+                call_grads = call_grads * self.normalized(inputs)
             call_grads = self.batch_first(call, call_grads, offset=1)
             keep = self.param_axes(call_grads.dim())
             summed = [d for d in range(2, call_grads.dim()) if d not in keep]
