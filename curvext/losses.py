@@ -237,7 +237,7 @@ class CrossEntropyLossRule(LossRule):
 
     @property
     def _roots_per_position(self) -> int:
-        """``C - 1``: :math:`\mathrm{diag}(p) - pp^\top` has rank ``C - 1``."""
+        r"""``C - 1``: :math:`\mathrm{diag}(p) - pp^\top` has rank ``C - 1``."""
         return max(self.input.shape[1] - 1, 1)
 
     def _root_values(self, prob: Tensor, classes: Tensor) -> Tensor:
