@@ -129,7 +129,9 @@ class Row:
     cx_field: Optional[str]
     bp_field: Optional[str]
     target: bool  # ratio <= TARGET_RATIO is the goal
-    compare: Optional[str]  # how to check agreement: "tensor", "kron", None (MC)
+    # how to check agreement: "tensor", "kron", "gram" (V^T V probed: the exact
+    # square roots have C-1 (curvext) and C (BackPACK) columns), None (MC)
+    compare: Optional[str]
 
 
 ROWS: List[Row] = [
@@ -149,7 +151,7 @@ ROWS: List[Row] = [
         lambda: cx.KFAC(fisher_type="type-2"), lambda: bpx.KFLR(),
         "kfac", "kflr", True, "kron"),
     Row("sqrt_exact", "SqrtGGN() vs SqrtGGNExact()", lambda: cx.SqrtGGN(),
-        lambda: bpx.SqrtGGNExact(), "sqrt_ggn", "sqrt_ggn_exact", True, "tensor"),
+        lambda: bpx.SqrtGGNExact(), "sqrt_ggn", "sqrt_ggn_exact", True, "gram"),
     Row("sqrt_mc", "SqrtGGN(mc_samples=1) vs SqrtGGNMC(mc_samples=1)",
         lambda: cx.SqrtGGN(mc_samples=1), lambda: bpx.SqrtGGNMC(mc_samples=1),
         "sqrt_ggn", "sqrt_ggn_mc", True, None),
@@ -294,6 +296,16 @@ def _paired_params(contenders: Dict[str, Contender]):
                 yield m_cx, p_cx, m_bp._parameters[name]
 
 
+def _ggn_block_probe(sqrt_ggn: torch.Tensor) -> torch.Tensor:
+    """``V^T V R`` for a fixed random ``R [P, 4]`` (float64): the GGN block that
+    ``[K, N, *p.shape]`` columns represent, probed without forming it."""
+    columns = sqrt_ggn.double().flatten(2)  # [K, N, P]
+    generator = torch.Generator().manual_seed(0)
+    probe = torch.randn(columns.shape[-1], 4, generator=generator, dtype=torch.float64)
+    projected = torch.einsum("knp,pr->knr", columns, probe.to(columns.device))
+    return torch.einsum("knp,knr->pr", columns, projected)
+
+
 def agreement(contenders: Dict[str, Contender], row: Row) -> str:
     """Largest relative difference between the results, as a short string.
 
@@ -315,6 +327,8 @@ def agreement(contenders: Dict[str, Contender], row: Row) -> str:
                 skipped = True
                 continue
             worst = max(worst, _kron_rel(a, b))
+        elif row.compare == "gram":
+            worst = max(worst, _rel(_ggn_block_probe(a), _ggn_block_probe(b)))
         elif a.shape != b.shape:
             return f"shape {tuple(a.shape)} vs {tuple(b.shape)}"
         else:
