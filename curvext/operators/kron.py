@@ -1,0 +1,573 @@
+r"""Kronecker-factored curvature (KFAC): block-diagonal over parameters.
+
+The block of parameter :math:`i` is
+
+.. math:: B_i = s_i \, F_{i,1} \otimes \dots \otimes F_{i,k_i} + \sigma_i I
+
+with the factors ``p.kfac`` stored by :class:`~curvext.extensions.KFAC`
+(``[G_out, A_in]`` for a weight, ``[G_out]`` for a bias, one factor holding
+the whole block for normalisation layers and the generic rule), a scale
+:math:`s_i` (from ``c * K``) and an identity term :math:`\sigma_i` (from
+``K + δ``). A weight and its bias are separate blocks (curvlinops'
+``separate_weight_and_bias=True``; laplace-torch's ``Kron`` keeps them apart
+too): the bias block is its own factor ``G_out``, which the weight shares as
+its first factor; there is no joint ``[W, b]`` block.
+
+Products never form a Kronecker product: :math:`(A \otimes B)\,\mathrm{vec}(X)
+= \mathrm{vec}(A X B^\top)` for row-major ``vec``, applied factor by factor
+(the "vec trick"). ``trace``, ``diag``, ``frobenius_norm`` and ``logdet`` come
+from the factors (:math:`\det(A \otimes B) = \det(A)^{m}\det(B)^{n}` for
+:math:`A` ``n × n``, :math:`B` ``m × m``; with an identity term, from the
+factors' eigenvalues).
+
+:meth:`KronOperator.inverse` follows curvlinops' ``KFACInverseLinearOperator``:
+factor-wise damping :math:`(A + \delta I)^{-1} \otimes (B + \delta I)^{-1}`,
+Martens & Grosse's (2015, §6.3) π-damping, or the exact inverse of
+:math:`A \otimes B + \delta I` through the factors' eigendecompositions
+(Grosse et al., 2023, eq. 21), which is a :class:`KronEigenOperator`.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Callable, Iterable, List, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor
+
+from curvext.operators.base import (
+    CurvatureOperator,
+    check_damping,
+    collect_params,
+    stored,
+)
+
+
+def kron_matmat(factors: Sequence[Tensor], matrix: Tensor) -> Tensor:
+    r""":math:`(F_1 \otimes \dots \otimes F_k) X` for ``X`` ``[d, M]``, factor by factor.
+
+    Example:
+        >>> A, B, X = torch.randn(2, 2), torch.randn(3, 3), torch.randn(6, 4)
+        >>> torch.allclose(kron_matmat([A, B], X), torch.kron(A, B) @ X, atol=1e-6)
+        True
+    """
+    columns = matrix.shape[-1]
+    tensor = matrix.reshape(*(f.shape[1] for f in factors), columns)
+    for axis, factor in enumerate(factors):
+        tensor = torch.tensordot(factor, tensor, dims=([1], [axis])).movedim(0, axis)
+    return tensor.reshape(-1, columns)
+
+
+def dense_kron(factors: Sequence[Tensor]) -> Tensor:
+    """``torch.kron`` of one or more factors (matrices or vectors)."""
+    return functools.reduce(torch.kron, factors)
+
+
+def _blockwise(
+    operator: CurvatureOperator, matrix: Tensor, apply: Callable[[int, Tensor], Tensor]
+) -> Tensor:
+    """``apply(index, rows)`` on each parameter's row block of ``matrix``, stacked."""
+    blocks = matrix.split(operator._numels)
+    return torch.cat([apply(index, block) for index, block in enumerate(blocks)])
+
+
+def _combine_slogdets(
+    signs: List[Tensor], logabsdets: List[Tensor]
+) -> Tuple[Tensor, Tensor]:
+    return torch.stack(signs).prod(), torch.stack(logabsdets).sum()
+
+
+def _eigen_slogdet(eigenvalues: Tensor) -> Tuple[Tensor, Tensor]:
+    return eigenvalues.sign().prod(), eigenvalues.abs().log().sum()
+
+
+def _where(operator: CurvatureOperator, index: int) -> str:
+    return f"block {index} (parameter shape {tuple(operator.params[index].shape)})"
+
+
+def _singular_error(owner: str, where: str, damping: float) -> ValueError:
+    return ValueError(
+        f"{owner}.inverse(damping={damping}): {where} is singular; pass damping > 0."
+    )
+
+
+class KronOperator(CurvatureOperator):
+    r"""Block-diagonal :math:`\bigoplus_i (s_i \bigotimes_j F_{ij} + \sigma_i I)`.
+
+    Args:
+        params: The parameters (order = order of the blocks).
+        factors: One list of square factors per parameter whose sizes
+            multiply to the parameter's number of entries
+            (``torch.kron(*factors)`` is the block w.r.t. ``p.flatten()``).
+        scales: :math:`s_i` per block (default 1).
+        shifts: :math:`\sigma_i` per block (default 0).
+
+    Example:
+        >>> layer = torch.nn.Linear(2, 2)
+        >>> A, G = torch.tensor([[2.0, 0.0], [0.0, 1.0]]), torch.eye(2)
+        >>> K = KronOperator(list(layer.parameters()), [[G, A], [G]])
+        >>> K.shape, K.trace().item(), K.det().item()
+        ((6, 6), 8.0, 4.0)
+        >>> (K.inverse() @ torch.ones(6)).round(decimals=4).tolist()
+        [0.5, 1.0, 0.5, 1.0, 1.0, 1.0]
+    """
+
+    def __init__(
+        self,
+        params: Sequence[Tensor],
+        factors: Sequence[Sequence[Tensor]],
+        scales: Optional[Sequence[float]] = None,
+        shifts: Optional[Sequence[float]] = None,
+    ):
+        params = list(params)
+        factors = [list(block) for block in factors]
+        if len(factors) != len(params) or not params:
+            raise ValueError(
+                f"KronOperator: expected one list of factors per parameter "
+                f"({len(params)} parameters), got {len(factors)}."
+            )
+        for index, (param, block) in enumerate(zip(params, factors)):
+            square = all(f.ndim == 2 and f.shape[0] == f.shape[1] for f in block)
+            if (
+                not block
+                or not square
+                or math.prod(f.shape[0] for f in block) != param.numel()
+            ):
+                raise ValueError(
+                    f"KronOperator: the factors of parameter {index} (shape "
+                    f"{tuple(param.shape)}, {param.numel()} entries) have shapes "
+                    f"{[tuple(f.shape) for f in block]}; expected square factors "
+                    f"whose sizes multiply to {param.numel()}."
+                )
+        super().__init__(params, factors[0][0].dtype, factors[0][0].device)
+        self.factors = factors
+        self.scales = (
+            [1.0] * len(params) if scales is None else [float(s) for s in scales]
+        )
+        self.shifts = (
+            [0.0] * len(params) if shifts is None else [float(s) for s in shifts]
+        )
+
+    @classmethod
+    def from_params(cls, params: Iterable[Tensor]) -> "KronOperator":
+        """The Kronecker factors ``p.kfac`` stored on each trainable parameter.
+
+        Args:
+            params: Parameters, e.g. ``model.parameters()``; those with
+                ``requires_grad=False`` are skipped.
+
+        Raises:
+            AttributeError: If a parameter has no ``p.kfac`` (run ``KFAC()``).
+            ValueError: If the factors do not fit the parameter.
+
+        Example:
+            >>> from curvext import backpack, extend
+            >>> from curvext.extensions import KFAC
+            >>> model = extend(torch.nn.Linear(3, 2))
+            >>> loss_fn = extend(torch.nn.MSELoss())
+            >>> loss = loss_fn(model(torch.randn(5, 3)), torch.randn(5, 2))
+            >>> with backpack(KFAC(fisher_type="type-2")):
+            ...     loss.backward()
+            >>> K = KronOperator.from_params(model.parameters())
+            >>> K_inv = K.inverse(damping=1e-3, use_heuristic_damping=True)
+            >>> K.shape, (K_inv @ torch.ones(8)).shape
+            ((8, 8), torch.Size([8]))
+        """
+        params = collect_params(params, f"{cls.__name__}.from_params")
+        factors = [
+            [
+                f.detach()
+                for f in stored(p, index, "kfac", f"{cls.__name__}.from_params")
+            ]
+            for index, p in enumerate(params)
+        ]
+        return cls(params, factors)
+
+    def _scaled_factors(self, index: int) -> List[Tensor]:
+        """The factors of block ``index`` with its scale folded into the first."""
+        first, *rest = self.factors[index]
+        return [first * self.scales[index], *rest]
+
+    def _eigenvalues(self, index: int) -> Tuple[List[Tensor], Tensor]:
+        """Eigenvectors of the factors and the eigenvalues of block ``index``, flat."""
+        decompositions = [torch.linalg.eigh(f) for f in self.factors[index]]
+        values = dense_kron([d.eigenvalues for d in decompositions])
+        values = values * self.scales[index] + self.shifts[index]
+        return [d.eigenvectors for d in decompositions], values
+
+    def _matmat(self, matrix: Tensor) -> Tensor:
+        def apply(index, block):
+            product = kron_matmat(self.factors[index], block) * self.scales[index]
+            return product + self.shifts[index] * block
+
+        return _blockwise(self, matrix, apply)
+
+    def to_dense(self) -> Tensor:
+        return torch.block_diag(
+            *[
+                dense_kron(block) * scale
+                + shift * torch.eye(p.numel(), dtype=self.dtype, device=self.device)
+                for block, scale, shift, p in zip(
+                    self.factors, self.scales, self.shifts, self.params
+                )
+            ]
+        )
+
+    def diag(self) -> Tensor:
+        return torch.cat(
+            [
+                dense_kron([f.diagonal() for f in block]) * scale + shift
+                for block, scale, shift in zip(self.factors, self.scales, self.shifts)
+            ]
+        )
+
+    def _slogdet(self) -> Tuple[Tensor, Tensor]:
+        signs, logabsdets = [], []
+        for index, (block, scale, shift) in enumerate(
+            zip(self.factors, self.scales, self.shifts)
+        ):
+            if shift != 0.0:
+                sign, logabsdet = _eigen_slogdet(self._eigenvalues(index)[1])
+            else:
+                size = self._numels[index]
+                as_tensor = functools.partial(
+                    torch.tensor, dtype=self.dtype, device=self.device
+                )
+                sign = as_tensor(math.copysign(1.0, scale) if scale else 0.0) ** size
+                logabsdet = as_tensor(
+                    size * math.log(abs(scale)) if scale else -math.inf
+                )
+                for factor in block:
+                    # det(A ⊗ B) = det(A)^m det(B)^n for A n×n, B m×m
+                    power = size // factor.shape[0]
+                    factor_sign, factor_logabsdet = torch.linalg.slogdet(factor)
+                    sign = sign * factor_sign**power
+                    logabsdet = logabsdet + power * factor_logabsdet
+            signs.append(sign)
+            logabsdets.append(logabsdet)
+        return _combine_slogdets(signs, logabsdets)
+
+    def frobenius_norm(self) -> Tensor:
+        # ||s X + σ I||² = s²||X||² + 2 s σ tr(X) + σ² d,
+        # ||⊗F||² = Π||F||², tr(⊗F) = Π tr F
+        squares = [
+            scale**2 * torch.stack([f.square().sum() for f in block]).prod()
+            + 2 * scale * shift * torch.stack([f.trace() for f in block]).prod()
+            + shift**2 * size
+            for block, scale, shift, size in zip(
+                self.factors, self.scales, self.shifts, self._numels
+            )
+        ]
+        return torch.stack(squares).sum().clamp_min(0).sqrt()
+
+    def _add_scalar(self, value: float) -> "KronOperator":
+        return KronOperator(
+            self.params, self.factors, self.scales, [s + value for s in self.shifts]
+        )
+
+    def _scale(self, value: float) -> "KronOperator":
+        return KronOperator(
+            self.params,
+            self.factors,
+            [s * value for s in self.scales],
+            [s * value for s in self.shifts],
+        )
+
+    def _add_same(self, other: "KronOperator") -> "KronOperator":
+        """Exact sum: in each block all factors but at most one must agree."""
+        factors, scales = [], []
+        for index, (mine, theirs) in enumerate(zip(self.factors, other.factors)):
+            if [f.shape for f in mine] != [f.shape for f in theirs]:
+                raise ValueError(
+                    f"Cannot add KronOperators: {_where(self, index)} has factors "
+                    f"{[tuple(f.shape) for f in mine]} vs {[tuple(f.shape) for f in theirs]}."
+                )
+            differ = [
+                j for j, (a, b) in enumerate(zip(mine, theirs)) if not torch.equal(a, b)
+            ]
+            s_mine, s_theirs = self.scales[index], other.scales[index]
+            if not differ:
+                factors.append(list(mine))
+                scales.append(s_mine + s_theirs)
+            elif len(differ) == 1:
+                j = differ[0]
+                summed = list(mine)
+                summed[j] = s_mine * mine[j] + s_theirs * theirs[j]
+                factors.append(summed)
+                scales.append(1.0)
+            else:
+                raise ValueError(
+                    f"Cannot add KronOperators: in {_where(self, index)} the factors "
+                    f"differ in {len(differ)} positions, and a sum of Kronecker products "
+                    f"is a Kronecker product only if all factors but one agree. Use "
+                    f"to_dense(), or add the factors yourself (a KFAC-style average)."
+                )
+        shifts = [a + b for a, b in zip(self.shifts, other.shifts)]
+        return KronOperator(self.params, factors, scales, shifts)
+
+    def _factor_dampings(
+        self,
+        index: int,
+        damping: float,
+        use_heuristic_damping: bool,
+        min_damping: float,
+    ) -> List[float]:
+        r"""The damping of each factor of block ``index``.
+
+        π-damping (Martens & Grosse, 2015, §6.3): with :math:`m_j` the mean
+        eigenvalue ``tr(F_j) / dim F_j``, factor :math:`j` of :math:`k` gets
+        :math:`\max(\delta^{1/k} m_j / (\prod_i m_i)^{1/k}, \text{min\_damping})`,
+        i.e. :math:`\pi\sqrt\delta` and :math:`\sqrt\delta/\pi` with
+        :math:`\pi = \sqrt{m_A/m_B}` for two factors. One-factor blocks, and
+        blocks with a mean eigenvalue ``<= 0``, get plain ``damping`` (as curvlinops).
+        """
+        factors = self._scaled_factors(index)
+        count = len(factors)
+        if use_heuristic_damping and count >= 2:
+            means = [(f.trace() / f.shape[0]).item() for f in factors]
+            if all(m > 0 for m in means):
+                geometric_mean = math.prod(means) ** (1.0 / count)
+                root = damping ** (1.0 / count)
+                return [max(root * m / geometric_mean, min_damping) for m in means]
+        return [damping] * count
+
+    def inverse(
+        self,
+        damping: float = 0.0,
+        use_heuristic_damping: bool = False,
+        min_damping: float = 1e-8,
+        use_exact_damping: bool = False,
+    ) -> CurvatureOperator:
+        r"""Damped inverse, with curvlinops' ``KFACInverseLinearOperator`` semantics.
+
+        For a block :math:`A \otimes B`:
+
+        - default: :math:`(A + \delta I)^{-1} \otimes (B + \delta I)^{-1}`
+          (one-factor blocks: :math:`(A + \delta I)^{-1}`), a :class:`KronOperator`;
+        - ``use_heuristic_damping=True``: :math:`(A + \delta_A I)^{-1} \otimes
+          (B + \delta_B I)^{-1}` with :math:`\delta_A = \max(\pi\sqrt\delta,
+          \text{min\_damping})`, :math:`\delta_B = \max(\sqrt\delta/\pi,
+          \text{min\_damping})`, :math:`\pi = \sqrt{(\mathrm{tr}A/\dim A) /
+          (\mathrm{tr}B/\dim B)}` (Martens & Grosse, 2015, §6.3; one-factor
+          blocks get plain :math:`\delta`), a :class:`KronOperator`;
+        - ``use_exact_damping=True``: :math:`(A \otimes B + \delta I)^{-1} =
+          (Q_A \otimes Q_B)(\Lambda_A \otimes \Lambda_B + \delta I)^{-1}
+          (Q_A \otimes Q_B)^\top` from the eigendecompositions of the factors,
+          a :class:`KronEigenOperator`.
+
+        An operator with an identity term (``K + σ``) is not a Kronecker
+        product, so it is always inverted exactly (eigendecompositions), with
+        ``damping`` added to σ; factor-wise damping (``damping > 0`` without
+        ``use_exact_damping``, or the heuristic) is refused for it.
+
+        Args:
+            damping: :math:`\delta \ge 0`. Default ``0``: the exact inverse.
+            use_heuristic_damping: π-damping (see above). Default ``False``.
+            min_damping: Lower bound of the π-damped values. Default ``1e-8``.
+            use_exact_damping: Invert :math:`A \otimes B + \delta I` exactly.
+                Default ``False``.
+
+        Raises:
+            ValueError: For a negative or non-finite ``damping``/``min_damping``,
+                both ``use_heuristic_damping`` and ``use_exact_damping``,
+                factor-wise damping of an operator with an identity term, or a
+                singular (damped) block.
+
+        Example:
+            >>> layer = torch.nn.Linear(2, 2, bias=False)
+            >>> A, G = torch.tensor([[3.0, 0.0], [0.0, 1.0]]), torch.eye(2)
+            >>> K = KronOperator([layer.weight], [[G, A]])
+            >>> factorwise = K.inverse(damping=1.0)  # (G + I)⁻¹ ⊗ (A + I)⁻¹
+            >>> (factorwise @ torch.ones(4)).round(decimals=4).tolist()
+            [0.125, 0.25, 0.125, 0.25]
+            >>> exact = K.inverse(damping=1.0, use_exact_damping=True)  # (G ⊗ A + I)⁻¹
+            >>> (exact @ torch.ones(4)).round(decimals=4).tolist()
+            [0.25, 0.5, 0.25, 0.5]
+        """
+        damping = check_damping(damping)
+        min_damping = check_damping(min_damping, "min_damping")
+        if use_heuristic_damping and use_exact_damping:
+            raise ValueError(
+                "KronOperator.inverse: use either use_heuristic_damping or "
+                "use_exact_damping, not both."
+            )
+        shifted = any(s != 0.0 for s in self.shifts)
+        if shifted and (
+            use_heuristic_damping or (damping > 0 and not use_exact_damping)
+        ):
+            raise ValueError(
+                "KronOperator.inverse: this operator has an identity term (K + σ), "
+                "so it is not a Kronecker product and factor-wise damping is "
+                "undefined; pass use_exact_damping=True (or add the damping first: "
+                "(K + δ).inverse())."
+            )
+        if use_exact_damping or shifted:
+            return self._exact_inverse(damping)
+        inverses = []
+        for index in range(len(self.params)):
+            dampings = self._factor_dampings(
+                index, damping, use_heuristic_damping, min_damping
+            )
+            inverses.append(
+                [
+                    self._inverse_factor(factor, factor_damping, index)
+                    for factor, factor_damping in zip(
+                        self._scaled_factors(index), dampings
+                    )
+                ]
+            )
+        return KronOperator(self.params, inverses)
+
+    def _inverse_factor(self, factor: Tensor, damping: float, index: int) -> Tensor:
+        """``(factor + damping I)⁻¹``: Cholesky when positive definite, LU otherwise."""
+        damped = factor + damping * torch.eye(
+            factor.shape[0], dtype=factor.dtype, device=factor.device
+        )
+        cholesky, info = torch.linalg.cholesky_ex(damped)
+        if info.item() == 0:
+            return torch.cholesky_inverse(cholesky)
+        inverse, info = torch.linalg.inv_ex(damped)
+        if info.item() != 0:
+            raise _singular_error(
+                "KronOperator", f"a factor of {_where(self, index)}", damping
+            )
+        return inverse
+
+    def _exact_inverse(self, damping: float) -> "KronEigenOperator":
+        eigenvectors, eigenvalues = [], []
+        for index in range(len(self.params)):
+            vectors, values = self._eigenvalues(index)
+            values = values + damping
+            if (values == 0).any():
+                raise _singular_error("KronOperator", _where(self, index), damping)
+            eigenvectors.append(vectors)
+            eigenvalues.append(values.reciprocal())
+        return KronEigenOperator(self.params, eigenvectors, eigenvalues)
+
+
+class KronEigenOperator(CurvatureOperator):
+    r"""Block-diagonal in a Kronecker eigenbasis: :math:`\bigoplus_i Q_i \Lambda_i Q_i^\top`.
+
+    :math:`Q_i = Q_{i,1} \otimes \dots \otimes Q_{i,k}` (orthogonal factors) and
+    :math:`\Lambda_i` any diagonal. What :meth:`KronOperator.inverse` returns
+    with exact damping.
+
+    Args:
+        params: The parameters (order = order of the blocks).
+        eigenvectors: Per block, the orthogonal factors :math:`Q_{i,j}`.
+        eigenvalues: Per block, the diagonal of :math:`\Lambda_i`, flat
+            (row-major over the factors' axes, as ``torch.kron`` orders them).
+
+    Example:
+        >>> p = torch.nn.Parameter(torch.zeros(2, 2))
+        >>> eigenvalues = torch.tensor([1.0, 3.0, 7.0, 15.0])
+        >>> E = KronEigenOperator([p], [[torch.eye(2), torch.eye(2)]], [eigenvalues])
+        >>> E.diag().tolist(), E.trace().item(), E.inverse(damping=1.0).diag().tolist()
+        ([1.0, 3.0, 7.0, 15.0], 26.0, [0.5, 0.25, 0.125, 0.0625])
+    """
+
+    def __init__(
+        self,
+        params: Sequence[Tensor],
+        eigenvectors: Sequence[Sequence[Tensor]],
+        eigenvalues: Sequence[Tensor],
+    ):
+        params = list(params)
+        if not (len(params) == len(eigenvectors) == len(eigenvalues)) or not params:
+            raise ValueError(
+                f"KronEigenOperator: expected one list of eigenvectors and one "
+                f"eigenvalue vector per parameter ({len(params)} parameters), got "
+                f"{len(eigenvectors)} and {len(eigenvalues)}."
+            )
+        for index, (param, vectors, values) in enumerate(
+            zip(params, eigenvectors, eigenvalues)
+        ):
+            size = math.prod(q.shape[0] for q in vectors)
+            if size != param.numel() or values.shape != (param.numel(),):
+                raise ValueError(
+                    f"KronEigenOperator: parameter {index} (shape {tuple(param.shape)}) "
+                    f"got eigenvector factors {[tuple(q.shape) for q in vectors]} and "
+                    f"eigenvalues {tuple(values.shape)}; expected sizes multiplying "
+                    f"to {param.numel()} and eigenvalues ({param.numel()},)."
+                )
+        super().__init__(params, eigenvalues[0].dtype, eigenvalues[0].device)
+        self.eigenvectors = [list(vectors) for vectors in eigenvectors]
+        self.eigenvalues = list(eigenvalues)
+
+    def _matmat(self, matrix: Tensor) -> Tensor:
+        def apply(index, block):
+            vectors = self.eigenvectors[index]
+            rotated = kron_matmat([q.T for q in vectors], block)
+            return kron_matmat(vectors, self.eigenvalues[index].unsqueeze(1) * rotated)
+
+        return _blockwise(self, matrix, apply)
+
+    def to_dense(self) -> Tensor:
+        blocks = []
+        for vectors, values in zip(self.eigenvectors, self.eigenvalues):
+            basis = dense_kron(vectors)
+            blocks.append(basis @ torch.diag(values) @ basis.T)
+        return torch.block_diag(*blocks)
+
+    def diag(self) -> Tensor:
+        # diag(Q Λ Qᵀ)_a = Σ_m Q_am² λ_m, and (⊗Q)∘(⊗Q) = ⊗(Q∘Q)
+        return torch.cat(
+            [
+                kron_matmat([q.square() for q in vectors], values.unsqueeze(1)).squeeze(
+                    1
+                )
+                for vectors, values in zip(self.eigenvectors, self.eigenvalues)
+            ]
+        )
+
+    def _slogdet(self) -> Tuple[Tensor, Tensor]:
+        return _eigen_slogdet(torch.cat(self.eigenvalues))
+
+    def frobenius_norm(self) -> Tensor:
+        return torch.cat(self.eigenvalues).norm()
+
+    def _with_eigenvalues(self, eigenvalues: List[Tensor]) -> "KronEigenOperator":
+        return KronEigenOperator(self.params, self.eigenvectors, eigenvalues)
+
+    def _add_scalar(self, value: float) -> "KronEigenOperator":
+        return self._with_eigenvalues([v + value for v in self.eigenvalues])
+
+    def _scale(self, value: float) -> "KronEigenOperator":
+        return self._with_eigenvalues([v * value for v in self.eigenvalues])
+
+    def _add_same(self, other: "KronEigenOperator") -> "KronEigenOperator":
+        for index, (mine, theirs) in enumerate(
+            zip(self.eigenvectors, other.eigenvectors)
+        ):
+            same = len(mine) == len(theirs) and all(
+                a.shape == b.shape and torch.equal(a, b) for a, b in zip(mine, theirs)
+            )
+            if not same:
+                raise ValueError(
+                    f"Cannot add KronEigenOperators: {_where(self, index)} has a "
+                    f"different eigenbasis in each; the sum is only structured in a "
+                    f"shared basis."
+                )
+        return self._with_eigenvalues(
+            [a + b for a, b in zip(self.eigenvalues, other.eigenvalues)]
+        )
+
+    def inverse(self, damping: float = 0.0) -> "KronEigenOperator":
+        r""":math:`\bigoplus_i Q_i (\Lambda_i + \delta I)^{-1} Q_i^\top`.
+
+        Raises:
+            ValueError: For a negative or non-finite ``damping``, or a zero
+                damped eigenvalue.
+        """
+        damping = check_damping(damping)
+        inverses = []
+        for index, values in enumerate(self.eigenvalues):
+            damped = values + damping
+            if (damped == 0).any():
+                raise _singular_error("KronEigenOperator", _where(self, index), damping)
+            inverses.append(damped.reciprocal())
+        return self._with_eigenvalues(inverses)
+
+
+__all__ = ["KronOperator", "KronEigenOperator", "kron_matmat"]
