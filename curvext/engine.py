@@ -205,12 +205,15 @@ def _run(edge, loss, calls, consumers, grad, extensions):
             rule.release()
 
     for ext_index, ext in enumerate(extensions):
+        results = []
         for target_index, target in enumerate(targets):
-            partial = partials.get((ext_index, target_index))
+            partial = partials.pop((ext_index, target_index), None)
             if ext.combine == "cat" and partial is not None:
                 partial = torch.cat(partial) if len(partial) > 1 else partial[0]
             value = ext.finalize(target.rule, target.name, partial, info)
-            setattr(target.param, ext.savefield, value)
+            results.append((target.param, value))
+        # stores p.<savefield>; extensions coupling parameters combine here
+        ext.finalize_all(results, info)
 
 
 def _overlaps(offsets: List[int], start: int, stop: int) -> List[Tuple[int, int, int]]:

@@ -7,6 +7,7 @@ never special-cases a module type.
 from curvext.extensions.base import Extension
 from curvext.extensions.first_order import BatchGrad, BatchL2Grad, SumGradSquared, Variance
 from curvext.extensions.ggn_diag import BatchGGNDiag, GGNDiag
+from curvext.extensions.ggn_eigen import GGNEigen
 from curvext.extensions.kfac import KFAC
 from curvext.extensions.sqrt_ggn import SqrtGGN
 
@@ -14,6 +15,7 @@ __all__ = [
     "Extension",
     "GGNDiag",
     "BatchGGNDiag",
+    "GGNEigen",
     "SqrtGGN",
     "KFAC",
     "BatchGrad",

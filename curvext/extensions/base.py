@@ -5,13 +5,17 @@ parameter in the graph it asks the parameter's module rule for one reduction
 of the per-sample vectors of its column set (:meth:`Extension.reduce`),
 combines the results of column chunks (summed, or concatenated for
 ``combine = "cat"``), and turns them into the attribute stored on the
-parameter (:meth:`Extension.finalize`).
+parameter (:meth:`Extension.finalize`). An extension whose result couples
+parameters combines the finalised values of all parameters in
+:meth:`Extension.finalize_all`.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Optional, Tuple
+from typing import Any, List, Optional, Tuple
+
+from torch import Tensor
 
 from curvext.modules.base import ModuleRule
 
@@ -72,6 +76,20 @@ class Extension:
     def finalize(self, rule: ModuleRule, name: str, partial: Any, info: RunInfo) -> Any:
         """The value stored as ``p.<savefield>``."""
         return partial
+
+    def finalize_all(self, results: List[Tuple[Tensor, Any]], info: RunInfo) -> None:
+        """Store the finalised values; called once per backward pass.
+
+        The engine calls it after :meth:`finalize` has run for every
+        parameter, with ``(parameter, finalised value)`` in the engine's
+        order. The default stores each value as ``p.<savefield>``. Extensions
+        whose result couples parameters (eigenpairs of a GGN block spanning
+        several parameters, say) override it: their :meth:`finalize` returns
+        an intermediate per parameter, and this method combines them and sets
+        the attributes.
+        """
+        for param, value in results:
+            setattr(param, self.savefield, value)
 
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in vars(self).items())

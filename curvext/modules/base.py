@@ -143,6 +143,28 @@ class ModuleRule:
         r""":math:`\sum_n v_{nk}`, ``[K, *p.shape]``."""
         return self._chunked(name, grads, lambda v: v.sum(1))
 
+    # Gram matrix (GGN eigenpairs). A "Gram factor" is whatever represents
+    # the per-sample vectors of one chunk of columns, with the columns on
+    # axis 0 so that the factors of chunks concatenate; only the rule that
+    # made it reads it.
+    def gram_factor(self, name: str, grads: List[Tensor]) -> Tensor:
+        """Representation ``[K, N, ...]`` of the per-sample vectors (default:
+        the vectors themselves, flattened, ``[K, N, P]``)."""
+        vectors = self.per_sample(name, grads)
+        return vectors.reshape(*vectors.shape[:2], -1)
+
+    def gram(self, name: str, factor: Tensor) -> Tensor:
+        r"""Gram block :math:`[v_{nk} \cdot v_{n'k'}]`, ``[K N, K N]``, rows
+        ordered ``k * N + n``."""
+        flat = factor.flatten(0, 1)
+        return flat @ flat.T
+
+    def gram_vectors(self, name: str, factor: Tensor, coefficients: Tensor) -> Tensor:
+        r""":math:`\sum_{nk} c_{nk,j} v_{nk}` for each column ``j`` of
+        ``coefficients [K N, J]``, ``[J, *p.shape]``."""
+        flat = factor.flatten(0, 1)
+        return (coefficients.T.to(flat.dtype) @ flat).reshape(-1, *self.param(name).shape)
+
     # Kronecker factors
     def kfac_grad_factor(self, name: str, grads: List[Tensor], approx: str) -> Tensor:
         r"""Output-side factor :math:`\sum g g^\top` (summable over column chunks).

@@ -208,6 +208,41 @@ class FactoredRule(ModuleRule):
         pattern = "kngot,ngit->kgoi" if self.grad_first else "kngot,ngit->kgio"
         return self._to_param(name, torch.einsum(pattern, grad_side, input_side), 1)
 
+    # Gram blocks (GGN eigenpairs). With one position the weight's Gram
+    # factor is G [K, N, groups, d_grad] alone, the inputs A being the
+    # rule's: v_nk . v_n'k' = sum over groups of (g_nk . g_n'k') (a_n . a_n'),
+    # and no per-sample vector is formed. Only for one group: the factored
+    # form costs groups * (NK)^2 memory, more than the per-sample vectors of
+    # a depthwise convolution. The bias (v_nk = g_nk), several positions and
+    # several groups use the per-sample vectors (ModuleRule's defaults).
+    def _factored_gram(self, name: str) -> bool:
+        return name != "bias" and self.single_position() and self.inputs().shape[1] == 1
+
+    def gram_factor(self, name, grads):
+        if not self._factored_gram(name):
+            return super().gram_factor(name, grads)
+        return self.grad_factor(name, grads)[..., 0]
+
+    def gram(self, name, factor):
+        if not self._factored_gram(name):
+            return super().gram(name, factor)
+        num_cols = factor.shape[0]
+        grad_side = factor.flatten(0, 1)  # rows k * N + n
+        input_side = self.inputs()[..., 0]
+        grad_gram = torch.einsum("agd,bgd->gab", grad_side, grad_side)
+        input_gram = torch.einsum("mgi,ngi->gmn", input_side, input_side)
+        return (grad_gram * input_gram.repeat(1, num_cols, num_cols)).sum(0)
+
+    def gram_vectors(self, name, factor, coefficients):
+        if not self._factored_gram(name):
+            return super().gram_vectors(name, factor, coefficients)
+        num_cols, batch = factor.shape[:2]
+        coefficients = coefficients.to(factor.dtype).reshape(num_cols, batch, -1)
+        weighted = torch.einsum("knj,kngd->jngd", coefficients, factor)
+        pattern = "jngo,ngi->jgoi" if self.grad_first else "jngo,ngi->jgio"
+        vectors = torch.einsum(pattern, weighted, self.inputs()[..., 0])
+        return self._to_param(name, vectors, 1)
+
     # KFAC. The factor over the weight's leading axis spans all groups; the
     # other one is shared by the groups (summed for gradients, averaged for
     # inputs), so that kron(*factors) matches p.flatten().

@@ -1,0 +1,369 @@
+r"""Eigenpairs of the GGN (or of blocks of it) in Gram space (ViViT).
+
+With :math:`V \in \mathbb{R}^{NK \times P}` the per-sample vectors
+:math:`v_{nk}` of a group of parameters (rows), the GGN block of the group is
+:math:`G = V^\top V`. Its nonzero eigenvalues are those of the Gram matrix
+
+.. math:: \tilde G = V V^\top = \sum_{p \in \text{group}} V_p V_p^\top
+          \in \mathbb{R}^{NK \times NK},
+
+a sum of per-parameter Gram blocks, and an eigenvector :math:`u` of
+:math:`\tilde G` with eigenvalue :math:`\lambda > 0` gives the unit
+eigenvector :math:`e = V^\top u / \sqrt{\lambda}` of :math:`G`
+(Dangel et al., 2022, "ViViT: Curvature access through the generalized
+Gauss-Newton's low-rank structure"). The top of the spectrum of a network
+with millions of parameters therefore costs one backward pass and an
+eigendecomposition of an :math:`NK \times NK` matrix.
+
+Module rules provide the Gram blocks (:meth:`ModuleRule.gram`); for
+``Linear``/``Conv`` weights acting at a single position they are
+:math:`(G G^\top) \odot (A A^\top)`, without per-sample vectors.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor
+
+from curvext.extensions.base import Extension, RunInfo, check_mc_samples, ggn_columns
+
+
+class _GramPiece:
+    """One parameter's Gram block and what maps coefficients back to its space."""
+
+    def __init__(self, rule, name: str, factor: Tensor, keep_factor: bool):
+        self.gram = rule.gram(name, factor)
+        self.num_columns = factor.shape[0]
+        # the factor (per-sample vectors, or G of a factored layer) is kept
+        # only when eigenvectors are wanted
+        self._rule, self._name = (rule, name) if keep_factor else (None, None)
+        self._factor = factor if keep_factor else None
+
+    def vectors(self, coefficients: Tensor) -> Tensor:
+        return self._rule.gram_vectors(self._name, self._factor, coefficients)
+
+
+class GGNEigen(Extension):
+    r"""Eigenvalues ``p.ggn_eigvals`` and eigenvectors ``p.ggn_eigvecs`` of GGN blocks.
+
+    Every parameter of a group holds the group's eigenvalues ``p.ggn_eigvals``
+    ``[k]`` (ascending, the same tensor for the whole group) and, with
+    ``eigenvectors=True``, ``p.ggn_eigvecs`` ``[k, *p.shape]``: its slice of
+    the group's eigenvectors. Concatenated over the group's parameters
+    (``torch.cat([p.ggn_eigvecs.flatten(1) for p in group], 1)``) the
+    eigenvectors are orthonormal and satisfy :math:`G e = \lambda e` for the
+    group's GGN block :math:`G`.
+
+    **Which eigenvalues are "nonzero".** The Gram matrix has :math:`NK`
+    eigenvalues, of which those beyond the GGN's rank are zero up to
+    rounding. An eigenvalue is kept if
+
+    .. math:: \lambda > \lambda_{\max} \cdot NK \cdot \varepsilon,
+
+    with :math:`\varepsilon` the machine epsilon of the parameters' dtype
+    (``torch.finfo(dtype).eps``; the largest over the group), the size of the
+    rounding error of an eigendecomposition of the Gram matrix relative to
+    its largest eigenvalue. Eigenvectors of kept eigenvalues close to the
+    threshold are accurate only to about :math:`\varepsilon
+    \lambda_{\max} / \lambda`; select the top of the spectrum (``top_k``,
+    ``criterion``) when the eigenvectors matter. ``top_k`` and ``criterion``
+    choose among the kept eigenvalues, so fewer than ``top_k`` pairs are
+    returned when the GGN's rank is smaller.
+
+    **Precision.** Gram blocks are computed in the parameters' dtype and the
+    eigendecomposition (``torch.linalg.eigh``) runs in that dtype too
+    (float32 for half precision, which ``eigh`` does not support): upcasting
+    a Gram matrix whose entries carry float32 rounding errors to float64 would
+    not make its eigenvalues more accurate.
+
+    Args:
+        top_k: Keep the ``top_k`` largest eigenvalues (at most ``N·K``, the
+            number of per-sample vectors). Default: all nonzero ones.
+        criterion: ``criterion(evals) -> indices``: which of the nonzero
+            eigenvalues (ascending) to keep (ViViT's interface), e.g.
+            ``lambda evals: (evals > 1.0).nonzero().flatten()``. Mutually
+            exclusive with ``top_k``.
+        param_groups: As for a torch optimizer, a list of dicts whose
+            ``"params"`` hold the parameters of one GGN block each. Default:
+            one group with every trainable parameter in the loss's graph (the
+            full GGN). Parameters with ``requires_grad=False`` are skipped;
+            parameters in no group get nothing. A parameter of a group that
+            the loss does not depend on has a zero GGN block: it gets the
+            group's eigenvalues and zero eigenvectors.
+        mc_samples: 0 (default) for the exact GGN, ``M > 0`` for the
+            eigenpairs of its Monte-Carlo estimate with ``M`` samples (then
+            ``K = M``).
+        eigenvectors: Whether to compute ``p.ggn_eigvecs`` (default). Without
+            them no per-sample vectors are kept after the Gram blocks are
+            formed.
+
+    Example:
+        >>> import torch
+        >>> from curvext import backpack, extend
+        >>> model = extend(torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(),
+        ...                                    torch.nn.Linear(4, 2)))
+        >>> loss_fn = extend(torch.nn.CrossEntropyLoss())
+        >>> loss = loss_fn(model(torch.randn(5, 3)), torch.tensor([0, 1, 1, 0, 1]))
+        >>> ext = GGNEigen(top_k=3)
+        >>> with backpack(ext):
+        ...     loss.backward()
+        >>> model[0].weight.ggn_eigvals.shape, model[0].weight.ggn_eigvecs.shape
+        (torch.Size([3]), torch.Size([3, 4, 3]))
+        >>> evals, evecs = ext.result(0)
+        >>> E = torch.cat([e.flatten(1) for e in evecs], dim=1)  # [3, P]
+        >>> torch.allclose(E @ E.T, torch.eye(3), atol=1e-5)
+        True
+        >>> blocks = GGNEigen(param_groups=[{"params": model[0].parameters()},
+        ...                                 {"params": model[2].parameters()}])
+    """
+
+    savefield = "ggn_eigvals"
+    combine = "cat"
+
+    def __init__(
+        self,
+        top_k: Optional[int] = None,
+        criterion: Optional[Callable[[Tensor], Any]] = None,
+        param_groups: Optional[Sequence[Dict[str, Any]]] = None,
+        mc_samples: int = 0,
+        eigenvectors: bool = True,
+    ):
+        if top_k is not None and (
+            isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1
+        ):
+            raise ValueError(
+                f"GGNEigen(top_k={top_k!r}) is invalid: use a positive number of "
+                "eigenpairs, or None for all nonzero ones."
+            )
+        if criterion is not None and not callable(criterion):
+            raise TypeError(
+                f"GGNEigen(criterion={criterion!r}) is not callable: pass a function "
+                "evals -> indices of the eigenvalues to keep."
+            )
+        if top_k is not None and criterion is not None:
+            raise ValueError(
+                "GGNEigen got both top_k and criterion; pass one of them (top_k=k is "
+                "criterion=lambda evals: range(len(evals) - k, len(evals)))."
+            )
+        self.top_k = top_k
+        self.criterion = criterion
+        self.mc_samples = check_mc_samples("GGNEigen", mc_samples)
+        self.eigenvectors = bool(eigenvectors)
+        self.param_groups = _check_param_groups(param_groups)
+        self._group_of = (
+            None
+            if self.param_groups is None
+            else {id(p): i for i, group in enumerate(self.param_groups) for p in group}
+        )
+        self._groups: Optional[List[List[Tensor]]] = None
+        self._results: Optional[List[Tuple[Tensor, Optional[List[Tensor]]]]] = None
+
+    def __repr__(self) -> str:
+        groups = (
+            None
+            if self.param_groups is None
+            else [f"<{len(group)} params>" for group in self.param_groups]
+        )
+        return (
+            f"GGNEigen(top_k={self.top_k!r}, criterion={self.criterion!r}, "
+            f"param_groups={groups}, mc_samples={self.mc_samples}, "
+            f"eigenvectors={self.eigenvectors})"
+        )
+
+    def column_set(self):
+        return ggn_columns(self.mc_samples)
+
+    def _in_groups(self, param: Tensor) -> bool:
+        return self._group_of is None or id(param) in self._group_of
+
+    def reduce(self, rule, name, grads):
+        param = rule.param(name)
+        if not self._in_groups(param):
+            return param.new_empty(0)  # concatenates over chunks, never read
+        return rule.gram_factor(name, grads)
+
+    def finalize(self, rule, name, partial, info):
+        if partial is None or not self._in_groups(rule.param(name)):
+            return None
+        return _GramPiece(rule, name, partial, self.eigenvectors)
+
+    def finalize_all(self, results: List[Tuple[Tensor, Any]], info: RunInfo) -> None:
+        pieces = {id(param): piece for param, piece in results if piece is not None}
+        if self.param_groups is None:
+            groups = [[param for param, piece in results if piece is not None]]
+        else:
+            groups = self.param_groups
+        num_columns = next((piece.num_columns for piece in pieces.values()), 0)
+        size = info.batch_size * num_columns
+        if self.top_k is not None and self.top_k > size:
+            raise ValueError(
+                f"GGNEigen(top_k={self.top_k}) asks for more eigenpairs than the GGN "
+                f"of this batch can have: its rank is at most N·K = {size} (N = "
+                f"{info.batch_size} samples × K = {num_columns} columns per "
+                f"sample). Use top_k <= {size}, or a larger batch."
+            )
+        self._groups, self._results = groups, []
+        for index, group in enumerate(groups):
+            group_pieces = [pieces.get(id(param)) for param in group]
+            evals, evecs = self._eigenpairs(index, group, group_pieces, size)
+            for position, param in enumerate(group):
+                setattr(param, self.savefield, evals)
+                if evecs is not None:
+                    setattr(param, "ggn_eigvecs", evecs[position])
+            self._results.append((evals, evecs))
+
+    def _eigenpairs(
+        self, index: int, group: List[Tensor], pieces: List[Optional[_GramPiece]], size: int
+    ) -> Tuple[Tensor, Optional[List[Tensor]]]:
+        dtype = group[0].dtype
+        for param in group[1:]:
+            dtype = torch.promote_types(dtype, param.dtype)
+        eps = max(torch.finfo(param.dtype).eps for param in group)
+        solve_dtype = torch.promote_types(dtype, torch.float32)
+        gram = torch.zeros(size, size, dtype=solve_dtype, device=group[0].device)
+        for piece in pieces:
+            if piece is not None:
+                gram += piece.gram.to(solve_dtype)
+        finite = bool(torch.isfinite(gram).all())
+        if finite:
+            try:
+                evals, basis = torch.linalg.eigh(gram)
+            except torch.linalg.LinAlgError:
+                finite = False
+            else:
+                finite = bool(torch.isfinite(evals).all())
+        if not finite:
+            shapes = ", ".join(str(tuple(param.shape)) for param in group)
+            where = (
+                "the default group (the full GGN)"
+                if self.param_groups is None
+                else f"param_groups[{index}]"
+            )
+            raise RuntimeError(
+                f"GGNEigen: the GGN block of {where} (parameters of shapes "
+                f"{shapes}) has non-finite eigenvalues: its Gram matrix overflowed "
+                "or a value of this batch is not finite. Check the inputs, the "
+                "parameters and the learning rate, or compute in float64."
+            )
+        if size > 0:
+            threshold = evals[-1].clamp(min=0) * size * eps
+            keep = (evals > threshold).nonzero().flatten()
+            evals, basis = evals[keep], basis[:, keep]
+        chosen = self._choose(evals)
+        if chosen is not None:
+            evals, basis = evals[chosen], basis[:, chosen]
+        if not self.eigenvectors:
+            return evals.to(dtype), None
+        coefficients = basis / evals.sqrt()
+        evecs = []
+        for param, piece in zip(group, pieces):
+            if piece is None:
+                evecs.append(param.new_zeros(len(evals), *param.shape))
+            else:
+                evecs.append(piece.vectors(coefficients).to(param.dtype))
+        return evals.to(dtype), evecs
+
+    def _choose(self, evals: Tensor) -> Optional[Tensor]:
+        """Indices (ascending) of the kept eigenvalues among the nonzero ones."""
+        if self.top_k is not None:
+            first = max(0, len(evals) - self.top_k)
+            return torch.arange(first, len(evals), device=evals.device)
+        if self.criterion is None:
+            return None
+        chosen = torch.as_tensor(self.criterion(evals), device=evals.device).flatten()
+        if chosen.dtype == torch.bool:
+            raise TypeError(
+                "GGNEigen(criterion=...) returned a boolean mask; return indices, "
+                "e.g. mask.nonzero().flatten()."
+            )
+        chosen = chosen.long()
+        if len(chosen) and (chosen.min() < -len(evals) or chosen.max() >= len(evals)):
+            raise IndexError(
+                f"GGNEigen(criterion=...) returned indices {chosen.tolist()} out of "
+                f"range for {len(evals)} nonzero eigenvalues."
+            )
+        return torch.unique(chosen % max(len(evals), 1))  # sorted: stays ascending
+
+    def params(self, group_index: int) -> List[Tensor]:
+        """The parameters of a group, in the order of :meth:`result`'s eigenvectors.
+
+        For the default group: every trainable parameter in the loss's graph,
+        in the order in which the engine found them there (not necessarily
+        ``model.parameters()``'s).
+        """
+        self._check_group(group_index)
+        return list(self._groups[group_index])
+
+    def result(self, group_index: int = 0) -> Tuple[Tensor, Optional[List[Tensor]]]:
+        """``(evals [k], [evecs [k, *p.shape] per parameter])`` of a group after
+        the last backward pass (``None`` for the eigenvectors with
+        ``eigenvectors=False``)."""
+        self._check_group(group_index)
+        return self._results[group_index]
+
+    def _check_group(self, group_index: int):
+        if self._results is None:
+            raise RuntimeError(
+                "GGNEigen has no result yet: call loss.backward() inside "
+                "`with backpack(ext):` first."
+            )
+        if not -len(self._results) <= group_index < len(self._results):
+            raise IndexError(
+                f"GGNEigen has {len(self._results)} parameter group(s); "
+                f"group_index={group_index} is out of range."
+            )
+
+
+def _check_param_groups(param_groups) -> Optional[List[List[Tensor]]]:
+    """The groups' parameters that require grad; errors name the group."""
+    if param_groups is None:
+        return None
+    if isinstance(param_groups, (Tensor, dict)) or not isinstance(
+        param_groups, (list, tuple)
+    ):
+        raise TypeError(
+            "GGNEigen(param_groups=...) must be a list of dicts with a 'params' "
+            f"entry, as for a torch optimizer; got {type(param_groups).__name__}."
+        )
+    if not param_groups:
+        raise ValueError("GGNEigen(param_groups=[]) has no group; pass None for the full GGN.")
+    groups, seen = [], {}
+    for index, group in enumerate(param_groups):
+        if not isinstance(group, dict) or "params" not in group:
+            raise TypeError(
+                f"GGNEigen: param_groups[{index}] must be a dict with a 'params' "
+                f"entry, e.g. {{'params': layer.parameters()}}; got {group!r}."
+            )
+        params = group["params"]
+        params = [params] if isinstance(params, Tensor) else list(params)
+        if not params:
+            raise ValueError(f"GGNEigen: param_groups[{index}] has no parameters.")
+        for param in params:
+            if not isinstance(param, Tensor):
+                raise TypeError(
+                    f"GGNEigen: param_groups[{index}]['params'] holds a "
+                    f"{type(param).__name__}; it must hold parameters (tensors)."
+                )
+            if id(param) in seen:
+                where = seen[id(param)]
+                raise ValueError(
+                    f"GGNEigen: a parameter of shape {tuple(param.shape)} is in "
+                    f"param_groups[{where}] and param_groups[{index}]"
+                    f"{' (twice)' if where == index else ''}. Put every parameter in "
+                    "one group only."
+                )
+            seen[id(param)] = index
+        trainable = [param for param in params if param.requires_grad]
+        if not trainable:
+            raise ValueError(
+                f"GGNEigen: no parameter of param_groups[{index}] requires grad, so "
+                "its GGN block is not computed. Remove the group or unfreeze its "
+                "parameters."
+            )
+        groups.append(trainable)
+    return groups
+
+
+__all__ = ["GGNEigen"]
