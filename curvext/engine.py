@@ -168,9 +168,7 @@ def _run(edge, loss, calls, consumers, grad, extensions):
     used_calls = list({id(c): c for rule in rules for c in rule.calls}.values())
     info = RunInfo(batch_size=loss.batch_size, normalization=loss.normalization)
 
-    sets = list(OrderedDict.fromkeys(
-        ext.column_set() for ext in extensions if ext.column_set() is not None
-    ))
+    sets = list(OrderedDict.fromkeys(key for ext in extensions for key in ext.column_sets()))
     sizes = _column_sizes(sets, loss)
     offsets = [sum(sizes[:i]) for i in range(len(sizes) + 1)]
     mc_columns = _draw_mc_columns(sets, loss)
@@ -188,11 +186,11 @@ def _run(edge, loss, calls, consumers, grad, extensions):
                 key: slice_columns(g, lo - start, hi - start) for key, g in call_grads.items()
             }
             for ext_index, ext in enumerate(extensions):
-                if ext.column_set() != sets[set_index]:
+                if sets[set_index] not in ext.column_sets():
                     continue
                 for target_index, target in enumerate(targets):
                     partial = ext.reduce(target.rule, target.name, target.grads(set_grads))
-                    slot = (ext_index, target_index)
+                    slot = (ext_index, target_index, sets[set_index])
                     if ext.combine == "cat":
                         partials.setdefault(slot, []).append(partial)
                     elif slot in partials:
@@ -206,10 +204,16 @@ def _run(edge, loss, calls, consumers, grad, extensions):
 
     for ext_index, ext in enumerate(extensions):
         results = []
+        keys = ext.column_sets()
         for target_index, target in enumerate(targets):
-            partial = partials.pop((ext_index, target_index), None)
-            if ext.combine == "cat" and partial is not None:
-                partial = torch.cat(partial) if len(partial) > 1 else partial[0]
+            parts = []
+            for key in keys:
+                partial = partials.pop((ext_index, target_index, key), None)
+                if ext.combine == "cat" and partial is not None:
+                    partial = torch.cat(partial) if len(partial) > 1 else partial[0]
+                parts.append(partial)
+            # an extension reading several column sets gets one partial per set
+            partial = tuple(parts) if len(keys) > 1 else (parts[0] if parts else None)
             value = ext.finalize(target.rule, target.name, partial, info)
             results.append((target.param, value))
         # stores p.<savefield>; extensions coupling parameters combine here

@@ -734,6 +734,16 @@ def trainable(model: nn.Module) -> dict[str, nn.Parameter]:
     return {n: p for n, p in model.named_parameters() if p.requires_grad}
 
 
+def layer_groups(model):
+    """One group per module that owns trainable parameters."""
+    groups = []
+    for module in model.modules():
+        own = [p for p in module.parameters(recurse=False) if p.requires_grad]
+        if own:
+            groups.append({"params": own})
+    return groups
+
+
 def assert_close(
     actual: Tensor, expected: Tensor, rtol: float = 1e-7, atol: float = 1e-10, msg=""
 ):

@@ -22,6 +22,7 @@ from tests.cases import (
     SINGLE_POSITION_CASES,
     assert_close,
     dense_reference,
+    layer_groups,
     run_case,
     run_curvext,
     trainable,
@@ -82,16 +83,6 @@ def test_full_ggn(case):
     for param, vectors in zip(ext.params(0), result_evecs, strict=True):
         assert vectors is param.ggn_eigvecs
         assert vectors.shape == (len(evals), *param.shape)
-
-
-def layer_groups(model):
-    """One group per module that owns trainable parameters."""
-    groups = []
-    for module in model.modules():
-        own = [p for p in module.parameters(recurse=False) if p.requires_grad]
-        if own:
-            groups.append({"params": own})
-    return groups
 
 
 @pytest.mark.parametrize("case", BLOCK_CASES, ids=str)

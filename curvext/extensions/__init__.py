@@ -8,6 +8,7 @@ from curvext.extensions.base import Extension
 from curvext.extensions.first_order import BatchGrad, BatchL2Grad, SumGradSquared, Variance
 from curvext.extensions.ggn_diag import BatchGGNDiag, GGNDiag
 from curvext.extensions.ggn_eigen import GGNEigen
+from curvext.extensions.ggn_eigen_derivatives import DampedNewtonStep, GGNDirectionalDerivatives
 from curvext.extensions.kfac import KFAC
 from curvext.extensions.sqrt_ggn import SqrtGGN
 
@@ -16,6 +17,8 @@ __all__ = [
     "GGNDiag",
     "BatchGGNDiag",
     "GGNEigen",
+    "GGNDirectionalDerivatives",
+    "DampedNewtonStep",
     "SqrtGGN",
     "KFAC",
     "BatchGrad",

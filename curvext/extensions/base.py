@@ -69,8 +69,19 @@ class Extension:
         """The columns this extension reduces, or ``None`` if it needs none."""
         raise NotImplementedError
 
+    def column_sets(self) -> Tuple[ColumnSet, ...]:
+        """Every column set this extension reduces (default: :meth:`column_set`).
+
+        :meth:`reduce` is called with the columns of each set in turn, the
+        partial results of each set are combined separately, and an extension
+        with several sets receives in :meth:`finalize` a tuple of partials,
+        one per set in this order (``None`` for a set without result).
+        """
+        key = self.column_set()
+        return () if key is None else (key,)
+
     def reduce(self, rule: ModuleRule, name: str, grads) -> Any:
-        """Partial result for one chunk of columns."""
+        """Partial result for one chunk of columns (of one column set)."""
         raise NotImplementedError
 
     def finalize(self, rule: ModuleRule, name: str, partial: Any, info: RunInfo) -> Any:

@@ -130,28 +130,29 @@ class GGNEigen(Extension):
         mc_samples: int = 0,
         eigenvectors: bool = True,
     ):
+        owner = type(self).__name__
         if top_k is not None and (
             isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1
         ):
             raise ValueError(
-                f"GGNEigen(top_k={top_k!r}) is invalid: use a positive number of "
+                f"{owner}(top_k={top_k!r}) is invalid: use a positive number of "
                 "eigenpairs, or None for all nonzero ones."
             )
         if criterion is not None and not callable(criterion):
             raise TypeError(
-                f"GGNEigen(criterion={criterion!r}) is not callable: pass a function "
+                f"{owner}(criterion={criterion!r}) is not callable: pass a function "
                 "evals -> indices of the eigenvalues to keep."
             )
         if top_k is not None and criterion is not None:
             raise ValueError(
-                "GGNEigen got both top_k and criterion; pass one of them (top_k=k is "
+                f"{owner} got both top_k and criterion; pass one of them (top_k=k is "
                 "criterion=lambda evals: range(len(evals) - k, len(evals)))."
             )
         self.top_k = top_k
         self.criterion = criterion
-        self.mc_samples = check_mc_samples("GGNEigen", mc_samples)
+        self.mc_samples = check_mc_samples(owner, mc_samples)
         self.eigenvectors = bool(eigenvectors)
-        self.param_groups = _check_param_groups(param_groups)
+        self.param_groups = _check_param_groups(param_groups, owner)
         self._group_of = (
             None
             if self.param_groups is None
@@ -161,16 +162,21 @@ class GGNEigen(Extension):
         self._results: Optional[List[Tuple[Tensor, Optional[List[Tensor]]]]] = None
 
     def __repr__(self) -> str:
+        return f"{type(self).__name__}({', '.join(self._repr_args())})"
+
+    def _repr_args(self) -> List[str]:
         groups = (
             None
             if self.param_groups is None
             else [f"<{len(group)} params>" for group in self.param_groups]
         )
-        return (
-            f"GGNEigen(top_k={self.top_k!r}, criterion={self.criterion!r}, "
-            f"param_groups={groups}, mc_samples={self.mc_samples}, "
-            f"eigenvectors={self.eigenvectors})"
-        )
+        return [
+            f"top_k={self.top_k!r}",
+            f"criterion={self.criterion!r}",
+            f"param_groups={groups}",
+            f"mc_samples={self.mc_samples}",
+            f"eigenvectors={self.eigenvectors}",
+        ]
 
     def column_set(self):
         return ggn_columns(self.mc_samples)
@@ -187,7 +193,12 @@ class GGNEigen(Extension):
     def finalize(self, rule, name, partial, info):
         if partial is None or not self._in_groups(rule.param(name)):
             return None
-        return _GramPiece(rule, name, partial, self.eigenvectors)
+        return _GramPiece(rule, name, partial, self._keeps_factors())
+
+    def _keeps_factors(self) -> bool:
+        """Whether Gram factors are kept after the Gram blocks are formed (to
+        map Gram-space coefficients back to parameter space)."""
+        return self.eigenvectors
 
     def finalize_all(self, results: List[Tuple[Tensor, Any]], info: RunInfo) -> None:
         pieces = {id(param): piece for param, piece in results if piece is not None}
@@ -196,36 +207,50 @@ class GGNEigen(Extension):
         else:
             groups = self.param_groups
         num_columns = next((piece.num_columns for piece in pieces.values()), 0)
-        size = info.batch_size * num_columns
-        if self.top_k is not None and self.top_k > size:
-            raise ValueError(
-                f"GGNEigen(top_k={self.top_k}) asks for more eigenpairs than the GGN "
-                f"of this batch can have: its rank is at most N·K = {size} (N = "
-                f"{info.batch_size} samples × K = {num_columns} columns per "
-                f"sample). Use top_k <= {size}, or a larger batch."
-            )
         self._groups, self._results = groups, []
         for index, group in enumerate(groups):
             group_pieces = [pieces.get(id(param)) for param in group]
-            evals, evecs = self._eigenpairs(index, group, group_pieces, size)
-            for position, param in enumerate(group):
-                setattr(param, self.savefield, evals)
-                if evecs is not None:
-                    setattr(param, "ggn_eigvecs", evecs[position])
-            self._results.append((evals, evecs))
+            self._results.append(
+                self._group_result(index, group, group_pieces, num_columns, info)
+            )
 
-    def _eigenpairs(
-        self, index: int, group: List[Tensor], pieces: List[Optional[_GramPiece]], size: int
-    ) -> Tuple[Tensor, Optional[List[Tensor]]]:
-        dtype = group[0].dtype
-        for param in group[1:]:
-            dtype = torch.promote_types(dtype, param.dtype)
+    def _group_result(
+        self,
+        index: int,
+        group: List[Tensor],
+        pieces: List[Optional[_GramPiece]],
+        num_columns: int,
+        info: RunInfo,
+    ) -> Any:
+        """Compute and store the result of one group; returned by :meth:`result`."""
+        size = info.batch_size * num_columns
+        self._check_top_k(size, f"N = {info.batch_size} samples × K = {num_columns}")
+        evals, basis = self._decompose(index, group, _group_gram(group, pieces, size))
+        evecs = None
+        if self.eigenvectors:
+            evecs = _group_vectors(group, pieces, basis / evals.sqrt())
+        evals = evals.to(_group_dtype(group))
+        for position, param in enumerate(group):
+            setattr(param, "ggn_eigvals", evals)
+            if evecs is not None:
+                setattr(param, "ggn_eigvecs", evecs[position])
+        return evals, evecs
+
+    def _check_top_k(self, size: int, factors: str):
+        """Refuse ``top_k`` beyond the rank bound ``size`` (``factors`` explains it)."""
+        if self.top_k is not None and self.top_k > size:
+            raise ValueError(
+                f"{type(self).__name__}(top_k={self.top_k}) asks for more eigenpairs "
+                f"than the GGN of this batch can have: its rank is at most N·K = "
+                f"{size} ({factors} columns per sample). Use top_k <= {size}, or a "
+                "larger batch."
+            )
+
+    def _decompose(self, index: int, group: List[Tensor], gram: Tensor) -> Tuple[Tensor, Tensor]:
+        """Chosen nonzero eigenvalues ``[k]`` (ascending) of a group's Gram
+        matrix and their eigenvectors ``[NK, k]``, in the Gram matrix's dtype."""
+        size = gram.shape[0]
         eps = max(torch.finfo(param.dtype).eps for param in group)
-        solve_dtype = torch.promote_types(dtype, torch.float32)
-        gram = torch.zeros(size, size, dtype=solve_dtype, device=group[0].device)
-        for piece in pieces:
-            if piece is not None:
-                gram += piece.gram.to(solve_dtype)
         finite = bool(torch.isfinite(gram).all())
         if finite:
             try:
@@ -242,7 +267,7 @@ class GGNEigen(Extension):
                 else f"param_groups[{index}]"
             )
             raise RuntimeError(
-                f"GGNEigen: the GGN block of {where} (parameters of shapes "
+                f"{type(self).__name__}: the GGN block of {where} (parameters of shapes "
                 f"{shapes}) has non-finite eigenvalues: its Gram matrix overflowed "
                 "or a value of this batch is not finite. Check the inputs, the "
                 "parameters and the learning rate, or compute in float64."
@@ -254,16 +279,7 @@ class GGNEigen(Extension):
         chosen = self._choose(evals)
         if chosen is not None:
             evals, basis = evals[chosen], basis[:, chosen]
-        if not self.eigenvectors:
-            return evals.to(dtype), None
-        coefficients = basis / evals.sqrt()
-        evecs = []
-        for param, piece in zip(group, pieces):
-            if piece is None:
-                evecs.append(param.new_zeros(len(evals), *param.shape))
-            else:
-                evecs.append(piece.vectors(coefficients).to(param.dtype))
-        return evals.to(dtype), evecs
+        return evals, basis
 
     def _choose(self, evals: Tensor) -> Optional[Tensor]:
         """Indices (ascending) of the kept eigenvalues among the nonzero ones."""
@@ -275,13 +291,13 @@ class GGNEigen(Extension):
         chosen = torch.as_tensor(self.criterion(evals), device=evals.device).flatten()
         if chosen.dtype == torch.bool:
             raise TypeError(
-                "GGNEigen(criterion=...) returned a boolean mask; return indices, "
+                f"{type(self).__name__}(criterion=...) returned a boolean mask; return indices, "
                 "e.g. mask.nonzero().flatten()."
             )
         chosen = chosen.long()
         if len(chosen) and (chosen.min() < -len(evals) or chosen.max() >= len(evals)):
             raise IndexError(
-                f"GGNEigen(criterion=...) returned indices {chosen.tolist()} out of "
+                f"{type(self).__name__}(criterion=...) returned indices {chosen.tolist()} out of "
                 f"range for {len(evals)} nonzero eigenvalues."
             )
         return torch.unique(chosen % max(len(evals), 1))  # sorted: stays ascending
@@ -304,19 +320,53 @@ class GGNEigen(Extension):
         return self._results[group_index]
 
     def _check_group(self, group_index: int):
+        owner = type(self).__name__
         if self._results is None:
             raise RuntimeError(
-                "GGNEigen has no result yet: call loss.backward() inside "
+                f"{owner} has no result yet: call loss.backward() inside "
                 "`with backpack(ext):` first."
             )
         if not -len(self._results) <= group_index < len(self._results):
             raise IndexError(
-                f"GGNEigen has {len(self._results)} parameter group(s); "
+                f"{owner} has {len(self._results)} parameter group(s); "
                 f"group_index={group_index} is out of range."
             )
 
 
-def _check_param_groups(param_groups) -> Optional[List[List[Tensor]]]:
+def _group_dtype(group: List[Tensor]) -> torch.dtype:
+    """The dtype that the group's parameters promote to."""
+    dtype = group[0].dtype
+    for param in group[1:]:
+        dtype = torch.promote_types(dtype, param.dtype)
+    return dtype
+
+
+def _group_gram(group: List[Tensor], pieces: List[Optional[_GramPiece]], size: int) -> Tensor:
+    """Sum of the group's Gram blocks ``[size, size]``, at least in float32."""
+    solve_dtype = torch.promote_types(_group_dtype(group), torch.float32)
+    gram = torch.zeros(size, size, dtype=solve_dtype, device=group[0].device)
+    for piece in pieces:
+        if piece is not None:
+            gram += piece.gram.to(solve_dtype)
+    return gram
+
+
+def _group_vectors(
+    group: List[Tensor], pieces: List[Optional[_GramPiece]], coefficients: Tensor
+) -> List[Tensor]:
+    r""":math:`\sum_{nk} c_{nk,j} v_{nk}` ``[J, *p.shape]`` per parameter of the
+    group for Gram-space coefficients ``[NK, J]`` (zero where the loss does not
+    reach the parameter)."""
+    vectors = []
+    for param, piece in zip(group, pieces):
+        if piece is None:
+            vectors.append(param.new_zeros(coefficients.shape[1], *param.shape))
+        else:
+            vectors.append(piece.vectors(coefficients).to(param.dtype))
+    return vectors
+
+
+def _check_param_groups(param_groups, owner: str = "GGNEigen") -> Optional[List[List[Tensor]]]:
     """The groups' parameters that require grad; errors name the group."""
     if param_groups is None:
         return None
@@ -324,32 +374,34 @@ def _check_param_groups(param_groups) -> Optional[List[List[Tensor]]]:
         param_groups, (list, tuple)
     ):
         raise TypeError(
-            "GGNEigen(param_groups=...) must be a list of dicts with a 'params' "
+            f"{owner}(param_groups=...) must be a list of dicts with a 'params' "
             f"entry, as for a torch optimizer; got {type(param_groups).__name__}."
         )
     if not param_groups:
-        raise ValueError("GGNEigen(param_groups=[]) has no group; pass None for the full GGN.")
+        raise ValueError(
+            f"{owner}(param_groups=[]) has no group; pass None for the full GGN."
+        )
     groups, seen = [], {}
     for index, group in enumerate(param_groups):
         if not isinstance(group, dict) or "params" not in group:
             raise TypeError(
-                f"GGNEigen: param_groups[{index}] must be a dict with a 'params' "
+                f"{owner}: param_groups[{index}] must be a dict with a 'params' "
                 f"entry, e.g. {{'params': layer.parameters()}}; got {group!r}."
             )
         params = group["params"]
         params = [params] if isinstance(params, Tensor) else list(params)
         if not params:
-            raise ValueError(f"GGNEigen: param_groups[{index}] has no parameters.")
+            raise ValueError(f"{owner}: param_groups[{index}] has no parameters.")
         for param in params:
             if not isinstance(param, Tensor):
                 raise TypeError(
-                    f"GGNEigen: param_groups[{index}]['params'] holds a "
+                    f"{owner}: param_groups[{index}]['params'] holds a "
                     f"{type(param).__name__}; it must hold parameters (tensors)."
                 )
             if id(param) in seen:
                 where = seen[id(param)]
                 raise ValueError(
-                    f"GGNEigen: a parameter of shape {tuple(param.shape)} is in "
+                    f"{owner}: a parameter of shape {tuple(param.shape)} is in "
                     f"param_groups[{where}] and param_groups[{index}]"
                     f"{' (twice)' if where == index else ''}. Put every parameter in "
                     "one group only."
@@ -358,7 +410,7 @@ def _check_param_groups(param_groups) -> Optional[List[List[Tensor]]]:
         trainable = [param for param in params if param.requires_grad]
         if not trainable:
             raise ValueError(
-                f"GGNEigen: no parameter of param_groups[{index}] requires grad, so "
+                f"{owner}: no parameter of param_groups[{index}] requires grad, so "
                 "its GGN block is not computed. Remove the group or unfreeze its "
                 "parameters."
             )
