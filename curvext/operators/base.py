@@ -108,8 +108,14 @@ def _extension_storing(attribute: str) -> str:
     return " or ".join(sorted(names))
 
 
-def stored(param: Tensor, index: int, attribute: str, owner: str):
+def stored(
+    param: Tensor, index: int, attribute: str, owner: str, extension: str = ""
+):
     """``param.<attribute>``, or an error naming the parameter and the extension to run.
+
+    ``extension`` names the extension to run (e.g. ``"GGNEigen(eigenvectors=True)"``)
+    where the attribute is not that extension's ``savefield``; by default it is
+    looked up from the savefields.
 
     Raises:
         AttributeError: If the parameter has no such attribute.
@@ -122,7 +128,7 @@ def stored(param: Tensor, index: int, attribute: str, owner: str):
     """
     value = getattr(param, attribute, None)
     if value is None:
-        extension = _extension_storing(attribute)
+        extension = extension or _extension_storing(attribute)
         fix = (
             f"run {extension} inside backpack(...) around loss.backward() first"
             if extension
@@ -133,6 +139,38 @@ def stored(param: Tensor, index: int, attribute: str, owner: str):
             f"attribute {attribute!r}: {fix}."
         )
     return value
+
+
+def combine_slogdets(
+    signs: Sequence[Tensor], logabsdets: Sequence[Tensor]
+) -> Tuple[Tensor, Tensor]:
+    """The ``(sign, log|det|)`` of a block-diagonal matrix from those of its blocks."""
+    return torch.stack(list(signs)).prod(), torch.stack(list(logabsdets)).sum()
+
+
+def powered(values: Tensor, exponent: float, owner: str, what: str) -> Tensor:
+    """``values ** exponent`` for the eigenvalues (or diagonal) ``values`` of an operator.
+
+    Raises:
+        ValueError: For a negative exponent with a zero entry (singular), or a
+            fractional exponent with a negative entry (not real).
+
+    Example:
+        >>> powered(torch.tensor([4.0, 16.0]), -0.5, "Op.pow", "the diagonal").tolist()
+        [0.5, 0.25]
+    """
+    exponent = as_scalar(exponent, f"{owner}: exponent")
+    if exponent < 0 and (values == 0).any():
+        raise ValueError(
+            f"{owner}({exponent}): {what} has a zero entry (singular); add damping "
+            f"first, e.g. (op + 1e-3).pow({exponent})."
+        )
+    if exponent != int(exponent) and (values < 0).any():
+        raise ValueError(
+            f"{owner}({exponent}): {what} has a negative entry, and its fractional "
+            f"power is not real."
+        )
+    return values.pow(exponent)
 
 
 def shapes_text(params: Sequence[Tensor]) -> str:

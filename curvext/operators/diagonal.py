@@ -13,9 +13,9 @@ from torch import Tensor
 
 from curvext.operators.base import (
     CurvatureOperator,
-    as_scalar,
     check_damping,
     collect_params,
+    powered,
     stored,
 )
 
@@ -131,18 +131,10 @@ class DiagonalOperator(CurvatureOperator):
             >>> D.pow(-0.5).diag().tolist()
             [0.5, 0.25]
         """
-        exponent = as_scalar(exponent, "DiagonalOperator.pow: exponent")
-        if exponent < 0 and (self._diagonal == 0).any():
-            raise ValueError(
-                f"DiagonalOperator.pow({exponent}): the diagonal has a zero entry "
-                f"(singular); add damping first, e.g. (D + 1e-3).pow({exponent})."
-            )
-        if exponent != int(exponent) and (self._diagonal < 0).any():
-            raise ValueError(
-                f"DiagonalOperator.pow({exponent}): a fractional power of a negative "
-                f"entry is not real."
-            )
-        return DiagonalOperator(self.params, self._diagonal.pow(exponent))
+        return DiagonalOperator(
+            self.params,
+            powered(self._diagonal, exponent, "DiagonalOperator.pow", "the diagonal"),
+        )
 
     __pow__ = pow
 

@@ -31,15 +31,18 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Callable, Iterable, List, Optional, Sequence, Tuple
+from typing import Callable, Iterable, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
 
 from curvext.operators.base import (
     CurvatureOperator,
+    as_scalar,
     check_damping,
     collect_params,
+    combine_slogdets,
+    powered,
     stored,
 )
 
@@ -72,14 +75,16 @@ def _blockwise(
     return torch.cat([apply(index, block) for index, block in enumerate(blocks)])
 
 
-def _combine_slogdets(
-    signs: List[Tensor], logabsdets: List[Tensor]
-) -> Tuple[Tensor, Tensor]:
-    return torch.stack(signs).prod(), torch.stack(logabsdets).sum()
-
-
 def _eigen_slogdet(eigenvalues: Tensor) -> Tuple[Tensor, Tensor]:
     return eigenvalues.sign().prod(), eigenvalues.abs().log().sum()
+
+
+def _spread_scale(factor_values: Sequence[Tensor], scale) -> List[Tensor]:
+    """``scale * ⊗ values`` as scaled factors: ``scale^(1/k)`` each, or all on the first if negative."""
+    if scale >= 0:
+        return [values * scale ** (1.0 / len(factor_values)) for values in factor_values]
+    first, *rest = factor_values
+    return [first * scale, *rest]
 
 
 def _where(operator: CurvatureOperator, index: int) -> str:
@@ -246,7 +251,7 @@ class KronOperator(CurvatureOperator):
                     logabsdet = logabsdet + power * factor_logabsdet
             signs.append(sign)
             logabsdets.append(logabsdet)
-        return _combine_slogdets(signs, logabsdets)
+        return combine_slogdets(signs, logabsdets)
 
     def frobenius_norm(self) -> Tensor:
         # ||s X + σ I||² = s²||X||² + 2 s σ tr(X) + σ² d,
@@ -434,6 +439,48 @@ class KronOperator(CurvatureOperator):
             )
         return inverse
 
+    def decompose(self, damping: bool = False) -> "KronDecomposed":
+        r"""The eigendecomposed operator, laplace-torch's ``Kron.decompose``.
+
+        Each factor is eigendecomposed once; a scale :math:`s` of the block
+        is spread over its :math:`k` factors as :math:`s^{1/k}` (laplace-torch's
+        ``Kron * s``; for :math:`s < 0`, without ``damping``, it goes to the
+        first factor) and an identity term :math:`\sigma` (``K + σ``) becomes
+        the block's delta.
+
+        Args:
+            damping: laplace-torch's damped variant (see :class:`KronDecomposed`).
+
+        Raises:
+            ValueError: With ``damping=True``, for an identity term or a
+                negative scale, which the damped form cannot hold.
+
+        Example:
+            >>> w = torch.nn.Parameter(torch.zeros(2, 2))
+            >>> K = KronOperator([w], [[torch.diag(torch.tensor([1.0, 2])), torch.eye(2)]])
+            >>> D = K.decompose() + 1.0  # a prior precision
+            >>> D.logdet().item() == torch.tensor([2.0, 2, 3, 3]).log().sum().item()
+            True
+        """
+        eigenvectors, eigenvalues = [], []
+        for index, block in enumerate(self.factors):
+            if damping and (self.shifts[index] != 0.0 or self.scales[index] < 0):
+                raise ValueError(
+                    f"KronOperator.decompose(damping=True): {_where(self, index)} has "
+                    f"an identity term or a negative scale, which the damped form "
+                    f"(A + √δ) ⊗ (B + √δ) cannot hold; decompose K before adding "
+                    f"damping, or use damping=False."
+                )
+            decompositions = [torch.linalg.eigh(f) for f in block]
+            eigenvectors.append([d.eigenvectors for d in decompositions])
+            eigenvalues.append(
+                _spread_scale(
+                    [d.eigenvalues for d in decompositions], self.scales[index]
+                )
+            )
+        deltas = torch.tensor(self.shifts, dtype=self.dtype, device=self.device)
+        return KronDecomposed(self.params, eigenvectors, eigenvalues, deltas, damping)
+
     def _exact_inverse(self, damping: float) -> "KronEigenOperator":
         eigenvectors, eigenvalues = [], []
         for index in range(len(self.params)):
@@ -570,4 +617,240 @@ class KronEigenOperator(CurvatureOperator):
         return self._with_eigenvalues(inverses)
 
 
-__all__ = ["KronOperator", "KronEigenOperator", "kron_matmat"]
+DeltasLike = Union[float, Tensor]
+
+
+class KronDecomposed(KronEigenOperator):
+    r"""laplace-torch's ``KronDecomposed``: eigendecomposed Kronecker blocks plus deltas.
+
+    Block :math:`i`, with factors :math:`F_{ij} = Q_{ij} \mathrm{diag}(l_{ij})
+    Q_{ij}^\top` (:math:`j = 1 \dots k`) and delta :math:`\delta_i` (e.g. a
+    prior precision), is :math:`Q_i \Lambda_i Q_i^\top` with
+    :math:`Q_i = \bigotimes_j Q_{ij}` and
+
+    - :math:`\Lambda_i = \bigotimes_j l_{ij} + \delta_i`, i.e. the block
+      :math:`\bigotimes_j F_{ij} + \delta_i I` (default);
+    - :math:`\Lambda_i = \bigotimes_j (l_{ij} + \delta_i^{1/k})` with
+      ``damping=True`` (laplace-torch's damped variant,
+      :math:`(A + \sqrt\delta I) \otimes (B + \sqrt\delta I)` for two factors,
+      :math:`A + \delta I` for one).
+
+    Everything raises the eigenvalues to a power: ``bmm(W, exponent)``
+    :math:`= B^{\text{exponent}} W`, ``diag(exponent)``, ``to_matrix(exponent)``;
+    ``logdet()`` is :math:`\sum \log \Lambda` and stays differentiable in the
+    deltas. It is a :class:`KronEigenOperator` (``eigenvalues`` holds the
+    flat :math:`\Lambda_i`, ``factor_eigenvalues`` the :math:`l_{ij}`), so the
+    whole operator interface applies, with laplace-torch's meaning of ``+``:
+    ``D + deltas`` adds a scalar or one delta per block (a tensor) to
+    ``deltas``; without ``damping`` that is ``D + δ I``, with it the damped
+    mixing above. ``c * D`` is :math:`c` times the operator (laplace-torch
+    scales only the Kronecker part; the two agree for zero deltas); with
+    ``damping`` it needs :math:`c > 0`.
+
+    Differences from laplace-torch: ``+`` keeps ``damping`` (laplace-torch's
+    ``+`` returns an undamped ``KronDecomposed``, so its damped variant takes
+    its deltas through the constructor), ``bmm`` returns ``W``'s shape
+    (laplace-torch squeezes it), any number of factors per block, errors for
+    bad shapes and singular powers instead of NaN.
+
+    Args:
+        params: The parameters (order = order of the blocks).
+        eigenvectors: Per block, the eigenvectors :math:`Q_{ij}` of its factors.
+        eigenvalues: Per block, the eigenvalues :math:`l_{ij}` of its factors.
+        deltas: A scalar, or one delta per block (``[len(params)]``). Default 0.
+        damping: The damped variant. Default ``False``.
+
+    Raises:
+        ValueError: For eigenvectors and eigenvalues that do not fit the
+            parameters, deltas of another length, non-finite deltas, or (with
+            ``damping``) negative ones.
+
+    Example:
+        >>> w = torch.nn.Parameter(torch.zeros(2, 2))
+        >>> Q, l = [torch.eye(2), torch.eye(2)], [torch.tensor([1.0, 3]), torch.tensor([1.0, 2])]
+        >>> D = KronDecomposed([w], [Q], [l], deltas=1.0)
+        >>> D.diag().tolist(), D.diag(exponent=-1).round(decimals=4).tolist()
+        ([2.0, 3.0, 4.0, 7.0], [0.5, 0.3333, 0.25, 0.1429])
+        >>> D.bmm(torch.ones(1, 1, 4), exponent=1).tolist()
+        [[[2.0, 3.0, 4.0, 7.0]]]
+    """
+
+    def __init__(
+        self,
+        params: Sequence[Tensor],
+        eigenvectors: Sequence[Sequence[Tensor]],
+        eigenvalues: Sequence[Sequence[Tensor]],
+        deltas: Optional[DeltasLike] = None,
+        damping: bool = False,
+    ):
+        params = list(params)
+        eigenvalues = [list(values) for values in eigenvalues]
+        eigenvectors = [list(vectors) for vectors in eigenvectors]
+        if len(eigenvalues) != len(params) or len(eigenvectors) != len(params):
+            raise ValueError(
+                f"KronDecomposed: expected one list of factor eigenvectors and one of "
+                f"factor eigenvalues per parameter ({len(params)} parameters), got "
+                f"{len(eigenvectors)} and {len(eigenvalues)}."
+            )
+        for index, (vectors, values) in enumerate(zip(eigenvectors, eigenvalues)):
+            if [tuple(q.shape) for q in vectors] != [(len(l), len(l)) for l in values]:
+                raise ValueError(
+                    f"KronDecomposed: block {index} has eigenvectors "
+                    f"{[tuple(q.shape) for q in vectors]} for eigenvalues "
+                    f"{[tuple(l.shape) for l in values]}; expected one square "
+                    f"[n, n] per flat [n]."
+                )
+        reference = eigenvectors[0][0] if eigenvectors and eigenvectors[0] else None
+        self.factor_eigenvalues = eigenvalues
+        self.damping = bool(damping)
+        self.deltas = self._as_deltas(deltas, len(params), reference)
+        super().__init__(params, eigenvectors, self._block_eigenvalues())
+
+    def _as_deltas(self, deltas, count: int, reference: Optional[Tensor]) -> Tensor:
+        """``deltas`` as a tensor ``[count]`` (keeping its autograd graph)."""
+        dtype = reference.dtype if reference is not None else torch.get_default_dtype()
+        device = reference.device if reference is not None else None
+        if deltas is None:
+            return torch.zeros(count, dtype=dtype, device=device)
+        if not isinstance(deltas, Tensor):
+            deltas = torch.tensor(as_scalar(deltas, "KronDecomposed: deltas"))
+        deltas = deltas.to(dtype=dtype, device=device)
+        if not (deltas.ndim == 0 or (deltas.ndim == 1 and len(deltas) in (1, count))):
+            raise ValueError(
+                f"KronDecomposed: deltas must be a scalar or have one entry per "
+                f"block ({count}), got shape {list(deltas.shape)}."
+            )
+        if not torch.isfinite(deltas).all():
+            raise ValueError(f"KronDecomposed: deltas must be finite, got {deltas}.")
+        if self.damping and (deltas < 0).any():
+            raise ValueError(
+                f"KronDecomposed(damping=True): deltas must be >= 0 (their roots "
+                f"damp the factors), got {deltas}."
+            )
+        return deltas.expand(count)
+
+    def _block_eigenvalues(self) -> List[Tensor]:
+        r"""The flat :math:`\Lambda_i` of every block, from factors and deltas."""
+        blocks = []
+        for values, delta in zip(self.factor_eigenvalues, self.deltas):
+            if self.damping:
+                root = delta ** (1.0 / len(values))
+                blocks.append(dense_kron([l + root for l in values]))
+            else:
+                blocks.append(dense_kron(values) + delta)
+        return blocks
+
+    def _with(self, **changes) -> "KronDecomposed":
+        arguments = dict(
+            params=self.params,
+            eigenvectors=self.eigenvectors,
+            eigenvalues=self.factor_eigenvalues,
+            deltas=self.deltas,
+            damping=self.damping,
+        )
+        arguments.update(changes)
+        return KronDecomposed(**arguments)
+
+    def _with_eigenvalues(self, eigenvalues: List[Tensor]) -> KronEigenOperator:
+        # another spectrum in the same basis is no longer factor eigenvalues + deltas
+        return KronEigenOperator(self.params, self.eigenvectors, eigenvalues)
+
+    def _powered(self, exponent: float) -> KronEigenOperator:
+        """The operator to the power ``exponent``, in the same eigenbasis."""
+        return self._with_eigenvalues(
+            [
+                powered(values, exponent, "KronDecomposed", f"block {index}'s spectrum")
+                for index, values in enumerate(self.eigenvalues)
+            ]
+        )
+
+    def __add__(self, deltas) -> "KronDecomposed":
+        """Add a scalar or one delta per block (a tensor ``[len(params)]``) to ``deltas``."""
+        if isinstance(deltas, Tensor):  # keeps its autograd graph (prior precision)
+            added = self._as_deltas(deltas, len(self.params), self.eigenvalues[0])
+            return self._with(deltas=self.deltas + added)
+        return super().__add__(deltas)
+
+    __radd__ = __add__
+
+    def _add_scalar(self, value: float) -> "KronDecomposed":
+        return self._with(deltas=self.deltas + value)
+
+    def _scale(self, value: float) -> "KronDecomposed":
+        if self.damping and value <= 0:
+            raise ValueError(
+                f"KronDecomposed(damping=True) * {value}: the damped form needs a "
+                f"positive factor."
+            )
+        return self._with(
+            eigenvalues=[_spread_scale(v, value) for v in self.factor_eigenvalues],
+            deltas=self.deltas * value,
+        )
+
+    def _add_same(self, other: "KronDecomposed") -> "KronDecomposed":
+        raise ValueError(
+            "Cannot add two KronDecomposed operators (their eigenbases differ): add "
+            "the KronOperators, then decompose(); KronDecomposed takes + deltas only."
+        )
+
+    def __len__(self) -> int:
+        """The number of blocks (as laplace-torch's ``len``)."""
+        return len(self.params)
+
+    def detach(self) -> "KronDecomposed":
+        """Detach the deltas (and the factors) from autograd, in place; returns ``self``."""
+        self.deltas = self.deltas.detach()
+        self.factor_eigenvalues = [
+            [l.detach() for l in values] for values in self.factor_eigenvalues
+        ]
+        self.eigenvectors = [[q.detach() for q in qs] for qs in self.eigenvectors]
+        self.eigenvalues = self._block_eigenvalues()
+        return self
+
+    def _check_batch(self, W: Tensor, what: str) -> None:
+        if W.ndim != 3 or W.shape[-1] != self.shape[0]:
+            raise ValueError(
+                f"KronDecomposed.{what}: expected W of shape [batch, classes, "
+                f"{self.shape[0]}], got {list(W.shape)}."
+            )
+
+    def bmm(self, W: Tensor, exponent: float = -1) -> Tensor:
+        r""":math:`B^{\text{exponent}}` applied to each row of ``W``.
+
+        Args:
+            W: ``[batch, classes, P]`` (also ``[P]`` and ``[batch, P]``).
+            exponent: The power of the operator. Default ``-1`` (laplace-torch's).
+
+        Returns:
+            :math:`W B^{\text{exponent}}` (``B`` is symmetric), ``W``'s shape.
+
+        Raises:
+            ValueError: If ``W``'s last axis is not ``P``, or the power is
+                singular (negative exponent, zero eigenvalue) or not real.
+        """
+        if W.ndim in (1, 2):
+            return self.bmm(W.reshape(-1, 1, W.shape[-1]), exponent).reshape(W.shape)
+        self._check_batch(W, "bmm")
+        batch, classes, size = W.shape
+        rows = W.reshape(batch * classes, size).T
+        return self._powered(exponent)._matmat(rows).T.reshape(W.shape)
+
+    def inv_square_form(self, W: Tensor) -> Tensor:
+        r""":math:`W B^{-1} W^\top` per batch entry, ``[batch, classes, classes]`` for ``W`` ``[batch, classes, P]``."""
+        self._check_batch(W, "inv_square_form")
+        return torch.bmm(W, self.bmm(W, exponent=-1).transpose(1, 2))
+
+    def diag(self, exponent: float = 1) -> Tensor:
+        r"""The diagonal ``[P]`` of :math:`B^{\text{exponent}}`."""
+        if exponent == 1:
+            return super().diag()
+        return self._powered(exponent).diag()
+
+    def to_matrix(self, exponent: float = 1) -> Tensor:
+        r"""The dense :math:`B^{\text{exponent}}` ``[P, P]`` (for small operators and tests)."""
+        if exponent == 1:
+            return self.to_dense()
+        return self._powered(exponent).to_dense()
+
+
+__all__ = ["KronOperator", "KronEigenOperator", "KronDecomposed", "kron_matmat"]
