@@ -1,0 +1,513 @@
+"""Time and measure ``GGNEigen`` against ViViT, and the cost of eigenvalue logging.
+
+Run from the repository root::
+
+    python benchmarks/ggn_eigen_vs_vivit.py                  # CPU, ~4 min on 2 cores
+    python benchmarks/ggn_eigen_vs_vivit.py --device cuda    # GPU
+    python benchmarks/ggn_eigen_vs_vivit.py --quick --no-memory   # smoke run
+
+Needs ``backpack-for-pytorch`` and ``vivit-for-pytorch``
+(``pip install vivit-for-pytorch``). Conventions are those of
+``engine_vs_backpack.py`` (whose models, data and helpers this script
+imports): both contenders in one process on deep copies of the same model and
+data, warm-up runs, then repeats that run every contender once with the order
+rotating, medians; peak memory per cell in a fresh process on CPU (peak RSS
+over RSS before the unit), ``torch.cuda.max_memory_allocated`` on CUDA.
+
+**Part 1, GGNEigen vs ViViT** (batch 128, MLP and CNN, ``CrossEntropyLoss``):
+the unit is forward + loss + backward with the extension active.
+
+* eigenvalues only: ``GGNEigen(eigenvectors=False)`` (all nonzero
+  eigenvalues) vs ViViT's ``EigvalshComputation`` (all Gram eigenvalues);
+* with eigenvectors: ``GGNEigen(top_k=5)`` vs ViViT's ``EighComputation``
+  with ``criterion`` = the 5 largest;
+
+each for the exact GGN (``mc_samples=0``; Gram matrix ``N·(C−1) = 1152``
+wide for curvext, ``N·C = 1280`` for ViViT, which pushes one column more per
+sample) and its MC estimate (``mc_samples=1``, ``128`` wide).
+
+**ViViT patch.** ViViT 1.0.0 calls ``Tensor.symeig``, which PyTorch 2.x
+keeps only as a stub that raises. Before importing ViViT this script replaces
+it, as PyTorch's deprecation message prescribes, with
+``torch.linalg.eigh(self, UPLO="U" if upper else "L")`` for
+``eigenvectors=True`` and ``torch.linalg.eigvalsh`` (plus an empty tensor for
+the eigenvectors, as ``symeig`` returned) for ``eigenvectors=False``; both
+return eigenvalues in ascending order, as ``symeig`` did. ViViT's
+eigenvalues-only path therefore runs ``eigvalsh``, while curvext's
+``GGNEigen(eigenvectors=False)`` runs ``eigh`` (it filters with the same code
+as with eigenvectors) -- a handicap for curvext in those rows.
+
+**Part 2, cost of logging**: one SGD training step (zero_grad, forward, loss,
+backward, ``optimizer.step()``) of the MLP with ``curvext.monitor.EigenLogger``
+(``mc_samples=1``, ``top_k=5``, records in memory) on a logged step, against
+the same step on a step the logger skips (``backpack()`` with no extensions),
+for N = 32 … 512; plus the exact GGN at N = 128.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import gc
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+import warnings
+from typing import Dict, List, Optional
+
+import torch
+from torch import nn
+
+
+def _symeig(self, eigenvectors=False, upper=True):
+    """``Tensor.symeig`` (a stub that raises since PyTorch 2.0) on ``torch.linalg``,
+    as PyTorch's own deprecation message prescribes."""
+    uplo = "U" if upper else "L"
+    if eigenvectors:
+        return torch.linalg.eigh(self, UPLO=uplo)
+    return torch.linalg.eigvalsh(self, UPLO=uplo), torch.empty(0, dtype=self.dtype,
+                                                               device=self.device)
+
+
+torch.Tensor.symeig = _symeig
+
+import backpack as bp  # noqa: E402
+from vivit.linalg.eigh import EighComputation  # noqa: E402
+from vivit.linalg.eigvalsh import EigvalshComputation  # noqa: E402
+
+import curvext  # noqa: E402
+from curvext.extensions import GGNEigen  # noqa: E402
+from curvext.monitor import EigenLogger  # noqa: E402
+from engine_vs_backpack import (  # noqa: E402
+    MODEL_DESCRIPTIONS,
+    NUM_CLASSES,
+    ForeignLoad,
+    _mb,
+    _pct,
+    _proc_status,
+    _reset_peak_rss,
+    _trim,
+    build_model,
+    load_average,
+    machine_line,
+    source_line,
+    sync,
+    wait_for_quiet,
+)
+
+BATCH = 128
+TOP_K = 5
+TARGET_RATIO = 0.67
+LOGGING_TARGET = 2.0
+PROBE_MARKER = "MEMORY_PROBE_RESULT "
+warnings.filterwarnings("ignore", message="Full backward hook is firing")
+
+
+def make_data(batch: int, device: torch.device, seed: int):
+    generator = torch.Generator().manual_seed(seed)
+    inputs = torch.randn(batch, 1, 28, 28, generator=generator)
+    targets = torch.randint(0, NUM_CLASSES, (batch,), generator=generator)
+    return inputs.to(device), targets.to(device)
+
+
+def _top(evals: torch.Tensor, k: int = TOP_K) -> torch.Tensor:
+    return evals.detach().double().cpu()[-k:]
+
+
+# --------------------------------------------------------------------------
+# cells: something with unit(), clear() and top() (eigenvalues, for agreement)
+# --------------------------------------------------------------------------
+class EigenCell:
+    """Part 1: one library's eigen-extension on one model."""
+
+    def __init__(self, kind: str, base: nn.Module, mode: int, variant: str, device):
+        self.kind, self.device = kind, device
+        model, loss_fn = copy.deepcopy(base).to(device), nn.CrossEntropyLoss().to(device)
+        vectors = variant == "eigvecs"
+        if kind == "curvext":
+            self.model, self.loss_fn = curvext.extend(model), curvext.extend(loss_fn)
+            self.extension = GGNEigen(
+                top_k=TOP_K if vectors else None, mc_samples=mode, eigenvectors=vectors
+            )
+            self.fields = ["ggn_eigvals", "ggn_eigvecs"]
+        else:
+            self.model, self.loss_fn = bp.extend(model), bp.extend(loss_fn)
+            if vectors:
+                self.computation = EighComputation(mc_samples=mode)
+                self.group = {"params": [p for p in self.model.parameters()],
+                              "criterion": lambda evals: list(
+                                  range(len(evals) - TOP_K, len(evals)))}
+            else:
+                self.computation = EigvalshComputation(mc_samples=mode)
+                self.group = {"params": [p for p in self.model.parameters()]}
+            self.extension = self.computation.get_extension()
+            self.fields = [self.extension.savefield]
+
+    def clear(self):
+        if self.kind == "vivit":
+            self.computation._evals.clear()  # a unit that computes nothing is seen
+        for param in self.model.parameters():
+            param.grad = None
+            for field in self.fields:
+                param.__dict__.pop(field, None)
+
+    def unit(self, inputs, targets):
+        loss = self.loss_fn(self.model(inputs), targets)
+        if self.kind == "curvext":
+            with curvext.backpack(self.extension):
+                loss.backward()
+        else:
+            # ViViT's hook is spent after one backward pass: a new one per unit
+            hook = self.computation.get_extension_hook([self.group])
+            with bp.backpack(self.extension, extension_hook=hook):
+                loss.backward()
+
+    def top(self) -> torch.Tensor:
+        if self.kind == "curvext":
+            return _top(self.extension.result(0)[0])
+        result = self.computation.get_result(self.group)
+        return _top(result[0] if isinstance(result, tuple) else result)
+
+
+class StepCell:
+    """Part 2: one SGD training step with an EigenLogger, logged or skipped."""
+
+    def __init__(self, base: nn.Module, mode: int, logged: bool, device):
+        self.model = curvext.extend(copy.deepcopy(base).to(device))
+        self.loss_fn = curvext.extend(nn.CrossEntropyLoss().to(device))
+        self.optimizer = torch.optim.SGD(self.model.parameters(), lr=1e-3)
+        # every=1 logs every step; a huge `every` skips every step after the first
+        self.logger = EigenLogger(None, top_k=TOP_K, mc_samples=mode,
+                                  every=1 if logged else 10**9)
+        self.logger.num_steps = 0 if logged else 1
+
+    def clear(self):
+        self.logger.records.clear()
+
+    def unit(self, inputs, targets):
+        self.optimizer.zero_grad()
+        loss = self.loss_fn(self.model(inputs), targets)
+        with curvext.backpack(*self.logger.extensions()):
+            loss.backward()
+        self.logger.step(loss)
+        self.optimizer.step()
+
+    def top(self):
+        return None
+
+
+def make_cell(spec: dict, device: torch.device):
+    torch.manual_seed(spec["seed"])
+    base = build_model(spec["model"])
+    if spec["part"] == "eigen":
+        return EigenCell(spec["kind"], base, spec["mode"], spec["variant"], device)
+    return StepCell(base, spec["mode"], spec["kind"] == "logged", device)
+
+
+# --------------------------------------------------------------------------
+# timing and memory
+# --------------------------------------------------------------------------
+def time_cells(cells: Dict[str, object], data, device, args) -> Dict[str, List[float]]:
+    inputs, targets = data
+
+    def run(cell):
+        cell.clear()
+        sync(device)
+        start = time.perf_counter()
+        cell.unit(inputs, targets)
+        sync(device)
+        return time.perf_counter() - start
+
+    plan = list(cells.items())
+    for _ in range(args.warmup):
+        for _, cell in plan:
+            run(cell)
+    times = {kind: [] for kind, _ in plan}
+    repeat, spent = 0, 0.0
+    while repeat < args.repeats or (spent < args.min_time and repeat < args.max_repeats):
+        shift = repeat % len(plan)
+        for kind, cell in plan[shift:] + plan[:shift]:
+            elapsed = run(cell)
+            times[kind].append(1e3 * elapsed)
+            spent += elapsed
+        repeat += 1
+    return times
+
+
+def memory_probe(spec: dict) -> dict:
+    """Body of ``--memory-probe``: one cell on CPU, in a fresh process."""
+    device = torch.device("cpu")
+    torch.set_num_threads(spec["threads"])
+    cell = make_cell(spec, device)
+    data = make_data(spec["batch"], device, spec["seed"])
+    _trim()
+    after_setup = _proc_status()["VmRSS"]
+    cell.unit(*data)
+    can_reset = _reset_peak_rss()
+    peaks = []
+    for _ in range(3 if can_reset else 1):
+        cell.clear()
+        _trim()
+        before = _proc_status()["VmRSS"]
+        if can_reset:
+            _reset_peak_rss()
+        else:
+            before = after_setup
+        cell.unit(*data)
+        peaks.append(_proc_status()["VmHWM"] - before)
+    return {"peak_bytes": statistics.median(peaks), "exact_reset": can_reset}
+
+
+def peak_memory(spec: dict, cell, data, device) -> Optional[float]:
+    if device.type == "cuda":
+        peaks = []
+        for _ in range(3):
+            cell.clear()
+            gc.collect()
+            sync(device)
+            torch.cuda.reset_peak_memory_stats(device)
+            before = torch.cuda.memory_allocated(device)
+            cell.unit(*data)
+            sync(device)
+            peaks.append(torch.cuda.max_memory_allocated(device) - before)
+        return statistics.median(peaks)
+    spec = {**spec, "threads": torch.get_num_threads()}
+    command = [sys.executable, os.path.abspath(__file__), "--memory-probe", json.dumps(spec)]
+    result = subprocess.run(command, capture_output=True, text=True)
+    for line in result.stdout.splitlines():
+        if line.startswith(PROBE_MARKER):
+            return json.loads(line[len(PROBE_MARKER):])["peak_bytes"]
+    sys.stderr.write(f"memory probe failed for {spec}:\n{result.stderr[-2000:]}\n")
+    return None
+
+
+def measure(specs: Dict[str, dict], batch: int, device, args) -> dict:
+    """Time the cells of ``specs`` (kind -> spec) together; memory one by one."""
+    data = make_data(batch, device, args.seed)
+    cells = {kind: make_cell(spec, device) for kind, spec in specs.items()}
+    for attempt in range(args.busy_retries + 1):
+        meter = ForeignLoad()
+        times = time_cells(cells, data, device, args)
+        foreign = meter.stop()
+        if foreign is None or foreign <= args.busy_threshold or attempt == args.busy_retries:
+            break
+        print(f"  other processes used {100 * foreign:.0f}% of the CPUs; waiting for "
+              "quiet and measuring again", flush=True)
+        wait_for_quiet(args.busy_threshold / 2, timeout=args.quiet_wait)
+    result = {"times_ms": times, "foreign_load": foreign,
+              "ms": {kind: statistics.median(values) for kind, values in times.items()},
+              "top": {kind: cell.top() for kind, cell in cells.items()}, "mem": {}}
+    for kind, spec in specs.items():
+        result["mem"][kind] = None if args.no_memory else peak_memory(
+            {**spec, "batch": batch}, cells[kind], data, device)
+    del cells
+    gc.collect()
+    return result
+
+
+# --------------------------------------------------------------------------
+# main
+# --------------------------------------------------------------------------
+MODE_NAMES = {0: "exact", 1: "mc_samples=1"}
+VARIANT_NAMES = {"eigvals": "eigenvalues only", "eigvecs": f"top-{TOP_K} eigenpairs"}
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--min-time", type=float, default=1.0)
+    parser.add_argument("--max-repeats", type=int, default=21)
+    parser.add_argument("--models", default="mlp,cnn")
+    parser.add_argument("--sizes", default="32,64,128,256,512",
+                        help="batch sizes of the logging sweep (part 2)")
+    parser.add_argument("--busy-threshold", type=float, default=0.15,
+                        help="a row during which other processes used more than this "
+                        "fraction of the CPUs is measured again")
+    parser.add_argument("--busy-retries", type=int, default=2)
+    parser.add_argument("--quiet-wait", type=float, default=20.0)
+    parser.add_argument("--no-memory", action="store_true")
+    parser.add_argument("--quick", action="store_true", help="1 warm-up, 2 repeats")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default=None,
+                        help="markdown file (default benchmarks/results/ggn_eigen_<device>.md)")
+    parser.add_argument("--memory-probe", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.repeats, args.warmup, args.min_time = 2, 1, 0.0
+    args.models = [m for m in args.models.split(",") if m]
+    args.sizes = [int(n) for n in args.sizes.split(",") if n]
+    if args.out is None:
+        here = os.path.dirname(os.path.abspath(__file__))
+        suffix = "_quick" if args.quick else ""
+        args.out = os.path.join(here, "results", f"ggn_eigen_{args.device}{suffix}.md")
+    return args
+
+
+def _rel_top(a, b) -> str:
+    if a is None or b is None or len(a) != len(b):
+        return "n/a"
+    return f"{float((a - b).norm() / b.norm()):.0e}"
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.memory_probe is not None:
+        print(PROBE_MARKER + json.dumps(memory_probe(json.loads(args.memory_probe))))
+        return
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device available")
+    device = torch.device(args.device)
+    started, clock = datetime.datetime.utcnow(), time.perf_counter()
+    machine = machine_line(device) + f"; vivit-for-pytorch {_version('vivit-for-pytorch')}"
+    source, load_start = source_line(), load_average()
+    print(machine, source, f"load average: {load_start}", sep="\n", flush=True)
+
+    eigen_rows = []
+    for model in args.models:
+        for mode in (0, 1):
+            for variant in ("eigvals", "eigvecs"):
+                specs = {kind: {"part": "eigen", "kind": kind, "model": model, "mode": mode,
+                                "variant": variant, "seed": args.seed}
+                         for kind in ("curvext", "vivit")}
+                result = measure(specs, BATCH, device, args)
+                result.update(model=model, mode=mode, variant=variant)
+                result["agreement"] = (_rel_top(result["top"]["curvext"], result["top"]["vivit"])
+                                       if mode == 0 else "MC")
+                eigen_rows.append(result)
+                ms, mem = result["ms"], result["mem"]
+                print(f"{model} {MODE_NAMES[mode]:13s} {VARIANT_NAMES[variant]:18s} "
+                      f"curvext {ms['curvext']:9.2f} ms  ViViT {ms['vivit']:9.2f} ms  "
+                      f"ratio {ms['curvext'] / ms['vivit']:.2f}  mem {_mb(mem['curvext'])} / "
+                      f"{_mb(mem['vivit'])} MB  diff {result['agreement']}  other load "
+                      f"{_pct(result['foreign_load'])}", flush=True)
+
+    step_rows = []
+    for mode, sizes in ((1, args.sizes), (0, [BATCH])):
+        for batch in sizes:
+            specs = {kind: {"part": "step", "kind": kind, "model": "mlp", "mode": mode,
+                            "seed": args.seed} for kind in ("logged", "unlogged")}
+            result = measure(specs, batch, device, args)
+            result.update(mode=mode, batch=batch)
+            step_rows.append(result)
+            ms, mem = result["ms"], result["mem"]
+            print(f"step mlp {MODE_NAMES[mode]:13s} N={batch:<4d} logged {ms['logged']:9.2f} ms  "
+                  f"unlogged {ms['unlogged']:8.2f} ms  ratio {ms['logged'] / ms['unlogged']:.2f}  "
+                  f"mem {_mb(mem['logged'])} / {_mb(mem['unlogged'])} MB  other load "
+                  f"{_pct(result['foreign_load'])}", flush=True)
+
+    report = render(eigen_rows, step_rows, args, device, machine, source, load_start,
+                    started, time.perf_counter() - clock)
+    print()
+    print(report)
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, "w") as out:
+        out.write(report)
+    raw = {"machine": machine, "source": source,
+           "args": {k: v for k, v in vars(args).items()},
+           "eigen": [{k: v for k, v in r.items() if k != "top"} for r in eigen_rows],
+           "steps": [{k: v for k, v in r.items() if k != "top"} for r in step_rows]}
+    raw_path = os.path.splitext(args.out)[0] + ".json"
+    with open(raw_path, "w") as out:
+        json.dump(raw, out, indent=1)
+    print(f"written to {args.out} and {raw_path}")
+
+
+def _version(package: str) -> str:
+    from importlib.metadata import version
+
+    return version(package)
+
+
+def render(eigen_rows, step_rows, args, device, machine, source, load_start,
+           started, elapsed) -> str:
+    memory = ("n/a (--no-memory)" if args.no_memory else
+              "torch.cuda.max_memory_allocated" if device.type == "cuda"
+              else "peak RSS in a fresh process per cell")
+    lines = [
+        f"# GGNEigen vs ViViT, and the cost of eigenvalue logging ({device.type})",
+        "",
+        f"Machine: {machine}",
+        "",
+        f"Source: {source}.",
+        "",
+        f"Load average (1, 5, 15 min) at start: {load_start}; at end: {load_average()}.",
+        "",
+        f"Run {started:%Y-%m-%d %H:%M} UTC, {elapsed:.0f} s, float32: median of at least "
+        f"{args.repeats} interleaved repeats after {args.warmup} warm-up run(s) each "
+        + (f"(more, up to {args.max_repeats}, while a row's timed runs took less than "
+           f"{args.min_time:g} s) " if args.min_time > 0 else "")
+        + f"(column `n`). Peak MB = extra memory of one unit over what is allocated "
+        f"before it ({memory}). ViViT 1.0.0 runs with `Tensor.symeig` patched to "
+        "`torch.linalg.eigh` (see the script's docstring).",
+        "",
+        "Models: " + "; ".join(f"`{name}` = {MODEL_DESCRIPTIONS[name]}"
+                               for name in args.models) + ".",
+        "",
+        f"## GGNEigen vs ViViT (batch {BATCH}, full GGN, one group)",
+        "",
+        "Unit = forward + loss + backward with the extension active. Eigenvalues only: "
+        "`GGNEigen(eigenvectors=False)` vs `EigvalshComputation`; top-5 eigenpairs: "
+        f"`GGNEigen(top_k={TOP_K})` vs `EighComputation` with the 5 largest as criterion. "
+        f"Target: ratio <= {TARGET_RATIO} and no more peak memory.",
+        "",
+        "| model | GGN | computes | curvext ms | ViViT ms | ratio | curvext peak MB "
+        "| ViViT peak MB | target | n | other load | top-5 rel. diff |",
+        "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: | --- |",
+    ]
+    for row in eigen_rows:
+        ms, mem = row["ms"], row["mem"]
+        ratio = ms["curvext"] / ms["vivit"]
+        memory_ok = (mem["curvext"] is None or mem["vivit"] is None
+                     or mem["curvext"] <= mem["vivit"])
+        mark = "meets" if ratio <= TARGET_RATIO and memory_ok else "**misses**"
+        lines.append(
+            f"| {row['model']} | {MODE_NAMES[row['mode']]} | {VARIANT_NAMES[row['variant']]} "
+            f"| {ms['curvext']:.1f} | {ms['vivit']:.1f} | {ratio:.2f} | {_mb(mem['curvext'])} "
+            f"| {_mb(mem['vivit'])} | {mark} | {len(row['times_ms']['curvext'])} "
+            f"| {_pct(row['foreign_load'])} | {row['agreement']} |")
+    lines += [
+        "",
+        "Ratio < 1 means curvext is faster. `top-5 rel. diff`: ||λ_curvext − λ_ViViT|| / "
+        "||λ_ViViT|| over the 5 largest eigenvalues (exact GGN; MC rows draw different "
+        "samples). The exact Gram matrix is 1152 wide in curvext (C−1 columns per "
+        "sample) and 1280 in ViViT (C).",
+        "",
+        "## Cost of a logged training step (MLP)",
+        "",
+        "Unit = `zero_grad`, forward, loss, backward inside `backpack(*logger.extensions())`, "
+        "`logger.step(loss)`, `optimizer.step()` (SGD), with `EigenLogger(top_k=5)`; "
+        "`logged`: a step the logger records (GGNEigen without eigenvectors + "
+        "gradient noise), `unlogged`: a step it skips (no extensions). Target: ratio <= "
+        f"{LOGGING_TARGET:g} for `mc_samples=1`.",
+        "",
+        "| GGN | N | Gram size | logged ms | unlogged ms | ratio | logged peak MB "
+        "| unlogged peak MB | target | n | other load |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: |",
+    ]
+    for row in step_rows:
+        ms, mem = row["ms"], row["mem"]
+        ratio = ms["logged"] / ms["unlogged"]
+        mark = ("" if row["mode"] != 1 else
+                "meets" if ratio <= LOGGING_TARGET else "**misses**")
+        size = row["batch"] * (1 if row["mode"] == 1 else NUM_CLASSES - 1)
+        lines.append(
+            f"| {MODE_NAMES[row['mode']]} | {row['batch']} | {size} | {ms['logged']:.1f} "
+            f"| {ms['unlogged']:.1f} | {ratio:.2f} | {_mb(mem['logged'])} "
+            f"| {_mb(mem['unlogged'])} | {mark} | {len(row['times_ms']['logged'])} "
+            f"| {_pct(row['foreign_load'])} |")
+    lines += [
+        "",
+        "`other load`: share of all CPUs other processes used while the row was timed "
+        "(a high value means the row is unreliable).",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()
