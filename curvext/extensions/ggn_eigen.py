@@ -225,7 +225,8 @@ class GGNEigen(Extension):
         """Compute and store the result of one group; returned by :meth:`result`."""
         size = info.batch_size * num_columns
         self._check_top_k(size, f"N = {info.batch_size} samples × K = {num_columns}")
-        evals, basis = self._decompose(index, group, _group_gram(group, pieces, size))
+        gram = _group_gram(group, pieces, size)
+        evals, basis = self._decompose(index, group, gram, with_basis=self.eigenvectors)
         evecs = None
         if self.eigenvectors:
             evecs = _group_vectors(group, pieces, basis / evals.sqrt())
@@ -246,15 +247,23 @@ class GGNEigen(Extension):
                 "larger batch."
             )
 
-    def _decompose(self, index: int, group: List[Tensor], gram: Tensor) -> Tuple[Tensor, Tensor]:
+    def _decompose(
+        self, index: int, group: List[Tensor], gram: Tensor, with_basis: bool = True
+    ) -> Tuple[Tensor, Optional[Tensor]]:
         """Chosen nonzero eigenvalues ``[k]`` (ascending) of a group's Gram
-        matrix and their eigenvectors ``[NK, k]``, in the Gram matrix's dtype."""
+        matrix and their eigenvectors ``[NK, k]`` (``None`` without
+        ``with_basis``: eigenvalues alone are several times cheaper), in the
+        Gram matrix's dtype."""
         size = gram.shape[0]
         eps = max(torch.finfo(param.dtype).eps for param in group)
         finite = bool(torch.isfinite(gram).all())
+        basis = None
         if finite:
             try:
-                evals, basis = torch.linalg.eigh(gram)
+                if with_basis:
+                    evals, basis = torch.linalg.eigh(gram)
+                else:
+                    evals = torch.linalg.eigvalsh(gram)
             except torch.linalg.LinAlgError:
                 finite = False
             else:
@@ -275,10 +284,12 @@ class GGNEigen(Extension):
         if size > 0:
             threshold = evals[-1].clamp(min=0) * size * eps
             keep = (evals > threshold).nonzero().flatten()
-            evals, basis = evals[keep], basis[:, keep]
+            evals = evals[keep]
+            basis = None if basis is None else basis[:, keep]
         chosen = self._choose(evals)
         if chosen is not None:
-            evals, basis = evals[chosen], basis[:, chosen]
+            evals = evals[chosen]
+            basis = None if basis is None else basis[:, chosen]
         return evals, basis
 
     def _choose(self, evals: Tensor) -> Optional[Tensor]:
