@@ -6,7 +6,7 @@ d_i`.
 
 from __future__ import annotations
 
-from typing import Iterable, Tuple
+from typing import Iterable, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -93,6 +93,66 @@ class DiagonalOperator(CurvatureOperator):
                 )
             entries.append(value.detach().reshape(-1))
         return cls(params, torch.cat(entries))
+
+    @classmethod
+    def from_data(
+        cls,
+        model: torch.nn.Module,
+        loss_fn: torch.nn.Module,
+        data: Iterable,
+        mc_samples: int = 0,
+        progressbar: bool = False,
+        params: Optional[Iterable[Tensor]] = None,
+    ) -> "DiagonalOperator":
+        r"""The GGN diagonal of a whole data set, one backward pass per batch.
+
+        Runs ``GGNDiag(mc_samples)`` on every batch and combines the batch
+        diagonals :math:`D_b` (each :math:`c_b` times a sum over the batch) as
+        one batch of the whole set would give them:
+        :math:`D = \sum_b d_b D_b / \sum_b d_b` for ``reduction="mean"``
+        (:math:`d_b = 1/c_b` the batch's loss denominator) and
+        :math:`D = \sum_b D_b` for ``"sum"`` (derivation:
+        :mod:`curvext.operators.data`). Exact for ``mc_samples=0``, in
+        expectation otherwise.
+
+        Args:
+            model: The model, extended in place with :func:`curvext.extend`
+                if it is not yet.
+            loss_fn: ``MSELoss``, ``CrossEntropyLoss`` or ``BCEWithLogitsLoss``
+                with ``reduction="mean"`` or ``"sum"`` (extended likewise).
+            data: Any iterable of ``(X, y)`` batches (a ``DataLoader``), on the
+                model's device and dtype.
+            mc_samples: 0 (default) for the exact GGN, ``M > 0`` for ``M``
+                Monte-Carlo samples per batch.
+            progressbar: Show a ``tqdm`` progress bar over the batches.
+            params: The parameters, in order (default: the model's trainable
+                parameters).
+
+        Each batch's graph is freed by its backward pass; the parameters'
+        ``.grad`` and ``p.ggn_diag`` are left as they were before the call.
+
+        Raises:
+            ValueError: For an empty ``data``, a batch that is not ``(X, y)``,
+                a loss reduction other than ``"mean"``/``"sum"``, or an invalid
+                ``mc_samples``.
+            ImportError: If ``progressbar=True`` and ``tqdm`` is missing.
+
+        Example:
+            >>> model = torch.nn.Linear(3, 2)
+            >>> loss_fn = torch.nn.MSELoss(reduction="sum")
+            >>> X, y = torch.randn(10, 3), torch.randn(10, 2)
+            >>> D = DiagonalOperator.from_data(model, loss_fn, [(X[:3], y[:3]), (X[3:], y[3:])])
+            >>> D_full = DiagonalOperator.from_data(model, loss_fn, [(X, y)])
+            >>> D.shape, torch.allclose(D.diag(), D_full.diag())
+            ((8, 8), True)
+        """
+        from curvext.operators.data import _GGNDiagForData, accumulate_over_data
+
+        params, diagonals = accumulate_over_data(
+            model, loss_fn, data, _GGNDiagForData(mc_samples), params, progressbar,
+            f"{cls.__name__}.from_data",
+        )
+        return cls(params, torch.cat([d.reshape(-1) for (d,) in diagonals]))
 
     def _matmat(self, matrix: Tensor) -> Tensor:
         return self._diagonal.unsqueeze(1) * matrix

@@ -189,6 +189,80 @@ class KronOperator(CurvatureOperator):
         ]
         return cls(params, factors)
 
+    @classmethod
+    def from_data(
+        cls,
+        model: torch.nn.Module,
+        loss_fn: torch.nn.Module,
+        data: Iterable,
+        fisher_type: str = "type-2",
+        mc_samples: int = 1,
+        kfac_approx: str = "expand",
+        progressbar: bool = False,
+        params: Optional[Iterable[Tensor]] = None,
+    ) -> "KronOperator":
+        r"""KFAC of a whole data set, one backward pass per batch.
+
+        Runs ``KFAC(fisher_type, mc_samples, kfac_approx)`` on every batch and
+        combines the factors as one batch of the whole set would give them:
+        with :math:`d_b` the loss denominator of batch :math:`b` (``1/c_b``;
+        :math:`N_b` for ``CrossEntropyLoss``) and :math:`N_b` its samples,
+
+        .. math:: G = \frac{\sum_b d_b G_b}{\sum_b d_b} \ (\text{mean}),
+            \quad G = \sum_b G_b \ (\text{sum}), \qquad
+            A = \frac{\sum_b N_b A_b}{\sum_b N_b},
+
+        because :math:`G_b` is :math:`c_b` times a sum over the batch and
+        :math:`A_b` an average over it (derivation: :mod:`curvext.operators.data`).
+        One-factor blocks (biases, normalisation layers) combine like
+        :math:`G`; for ``"forward-only"`` every factor combines like
+        :math:`A`. Exact for ``"type-2"``, ``"empirical"`` and
+        ``"forward-only"``; for ``"mc"`` in expectation (fresh samples per batch).
+
+        Args:
+            model: The model, extended in place with :func:`curvext.extend`
+                if it is not yet.
+            loss_fn: ``MSELoss``, ``CrossEntropyLoss`` or ``BCEWithLogitsLoss``
+                with ``reduction="mean"`` or ``"sum"`` (extended likewise).
+            data: Any iterable of ``(X, y)`` batches (a ``DataLoader``), on the
+                model's device and dtype. ``kfac_approx="expand"`` needs the
+                same number of positions per sample in every batch.
+            fisher_type: ``"type-2"`` (default), ``"mc"``, ``"empirical"`` or
+                ``"forward-only"`` (see :class:`~curvext.extensions.KFAC`).
+            mc_samples: Monte-Carlo samples per batch for ``"mc"``.
+            kfac_approx: ``"expand"`` (default) or ``"reduce"``.
+            progressbar: Show a ``tqdm`` progress bar over the batches.
+            params: The parameters, in block order (default: the model's
+                trainable parameters).
+
+        Each batch's graph is freed by its backward pass; the parameters'
+        ``.grad`` and ``p.kfac`` are left as they were before the call.
+
+        Raises:
+            ValueError: For an empty ``data``, a batch that is not ``(X, y)``,
+                a loss reduction other than ``"mean"``/``"sum"``, or invalid
+                ``KFAC`` arguments.
+            ImportError: If ``progressbar=True`` and ``tqdm`` is missing.
+
+        Example:
+            >>> model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2))
+            >>> loss_fn = torch.nn.CrossEntropyLoss()
+            >>> X, y = torch.randn(10, 3), torch.randint(0, 2, (10,))
+            >>> batches = [(X[:4], y[:4]), (X[4:], y[4:])]
+            >>> K = KronOperator.from_data(model, loss_fn, batches)
+            >>> K_full = KronOperator.from_data(model, loss_fn, [(X, y)])
+            >>> K.shape, torch.allclose(K.to_dense(), K_full.to_dense())
+            ((26, 26), True)
+        """
+        from curvext.operators.data import _KFACForData, accumulate_over_data
+
+        extension = _KFACForData(fisher_type, mc_samples, kfac_approx)
+        params, factors = accumulate_over_data(
+            model, loss_fn, data, extension, params, progressbar,
+            f"{cls.__name__}.from_data",
+        )
+        return cls(params, factors)
+
     def _scaled_factors(self, index: int) -> List[Tensor]:
         """The factors of block ``index`` with its scale folded into the first."""
         first, *rest = self.factors[index]
