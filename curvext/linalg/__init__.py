@@ -1,0 +1,36 @@
+r"""Matrix-free linear algebra on any square operator.
+
+Everything here works on a curvext :class:`~curvext.operators.CurvatureOperator`,
+a dense ``torch.Tensor`` ``[P, P]``, or any object with ``.shape == (P, P)``,
+``.dtype``, ``.device`` and ``A @ X`` for ``X`` ``[P, M]``:
+
+* :mod:`~curvext.linalg.trace`: :func:`hutchinson_trace`, :func:`hutchpp_trace`, :func:`xtrace`;
+* :mod:`~curvext.linalg.diagonal`: :func:`hutchinson_diag`, :func:`xdiag`;
+* :mod:`~curvext.linalg.norm`: :func:`hutchinson_squared_fro`;
+* :mod:`~curvext.linalg.inverse`: :class:`CGInverse`, :class:`NeumannInverse`.
+
+>>> import torch
+>>> from curvext.linalg import CGInverse, hutchinson_trace
+>>> A = torch.diag(torch.tensor([1.0, 2.0, 4.0], dtype=torch.float64))
+>>> hutchinson_trace(CGInverse(A, tol=1e-12), num_matvecs=3).item()  # Tr(A^-1)
+1.75
+"""
+
+from curvext.linalg.checks import assert_is_square
+from curvext.linalg.diagonal import hutchinson_diag, xdiag
+from curvext.linalg.inverse import CGInfo, CGInverse, NeumannInverse
+from curvext.linalg.norm import hutchinson_squared_fro
+from curvext.linalg.trace import hutchinson_trace, hutchpp_trace, xtrace
+
+__all__ = [
+    "hutchinson_trace",
+    "hutchpp_trace",
+    "xtrace",
+    "hutchinson_diag",
+    "xdiag",
+    "hutchinson_squared_fro",
+    "CGInverse",
+    "CGInfo",
+    "NeumannInverse",
+    "assert_is_square",
+]

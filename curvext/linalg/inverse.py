@@ -1,0 +1,331 @@
+r"""Matrix-free inverses :math:`\mathbf{A}^{-1}`: conjugate gradients and the Neumann series.
+
+Both are operators themselves (``.shape``, ``.dtype``, ``.device``, ``@`` on
+``[P]`` and ``[P, M]``), so they can be passed to the estimators of
+:mod:`curvext.linalg` or serve as a preconditioner.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from typing import List, Optional
+
+import torch
+from torch import Tensor
+
+from curvext.linalg.adapter import as_matrix, as_square_operator
+from curvext.linalg.checks import assert_positive_int, check_positive
+
+
+@dataclass
+class CGInfo:
+    """How the last :class:`CGInverse` solve went (one entry per right-hand side).
+
+    Attributes:
+        iterations: The number of CG iterations run (products with ``A``).
+        residual_norms: The final residual norms :math:`\\|b_j - A x_j\\|` ``[M]``
+            (CG's recursively updated residuals).
+        rhs_norms: :math:`\\|b_j\\|` ``[M]``; convergence means
+            ``residual_norms <= tol * rhs_norms``.
+        converged: Whether each column converged ``[M]`` (bool).
+        history: The residual norms ``[M]`` before each iteration and after the last.
+    """
+
+    iterations: int
+    residual_norms: Tensor
+    rhs_norms: Tensor
+    converged: Tensor
+    history: List[Tensor]
+
+
+class CGInverse:
+    r"""The inverse of a symmetric positive definite :math:`\mathbf{A}` by (preconditioned) CG.
+
+    ``CGInverse(A) @ B`` solves :math:`\mathbf{A}\mathbf{X} = \mathbf{B}` for
+    all columns of ``B`` at once: every iteration multiplies ``A`` with the
+    search directions of the columns that have not converged yet in one
+    ``A @ X``, and the step sizes are per column,
+
+    .. math::
+        \alpha_j = \frac{\mathbf{r}_j^\top \mathbf{z}_j}{\mathbf{p}_j^\top\mathbf{A}\mathbf{p}_j},
+        \quad \mathbf{x}_j \leftarrow \mathbf{x}_j + \alpha_j \mathbf{p}_j,
+        \quad \mathbf{r}_j \leftarrow \mathbf{r}_j - \alpha_j \mathbf{A}\mathbf{p}_j,
+        \quad \mathbf{z}_j = \mathbf{M}\mathbf{r}_j,
+        \quad \mathbf{p}_j \leftarrow \mathbf{z}_j
+            + \frac{\mathbf{r}_j^{\top}\mathbf{z}_j}{\mathbf{r}_j^{\mathrm{old}\top}
+              \mathbf{z}_j^{\mathrm{old}}} \mathbf{p}_j,
+
+    with :math:`\mathbf{M} \approx \mathbf{A}^{-1}` the preconditioner
+    (identity by default). Column :math:`j` stops once
+    :math:`\|\mathbf{r}_j\| \le \mathrm{tol}\,\|\mathbf{b}_j\|`. A curvature
+    :math:`\mathbf{p}_j^\top\mathbf{A}\mathbf{p}_j \le 0` proves that
+    :math:`\mathbf{A}` is not positive definite; CG then stops with an error
+    instead of iterating on.
+
+    Hestenes, M. R., & Stiefel, E. (1952). Methods of conjugate gradients for
+    solving linear systems. Journal of Research of the National Bureau of Standards.
+
+    Args:
+        A: A symmetric positive definite ``[P, P]`` operator (a curvext operator,
+            e.g. ``G + 1e-3``, a tensor, or anything with ``.shape``, ``.dtype``,
+            ``.device`` and ``A @ X``).
+        tol: Relative residual tolerance (default ``1e-6``).
+        max_iter: The most iterations per solve (default ``10 * P``); a solve
+            that has not converged by then warns and returns its iterate.
+        preconditioner: An operator :math:`\mathbf{M} \approx \mathbf{A}^{-1}`,
+            symmetric positive definite, e.g. ``K.inverse(damping=1e-3)`` of a
+            :class:`~curvext.operators.KronOperator` (default: none).
+
+    Attributes:
+        info: A :class:`CGInfo` for the last solve (``None`` before the first).
+
+    Raises:
+        ValueError: If ``A`` or the preconditioner is not square, they differ in
+            size, or ``tol``/``max_iter`` are not positive.
+
+    Example:
+        >>> A = torch.tensor([[4.0, 1.0], [1.0, 3.0]], dtype=torch.float64)
+        >>> A_inv = CGInverse(A, tol=1e-10)
+        >>> (A_inv @ torch.tensor([1.0, 2.0], dtype=torch.float64)).round(decimals=6).tolist()
+        [0.090909, 0.636364]
+        >>> A_inv.info.iterations, bool(A_inv.info.converged.all())
+        (2, True)
+    """
+
+    def __init__(
+        self,
+        A,
+        tol: float = 1e-6,
+        max_iter: Optional[int] = None,
+        preconditioner=None,
+    ):
+        owner = "CGInverse"
+        self._A = as_square_operator(A, owner)
+        self.tol = check_positive(tol, "tol", owner)
+        self.max_iter = (
+            10 * self._A.dim
+            if max_iter is None
+            else assert_positive_int(max_iter, "max_iter", owner)
+        )
+        self._preconditioner = None
+        if preconditioner is not None:
+            self._preconditioner = as_square_operator(
+                preconditioner, f"{owner} preconditioner"
+            )
+            if self._preconditioner.dim != self._A.dim:
+                raise ValueError(
+                    f"{owner}: the preconditioner has shape "
+                    f"{tuple(preconditioner.shape)}, A has {tuple(A.shape)}; they "
+                    f"must have the same size."
+                )
+        self.shape, self.dtype, self.device = (
+            (self._A.dim,) * 2,
+            self._A.dtype,
+            self._A.device,
+        )
+        self.info: Optional[CGInfo] = None
+
+    def _precondition(self, residuals: Tensor) -> Tensor:
+        return (
+            residuals
+            if self._preconditioner is None
+            else self._preconditioner @ residuals
+        )
+
+    def __matmul__(self, rhs: Tensor) -> Tensor:
+        """``A^{-1} @ rhs`` for ``rhs`` ``[P]`` or ``[P, M]``; sets :attr:`info`.
+
+        Raises:
+            ValueError: If ``rhs`` has another shape, or ``A`` (or the
+                preconditioner) turns out not to be positive definite.
+        """
+        matrix = as_matrix(rhs, self._A.dim, "CGInverse")
+        return self._solve(matrix).reshape(rhs.shape)
+
+    def _solve(self, rhs: Tensor) -> Tensor:
+        solution = torch.zeros_like(rhs)
+        residuals = rhs.clone()
+        preconditioned = self._precondition(residuals)
+        directions = preconditioned.clone()
+        inner = (residuals * preconditioned).sum(0)
+        self._check_preconditioner(inner, 0)
+        rhs_norms = rhs.norm(dim=0)
+        thresholds = self.tol * rhs_norms
+        residual_norms = residuals.norm(dim=0)
+        history = [residual_norms.clone()]
+        active = residual_norms > thresholds
+        iteration = 0
+        while active.any() and iteration < self.max_iter:
+            columns = active.nonzero().squeeze(1)
+            p = directions[:, columns]
+            Ap = self._A @ p
+            curvature = (p * Ap).sum(0)
+            if (curvature <= 0).any():
+                column = columns[(curvature <= 0).nonzero()[0, 0]].item()
+                value = curvature[(curvature <= 0).nonzero()[0, 0]].item()
+                raise ValueError(
+                    f"CGInverse: A is not positive definite: p^T A p = {value:.3g} <= 0 "
+                    f"for right-hand side {column} at iteration {iteration}. CG only "
+                    f"solves symmetric positive definite systems; add damping "
+                    f"(e.g. CGInverse(A + 1e-3)) or use another solver."
+                )
+            step = inner[columns] / curvature
+            solution[:, columns] += step * p
+            r = residuals[:, columns] - step * Ap
+            residuals[:, columns] = r
+            z = self._precondition(r)
+            new_inner = (r * z).sum(0)
+            self._check_preconditioner(new_inner, iteration + 1)
+            directions[:, columns] = z + (new_inner / inner[columns]) * p
+            inner[columns] = new_inner
+            residual_norms[columns] = r.norm(dim=0)
+            history.append(residual_norms.clone())
+            active = residual_norms > thresholds
+            iteration += 1
+        self.info = CGInfo(iteration, residual_norms, rhs_norms, ~active, history)
+        if active.any():
+            warnings.warn(
+                f"CGInverse: {int(active.sum())} of {rhs.shape[1]} right-hand sides did "
+                f"not converge to tol={self.tol:g} in max_iter={self.max_iter} "
+                f"iterations (largest relative residual "
+                f"{(residual_norms / rhs_norms)[active].max().item():.3g}); raise "
+                f"max_iter, loosen tol or add a preconditioner. See .info.",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+        return solution
+
+    def _check_preconditioner(self, inner: Tensor, iteration: int) -> None:
+        if self._preconditioner is not None and (inner < 0).any():
+            raise ValueError(
+                f"CGInverse: the preconditioner is not positive definite: r^T M r = "
+                f"{inner.min().item():.3g} < 0 at iteration {iteration}."
+            )
+
+    def __repr__(self) -> str:
+        return (
+            f"CGInverse(shape={self.shape}, tol={self.tol:g}, max_iter={self.max_iter})"
+        )
+
+
+class NeumannInverse:
+    r"""The inverse of :math:`\mathbf{A}` by a truncated Neumann series.
+
+    .. math::
+        \mathbf{A}^{-1} = \alpha \sum_{k=0}^{\infty} (\mathbf{I} - \alpha\mathbf{A})^k
+        \approx \alpha \sum_{k=0}^{K-1} (\mathbf{I} - \alpha\mathbf{A})^k ,
+
+    which converges if and only if the spectral radius
+    :math:`\rho(\mathbf{I} - \alpha\mathbf{A}) < 1`, i.e. for symmetric
+    :math:`\mathbf{A}` if it is positive definite and
+    :math:`0 < \alpha < 2/\lambda_{\max}(\mathbf{A})`. At construction
+    :math:`\rho` is estimated by a few power iterations, and a warning is issued
+    when the estimate is :math:`\ge 1`. Each product costs :math:`K - 1`
+    products with ``A`` (on all columns at once). This is the series behind
+    LiSSA (Agarwal, Bullins & Hazan, 2017, Second-order stochastic
+    optimization for machine learning in linear time, JMLR).
+
+    Args:
+        A: A square ``[P, P]`` operator (a curvext operator, a tensor, or anything
+            with ``.shape``, ``.dtype``, ``.device`` and ``A @ X``).
+        scale: :math:`\alpha > 0` (default ``1.0``).
+        num_terms: The number :math:`K \ge 1` of terms (default ``100``).
+        power_iterations: Power iterations for the convergence check (default
+            ``20``; ``0`` skips it). They underestimate :math:`\rho`, so a
+            series that barely diverges may pass unnoticed.
+        generator: The random number generator for the power iteration's start
+            (default: a fixed seed on ``A``'s device).
+
+    Attributes:
+        spectral_radius_estimate: The estimate of :math:`\rho(\mathbf{I} - \alpha\mathbf{A})`
+            (``None`` if skipped).
+
+    Raises:
+        ValueError: If ``A`` is not square, ``scale`` is not positive or
+            ``num_terms`` not a positive integer.
+
+    Example:
+        >>> A = torch.tensor([[1.0, 0.2], [0.2, 0.5]], dtype=torch.float64)
+        >>> A_inv = NeumannInverse(A, scale=1.0, num_terms=200)
+        >>> round(A_inv.spectral_radius_estimate, 2)
+        0.57
+        >>> b = torch.ones(2, dtype=torch.float64)
+        >>> torch.allclose(A_inv @ b, torch.linalg.solve(A, b))
+        True
+    """
+
+    def __init__(
+        self,
+        A,
+        scale: float = 1.0,
+        num_terms: int = 100,
+        power_iterations: int = 20,
+        generator: Optional[torch.Generator] = None,
+    ):
+        owner = "NeumannInverse"
+        self._A = as_square_operator(A, owner)
+        self.scale = check_positive(scale, "scale", owner)
+        self.num_terms = assert_positive_int(num_terms, "num_terms", owner)
+        power_iterations = assert_positive_int(
+            power_iterations, "power_iterations", owner, minimum=0
+        )
+        self.shape, self.dtype, self.device = (
+            (self._A.dim,) * 2,
+            self._A.dtype,
+            self._A.device,
+        )
+        self.spectral_radius_estimate = None
+        if power_iterations:
+            self.spectral_radius_estimate = self._spectral_radius(
+                power_iterations, generator
+            )
+            if self.spectral_radius_estimate >= 1:
+                warnings.warn(
+                    f"NeumannInverse: the series does not converge: the spectral "
+                    f"radius of I - scale * A is about {self.spectral_radius_estimate:.3g} "
+                    f">= 1 for scale={self.scale:g}. It converges for positive "
+                    f"definite A and 0 < scale < 2 / lambda_max(A); lower the scale "
+                    f"or add damping.",
+                    UserWarning,
+                    stacklevel=2,
+                )
+
+    def _iteration_matrix(self, matrix: Tensor) -> Tensor:
+        """``(I - scale * A) @ matrix``."""
+        return matrix - self.scale * (self._A @ matrix)
+
+    def _spectral_radius(self, iterations: int, generator) -> float:
+        if generator is None:
+            generator = torch.Generator(device=self.device).manual_seed(0)
+        vector = torch.randn(
+            self._A.dim, 1, generator=generator, dtype=self.dtype, device=self.device
+        )
+        vector = vector / vector.norm()
+        estimate = 0.0
+        for _ in range(iterations):
+            image = self._iteration_matrix(vector)
+            estimate = image.norm().item()
+            if estimate == 0.0:
+                break
+            vector = image / estimate
+        return estimate
+
+    def __matmul__(self, rhs: Tensor) -> Tensor:
+        """``A^{-1} @ rhs`` (approximately) for ``rhs`` ``[P]`` or ``[P, M]``.
+
+        Raises:
+            ValueError: If ``rhs`` has another shape.
+        """
+        term = self.scale * as_matrix(rhs, self._A.dim, "NeumannInverse")
+        total = term.clone()
+        for _ in range(self.num_terms - 1):
+            term = self._iteration_matrix(term)
+            total = total + term
+        return total.reshape(rhs.shape)
+
+    def __repr__(self) -> str:
+        return (
+            f"NeumannInverse(shape={self.shape}, scale={self.scale:g}, "
+            f"num_terms={self.num_terms})"
+        )
