@@ -3,6 +3,8 @@ invert and measure.
 
 >>> from curvext.operators import CurvatureOperator, DiagonalOperator, KronOperator
 >>> from curvext.operators import BlockDiagonalOperator, KronDecomposed, LowRankOperator
+>>> from curvext.operators import HessianOperator, GGNOperator, EFOperator
+>>> from curvext.operators import EKFACOperator
 """
 
 from curvext.operators.base import CurvatureOperator, check_damping
@@ -10,6 +12,8 @@ from curvext.operators.diagonal import DiagonalOperator
 from curvext.operators.block import BlockDiagonalOperator
 from curvext.operators.kron import KronDecomposed, KronEigenOperator, KronOperator
 from curvext.operators.lowrank import LowRankOperator
+from curvext.operators.matrix_free import EFOperator, GGNOperator, HessianOperator
+from curvext.operators.ekfac import EKFACOperator
 
 __all__ = [
     "CurvatureOperator",
@@ -17,7 +21,11 @@ __all__ = [
     "KronOperator",
     "KronEigenOperator",
     "KronDecomposed",
+    "EKFACOperator",
     "LowRankOperator",
     "BlockDiagonalOperator",
+    "HessianOperator",
+    "GGNOperator",
+    "EFOperator",
     "check_damping",
 ]

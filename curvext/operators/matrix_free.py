@@ -1,0 +1,452 @@
+r"""Matrix-free Hessian, GGN (or MC Fisher) and empirical Fisher of a whole data set.
+
+These operators store nothing but references to ``model``, ``loss_fn``,
+``params`` and ``data``: every product ``A @ V`` is one pass over ``data``,
+one batch at a time, with :mod:`torch.func` transforms (``functional_call``,
+``jvp``, ``vjp``, ``grad``) and ``vmap`` over the ``M`` columns of ``V``
+``[P, M]``, so all ``M`` vectors share each batch's pass (no Python loop over
+them). No graph outlives its batch.
+
+**Normalisation.** A loss with ``reduction="mean"`` is :math:`L = c\sum_n
+\ell_n` with :math:`c = 1/d`, :math:`d` its denominator (the number of
+entries for ``MSELoss``/``BCEWithLogitsLoss``, the summed class weights of the
+non-ignored targets for ``CrossEntropyLoss``), ``"sum"`` has :math:`c = 1`.
+The loss of batch :math:`b` carries its own :math:`c_b = 1/d_b`, so a batch
+product :math:`A_b V` (the curvature of the batch loss) is :math:`c_b` times
+a sum over the batch. Over the whole set, with :math:`d = \sum_b d_b`,
+
+.. math::
+    A V = c \sum_b \frac{A_b V}{c_b}
+        = \frac{\sum_b d_b\, A_b V}{\sum_b d_b}\quad(\text{mean}),\qquad
+    A V = \sum_b A_b V\quad(\text{sum}),
+
+i.e. each batch is rescaled by its own denominator and the sum divided by the
+data set's: the result is that of one batch holding the whole data set, for
+any batch sizes (a plain mean over batches would be wrong for unequal ones).
+A batch whose targets are all ignored has :math:`d_b = 0` and contributes
+nothing. Batch products are computed with ``loss_fn`` as given; :math:`d_b`
+comes from :func:`curvext.losses.loss_rule` (``MSELoss``,
+``CrossEntropyLoss``, ``BCEWithLogitsLoss``).
+
+**Determinism.** The products are those of *one* matrix only if every pass
+over ``data`` sees the same function of the parameters. With
+``check_deterministic=True`` (default) the constructor multiplies a random
+``[P, 2]`` matrix twice, in two passes over ``data``, and raises if the results
+differ (dropout or other randomness in ``model``, BatchNorm in train mode
+with changing batches, random augmentation or a different number of batches
+per pass). This also catches an empty ``data`` and a one-shot generator.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from typing import Iterable, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call, grad, jvp, vjp, vmap
+
+from curvext.losses import loss_rule
+from curvext.operators.base import CurvatureOperator, check_damping
+from curvext.operators.data import _tqdm, _unpack
+
+
+class _DataSetOperator(CurvatureOperator):
+    """A curvature matrix of ``loss_fn(model(X), y)`` summed over ``data`` (see module docstring).
+
+    Subclasses implement :meth:`_batch_product`. Arithmetic (``op + δ``,
+    ``c * op``, ``op1 + op2`` over the same parameters) is kept lazily: a
+    product evaluates every summand.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_fn: nn.Module,
+        params: Sequence[Tensor],
+        data: Iterable,
+        check_deterministic: bool = True,
+        num_data: Optional[int] = None,
+        progressbar: bool = False,
+    ):
+        owner = type(self).__name__
+        params = list(params)
+        if not params or not all(isinstance(p, Tensor) for p in params):
+            raise ValueError(
+                f"{owner}: params must be a non-empty list of tensors (parameters "
+                f"of model), e.g. list(model.parameters())."
+            )
+        names = {id(p): name for name, p in model.named_parameters()}
+        missing = [i for i, p in enumerate(params) if id(p) not in names]
+        if missing:
+            raise ValueError(
+                f"{owner}: params {missing} (shapes "
+                f"{[tuple(params[i].shape) for i in missing]}) are not parameters of "
+                f"model; pass tensors from model.parameters()."
+            )
+        reduction = getattr(loss_fn, "reduction", None)
+        if reduction not in ("mean", "sum"):
+            raise ValueError(
+                f"{owner}: loss_fn={type(loss_fn).__name__}(reduction={reduction!r}); "
+                f"curvature over a data set needs reduction='mean' or 'sum'."
+            )
+        if num_data is not None and (
+            isinstance(num_data, bool) or not isinstance(num_data, int) or num_data < 1
+        ):
+            raise ValueError(f"{owner}: num_data must be a positive int, got {num_data!r}.")
+        super().__init__(params, params[0].dtype, params[0].device)
+        self.model, self.loss_fn, self.data = model, loss_fn, data
+        self.num_data, self.progressbar = num_data, progressbar
+        self._names = [names[id(p)] for p in params]
+        self._factor, self._shift, self._summands = 1.0, 0.0, ()
+        if check_deterministic:
+            self._check_deterministic()
+
+    # ---- one batch, one pass ------------------------------------------------
+
+    def _batch_product(
+        self, X: Tensor, y: Tensor, tangents: Tuple[Tensor, ...], pass_state: dict
+    ) -> Tuple[Tuple[Tensor, ...], Tensor]:
+        """``(A_b V, output)``: the batch loss's curvature times ``V``.
+
+        ``tangents`` holds one ``[M, *p.shape]`` tensor per parameter; the
+        product has the same shapes. ``output`` is ``model(X)`` (detached),
+        from which the batch's normalisation is read.
+        """
+        raise NotImplementedError
+
+    def _output_of(self, X: Tensor):
+        """``θ ↦ model(X)`` with the operator's parameters replaced by ``θ``."""
+
+        def output_of(*theta):
+            return functional_call(self.model, dict(zip(self._names, theta)), (X,))
+
+        return output_of
+
+    def _start_pass(self) -> dict:
+        """Per-pass state (e.g. a freshly seeded generator); none by default."""
+        return {}
+
+    def _data_product(self, matrix: Tensor, pass_index: int = 0) -> Tensor:
+        """``A @ matrix`` for ``matrix`` ``[P, M]``: one pass over ``data``."""
+        owner = type(self).__name__
+        tangents = tuple(
+            block.T.reshape(-1, *p.shape).to(p.dtype)
+            for block, p in zip(matrix.detach().split(self._numels), self.params)
+        )
+        pass_state = self._start_pass()
+        mean = self.loss_fn.reduction == "mean"
+        total, denominator, num_batches, num_samples = None, 0.0, 0, 0
+        batches = _tqdm()(self.data, desc=owner) if self.progressbar else self.data
+        for index, batch in enumerate(batches):
+            X, y = _unpack(batch, index, owner)
+            product, output = self._batch_product(X, y, tangents, pass_state)
+            normalization = loss_rule(self.loss_fn, output, y).normalization
+            # d_b = 1 / c_b; a batch whose targets are all ignored has c_b = 0
+            weight = (1.0 / normalization if normalization > 0 else 0.0) if mean else 1.0
+            denominator += weight
+            flat = torch.cat([block.reshape(block.shape[0], -1) for block in product], 1)
+            total = weight * flat if total is None else total + weight * flat
+            num_batches += 1
+            num_samples += output.shape[0]
+        if num_batches == 0:
+            again = (
+                " on its second pass: pass a re-iterable (a list or a DataLoader), "
+                "not a one-shot generator"
+                if pass_index > 0
+                else "; pass a non-empty iterable of (X, y) batches"
+            )
+            raise ValueError(f"{owner}: `data` yielded no batch{again}.")
+        if self.num_data is not None and num_samples != self.num_data:
+            raise ValueError(
+                f"{owner}: num_data={self.num_data}, but a pass over `data` gave "
+                f"{num_samples} samples; pass the data set's size (or leave it None)."
+            )
+        if mean and denominator > 0:
+            total = total / denominator
+        return total.T.to(self.dtype)
+
+    def _check_deterministic(self) -> None:
+        owner = type(self).__name__
+        generator = torch.Generator().manual_seed(0)
+        matrix = torch.randn(self.shape[0], 2, generator=generator, dtype=torch.float64)
+        matrix = matrix.to(self.device, self.dtype)
+        first = self._data_product(matrix, 0)
+        second = self._data_product(matrix, 1)
+        tolerance = math.sqrt(torch.finfo(self.dtype).eps)
+        difference = (first - second).abs().max().item()
+        scale = max(first.abs().max().item(), second.abs().max().item())
+        if not difference <= tolerance * scale + tolerance * 1e-3:
+            raise ValueError(
+                f"{owner}: two passes over `data` gave different products (max "
+                f"difference {difference:.3g}, largest entry {scale:.3g}), so the "
+                f"operator is not one matrix. Likely causes: dropout or other "
+                f"randomness in model (call model.eval()), BatchNorm in train mode, "
+                f"or `data` yielding different batches each pass (random "
+                f"augmentation, a sampler without a fixed order and drop_last). "
+                f"Fix the cause, or pass check_deterministic=False."
+            )
+
+    # ---- the operator interface -----------------------------------------------
+
+    def _matmat(self, matrix: Tensor) -> Tensor:
+        product = self._data_product(matrix) if self._factor != 0.0 else 0.0
+        product = self._factor * product + self._shift * matrix
+        for summand in self._summands:
+            product = product + summand._matmat(matrix)
+        return product
+
+    def to_dense(self) -> Tensor:
+        """The matrix ``[P, P]``: ``self @ I``, all ``P`` columns in one pass.
+
+        Expensive: ``P`` products per batch and ``P`` times the per-vector
+        memory; for small models and tests.
+        """
+        return self @ torch.eye(self.shape[0], dtype=self.dtype, device=self.device)
+
+    def diag(self) -> Tensor:
+        """The diagonal ``[P]``, from :meth:`to_dense` (expensive; for large
+        models estimate it with :func:`curvext.linalg.hutchinson_diag`)."""
+        return self.to_dense().diagonal()
+
+    def _slogdet(self):
+        return torch.linalg.slogdet(self.to_dense())
+
+    def frobenius_norm(self) -> Tensor:
+        """``||A||_F`` from :meth:`to_dense` (expensive; for large models use
+        :func:`curvext.linalg.hutchinson_squared_fro`)."""
+        return torch.linalg.matrix_norm(self.to_dense())
+
+    def _copy(self, factor: float, shift: float, summands) -> "_DataSetOperator":
+        result = copy.copy(self)
+        result._factor, result._shift, result._summands = factor, shift, tuple(summands)
+        return result
+
+    def _add_scalar(self, value: float) -> "_DataSetOperator":
+        return self._copy(self._factor, self._shift + value, self._summands)
+
+    def _scale(self, value: float) -> "_DataSetOperator":
+        return self._copy(
+            self._factor * value,
+            self._shift * value,
+            [summand._scale(value) for summand in self._summands],
+        )
+
+    def _add_same(self, other: "_DataSetOperator") -> "_DataSetOperator":
+        return self._copy(self._factor, self._shift, [*self._summands, other])
+
+    def inverse(self, damping: float = 0.0, **cg_options):
+        """``(A + damping I)^{-1}`` applied by conjugate gradients.
+
+        Returns a :class:`curvext.linalg.CGInverse` (``@`` works as for the
+        operator; ``cg_options`` such as ``tol`` and ``max_iter`` go to it).
+        """
+        from curvext.linalg import CGInverse
+
+        damping = check_damping(damping)
+        return CGInverse(self + damping if damping else self, **cg_options)
+
+
+class HessianOperator(_DataSetOperator):
+    r"""The Hessian :math:`\nabla^2_\theta L` of the data-set loss (matrix-free).
+
+    :math:`L = c \sum_n \ell(f(x_n; \theta), y_n)` over every sample of
+    ``data``, with the loss's own normalisation :math:`c` (``"mean"``: over the
+    whole data set; see the module docstring). Products by reverse-over-forward
+    differentiation, ``grad`` of the directional derivative ``jvp``,
+    ``vmap``-ed over the columns. (Forward-over-reverse, ``jvp`` of ``grad``,
+    fails in torch 2.x with "ZeroTensors are immutable" on e.g. a single
+    ``Linear`` layer with one output; reverse-over-forward is as exact and
+    costs about the same.)
+
+    Args:
+        model: The model; ``model(X)`` is the loss input.
+        loss_fn: ``MSELoss``, ``CrossEntropyLoss`` or ``BCEWithLogitsLoss``
+            with ``reduction="mean"`` or ``"sum"``.
+        params: The parameters (tensors of ``model.parameters()``), in the
+            order of the rows; the others stay fixed.
+        data: A re-iterable of ``(X, y)`` batches (list, ``DataLoader``).
+        check_deterministic: Multiply twice at construction and raise if the
+            passes disagree (default ``True``).
+        num_data: The number of samples in ``data``, checked on every pass
+            (default ``None``: not checked).
+        progressbar: Show a ``tqdm`` bar over the batches of each pass.
+
+    Raises:
+        ValueError: If ``data`` is empty, ``params`` are not parameters of
+            ``model``, the reduction is neither ``"mean"`` nor ``"sum"``, or the
+            determinism check fails.
+
+    Example:
+        >>> torch.manual_seed(0)  # doctest: +ELLIPSIS
+        <torch._C.Generator object at ...>
+        >>> model = torch.nn.Linear(2, 1)
+        >>> data = [(torch.randn(4, 2), torch.randn(4, 1)) for _ in range(2)]
+        >>> H = HessianOperator(model, torch.nn.MSELoss(), list(model.parameters()), data)
+        >>> H.shape, (H @ torch.ones(3, 5)).shape
+        ((3, 3), torch.Size([3, 5]))
+    """
+
+    def _batch_product(self, X, y, tangents, pass_state):
+        output_of = self._output_of(X)
+        primals = tuple(p.detach() for p in self.params)
+
+        def loss_of(*theta):
+            output = output_of(*theta)
+            return self.loss_fn(output, y), output.detach()
+
+        argnums = tuple(range(len(primals)))
+
+        def hvp(*tangent):
+            def directional_derivative(*theta):
+                _, derivative, output = jvp(loss_of, theta, tangent, has_aux=True)
+                return derivative, output
+
+            return grad(directional_derivative, argnums, has_aux=True)(*primals)
+
+        product, outputs = vmap(hvp, randomness="same")(*tangents)
+        return product, outputs[0]
+
+
+class GGNOperator(_DataSetOperator):
+    r"""The generalised Gauss-Newton :math:`G = c\sum_n J_n^\top H_n J_n` (matrix-free).
+
+    :math:`J_n = \partial f(x_n;\theta)/\partial\theta` and :math:`H_n` the
+    Hessian of the sample's loss w.r.t. the model output; normalisation as in
+    the module docstring. A product is ``J V`` by ``jvp``, then the loss
+    Hessian w.r.t. the output by ``grad`` of ``jvp`` (reverse-over-forward), then
+    :math:`J^\top` by ``vjp`` — never a Jacobian matrix.
+
+    With ``mc_samples > 0`` it is the Monte-Carlo Fisher instead: :math:`H_n`
+    replaced by :math:`\frac1S\sum_s g_{ns} g_{ns}^\top` with :math:`g_{ns}`
+    the output-gradient of the loss at a target drawn from the model's
+    predictive distribution (:meth:`curvext.losses.LossRule.mc_columns`);
+    unbiased for :math:`G`. Every pass re-seeds its generator with ``seed``,
+    so the operator is one fixed matrix.
+
+    Args:
+        model, loss_fn, params, data, check_deterministic, num_data,
+            progressbar: As for :class:`HessianOperator`.
+        mc_samples: ``0`` (default): the exact GGN; ``S > 0``: MC Fisher with
+            ``S`` samples per data point.
+        seed: Seed of the MC samples (default 2147483647); unused if exact.
+
+    Example:
+        >>> torch.manual_seed(0)  # doctest: +ELLIPSIS
+        <torch._C.Generator object at ...>
+        >>> model = torch.nn.Linear(2, 3)
+        >>> data = [(torch.randn(4, 2), torch.randint(0, 3, (4,)))]
+        >>> G = GGNOperator(model, torch.nn.CrossEntropyLoss(), list(model.parameters()), data)
+        >>> bool(torch.linalg.eigvalsh(G.to_dense()).min() > -1e-6)
+        True
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_fn: nn.Module,
+        params: Sequence[Tensor],
+        data: Iterable,
+        mc_samples: int = 0,
+        check_deterministic: bool = True,
+        num_data: Optional[int] = None,
+        progressbar: bool = False,
+        seed: int = 2147483647,
+    ):
+        if isinstance(mc_samples, bool) or not isinstance(mc_samples, int) or mc_samples < 0:
+            raise ValueError(
+                f"GGNOperator: mc_samples must be an int >= 0 (0: exact GGN), got "
+                f"{mc_samples!r}."
+            )
+        self.mc_samples, self.seed = mc_samples, seed
+        super().__init__(
+            model, loss_fn, params, data, check_deterministic, num_data, progressbar
+        )
+
+    def _start_pass(self) -> dict:
+        if self.mc_samples == 0:
+            return {}
+        return {"generator": torch.Generator(self.device).manual_seed(self.seed)}
+
+    def _batch_product(self, X, y, tangents, pass_state):
+        output_of = self._output_of(X)
+        primals = tuple(p.detach() for p in self.params)
+        output, pullback = vjp(output_of, *primals)
+        output = output.detach()
+
+        def push_forward(*tangent):
+            return jvp(output_of, primals, tangent)[1]
+
+        output_tangents = vmap(push_forward, randomness="same")(*tangents)  # [M, *out]
+        if self.mc_samples == 0:
+
+            def loss_hvp(output_tangent):
+                # reverse-over-forward, as in HessianOperator
+                def directional_derivative(out):
+                    return jvp(lambda o: self.loss_fn(o, y), (out,), (output_tangent,))[1]
+
+                return grad(directional_derivative)(output)
+
+            output_products = vmap(loss_hvp)(output_tangents)
+        else:
+            columns = loss_rule(self.loss_fn, output, y).mc_columns(
+                self.mc_samples, pass_state["generator"]
+            )  # [S, N, *], each carrying sqrt(c_b / S)
+            num_samples = output.shape[0]
+            columns = columns.reshape(self.mc_samples, num_samples, -1)
+            flat_tangents = output_tangents.reshape(-1, num_samples, columns.shape[-1])
+            coefficients = torch.einsum("snk,mnk->msn", columns, flat_tangents)
+            output_products = torch.einsum("msn,snk->mnk", coefficients, columns)
+            output_products = output_products.reshape(output_tangents.shape)
+        return vmap(pullback)(output_products), output
+
+
+class EFOperator(_DataSetOperator):
+    r"""The empirical Fisher :math:`E = c \sum_n \nabla_\theta\ell_n \nabla_\theta\ell_n^\top` (matrix-free).
+
+    :math:`\ell_n` is sample ``n``'s term of the summed loss (``loss_fn`` with
+    ``reduction="none"``, summed over the sample's entries; class weights
+    included) and :math:`c` the loss's normalisation over the whole data set
+    (module docstring): for ``CrossEntropyLoss(reduction="mean")`` without
+    weights :math:`\frac1N\sum_n g_n g_n^\top`. Products without per-sample
+    gradients: :math:`a = (g_n^\top v)_n` by ``jvp`` of the per-sample losses,
+    then :math:`\sum_n a_n g_n` by ``vjp``.
+
+    Args:
+        model, loss_fn, params, data, check_deterministic, num_data,
+            progressbar: As for :class:`HessianOperator`.
+
+    Example:
+        >>> torch.manual_seed(0)  # doctest: +ELLIPSIS
+        <torch._C.Generator object at ...>
+        >>> model = torch.nn.Linear(2, 3)
+        >>> data = [(torch.randn(4, 2), torch.randint(0, 3, (4,)))]
+        >>> E = EFOperator(model, torch.nn.CrossEntropyLoss(), list(model.parameters()), data)
+        >>> E.shape
+        (9, 9)
+    """
+
+    def _batch_product(self, X, y, tangents, pass_state):
+        output_of = self._output_of(X)
+        primals = tuple(p.detach() for p in self.params)
+        unreduced = copy.copy(self.loss_fn)
+        unreduced.reduction = "none"
+
+        def sample_losses(*theta):
+            output = output_of(*theta)
+            losses = unreduced(output, y)
+            return losses.reshape(losses.shape[0], -1).sum(1), output.detach()
+
+        losses, pullback, output = vjp(sample_losses, *primals, has_aux=True)
+
+        def directional(*tangent):
+            return jvp(sample_losses, primals, tangent, has_aux=True)[1]
+
+        coefficients = vmap(directional, randomness="same")(*tangents)  # [M, N]
+        normalization = loss_rule(self.loss_fn, output, y).normalization
+        product = vmap(pullback)(coefficients * normalization)
+        return product, output
+
+
+__all__ = ["HessianOperator", "GGNOperator", "EFOperator"]
