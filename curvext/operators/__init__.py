@@ -14,6 +14,7 @@ from curvext.operators.kron import KronDecomposed, KronEigenOperator, KronOperat
 from curvext.operators.lowrank import LowRankOperator
 from curvext.operators.matrix_free import EFOperator, GGNOperator, HessianOperator
 from curvext.operators.ekfac import EKFACOperator
+from curvext.operators.submatrix import Submatrix
 
 __all__ = [
     "CurvatureOperator",
@@ -28,4 +29,5 @@ __all__ = [
     "GGNOperator",
     "EFOperator",
     "check_damping",
+    "Submatrix",
 ]
