@@ -1,0 +1,10 @@
+"""Bridges from curvext's engine to other libraries.
+
+- :mod:`curvext.integrations.laplace`: laplace-torch curvature backends
+  (:class:`~curvext.integrations.laplace.CurvextGGN`,
+  :class:`~curvext.integrations.laplace.CurvextEF`); needs
+  ``pip install curvext[laplace]``.
+
+Each integration imports its library when it is imported itself, so
+``import curvext`` never needs the optional extras.
+"""
