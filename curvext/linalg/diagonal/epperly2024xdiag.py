@@ -7,10 +7,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from curvext.linalg.adapter import as_square_operator
-from curvext.linalg.checks import assert_num_matvecs, check_distribution
-from curvext.linalg.sampling import random_vectors
-from curvext.linalg.trace.epperly2024xtrace import LeaveOneOut
+from curvext.linalg.trace.epperly2024xtrace import LeaveOneOut, exchangeable_sketch
 
 
 def xdiag(
@@ -63,18 +60,9 @@ def xdiag(
         >>> xdiag(u @ u.T, num_matvecs=4).round(decimals=8).tolist()  # rank 1 < 2
         [1.0, 4.0, 0.0, 4.0]
     """
-    owner = "xdiag"
-    A = as_square_operator(A, owner)
-    num_matvecs = assert_num_matvecs(
-        num_matvecs, owner, minimum=4, dim=A.dim, multiple_of=2, maximum=2 * A.dim
+    A, probes, sketch, basis, triangular = exchangeable_sketch(
+        A, num_matvecs, distribution, generator, "xdiag"
     )
-    check_distribution(distribution, owner)
-    num_probes = num_matvecs // 2
-    probes = random_vectors(
-        A.dim, num_probes, distribution, A.dtype, A.device, generator
-    )
-    sketch = A @ probes
-    basis, triangular = torch.linalg.qr(sketch)
     transposed_products = A.transposed_matmul(basis)  # (Q^T A)^T
     leave_one_out = LeaveOneOut(triangular)
     # mean_i diag(Q_i Q_i^T A) = diag(Q (mean_i Π_i) Q^T A)

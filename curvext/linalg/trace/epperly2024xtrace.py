@@ -12,6 +12,26 @@ from curvext.linalg.checks import assert_num_matvecs, check_distribution
 from curvext.linalg.sampling import random_vectors
 
 
+def exchangeable_sketch(A, num_matvecs, distribution, generator, owner: str):
+    """The start that XTrace and XDiag share: check the arguments, draw
+    ``m = num_matvecs // 2`` probes ``Ω [P, m]`` and orthogonalise ``A Ω = Q R``.
+
+    Returns:
+        The adapted operator, ``Ω``, ``Q [P, m]`` and ``R [m, m]``.
+    """
+    A = as_square_operator(A, owner)
+    num_matvecs = assert_num_matvecs(
+        num_matvecs, owner, minimum=4, dim=A.dim, multiple_of=2, maximum=2 * A.dim
+    )
+    check_distribution(distribution, owner)
+    probes = random_vectors(
+        A.dim, num_matvecs // 2, distribution, A.dtype, A.device, generator
+    )
+    sketch = A @ probes
+    basis, triangular = torch.linalg.qr(sketch)
+    return A, probes, sketch, basis, triangular
+
+
 class LeaveOneOut:
     r"""The projectors :math:`\boldsymbol{\Pi}_i` onto the span of :math:`\mathbf{R}` without column :math:`i`.
 
@@ -134,18 +154,9 @@ def xtrace(
         >>> round(xtrace(A, num_matvecs=4).item(), 8)
         9.0
     """
-    owner = "xtrace"
-    A = as_square_operator(A, owner)
-    num_matvecs = assert_num_matvecs(
-        num_matvecs, owner, minimum=4, dim=A.dim, multiple_of=2, maximum=2 * A.dim
+    A, probes, sketch, basis, triangular = exchangeable_sketch(
+        A, num_matvecs, distribution, generator, "xtrace"
     )
-    check_distribution(distribution, owner)
-    num_probes = num_matvecs // 2
-    probes = random_vectors(
-        A.dim, num_probes, distribution, A.dtype, A.device, generator
-    )
-    sketch = A @ probes
-    basis, triangular = torch.linalg.qr(sketch)
     basis_products = A @ basis
     projected = basis.T @ basis_products
     leave_one_out = LeaveOneOut(triangular)
