@@ -33,6 +33,19 @@ from curvext.modules.factored import KFAC_APPROXIMATIONS
 FISHER_TYPES = ("mc", "type-2", "empirical", "forward-only")
 
 
+def fisher_scaled(fisher_type: str, squared_columns, info):
+    r"""Sums of squared columns, rescaled for the empirical Fisher.
+
+    The gradient column carries :math:`c`, not :math:`\sqrt{c}`, so its
+    squares carry :math:`c^2`; dividing by :math:`c` gives
+    :math:`c\sum_n \nabla\ell_n \nabla\ell_n^\top`. Other fisher types are
+    returned as they are.
+    """
+    if fisher_type == "empirical" and info.normalization > 0:
+        return squared_columns / info.normalization
+    return squared_columns
+
+
 class KFAC(Extension):
     """Kronecker factors ``p.kfac``.
 
@@ -88,9 +101,12 @@ class KFAC(Extension):
     def reduce(self, rule, name, grads):
         return rule.kfac_grad_factor(name, grads, self.kfac_approx)
 
-    def finalize(self, rule, name, partial, info):
+    def output_factor(self, rule, name, partial, info):
+        """The output-side factor ``G`` from the summed column outer products."""
         if self.fisher_type == "forward-only":
-            partial = identity(rule.kfac_grad_dim(name), rule.param(name))
-        elif self.fisher_type == "empirical" and info.normalization > 0:
-            partial = partial / info.normalization
-        return rule.kfac_factors(name, partial, self.kfac_approx)
+            return identity(rule.kfac_grad_dim(name), rule.param(name))
+        return fisher_scaled(self.fisher_type, partial, info)
+
+    def finalize(self, rule, name, partial, info):
+        output_factor = self.output_factor(rule, name, partial, info)
+        return rule.kfac_factors(name, output_factor, self.kfac_approx)

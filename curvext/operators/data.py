@@ -78,15 +78,13 @@ class _GGNDiagForData(_ForData, GGNDiag):
 
 class _KFACForData(_ForData, KFAC):
     def finalize(self, rule, name, partial, info):
-        if self.fisher_type == "forward-only":
-            factors = super().finalize(rule, name, partial, info)
+        output_factor = self.output_factor(rule, name, partial, info)
+        factors = rule.kfac_factors(name, output_factor, self.kfac_approx)
+        if self.fisher_type == "forward-only":  # G = I: nothing carries the loss scale
             return factors, (False,) * len(factors)
-        # as KFAC.finalize, but keeping hold of the output-side factor to find
-        # its position (first for Linear, last for ConvTranspose/Embedding)
-        if self.fisher_type == "empirical" and info.normalization > 0:
-            partial = partial / info.normalization
-        factors = rule.kfac_factors(name, partial, self.kfac_approx)
-        flags = tuple(factor is partial for factor in factors)
+        # the output-side factor's position differs (first for Linear, last
+        # for ConvTranspose/Embedding): find it by identity
+        flags = tuple(factor is output_factor for factor in factors)
         if sum(flags) != 1:
             raise RuntimeError(
                 f"KronOperator.from_data: the rule of {type(rule.module).__name__} "

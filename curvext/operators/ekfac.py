@@ -38,7 +38,7 @@ from typing import Dict, Iterable, List, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
-from curvext.extensions.kfac import KFAC
+from curvext.extensions.kfac import KFAC, fisher_scaled
 from curvext.modules.factored import FactoredRule, sum_of_squares
 from curvext.operators.data import _ForData, accumulate_over_data
 from curvext.operators.kron import KronEigenOperator, KronOperator, kron_matmat
@@ -132,9 +132,7 @@ class _EKFACCorrections(_ForData, KFAC):
         return total.flatten()
 
     def finalize(self, rule, name, partial, info):
-        if self.fisher_type == "empirical" and info.normalization > 0:
-            partial = partial / info.normalization
-        return partial, (True,)
+        return fisher_scaled(self.fisher_type, partial, info), (True,)
 
 
 class EKFACOperator(KronEigenOperator):
