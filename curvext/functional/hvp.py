@@ -19,7 +19,6 @@ from __future__ import annotations
 
 from typing import Callable, Tuple
 
-import torch
 from torch import Tensor
 from torch.func import grad, jvp, vjp, vmap
 
@@ -33,18 +32,21 @@ from curvext.functional._checks import (
 
 
 def _product(grad_func, x: Tuple[Tensor, ...], argnums: int, mode: str):
-    """``v -> H v`` at ``x`` (no regularization), linearising the gradient once for ``rev-rev``."""
+    """``v -> H v`` at ``x`` (no regularization), linearising the gradient once for ``rev-rev``.
+
+    Only ``x[argnums]`` is differentiated, the other arguments are constants:
+    no products with the data are formed, and integer arguments (class labels)
+    work. (dattri differentiates every argument, so it fails on integer ones.)
+    """
+    before, theta, after = x[:argnums], x[argnums], x[argnums + 1 :]
+
+    def gradient(parameters: Tensor) -> Tensor:
+        return grad_func(*before, parameters, *after)
+
     if mode == "rev-rev":
-        _, vjp_fn = vjp(grad_func, *x)
-        return lambda v: vjp_fn(v)[argnums]
-
-    def forward(v: Tensor) -> Tensor:
-        tangents = tuple(
-            v if i == argnums else torch.zeros_like(a) for i, a in enumerate(x)
-        )
-        return jvp(grad_func, x, tangents)[1]
-
-    return forward
+        _, vjp_fn = vjp(gradient, theta)
+        return lambda v: vjp_fn(v)[0]
+    return lambda v: jvp(gradient, (theta,), (v,))[1]
 
 
 def hvp(
