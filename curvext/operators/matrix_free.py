@@ -35,18 +35,37 @@ over ``data`` sees the same function of the parameters. With
 differ (dropout or other randomness in ``model``, BatchNorm in train mode
 with changing batches, random augmentation or a different number of batches
 per pass). This also catches an empty ``data`` and a one-shot generator.
+
+**Sharded data.** Inside an initialised :mod:`torch.distributed` process
+group (``distributed=None``, the default, or ``True``/a group), ``data`` is
+this rank's shard of the data set: each rank sums :math:`d_b A_b V`,
+:math:`\sum_b d_b` and its counts over its own batches, and one
+``all_reduce`` per product adds them up, so every rank gets the product over
+the whole data set (``num_data`` is then the whole set's size; a rank may
+have no batch at all). The matrix multiplied and the parameters must be the
+same on every rank, which the same collective checks (:mod:`curvext.distributed`);
+estimators built on the operator therefore need the same probes on every
+rank: seed every rank alike.
 """
 
 from __future__ import annotations
 
 import copy
 import math
+from functools import reduce
 from typing import Iterable, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, jvp, vjp, vmap
 
+from curvext.distributed import (
+    all_reduce_sum,
+    disagreeing_ranks,
+    fingerprint,
+    raise_on_failure,
+    resolve_ranks,
+)
 from curvext.losses import loss_rule
 from curvext.operators.base import CurvatureOperator, check_damping
 from curvext.operators.data import _tqdm, _unpack
@@ -69,6 +88,7 @@ class _DataSetOperator(CurvatureOperator):
         check_deterministic: bool = True,
         num_data: Optional[int] = None,
         progressbar: bool = False,
+        distributed=None,
     ):
         owner = type(self).__name__
         params = list(params)
@@ -98,6 +118,8 @@ class _DataSetOperator(CurvatureOperator):
         super().__init__(params, params[0].dtype, params[0].device)
         self.model, self.loss_fn, self.data = model, loss_fn, data
         self.num_data, self.progressbar = num_data, progressbar
+        resolve_ranks(distributed, owner)  # reject a wrong value here, not in a product
+        self.distributed = distributed
         self._names = [names[id(p)] for p in params]
         self._factor, self._shift, self._summands = 1.0, 0.0, ()
         if check_deterministic:
@@ -124,21 +146,94 @@ class _DataSetOperator(CurvatureOperator):
 
         return output_of
 
-    def _start_pass(self) -> dict:
-        """Per-pass state (e.g. a freshly seeded generator); none by default."""
+    def _start_pass(self, ranks=None) -> dict:
+        """Per-pass state (e.g. a freshly seeded generator); none by default.
+
+        ``ranks``: the process group of the pass (:mod:`curvext.distributed`),
+        or ``None``.
+        """
         return {}
 
     def _data_product(self, matrix: Tensor, pass_index: int = 0) -> Tensor:
-        """``A @ matrix`` for ``matrix`` ``[P, M]``: one pass over ``data``."""
+        """``A @ matrix`` for ``matrix`` ``[P, M]``: one pass over ``data``.
+
+        Over a process group (:mod:`curvext.distributed`), one pass over this
+        rank's shard and one ``all_reduce`` of the weighted sum, ``Σ_b d_b``,
+        the batch and sample counts and the fingerprints of ``matrix`` and the
+        parameters.
+        """
         owner = type(self).__name__
+        ranks = resolve_ranks(self.distributed, owner)
         tangents = tuple(
             block.T.reshape(-1, *p.shape).to(p.dtype)
             for block, p in zip(matrix.detach().split(self._numels), self.params)
         )
-        pass_state = self._start_pass()
+        show_bar = self.progressbar and (ranks is None or ranks.rank == 0)
+        failure = None
+        try:
+            total, denominator, num_batches, num_samples = self._local_pass(
+                tangents, show_bar, ranks
+            )
+        except Exception as error:
+            if ranks is None:
+                raise
+            # join the collective anyway, so that the other ranks raise too
+            failure, total, denominator, num_batches, num_samples = error, None, 0.0, 0, 0
+        if ranks is not None:
+            if total is None:  # an empty shard, or this rank failed
+                dtype = reduce(torch.promote_types, [p.dtype for p in self.params])
+                total = torch.zeros(
+                    matrix.shape[1], matrix.shape[0], dtype=dtype, device=self.device
+                )
+            local_values = torch.cat(
+                [
+                    torch.tensor(
+                        [float(failure is not None), num_batches, num_samples, denominator],
+                        dtype=torch.float64, device=self.device,
+                    ),
+                    fingerprint([matrix]),
+                    fingerprint(self.params),
+                ]
+            )
+            (total,), table = all_reduce_sum([total], ranks, local_values)
+            raise_on_failure(table[:, 0].tolist(), failure, owner)
+            self._check_same_on_ranks(table[:, 4:6], "matrix", matrix.dtype, ranks)
+            self._check_same_on_ranks(table[:, 6:8], "params", self.dtype, ranks)
+            num_batches, num_samples, denominator = (
+                int(round(value)) if index < 2 else value
+                for index, value in enumerate(table[:, 1:4].sum(0).tolist())
+            )
+        where = "" if ranks is None else f", summed over the {ranks.world_size} ranks"
+        if num_batches == 0:
+            again = (
+                " on its second pass: pass a re-iterable (a list or a DataLoader), "
+                "not a one-shot generator"
+                if pass_index > 0
+                else "; pass a non-empty iterable of (X, y) batches"
+            )
+            anywhere = "" if ranks is None else f" on any of the {ranks.world_size} ranks"
+            raise ValueError(f"{owner}: `data` yielded no batch{anywhere}{again}.")
+        if self.num_data is not None and num_samples != self.num_data:
+            whole = (
+                "" if ranks is None
+                else " (num_data is the size of the whole data set, all shards together)"
+            )
+            raise ValueError(
+                f"{owner}: num_data={self.num_data}, but a pass over `data` gave "
+                f"{num_samples} samples{where}; pass the data set's size{whole} (or "
+                f"leave it None)."
+            )
+        if self.loss_fn.reduction == "mean" and denominator > 0:
+            total = total / denominator
+        return total.T.to(self.dtype)
+
+    def _local_pass(self, tangents, show_bar: bool, ranks):
+        """This process's sums over its ``data``: ``(Σ_b d_b A_b V or None, Σ_b d_b, batches, samples)``."""
+        owner = type(self).__name__
+        pass_state = self._start_pass(ranks)
         mean = self.loss_fn.reduction == "mean"
         total, denominator, num_batches, num_samples = None, 0.0, 0, 0
-        batches = _tqdm()(self.data, desc=owner) if self.progressbar else self.data
+        batches = _tqdm()(self.data, desc=owner) if show_bar else self.data
         for index, batch in enumerate(batches):
             X, y = _unpack(batch, index, owner)
             product, output = self._batch_product(X, y, tangents, pass_state)
@@ -150,22 +245,32 @@ class _DataSetOperator(CurvatureOperator):
             total = weight * flat if total is None else total + weight * flat
             num_batches += 1
             num_samples += output.shape[0]
-        if num_batches == 0:
-            again = (
-                " on its second pass: pass a re-iterable (a list or a DataLoader), "
-                "not a one-shot generator"
-                if pass_index > 0
-                else "; pass a non-empty iterable of (X, y) batches"
-            )
-            raise ValueError(f"{owner}: `data` yielded no batch{again}.")
-        if self.num_data is not None and num_samples != self.num_data:
+        return total, denominator, num_batches, num_samples
+
+    def _check_same_on_ranks(self, fingerprints: Tensor, what: str, dtype, ranks) -> None:
+        """Raise on every rank if some rank's ``matrix`` or parameters differ from rank 0's."""
+        values, bounds = fingerprints.T.tolist()
+        different = disagreeing_ranks(values, bounds, dtype)
+        if not different:
+            return
+        owner = type(self).__name__
+        if what == "matrix":
             raise ValueError(
-                f"{owner}: num_data={self.num_data}, but a pass over `data` gave "
-                f"{num_samples} samples; pass the data set's size (or leave it None)."
+                f"{owner}: the matrix multiplied on rank(s) {different} differs from "
+                f"rank 0's; with `data` sharded over {ranks.world_size} ranks every "
+                f"rank must multiply the same matrix. Random probes (estimators, "
+                f"Lanczos) must be drawn alike: seed every rank the same "
+                f"(torch.manual_seed(seed) on each, or the same generator=), or "
+                f"pass distributed=False for independent per-rank operators."
             )
-        if mean and denominator > 0:
-            total = total / denominator
-        return total.T.to(self.dtype)
+        raise ValueError(
+            f"{owner}: the parameters on rank(s) {different} differ from rank 0's; "
+            f"with `data` sharded over {ranks.world_size} ranks every rank must "
+            f"hold the same model. Broadcast it from rank 0 (DistributedDataParallel "
+            f"does; or torch.distributed.broadcast each parameter), seed the "
+            f"initialisation alike, or pass distributed=False for independent "
+            f"per-rank operators."
+        )
 
     def _check_deterministic(self) -> None:
         owner = type(self).__name__
@@ -271,12 +376,22 @@ class HessianOperator(_DataSetOperator):
             passes disagree (default ``True``).
         num_data: The number of samples in ``data``, checked on every pass
             (default ``None``: not checked).
-        progressbar: Show a ``tqdm`` bar over the batches of each pass.
+        progressbar: Show a ``tqdm`` bar over the batches of each pass (on
+            rank 0 only, over a process group).
+        distributed: ``None`` (default): if a :mod:`torch.distributed` process
+            group is initialised, ``data`` is this rank's shard and every
+            product is summed over the ranks (one ``all_reduce``); ``False``:
+            this rank's ``data`` only; ``True`` or a ``ProcessGroup``: as
+            ``None``, over that group (see :mod:`curvext.distributed`).
 
     Raises:
-        ValueError: If ``data`` is empty, ``params`` are not parameters of
-            ``model``, the reduction is neither ``"mean"`` nor ``"sum"``, or the
-            determinism check fails.
+        ValueError: If ``data`` is empty (on every rank), ``params`` are not
+            parameters of ``model``, the reduction is neither ``"mean"`` nor
+            ``"sum"``, the determinism check fails, or, over a process group,
+            the ranks hold different parameters or multiply different
+            matrices (e.g. probes drawn with different seeds).
+        RuntimeError: Over a process group, on every rank if another rank's
+            pass over its shard raised.
 
     Example:
         >>> torch.manual_seed(0)  # doctest: +ELLIPSIS
@@ -327,10 +442,13 @@ class GGNOperator(_DataSetOperator):
 
     Args:
         model, loss_fn, params, data, check_deterministic, num_data,
-            progressbar: As for :class:`HessianOperator`.
+            progressbar, distributed: As for :class:`HessianOperator`.
         mc_samples: ``0`` (default): the exact GGN; ``S > 0``: MC Fisher with
             ``S`` samples per data point.
         seed: Seed of the MC samples (default 2147483647); unused if exact.
+            Over a process group rank ``r`` uses ``seed + r``, so the shards'
+            samples are independent (the operator is then an MC Fisher as
+            good as a single process's, but not the same draw).
 
     Example:
         >>> torch.manual_seed(0)  # doctest: +ELLIPSIS
@@ -353,6 +471,7 @@ class GGNOperator(_DataSetOperator):
         num_data: Optional[int] = None,
         progressbar: bool = False,
         seed: int = 2147483647,
+        distributed=None,
     ):
         if isinstance(mc_samples, bool) or not isinstance(mc_samples, int) or mc_samples < 0:
             raise ValueError(
@@ -361,13 +480,16 @@ class GGNOperator(_DataSetOperator):
             )
         self.mc_samples, self.seed = mc_samples, seed
         super().__init__(
-            model, loss_fn, params, data, check_deterministic, num_data, progressbar
+            model, loss_fn, params, data, check_deterministic, num_data, progressbar,
+            distributed,
         )
 
-    def _start_pass(self) -> dict:
+    def _start_pass(self, ranks=None) -> dict:
         if self.mc_samples == 0:
             return {}
-        return {"generator": torch.Generator(self.device).manual_seed(self.seed)}
+        # independent samples on every rank's shard, the same in every pass
+        seed = self.seed + (0 if ranks is None else ranks.rank)
+        return {"generator": torch.Generator(self.device).manual_seed(seed)}
 
     def _batch_product(self, X, y, tangents, pass_state):
         output_of = self._output_of(X)
@@ -415,7 +537,7 @@ class EFOperator(_DataSetOperator):
 
     Args:
         model, loss_fn, params, data, check_deterministic, num_data,
-            progressbar: As for :class:`HessianOperator`.
+            progressbar, distributed: As for :class:`HessianOperator`.
 
     Example:
         >>> torch.manual_seed(0)  # doctest: +ELLIPSIS
