@@ -257,7 +257,7 @@ def broadcast(tensors: Sequence[Tensor], ranks: Ranks, source: int = 0) -> List[
     """
     import torch.distributed as dist
 
-    dtype = _buffer_dtype(tensors)
+    dtype = reduce(torch.promote_types, [t.dtype for t in tensors])
     buffer = torch.cat([t.reshape(-1).to(dtype) for t in tensors])
     dist.broadcast(buffer, src=ranks.global_rank(source), group=ranks.group)
     results, start = [], 0

@@ -46,9 +46,18 @@ from __future__ import annotations
 
 from typing import Iterable, List, Optional, Sequence, Tuple
 
+import torch
 from torch import Tensor, nn
 
 from curvext.context import backpack
+from curvext.distributed import (
+    all_reduce_sum,
+    broadcast,
+    disagreeing_ranks,
+    fingerprint,
+    raise_on_failure,
+    resolve_ranks,
+)
 from curvext.extend import extend
 from curvext.extensions.base import Extension, RunInfo
 from curvext.extensions.ggn_diag import GGNDiag
@@ -113,6 +122,7 @@ def accumulate_over_data(
     params: Optional[Iterable[Tensor]],
     progressbar: bool,
     owner: str,
+    distributed=None,
 ) -> Tuple[List[Tensor], List[List[Tensor]]]:
     """Run ``extension`` on every batch of ``data`` and combine (see module docstring).
 
@@ -122,16 +132,26 @@ def accumulate_over_data(
         data: An iterable of ``(X, y)`` batches.
         extension: :class:`_GGNDiagForData` or :class:`_KFACForData`.
         params: The parameters to read (default: the model's trainable ones).
-        progressbar: Show a ``tqdm`` progress bar over the batches.
+        progressbar: Show a ``tqdm`` progress bar over the batches (on rank 0
+            only, over a process group).
         owner: The calling method, for error messages.
+        distributed: ``None`` (default): if a :mod:`torch.distributed` process
+            group is initialised, ``data`` is this rank's shard and the sums
+            are added over the ranks; ``False``: this rank's ``data`` only;
+            ``True`` or a ``ProcessGroup``: over that group (see
+            :mod:`curvext.distributed` and :func:`_sum_over_ranks`).
 
     Returns:
         The trainable parameters and, per parameter, the combined stored
         tensors (one for ``GGNDiag``, the factors for ``KFAC``).
 
     Raises:
-        ValueError: If ``data`` is empty, a batch is not an ``(X, y)`` pair,
-            or the loss reduction is neither ``"mean"`` nor ``"sum"``.
+        ValueError: If ``data`` is empty (on every rank), a batch is not an
+            ``(X, y)`` pair, the loss reduction is neither ``"mean"`` nor
+            ``"sum"``, or, over a process group, the ranks hold different
+            parameters.
+        RuntimeError: Over a process group, on every rank if another rank's
+            pass over its shard raised.
         ImportError: If ``progressbar=True`` and ``tqdm`` is not installed.
     """
     reduction = getattr(loss_fn, "reduction", None)
@@ -144,12 +164,55 @@ def accumulate_over_data(
     params = collect_params(
         model.parameters() if params is None else params, owner
     )
-    batches = _tqdm()(data, desc=owner) if progressbar else data
-    savefield = extension.savefield
+    ranks = resolve_ranks(distributed, owner)
+    show_bar = progressbar and (ranks is None or ranks.rank == 0)
+    batches = _tqdm()(data, desc=owner) if show_bar else data
     # every parameter the backward can touch, not only those read
     touched = list({id(p): p for p in [*model.parameters(), *params]}.values())
-    saved = [(p, p.grad, p.__dict__.get(savefield, _MISSING)) for p in touched]
+    failure = None
+    try:
+        totals, flags, scaled_total, samples_total, num_batches = _local_sums(
+            model, loss_fn, batches, extension, params, touched, owner
+        )
+    except Exception as error:
+        if ranks is None:
+            raise
+        # join the collectives anyway, so that the other ranks raise too
+        failure = error
+        totals, flags = [None] * len(params), [()] * len(params)
+        scaled_total, samples_total, num_batches = 0.0, 0, 0
+    if ranks is not None:
+        totals, flags, scaled_total, samples_total, num_batches = _sum_over_ranks(
+            totals, flags, (scaled_total, samples_total, num_batches), failure,
+            params, touched, ranks, owner,
+        )
+    if num_batches == 0:
+        anywhere = "" if ranks is None else f" on any of the {ranks.world_size} ranks"
+        raise ValueError(
+            f"{owner}: `data` yielded no batch{anywhere}; pass a non-empty iterable "
+            f"of (X, y) batches, e.g. a DataLoader over a non-empty data set."
+        )
+    scaled_norm = scaled_total if reduction == "mean" and scaled_total > 0 else 1.0
+    combined = [
+        [
+            total / (scaled_norm if scaled else samples_total)
+            for total, scaled in zip(block, block_flags)
+        ]
+        for block, block_flags in zip(totals, flags)
+    ]
+    return params, combined
 
+
+_MISSING = object()
+
+
+def _local_sums(model, loss_fn, batches, extension, params, touched, owner):
+    """This process's sums over ``batches``: per parameter the weighted stored
+    tensors and their flags, then ``Σ_b d_b`` (``"mean"``), ``Σ_b N_b`` and the
+    number of batches. Restores ``.grad`` and the save field, also on errors."""
+    reduction = loss_fn.reduction
+    savefield = extension.savefield
+    saved = [(p, p.grad, p.__dict__.get(savefield, _MISSING)) for p in touched]
     totals: List[Optional[List[Tensor]]] = [None] * len(params)
     flags: List[Sequence[bool]] = [()] * len(params)
     # Σ_b d_b (used for "mean" only), Σ_b N_b
@@ -196,23 +259,97 @@ def accumulate_over_data(
             param.__dict__.pop(savefield, None)
             if value is not _MISSING:
                 setattr(param, savefield, value)
-    if num_batches == 0:
-        raise ValueError(
-            f"{owner}: `data` yielded no batch; pass a non-empty iterable of "
-            f"(X, y) batches, e.g. a DataLoader over a non-empty data set."
-        )
-    scaled_norm = scaled_total if reduction == "mean" and scaled_total > 0 else 1.0
-    combined = [
+    return totals, flags, scaled_total, samples_total, num_batches
+
+
+def _layout(totals, flags) -> List[int]:
+    """The shapes and flags of the sums, as ints: per parameter its number of
+    tensors, then per tensor ``flag, ndim, *shape``."""
+    layout: List[int] = []
+    for block, block_flags in zip(totals, flags):
+        layout.append(len(block))
+        for total, scaled in zip(block, block_flags):
+            layout += [int(scaled), total.ndim, *total.shape]
+    return layout
+
+
+def _zeros_of_layout(layout: List[int], params: Sequence[Tensor]):
+    """Zero sums and their flags for a rank without batches, from another's :func:`_layout`."""
+    totals, flags, position = [], [], 0
+    for param in params:
+        count, position = layout[position], position + 1
+        block, block_flags = [], []
+        for _ in range(count):
+            scaled, ndim = layout[position], layout[position + 1]
+            shape = layout[position + 2 : position + 2 + ndim]
+            position += 2 + ndim
+            block.append(torch.zeros(shape, dtype=param.dtype, device=param.device))
+            block_flags.append(bool(scaled))
+        totals.append(block)
+        flags.append(tuple(block_flags))
+    return totals, flags
+
+
+def _sum_over_ranks(totals, flags, counts, failure, params, touched, ranks, owner):
+    r"""Add the ranks' sums and counts (see :mod:`curvext.distributed`).
+
+    Two collectives, three if some rank has no batch: an ``all_reduce`` of
+    the per-rank header (failure flag, counts, the length of :func:`_layout`,
+    a fingerprint of the parameters), a ``broadcast`` of the layout from the
+    first rank with batches (only if some rank has none: it cannot know the
+    shapes of the factors), and one ``all_reduce`` of all the sums in one
+    flat buffer. Every rank takes the same decisions from the same header, so
+    all make the same collectives (or all raise).
+    """
+    scaled_total, samples_total, num_batches = counts
+    device = params[0].device
+    layout = _layout(totals, flags) if num_batches else []
+    header = torch.cat(
         [
-            total / (scaled_norm if scaled else samples_total)
-            for total, scaled in zip(block, block_flags)
+            torch.tensor(
+                [float(failure is not None), num_batches, samples_total, scaled_total,
+                 len(layout)],
+                dtype=torch.float64, device=device,
+            ),
+            fingerprint(touched),
         ]
-        for block, block_flags in zip(totals, flags)
-    ]
-    return params, combined
-
-
-_MISSING = object()
+    )
+    _, table = all_reduce_sum([], ranks, header, device)
+    raise_on_failure(table[:, 0].tolist(), failure, owner)
+    different = disagreeing_ranks(table[:, 5].tolist(), table[:, 6].tolist(), params[0].dtype)
+    if different:
+        raise ValueError(
+            f"{owner}: the parameters on rank(s) {different} differ from rank 0's; "
+            f"with `data` sharded over {ranks.world_size} ranks every rank must hold "
+            f"the same model. Broadcast it from rank 0 (DistributedDataParallel "
+            f"does; or torch.distributed.broadcast each parameter), seed the "
+            f"initialisation alike, or pass distributed=False."
+        )
+    batches_per_rank = [int(round(n)) for n in table[:, 1].tolist()]
+    if sum(batches_per_rank) == 0:
+        return totals, flags, 0.0, 0, 0
+    with_data = [rank for rank, n in enumerate(batches_per_rank) if n > 0]
+    lengths = {int(round(table[rank, 4].item())) for rank in with_data}
+    if len(lengths) > 1:
+        raise RuntimeError(
+            f"{owner}: the ranks computed curvature blocks of different shapes "
+            f"(layout lengths {sorted(lengths)}); every rank must run the same "
+            f"model and arguments."
+        )
+    if len(with_data) < ranks.world_size:
+        source = with_data[0]
+        sent = torch.tensor(layout, dtype=torch.int64, device=device) if layout else (
+            torch.zeros(lengths.pop(), dtype=torch.int64, device=device)
+        )
+        (received,) = broadcast([sent], ranks, source)
+        if not num_batches:
+            totals, flags = _zeros_of_layout(received.tolist(), params)
+    flat = [total for block in totals for total in block]
+    sums, _ = all_reduce_sum(flat, ranks, torch.zeros(0, dtype=torch.float64), device)
+    sums = iter(sums)
+    reduced = [[next(sums) for _ in block] for block in totals]
+    scaled_total, samples_total = table[:, 3].sum().item(), int(round(table[:, 2].sum().item()))
+    return reduced, flags, scaled_total, samples_total, sum(batches_per_rank)
 
 
 def _unpack(batch, index: int, owner: str):

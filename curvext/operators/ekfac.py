@@ -40,7 +40,8 @@ from torch import Tensor, nn
 
 from curvext.extensions.kfac import KFAC, fisher_scaled
 from curvext.modules.factored import FactoredRule, sum_of_squares
-from curvext.operators.data import _ForData, accumulate_over_data
+from curvext.distributed import broadcast, resolve_ranks
+from curvext.operators.data import _ForData, _KFACForData, accumulate_over_data
 from curvext.operators.kron import KronEigenOperator, KronOperator, kron_matmat
 
 #: Fisher types EKFAC supports (``"forward-only"`` has no per-sample vectors).
@@ -176,6 +177,7 @@ class EKFACOperator(KronEigenOperator):
         kfac_approx: str = "expand",
         progressbar: bool = False,
         params: Optional[Iterable[Tensor]] = None,
+        distributed=None,
     ) -> "EKFACOperator":
         r"""EKFAC of a whole data set: two passes over ``data``.
 
@@ -201,6 +203,15 @@ class EKFACOperator(KronEigenOperator):
             progressbar: Show a ``tqdm`` progress bar over each pass.
             params: The parameters, in block order (default: the model's
                 trainable parameters).
+            distributed: ``None`` (default): if a :mod:`torch.distributed`
+                process group is initialised, ``data`` is this rank's shard and
+                both passes sum over the ranks; ``False``: this rank's ``data``
+                only; ``True`` or a ``ProcessGroup``: over that group (see
+                :mod:`curvext.distributed`). Between the passes the eigenbasis
+                of the summed factors is broadcast from rank 0 (one
+                collective), so that every rank rotates into the same basis
+                even where ``eigh`` could pick different eigenvectors of a
+                repeated eigenvalue on different hardware.
 
         Raises:
             ValueError: For ``fisher_type="forward-only"`` or an unknown one,
@@ -220,20 +231,28 @@ class EKFACOperator(KronEigenOperator):
                 f"passes over the data twice; pass a list of (X, y) batches or a "
                 f"DataLoader."
             )
-        kron = KronOperator.from_data(
-            model, loss_fn, data, fisher_type, mc_samples, kfac_approx,
-            progressbar, params,
+        # KronOperator.from_data's pass, with `distributed` passed on
+        params, factors = accumulate_over_data(
+            model, loss_fn, data, _KFACForData(fisher_type, mc_samples, kfac_approx),
+            params, progressbar, owner, distributed,
         )
+        kron = KronOperator(params, factors)
         eigenvectors = [
             [torch.linalg.eigh(factor).eigenvectors for factor in block]
             for block in kron.factors
         ]
+        ranks = resolve_ranks(distributed, owner)
+        if ranks is not None:
+            flat = broadcast([q for block in eigenvectors for q in block], ranks, 0)
+            flat = iter(flat)
+            eigenvectors = [[next(flat) for _ in block] for block in eigenvectors]
         extension = _EKFACCorrections(
             {id(p): vectors for p, vectors in zip(kron.params, eigenvectors)},
             fisher_type, mc_samples, kfac_approx,
         )
         params, corrections = accumulate_over_data(
-            model, loss_fn, data, extension, kron.params, progressbar, owner
+            model, loss_fn, data, extension, kron.params, progressbar, owner,
+            distributed,
         )
         return cls(params, eigenvectors, [values for (values,) in corrections])
 
