@@ -5,6 +5,7 @@ invert and measure.
 >>> from curvext.operators import BlockDiagonalOperator, KronDecomposed, LowRankOperator
 >>> from curvext.operators import HessianOperator, GGNOperator, EFOperator
 >>> from curvext.operators import EKFACOperator
+>>> from curvext.operators import JacobianOperator, TransposedJacobianOperator
 """
 
 from curvext.operators.base import CurvatureOperator, check_damping
@@ -14,6 +15,7 @@ from curvext.operators.kron import KronDecomposed, KronEigenOperator, KronOperat
 from curvext.operators.lowrank import LowRankOperator
 from curvext.operators.matrix_free import EFOperator, GGNOperator, HessianOperator
 from curvext.operators.ekfac import EKFACOperator
+from curvext.operators.jacobian import JacobianOperator, TransposedJacobianOperator
 from curvext.operators.submatrix import Submatrix
 
 __all__ = [
@@ -28,6 +30,8 @@ __all__ = [
     "HessianOperator",
     "GGNOperator",
     "EFOperator",
+    "JacobianOperator",
+    "TransposedJacobianOperator",
     "check_damping",
     "Submatrix",
 ]

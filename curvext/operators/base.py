@@ -173,9 +173,114 @@ def powered(values: Tensor, exponent: float, owner: str, what: str) -> Tensor:
     return values.pow(exponent)
 
 
-def shapes_text(params: Sequence[Tensor]) -> str:
-    """The parameter shapes as the user would write them, for error messages."""
-    return "[" + ", ".join(str(tuple(p.shape)) for p in params) + "]"
+def shapes_text(params: Sequence) -> str:
+    """The shapes of ``params`` (tensors, or shapes) as the user would write them."""
+    return "[" + ", ".join(str(tuple(getattr(p, "shape", p))) for p in params) + "]"
+
+
+def operand_matrix(
+    other, shapes: Sequence[Tuple[int, ...]], owner: str, what: str = "the parameters"
+) -> Union[Tuple[Tensor, str], None]:
+    """The operand of ``owner @ other`` as a matrix ``[D, M]``, and its form.
+
+    ``other`` is a tensor ``[D]`` (form ``"vector"``) or ``[D, M]``
+    (``"matrix"``), ``D`` the total size of the blocks ``shapes``, or a list
+    of tensors shaped like the blocks (``"list"``, one vector, each block
+    flattened row-major). :func:`operand_like` puts a product back into the form.
+
+    Returns:
+        ``(matrix, form)``, or ``None`` if ``other`` is neither a tensor nor a
+        list of tensors (``__matmul__`` then returns ``NotImplemented``).
+
+    Raises:
+        ValueError: If the shapes do not fit, naming the expected ones (``what``
+            says what the blocks are).
+
+    Example:
+        >>> blocks = [torch.ones(2, 3), torch.ones(2)]
+        >>> matrix, form = operand_matrix(blocks, [(2, 3), (2,)], "Op")
+        >>> matrix.shape, form
+        (torch.Size([8, 1]), 'list')
+    """
+    dim = sum(math.prod(shape) for shape in shapes)
+    if isinstance(other, Tensor):
+        if other.ndim in (1, 2) and other.shape[0] == dim:
+            return other.reshape(dim, -1), ("vector" if other.ndim == 1 else "matrix")
+        raise ValueError(
+            f"{owner} @ x: expected x of shape [{dim}] or [{dim}, M], got "
+            f"{list(other.shape)}."
+        )
+    if isinstance(other, (list, tuple)) and all(isinstance(t, Tensor) for t in other):
+        if [tuple(t.shape) for t in other] != [tuple(shape) for shape in shapes]:
+            raise ValueError(
+                f"{owner} @ x: expected a list of {len(shapes)} tensors shaped like "
+                f"{what}, {shapes_text(shapes)}, got {len(other)} shaped "
+                f"{shapes_text(other)}."
+            )
+        return torch.cat([t.reshape(-1) for t in other]).unsqueeze(1), "list"
+    return None
+
+
+def operand_like(
+    product: Tensor, form: str, shapes: Sequence[Tuple[int, ...]]
+) -> Operand:
+    """A product ``[D', M]`` in the ``form`` :func:`operand_matrix` read.
+
+    ``shapes`` are the blocks of the product's side (total size ``D'``).
+
+    Example:
+        >>> [t.shape for t in operand_like(torch.ones(3, 1), "list", [(1, 2), (1,)])]
+        [torch.Size([1, 2]), torch.Size([1])]
+    """
+    if form == "matrix":
+        return product
+    if form == "vector":
+        return product.squeeze(1)
+    numels = [math.prod(shape) for shape in shapes]
+    return [
+        block.reshape(shape)
+        for block, shape in zip(product.squeeze(1).split(numels), shapes)
+    ]
+
+
+def scipy_operator(shape, matmat, rmatmat, dtype: torch.dtype, device: torch.device):
+    """A :class:`scipy.sparse.linalg.LinearOperator` ``shape`` (float64 NumPy in and out).
+
+    ``matmat`` and ``rmatmat`` multiply by the operator and its transpose in
+    torch (``[D, M]`` to ``[rows, M]``); operands are moved to ``dtype`` on
+    ``device``, products back to float64 NumPy of the operand's form.
+
+    Example:
+        >>> A = torch.tensor([[1.0, 2.0, 0.0], [0.0, 1.0, 1.0]])
+        >>> A_np = scipy_operator(A.shape, A.matmul, A.T.matmul, A.dtype, A.device)
+        >>> A_np.matvec([1.0, 1.0, 1.0]).tolist(), A_np.rmatvec([1.0, 0.0]).tolist()
+        ([3.0, 2.0], [1.0, 2.0, 0.0])
+    """
+    try:
+        from scipy.sparse.linalg import LinearOperator
+    except ImportError as error:  # pragma: no cover - scipy is a test extra
+        raise ImportError("to_scipy() needs scipy: pip install scipy") from error
+
+    def numpy_product(product, rows: int):
+        def multiply(array):
+            array = numpy.asarray(array)
+            matrix = torch.as_tensor(array, dtype=dtype, device=device)
+            result = product(matrix.reshape(matrix.shape[0], -1))
+            result = result.detach().to("cpu", torch.float64).numpy()
+            return result.reshape((rows,) + array.shape[1:])
+
+        return multiply
+
+    rows, columns = (int(size) for size in shape)
+    forward, backward = numpy_product(matmat, rows), numpy_product(rmatmat, columns)
+    return LinearOperator(
+        (rows, columns),
+        matvec=forward,
+        rmatvec=backward,
+        matmat=forward,
+        rmatmat=backward,
+        dtype=numpy.float64,
+    )
 
 
 class CurvatureOperator:
@@ -288,31 +393,12 @@ class CurvatureOperator:
             ValueError: If ``other``'s shape is none of these (the message
                 names the expected shapes).
         """
-        if isinstance(other, Tensor):
-            if other.ndim in (1, 2) and other.shape[0] == self.shape[0]:
-                matrix = other.reshape(self.shape[0], -1)
-                return self._matmat(matrix).reshape(other.shape)
-            raise ValueError(
-                f"{type(self).__name__} @ x: expected x of shape [{self.shape[0]}] "
-                f"or [{self.shape[0]}, M], got {list(other.shape)}."
-            )
-        if isinstance(other, (list, tuple)) and all(
-            isinstance(t, Tensor) for t in other
-        ):
-            shapes = [tuple(t.shape) for t in other]
-            expected = [tuple(p.shape) for p in self.params]
-            if shapes != expected:
-                raise ValueError(
-                    f"{type(self).__name__} @ x: expected a list of {len(expected)} "
-                    f"tensors shaped like the parameters, {shapes_text(self.params)}, "
-                    f"got {len(shapes)} shaped {shapes_text(other)}."
-                )
-            flat = self._matmat(torch.cat([t.reshape(-1) for t in other]).unsqueeze(1))
-            return [
-                block.reshape(p.shape)
-                for block, p in zip(flat.squeeze(1).split(self._numels), self.params)
-            ]
-        return NotImplemented
+        shapes = [tuple(p.shape) for p in self.params]
+        operand = operand_matrix(other, shapes, type(self).__name__)
+        if operand is None:
+            return NotImplemented
+        matrix, form = operand
+        return operand_like(self._matmat(matrix), form, shapes)
 
     def _check_same(self, other: "CurvatureOperator") -> None:
         """Raise unless ``other`` has this class and these parameters, in order."""
@@ -376,26 +462,8 @@ class CurvatureOperator:
             >>> eigsh(DiagonalOperator.from_params([p]).to_scipy(), k=1)[0].round(6)
             array([4.])
         """
-        try:
-            from scipy.sparse.linalg import LinearOperator
-        except ImportError as error:  # pragma: no cover - scipy is a test extra
-            raise ImportError("to_scipy() needs scipy: pip install scipy") from error
-
-        def matmat(array):
-            array = numpy.asarray(array)
-            matrix = torch.as_tensor(array, dtype=self.dtype, device=self.device)
-            product = self._matmat(matrix.reshape(self.shape[0], -1))
-            return (
-                product.detach().to("cpu", torch.float64).numpy().reshape(array.shape)
-            )
-
-        return LinearOperator(
-            self.shape,
-            matvec=matmat,
-            rmatvec=matmat,
-            matmat=matmat,
-            rmatmat=matmat,
-            dtype=numpy.float64,
+        return scipy_operator(
+            self.shape, self._matmat, self._matmat, self.dtype, self.device
         )
 
     def __repr__(self) -> str:
