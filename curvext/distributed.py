@@ -105,6 +105,13 @@ def resolve_ranks(distributed, owner: str) -> Optional[Ranks]:
 
     if distributed is False:
         return None
+    if dist.is_available() and distributed is dist.GroupMember.NON_GROUP_MEMBER:
+        # what torch.distributed.new_group returns on the ranks it leaves out
+        raise ValueError(
+            f"{owner}: this process (global rank {dist.get_rank()}) is not a member "
+            f"of the process group passed as distributed; pass a group it belongs "
+            f"to, or distributed=False."
+        )
     is_group = dist.is_available() and isinstance(distributed, dist.ProcessGroup)
     if distributed is not None and distributed is not True and not is_group:
         raise TypeError(
