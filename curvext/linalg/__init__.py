@@ -7,7 +7,7 @@ a dense ``torch.Tensor`` ``[P, P]``, or any object with ``.shape == (P, P)``,
 * :mod:`~curvext.linalg.trace`: :func:`hutchinson_trace`, :func:`hutchpp_trace`, :func:`xtrace`;
 * :mod:`~curvext.linalg.diagonal`: :func:`hutchinson_diag`, :func:`xdiag`;
 * :mod:`~curvext.linalg.norm`: :func:`hutchinson_squared_fro`;
-* :mod:`~curvext.linalg.inverse`: :class:`CGInverse`, :class:`NeumannInverse`;
+* :mod:`~curvext.linalg.inverse`: :class:`CGInverse`, :class:`LSMRInverse`, :class:`NeumannInverse`;
 * :mod:`~curvext.linalg.spectrum`: :func:`lanczos_spectrum`, :func:`lanczos_log_spectrum`, :class:`LanczosSpectrum`;
 * :mod:`~curvext.linalg.eigen`: :func:`top_eigenpairs`.
 
@@ -21,7 +21,13 @@ a dense ``torch.Tensor`` ``[P, P]``, or any object with ``.shape == (P, P)``,
 from curvext.linalg.checks import assert_is_square
 from curvext.linalg.diagonal import hutchinson_diag, xdiag
 from curvext.linalg.eigen import top_eigenpairs
-from curvext.linalg.inverse import CGInfo, CGInverse, NeumannInverse
+from curvext.linalg.inverse import (
+    CGInfo,
+    CGInverse,
+    LSMRInfo,
+    LSMRInverse,
+    NeumannInverse,
+)
 from curvext.linalg.norm import hutchinson_squared_fro
 from curvext.linalg.spectrum import (
     LanczosSpectrum,
@@ -40,6 +46,8 @@ __all__ = [
     "CGInverse",
     "CGInfo",
     "NeumannInverse",
+    "LSMRInverse",
+    "LSMRInfo",
     "assert_is_square",
     "lanczos_spectrum",
     "lanczos_log_spectrum",

@@ -1,6 +1,6 @@
-r"""Matrix-free inverses :math:`\mathbf{A}^{-1}`: conjugate gradients and the Neumann series.
+r"""Matrix-free inverses :math:`\mathbf{A}^{-1}`: conjugate gradients, LSMR and the Neumann series.
 
-Both are operators themselves (``.shape``, ``.dtype``, ``.device``, ``@`` on
+All are operators themselves (``.shape``, ``.dtype``, ``.device``, ``@`` on
 ``[P]`` and ``[P, M]``), so they can be passed to the estimators of
 :mod:`curvext.linalg` or serve as a preconditioner.
 """
@@ -16,6 +16,7 @@ from torch import Tensor
 
 from curvext.linalg.adapter import as_matrix, as_square_operator
 from curvext.linalg.checks import assert_positive_int, check_positive
+from curvext.operators.base import check_damping, scipy_operator
 
 
 @dataclass
@@ -328,4 +329,241 @@ class NeumannInverse:
         return (
             f"NeumannInverse(shape={self.shape}, scale={self.scale:g}, "
             f"num_terms={self.num_terms})"
+        )
+
+
+#: LSMR's stopping reasons (``istop``) that mean the column was solved.
+_LSMR_SOLVED = (0, 1, 2, 4, 5)
+_LSMR_REASONS = {
+    3: "the estimate of cond(A) exceeded conlim",
+    6: "the estimate of cond(A) exceeded 1/eps",
+    7: "maxiter was reached",
+}
+
+
+@dataclass
+class LSMRInfo:
+    """How the last :class:`LSMRInverse` solve went (one entry per right-hand side, ``[M]``).
+
+    Attributes:
+        stop_reasons: SciPy's ``istop`` (int64): ``0`` ``x = 0`` solves it,
+            ``1`` ``A x = b`` solved to ``atol``/``btol``, ``2`` least squares
+            solved to ``atol``, ``3`` cond(A) exceeded ``conlim``, ``4``/``5``
+            as ``1``/``2`` to machine precision, ``6`` cond(A) exceeded
+            ``1/eps``, ``7`` ``maxiter`` reached.
+        iterations: The iterations run per column (one product with ``A`` and
+            one with ``A^T`` each), int64.
+        residual_norms: :math:`\\|b - A x\\|` (with ``damp``: of the stacked
+            system :math:`[A; \\mathrm{damp}\\, I]`).
+        normal_residual_norms: :math:`\\|A^\\top (b - A x)\\|` (stacked system
+            with ``damp``), ``0`` at a least-squares solution.
+        rhs_norms: :math:`\\|b\\|`.
+        norm_estimates: LSMR's estimate of :math:`\\|A\\|_F`.
+        condition_estimates: LSMR's estimate of cond(A).
+        converged: ``stop_reasons`` in ``{0, 1, 2, 4, 5}`` (bool).
+    """
+
+    stop_reasons: Tensor
+    iterations: Tensor
+    residual_norms: Tensor
+    normal_residual_norms: Tensor
+    rhs_norms: Tensor
+    norm_estimates: Tensor
+    condition_estimates: Tensor
+    converged: Tensor
+
+
+class LSMRInverse:
+    r"""The (pseudo-)inverse of a square :math:`\mathbf{A}` by LSMR, applied column by column.
+
+    ``LSMRInverse(A) @ b`` runs SciPy's LSMR (Fong & Saunders, 2011), which
+    minimises
+
+    .. math::
+        \left\| \begin{pmatrix} \mathbf{A} \\ \mathrm{damp}\,\mathbf{I} \end{pmatrix}
+        \mathbf{x} - \begin{pmatrix} \mathbf{b} \\ \mathbf{0} \end{pmatrix}
+        \right\|_2 ,
+        \qquad\text{i.e.}\qquad
+        \mathbf{x} = (\mathbf{A}^\top\mathbf{A} + \mathrm{damp}^2\,\mathbf{I})^{-1}
+        \mathbf{A}^\top\mathbf{b},
+
+    by a Krylov method on :math:`\mathbf{A}^\top\mathbf{A}` that needs one
+    product with :math:`\mathbf{A}` and one with :math:`\mathbf{A}^\top` per
+    iteration (MINRES on the normal equations). For invertible
+    :math:`\mathbf{A}` and ``damp=0`` that is :math:`\mathbf{A}^{-1}\mathbf{b}`;
+    for singular :math:`\mathbf{A}` the iterates stay in the row space, so it
+    converges to the minimum-norm least-squares solution
+    :math:`\mathbf{A}^{+}\mathbf{b}`. Unlike :class:`CGInverse`, :math:`\mathbf{A}`
+    need not be symmetric or definite. Note that ``damp`` regularises the
+    least-squares problem: it does *not* give
+    :math:`(\mathbf{A} + \mathrm{damp}\,\mathbf{I})^{-1}\mathbf{b}`; for that pass
+    ``A + damp`` (a curvext operator) instead.
+
+    Column :math:`j` stops once :math:`\|\mathbf{r}_j\| \le \mathrm{atol}\,
+    \|\mathbf{A}\|\|\mathbf{x}_j\| + \mathrm{btol}\|\mathbf{b}_j\|`
+    (consistent system) or :math:`\|\mathbf{A}^\top\mathbf{r}_j\| \le
+    \mathrm{atol}\,\|\mathbf{A}\|\|\mathbf{r}_j\|` (least squares), with
+    :math:`\|\mathbf{A}\|` LSMR's running estimate; or when its estimate of
+    cond(A) exceeds ``conlim``, or after ``maxiter`` iterations (both warn).
+
+    SciPy's LSMR takes one right-hand side, so ``[P, M]`` is solved by ``M``
+    runs; every product with ``A`` is computed in torch on ``A``'s device and
+    dtype, while LSMR's own vector updates run in float64 NumPy on the CPU
+    (as in curvlinops' ``LSMRInverseLinearOperator``, which passes the same
+    keyword arguments to SciPy). The solution is returned in ``A``'s dtype on
+    its device.
+
+    Fong, D. C.-L., & Saunders, M. A. (2011). LSMR: An iterative algorithm for
+    sparse least-squares problems. SIAM Journal on Scientific Computing.
+
+    Args:
+        A: A square ``[P, P]`` operator (a curvext operator, a tensor, or
+            anything with ``.shape``, ``.dtype``, ``.device``, ``A @ X`` and
+            ``A.T @ X``; curvext operators are symmetric, so ``A.T`` is ``A``).
+        atol: Stopping tolerance on the relative error in ``A`` (default
+            ``1e-6``; ``0`` with ``btol = conlim = 0``: to machine precision).
+        btol: Stopping tolerance on the relative error in ``b`` (default ``1e-6``).
+        maxiter: The most iterations per right-hand side (default ``10 * P``,
+            as for :class:`CGInverse`; SciPy's default ``P`` is often too few
+            in floating point, e.g. for float32 products).
+        damp: The regularisation :math:`\mathrm{damp} \ge 0` above (default ``0``).
+        conlim: Stop when the estimate of cond(A) exceeds it (default ``1e8``;
+            ``0``: no limit).
+
+    Attributes:
+        info: A :class:`LSMRInfo` for the last solve (``None`` before the first).
+
+    Raises:
+        ValueError: If ``A`` is not square, or a tolerance, ``damp``,
+            ``conlim`` or ``maxiter`` is negative (``maxiter``: not a positive
+            integer).
+        TypeError: If ``A`` lacks ``.shape``, ``.dtype``, ``.device``, ``@`` or ``.T``.
+
+    Example:
+        >>> A = torch.tensor([[4.0, 1.0], [1.0, 3.0]], dtype=torch.float64)
+        >>> A_inv = LSMRInverse(A, atol=1e-12, btol=1e-12)
+        >>> (A_inv @ torch.tensor([1.0, 2.0], dtype=torch.float64)).round(decimals=6).tolist()
+        [0.090909, 0.636364]
+        >>> bool(A_inv.info.converged.all())
+        True
+        >>> singular = torch.tensor([[1.0, 1.0], [1.0, 1.0]], dtype=torch.float64)
+        >>> b = torch.tensor([1.0, 3.0], dtype=torch.float64)
+        >>> (LSMRInverse(singular, atol=1e-12, btol=1e-12) @ b).round(decimals=6).tolist()
+        [1.0, 1.0]
+    """
+
+    def __init__(
+        self,
+        A,
+        atol: float = 1e-6,
+        btol: float = 1e-6,
+        maxiter: Optional[int] = None,
+        damp: float = 0.0,
+        conlim: float = 1e8,
+    ):
+        owner = "LSMRInverse"
+        self._A = as_square_operator(A, owner)
+        if getattr(A, "T", None) is None:
+            raise TypeError(
+                f"{owner}: LSMR multiplies by A and A^T, but {type(A).__name__} has "
+                f"no .T; pass a curvext operator or a tensor, or use CGInverse for a "
+                f"symmetric positive definite A."
+            )
+        self.atol = check_damping(atol, f"{owner}: atol")
+        self.btol = check_damping(btol, f"{owner}: btol")
+        self.damp = check_damping(damp, f"{owner}: damp")
+        self.conlim = check_damping(conlim, f"{owner}: conlim")
+        self.maxiter = (
+            10 * self._A.dim
+            if maxiter is None
+            else assert_positive_int(maxiter, "maxiter", owner)
+        )
+        self.shape, self.dtype, self.device = (
+            (self._A.dim,) * 2,
+            self._A.dtype,
+            self._A.device,
+        )
+        self._scipy_A = scipy_operator(
+            self.shape,
+            self._A.__matmul__,
+            self._A.transposed_matmul,
+            self.dtype,
+            self.device,
+        )
+        self.info: Optional[LSMRInfo] = None
+
+    @property
+    def T(self) -> "LSMRInverse":
+        r""":math:`(\mathbf{A}^{-1})^\top = (\mathbf{A}^\top)^{-1}`, with the same options."""
+        return LSMRInverse(
+            self._A.operator.T,
+            atol=self.atol,
+            btol=self.btol,
+            maxiter=self.maxiter,
+            damp=self.damp,
+            conlim=self.conlim,
+        )
+
+    def __matmul__(self, rhs: Tensor) -> Tensor:
+        """``A^{-1} @ rhs`` (least squares) for ``rhs`` ``[P]`` or ``[P, M]``; sets :attr:`info`.
+
+        Raises:
+            ValueError: If ``rhs`` has another shape.
+        """
+        from scipy.sparse.linalg import lsmr
+
+        matrix = as_matrix(rhs, self._A.dim, "LSMRInverse")
+        columns = matrix.detach().to("cpu", torch.float64).numpy()
+        solutions, results = [], []
+        for column in columns.T:
+            solution, *result = lsmr(
+                self._scipy_A,
+                column,
+                damp=self.damp,
+                atol=self.atol,
+                btol=self.btol,
+                conlim=self.conlim,
+                maxiter=self.maxiter,
+            )
+            solutions.append(torch.as_tensor(solution))
+            results.append(result)
+        solution = torch.stack(solutions, 1).to(self.device, self.dtype)
+        self.info = self._info(results, matrix.norm(dim=0))
+        return solution.reshape(rhs.shape)
+
+    def _info(self, results, rhs_norms: Tensor) -> LSMRInfo:
+        def as_tensor(values, dtype=torch.float64):
+            return torch.tensor(values, dtype=dtype, device=self.device)
+
+        stop_reasons, iterations, normr, normar, norma, conda, _ = zip(*results)
+        stop_reasons = as_tensor(stop_reasons, torch.int64)
+        converged = torch.isin(stop_reasons, as_tensor(_LSMR_SOLVED, torch.int64))
+        info = LSMRInfo(
+            stop_reasons=stop_reasons,
+            iterations=as_tensor(iterations, torch.int64),
+            residual_norms=as_tensor(normr),
+            normal_residual_norms=as_tensor(normar),
+            rhs_norms=rhs_norms.to(self.device, torch.float64),
+            norm_estimates=as_tensor(norma),
+            condition_estimates=as_tensor(conda),
+            converged=converged,
+        )
+        if not converged.all():
+            reasons = sorted(
+                {_LSMR_REASONS[int(reason)] for reason in stop_reasons[~converged]}
+            )
+            warnings.warn(
+                f"LSMRInverse: {int((~converged).sum())} of {len(results)} right-hand "
+                f"sides stopped before the tolerances were met: {'; '.join(reasons)} "
+                f"(maxiter={self.maxiter}, conlim={self.conlim:g}). Raise maxiter or "
+                f"conlim, loosen atol/btol, or add damping. See .info.",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+        return info
+
+    def __repr__(self) -> str:
+        return (
+            f"LSMRInverse(shape={self.shape}, atol={self.atol:g}, btol={self.btol:g}, "
+            f"maxiter={self.maxiter}, damp={self.damp:g})"
         )

@@ -259,7 +259,10 @@ def scipy_operator(shape, matmat, rmatmat, dtype: torch.dtype, device: torch.dev
     try:
         from scipy.sparse.linalg import LinearOperator
     except ImportError as error:  # pragma: no cover - scipy is a test extra
-        raise ImportError("to_scipy() needs scipy: pip install scipy") from error
+        raise ImportError(
+            "scipy.sparse.linalg is needed here (to_scipy(), LSMRInverse): pip "
+            "install scipy"
+        ) from error
 
     def numpy_product(product, rows: int):
         def multiply(array):
