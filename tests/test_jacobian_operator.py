@@ -164,6 +164,23 @@ def test_function_model_with_scalar_parameter():
     torch.testing.assert_close(J.T @ W, reference.T @ W, rtol=1e-10, atol=1e-12)
 
 
+def test_one_entry_per_sample_and_progressbar():
+    """Predictions ``[N]`` (``S = ()``, ``C = 1``): ``J`` is ``[N, P]``."""
+    pytest.importorskip("tqdm")
+    model, X = make_mlp()
+
+    def function(p, X):
+        return functional_call(model, p, (X,)).sum(1)
+
+    params = dict(model.named_parameters())
+    J = JacobianOperator(function, params, batches_of(X), progressbar=True)
+    reference = dense_jacobian(model, X).reshape(X.shape[0], 2, -1).sum(1)
+    assert J.shape == reference.shape and J.output_shape == ()
+    torch.testing.assert_close(J.to_dense(), reference, rtol=1e-10, atol=1e-12)
+    (prediction_tangent,) = J.T.T @ [torch.ones_like(p) for p in params.values()]
+    assert prediction_tangent.shape == (X.shape[0],)
+
+
 def test_without_determinism_check_and_num_data():
     model, X = make_cnn()
     reference = dense_jacobian(model, X)

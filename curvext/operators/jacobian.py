@@ -271,7 +271,7 @@ class _DataJacobian:
                     f"{self.num_samples} samples it had at construction (batch "
                     f"{index}); `data` must yield the same batches on every pass."
                 )
-            cotangents = matrix[start:stop].T.reshape(-1, *output.shape)
+            cotangents = matrix[start:stop].detach().T.reshape(-1, *output.shape)
             blocks = vmap(pullback)(cotangents.to(output.dtype))  # [M, *p.shape] each
             product = torch.cat([block.reshape(len(block), -1) for block in blocks], 1)
             total = product if total is None else total + product
