@@ -314,3 +314,16 @@ def test_data_changing_between_passes_and_num_data():
             dict(model.named_parameters()),
             batches_of(X),
         )
+
+
+@pytest.mark.parametrize("kind", ["0-d", "tuple"])
+def test_prediction_without_a_batch_axis(kind):
+    model, X = make_mlp()
+
+    def function(p, X):
+        output = functional_call(model, p, (X,))
+        return output.sum() if kind == "0-d" else (output, output)
+
+    expected = "is a 0-d tensor" if kind == "0-d" else "is tuple"
+    with pytest.raises(ValueError, match=rf"prediction on batch 0 {expected}; it must be"):
+        JacobianOperator(function, dict(model.named_parameters()), batches_of(X))
