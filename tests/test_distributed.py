@@ -362,3 +362,20 @@ def test_distributed_argument_without_a_group():
         HessianOperator(model, loss_fn, params, batches, distributed="gloo")
     with pytest.raises(TypeError, match="distributed must be None"):
         EKFACOperator.from_data(model, loss_fn, batches, distributed=1)
+
+
+def test_buffers_of_different_sizes_are_refused(monkeypatch):
+    """Ranks reducing different shapes (e.g. probes with different numbers of
+    columns): gloo may then add misaligned buffers silently, or abort the
+    process, so this is not run over gloo; a fake ``all_reduce`` adds a rank 1
+    whose buffer was one entry longer, as the table at the buffer's start
+    reports it."""
+    from curvext.distributed import Ranks, all_reduce_sum
+
+    def all_reduce_with_a_longer_rank(buffer, group=None):
+        # table [2 ranks, (length, 1 value), 2 pieces]: rank 1's length at 4
+        buffer[4] = buffer[0] + 1
+
+    monkeypatch.setattr(dist, "all_reduce", all_reduce_with_a_longer_rank)
+    with pytest.raises(RuntimeError, match=r"different sizes \(\[3, 4\] entries"):
+        all_reduce_sum([torch.ones(3)], Ranks(None, 0, 2), torch.zeros(1))
