@@ -105,14 +105,11 @@ def resolve_ranks(distributed, owner: str) -> Optional[Ranks]:
 
     if distributed is False:
         return None
-    if dist.is_available() and distributed is dist.GroupMember.NON_GROUP_MEMBER:
-        # what torch.distributed.new_group returns on the ranks it leaves out
-        raise ValueError(
-            f"{owner}: this process (global rank {dist.get_rank()}) is not a member "
-            f"of the process group passed as distributed; pass a group it belongs "
-            f"to, or distributed=False."
-        )
-    is_group = dist.is_available() and isinstance(distributed, dist.ProcessGroup)
+    # new_group returns NON_GROUP_MEMBER on the ranks it leaves out
+    outside = dist.is_available() and distributed is dist.GroupMember.NON_GROUP_MEMBER
+    is_group = outside or (
+        dist.is_available() and isinstance(distributed, dist.ProcessGroup)
+    )
     if distributed is not None and distributed is not True and not is_group:
         raise TypeError(
             f"{owner}: distributed must be {DISTRIBUTED_CHOICES}, got "
@@ -129,7 +126,7 @@ def resolve_ranks(distributed, owner: str) -> Optional[Ranks]:
             f"False."
         )
     group = distributed if is_group else dist.group.WORLD
-    rank = dist.get_rank(group)
+    rank = -1 if outside else dist.get_rank(group)
     if rank < 0:
         raise ValueError(
             f"{owner}: this process (global rank {dist.get_rank()}) is not a member "
@@ -146,7 +143,7 @@ def _weights(count: int, offset: int, dtype: torch.dtype, device, wave=torch.sin
 
 
 def fingerprint(tensors: Sequence[Tensor]) -> Tensor:
-    r"""``[2]`` float64: a weighted sum of all entries and a bound on its rounding.
+    r"""``[2]`` float64: a weighted sum of all entries and a bound on its size.
 
     For a matrix :math:`X` (``[R, C]``; other tensors are flattened into one
     column, one after the other) the first entry is :math:`w^\top X u` with
@@ -296,6 +293,43 @@ def raise_on_failure(
         )
 
 
+def check_same_on_ranks(
+    fingerprints: Tensor, what: str, dtype: torch.dtype, ranks: Ranks, owner: str
+) -> None:
+    """Raise (on every rank alike) if some rank's ``what`` differs from rank 0's.
+
+    Args:
+        fingerprints: ``[world_size, 2]``: every rank's :func:`fingerprint`
+            (from :func:`all_reduce_sum`'s table).
+        what: ``"params"`` or ``"matrix"`` (the matrix multiplied), for the
+            message and its advice.
+        dtype: The dtype the fingerprints were computed in (for the tolerance).
+
+    Raises:
+        ValueError: If they differ.
+    """
+    values, bounds = fingerprints.T.tolist()
+    different = disagreeing_ranks(values, bounds, dtype)
+    if not different:
+        return
+    if what == "matrix":
+        raise ValueError(
+            f"{owner}: the matrix multiplied on rank(s) {different} differs from "
+            f"rank 0's; with `data` sharded over {ranks.world_size} ranks every "
+            f"rank must multiply the same matrix. Random probes (estimators, "
+            f"Lanczos) must be drawn alike: seed every rank the same "
+            f"(torch.manual_seed(seed) on each, or the same generator=), or pass "
+            f"distributed=False for independent per-rank computations."
+        )
+    raise ValueError(
+        f"{owner}: the parameters on rank(s) {different} differ from rank 0's; "
+        f"with `data` sharded over {ranks.world_size} ranks every rank must hold "
+        f"the same model. Broadcast it from rank 0 (DistributedDataParallel does; "
+        f"or torch.distributed.broadcast each parameter), seed the initialisation "
+        f"alike, or pass distributed=False for independent per-rank computations."
+    )
+
+
 def disagreeing_ranks(values: Sequence[float], bounds: Sequence[float], dtype) -> List[int]:
     """The ranks whose :func:`fingerprint` differs from rank 0's, beyond rounding.
 
@@ -320,6 +354,7 @@ __all__ = [
     "Ranks",
     "all_reduce_sum",
     "broadcast",
+    "check_same_on_ranks",
     "disagreeing_ranks",
     "fingerprint",
     "is_initialized",

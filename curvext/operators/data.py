@@ -53,7 +53,7 @@ from curvext.context import backpack
 from curvext.distributed import (
     all_reduce_sum,
     broadcast,
-    disagreeing_ranks,
+    check_same_on_ranks,
     fingerprint,
     raise_on_failure,
     resolve_ranks,
@@ -316,15 +316,7 @@ def _sum_over_ranks(totals, flags, counts, failure, params, touched, ranks, owne
     )
     _, table = all_reduce_sum([], ranks, header, device)
     raise_on_failure(table[:, 0].tolist(), failure, owner)
-    different = disagreeing_ranks(table[:, 5].tolist(), table[:, 6].tolist(), params[0].dtype)
-    if different:
-        raise ValueError(
-            f"{owner}: the parameters on rank(s) {different} differ from rank 0's; "
-            f"with `data` sharded over {ranks.world_size} ranks every rank must hold "
-            f"the same model. Broadcast it from rank 0 (DistributedDataParallel "
-            f"does; or torch.distributed.broadcast each parameter), seed the "
-            f"initialisation alike, or pass distributed=False."
-        )
+    check_same_on_ranks(table[:, 5:7], "params", params[0].dtype, ranks, owner)
     batches_per_rank = [int(round(n)) for n in table[:, 1].tolist()]
     if sum(batches_per_rank) == 0:
         return totals, flags, 0.0, 0, 0

@@ -61,7 +61,7 @@ from torch.func import functional_call, grad, jvp, vjp, vmap
 
 from curvext.distributed import (
     all_reduce_sum,
-    disagreeing_ranks,
+    check_same_on_ranks,
     fingerprint,
     raise_on_failure,
     resolve_ranks,
@@ -197,8 +197,8 @@ class _DataSetOperator(CurvatureOperator):
             )
             (total,), table = all_reduce_sum([total], ranks, local_values)
             raise_on_failure(table[:, 0].tolist(), failure, owner)
-            self._check_same_on_ranks(table[:, 4:6], "matrix", matrix.dtype, ranks)
-            self._check_same_on_ranks(table[:, 6:8], "params", self.dtype, ranks)
+            check_same_on_ranks(table[:, 4:6], "matrix", matrix.dtype, ranks, owner)
+            check_same_on_ranks(table[:, 6:8], "params", self.dtype, ranks, owner)
             num_batches, num_samples, denominator = (
                 int(round(value)) if index < 2 else value
                 for index, value in enumerate(table[:, 1:4].sum(0).tolist())
@@ -246,31 +246,6 @@ class _DataSetOperator(CurvatureOperator):
             num_batches += 1
             num_samples += output.shape[0]
         return total, denominator, num_batches, num_samples
-
-    def _check_same_on_ranks(self, fingerprints: Tensor, what: str, dtype, ranks) -> None:
-        """Raise on every rank if some rank's ``matrix`` or parameters differ from rank 0's."""
-        values, bounds = fingerprints.T.tolist()
-        different = disagreeing_ranks(values, bounds, dtype)
-        if not different:
-            return
-        owner = type(self).__name__
-        if what == "matrix":
-            raise ValueError(
-                f"{owner}: the matrix multiplied on rank(s) {different} differs from "
-                f"rank 0's; with `data` sharded over {ranks.world_size} ranks every "
-                f"rank must multiply the same matrix. Random probes (estimators, "
-                f"Lanczos) must be drawn alike: seed every rank the same "
-                f"(torch.manual_seed(seed) on each, or the same generator=), or "
-                f"pass distributed=False for independent per-rank operators."
-            )
-        raise ValueError(
-            f"{owner}: the parameters on rank(s) {different} differ from rank 0's; "
-            f"with `data` sharded over {ranks.world_size} ranks every rank must "
-            f"hold the same model. Broadcast it from rank 0 (DistributedDataParallel "
-            f"does; or torch.distributed.broadcast each parameter), seed the "
-            f"initialisation alike, or pass distributed=False for independent "
-            f"per-rank operators."
-        )
 
     def _check_deterministic(self) -> None:
         owner = type(self).__name__
