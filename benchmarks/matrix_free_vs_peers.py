@@ -1,0 +1,536 @@
+"""Time and measure curvext's matrix-free operators, estimators and dattri-style IHVPs against peers.
+
+Run from the repository root::
+
+    python benchmarks/matrix_free_vs_peers.py                      # CPU, full (<= 8 min on 2 cores)
+    python benchmarks/matrix_free_vs_peers.py --device cuda        # GPU
+    python benchmarks/matrix_free_vs_peers.py --quick --no-memory  # smoke run
+    python benchmarks/matrix_free_vs_peers.py --quick --models mlp --rows ggn_1,dattri_cg
+
+Needs ``curvlinops-for-pytorch`` (3.0.1) and ``dattri`` (0.3.0). Conventions
+are those of ``engine_vs_backpack.py``, whose models, helpers and report
+lines this script imports: the contenders live in one process, on the same
+model and data; after a warm-up run every repeat runs each contender once,
+the order rotating; the table reports medians. Everything a user builds once
+(the operators, with ``check_deterministic=False`` for both libraries, the
+probe vectors) is built before timing; the timed unit is the computation.
+Peak memory is the extra memory of one unit over what is allocated before
+it: ``torch.cuda.max_memory_allocated`` on CUDA; on CPU the peak RSS
+(``VmHWM`` after a reset through ``/proc/self/clear_refs``) over the RSS
+before the unit, in a fresh process per cell (this script re-invoked with
+``--memory-probe``), after one warm-up unit, median of 3 units (1 unit where
+the timed unit took more than 2 s, to keep the run short).
+
+**Rows** (float32, ``CrossEntropyLoss(reduction="mean")``; data: 10 batches
+of 128 random MNIST-sized inputs ``[128, 1, 28, 28]``, 10 classes, made here,
+nothing downloaded; models ``mlp`` (235,146 parameters) and ``cnn`` (12,810)
+of ``engine_vs_backpack.py``):
+
+* ``ggn_1``, ``ggn_16``, ``hess_1``, ``hess_16``: one product of
+  ``curvext.operators.GGNOperator`` / ``HessianOperator`` vs curvlinops'
+  ``GGNLinearOperator`` / ``HessianLinearOperator`` with one vector ``[P]``
+  and with 16 vectors ``[P, 16]`` (one pass over the 10 batches each).
+* ``trace``: ``curvext.linalg.hutchinson_trace(G, 16)`` vs curvlinops'
+  ``hutchinson_trace(G, 16)`` on the GGN (Rademacher probes; both multiply
+  all 16 probes in one ``G @ [P, 16]``).
+* ``spectrum``: ``curvext.linalg.lanczos_spectrum(G, ncv=8, num_repeats=2)``
+  vs curvlinops' ``lanczos_approximate_spectrum(G, ncv=8, num_repeats=2)``,
+  1024 grid points, ``kappa=3``, ``margin=0.05``, and the same
+  ``boundaries`` for both, ``(0, λ_max)`` (the GGN is positive
+  semi-definite with rank ``<= N (C - 1) < P``; λ_max from 10 Lanczos steps,
+  untimed): without them curvlinops would first run
+  SciPy's ARPACK for the extreme eigenvalues, while curvext would take the
+  extreme Ritz values of its own runs. curvext runs the two repeats as one
+  Lanczos process on ``[P, 2]`` (fully reorthogonalised); curvlinops runs
+  them one after the other on ``[P]`` (no reorthogonalisation).
+* ``dattri_cg``, ``dattri_arnoldi`` (``mlp`` only): the cross-entropy of the
+  MLP on the first batch as a function of the flattened parameters
+  ``θ [P]`` (``func(θ, X, targets)``, the targets one-hot, since dattri
+  differentiates every argument and cannot take integer labels), and
+  ``v [4, P]``: ``curvext.functional.ihvp_at_x_cg`` vs dattri's
+  ``ihvp_at_x_cg`` (``max_iter=10``, ``regularization=1.0``: the Hessian's smallest
+  eigenvalue is about -0.53, so CG needs it; ``rev-rev``;
+  curvext's ``tol`` set out of reach so that both run all 10 iterations;
+  the unit builds the IHVP function and applies it), and ``ihvp_at_x_arnoldi``
+  (``max_iter=30``, ``top_k=10``, ``rev-fwd``, ``regularization=1.0``, same
+  seed; the unit builds the function, which runs the iteration in curvext,
+  and applies it, which runs the iteration in dattri).
+
+**Agreement** (last column): relative difference ``||a - b|| / ||b||`` of the
+two results where they are deterministic. ``trace`` and ``spectrum`` draw
+different random probes in the two libraries: the column gives the relative
+difference of the two estimates (``random``), which measures the estimators'
+spread rather than a disagreement. ``dattri_cg``: dattri starts CG from
+``v``, curvext from ``0``; CG from ``v`` is ``v`` plus CG from ``0`` on
+``v - A v``, so the column compares dattri's result with
+``v + curvext_cg(v - A v)`` (computed untimed). ``dattri_arnoldi``: the same
+seed gives both the same start vector.
+
+**Target**: time ratio curvext / peer <= 0.67 (column ``target``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+import warnings
+from importlib.metadata import version
+from typing import Dict, List, Optional
+
+import torch
+from torch import nn
+from torch.func import functional_call
+
+import curvlinops
+from dattri.func import hessian as dattri
+
+import curvext.functional as cxf
+from curvext.linalg import hutchinson_trace, lanczos_spectrum
+from curvext.linalg.eigen import lanczos, tridiagonal_eigh
+from curvext.operators import GGNOperator, HessianOperator
+from engine_vs_backpack import (  # noqa: E402
+    MODEL_DESCRIPTIONS,
+    NUM_CLASSES,
+    ForeignLoad,
+    _mb,
+    _pct,
+    _proc_status,
+    _reset_peak_rss,
+    _trim,
+    build_model,
+    load_average,
+    machine_line,
+    source_line,
+    sync,
+    wait_for_quiet,
+)
+
+BATCH = 128
+NUM_BATCHES = 10
+NUM_VECTORS = 16
+TRACE_MATVECS = 16
+NCV, NUM_REPEATS, NUM_POINTS = 8, 2, 1024
+IHVP_VECTORS = 4
+CG_ITERATIONS, IHVP_REGULARIZATION = 10, 1.0
+ARNOLDI_ITERATIONS, ARNOLDI_TOP_K = 30, 10
+TARGET_RATIO = 0.67
+PROBE_MARKER = "MEMORY_PROBE_RESULT "
+SINGLE_PROBE_SECONDS = 2.0
+# curvext's CG warns when it stops at max_iter before tol: intended here
+warnings.filterwarnings("ignore", message=".*CG.*", category=RuntimeWarning)
+# torch.jit deprecation (imported by dattri/curvlinops), dattri's 1-D v.T
+warnings.filterwarnings("ignore", category=FutureWarning)
+warnings.filterwarnings("ignore", message="The use of `x.T`")
+
+ROWS = {
+    "ggn_1": "GGN @ v [P]",
+    "ggn_16": f"GGN @ V [P, {NUM_VECTORS}]",
+    "hess_1": "Hessian @ v [P]",
+    "hess_16": f"Hessian @ V [P, {NUM_VECTORS}]",
+    "trace": f"hutchinson_trace(GGN, {TRACE_MATVECS})",
+    "spectrum": f"Lanczos spectrum of GGN (ncv={NCV}, repeats={NUM_REPEATS})",
+    "dattri_cg": f"ihvp_at_x_cg (max_iter={CG_ITERATIONS}, [{IHVP_VECTORS}, P])",
+    "dattri_arnoldi": (f"ihvp_at_x_arnoldi (max_iter={ARNOLDI_ITERATIONS}, "
+                       f"top_k={ARNOLDI_TOP_K}, [{IHVP_VECTORS}, P])"),
+}
+PEERS = {"ggn_1": "curvlinops", "ggn_16": "curvlinops", "hess_1": "curvlinops",
+         "hess_16": "curvlinops", "trace": "curvlinops", "spectrum": "curvlinops",
+         "dattri_cg": "dattri", "dattri_arnoldi": "dattri"}
+MLP_ONLY = ("dattri_cg", "dattri_arnoldi")
+
+
+# --------------------------------------------------------------------------
+# shared setup: the same model, data and vectors in every cell
+# --------------------------------------------------------------------------
+def make_batches(device: torch.device, seed: int):
+    generator = torch.Generator().manual_seed(seed)
+    batches = []
+    for _ in range(NUM_BATCHES):
+        inputs = torch.randn(BATCH, 1, 28, 28, generator=generator)
+        targets = torch.randint(0, NUM_CLASSES, (BATCH,), generator=generator)
+        batches.append((inputs.to(device), targets.to(device)))
+    return batches
+
+
+def make_model(name: str, device: torch.device, seed: int) -> nn.Module:
+    torch.manual_seed(seed)
+    return build_model(name).to(device).eval()
+
+
+def flat_loss(model: nn.Module):
+    """``func(θ, X, targets)``: the mean cross-entropy with ``model``'s parameters ``θ [P]``."""
+    names = [name for name, _ in model.named_parameters()]
+    shapes = [p.shape for p in model.parameters()]
+    sizes = [p.numel() for p in model.parameters()]
+
+    def func(theta, inputs, targets):
+        params = {name: chunk.reshape(shape)
+                  for name, chunk, shape in zip(names, theta.split(sizes), shapes)}
+        return nn.functional.cross_entropy(functional_call(model, params, (inputs,)), targets)
+
+    theta = torch.cat([p.detach().flatten() for p in model.parameters()])
+    return func, theta
+
+
+def _random(shape, seed: int, device) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(*shape, generator=generator).to(device)
+
+
+class Cell:
+    """One library's contender for one (row, model): ``unit()`` returns its result."""
+
+    def __init__(self, row: str, model_name: str, kind: str, device, seed: int,
+                 boundaries=None):
+        self.row, self.kind, self.device, self.seed = row, kind, device, seed
+        model = make_model(model_name, device, seed)
+        self.model = model
+        params = list(model.parameters())
+        dim = sum(p.numel() for p in params)
+        loss_fn = nn.CrossEntropyLoss()
+        if row.startswith("dattri"):
+            self.func, theta = flat_loss(model)
+            inputs, labels = make_batches(device, seed)[0]
+            targets = nn.functional.one_hot(labels, NUM_CLASSES).to(theta.dtype)
+            self.x = (theta, inputs, targets)
+            self.vectors = _random((IHVP_VECTORS, dim), seed + 1, device)
+            return
+        data = make_batches(device, seed)
+        hessian = row.startswith("hess")
+        if kind == "curvext":
+            cls = HessianOperator if hessian else GGNOperator
+            self.operator = cls(model, loss_fn, params, data, check_deterministic=False)
+        else:
+            cls = (curvlinops.HessianLinearOperator if hessian
+                   else curvlinops.GGNLinearOperator)
+            self.operator = cls(model, loss_fn, params, data, check_deterministic=False)
+        columns = NUM_VECTORS if row.endswith("_16") else 1
+        vectors = _random((dim, columns), seed + 1, device)
+        self.vectors = vectors if columns > 1 else vectors[:, 0]
+        self.boundaries = boundaries
+
+    def unit(self):
+        row, kind = self.row, self.kind
+        if row in ("ggn_1", "ggn_16", "hess_1", "hess_16"):
+            return self.operator @ self.vectors
+        if row == "trace":
+            return (hutchinson_trace(self.operator, TRACE_MATVECS) if kind == "curvext"
+                    else curvlinops.hutchinson_trace(self.operator, TRACE_MATVECS))
+        if row == "spectrum":
+            if kind == "curvext":
+                return lanczos_spectrum(self.operator, NCV, NUM_REPEATS, NUM_POINTS,
+                                        boundaries=self.boundaries)
+            return curvlinops.lanczos_approximate_spectrum(
+                self.operator, NCV, NUM_POINTS, NUM_REPEATS, boundaries=self.boundaries)
+        if row == "dattri_cg":
+            if kind == "curvext":
+                ihvp = cxf.ihvp_at_x_cg(self.func, *self.x, max_iter=CG_ITERATIONS,
+                                        tol=1e-30, regularization=IHVP_REGULARIZATION)
+            else:
+                ihvp = dattri.ihvp_at_x_cg(self.func, *self.x, max_iter=CG_ITERATIONS,
+                                           regularization=IHVP_REGULARIZATION)
+            return ihvp(self.vectors)
+        if row == "dattri_arnoldi":
+            torch.manual_seed(self.seed + 2)  # the same start vector for both
+            library = cxf if kind == "curvext" else dattri
+            ihvp = library.ihvp_at_x_arnoldi(
+                self.func, *self.x, max_iter=ARNOLDI_ITERATIONS, top_k=ARNOLDI_TOP_K,
+                mode="rev-fwd", regularization=IHVP_REGULARIZATION)
+            return ihvp(self.vectors)
+        raise ValueError(f"unknown row {row!r}; use one of {sorted(ROWS)}")
+
+
+def spectral_boundaries(model_name: str, device, seed: int):
+    """``(0, λ_max)`` of the GGN, λ_max from 10 Lanczos steps (untimed).
+
+    The GGN is positive semi-definite with rank at most ``N (C - 1) < P``
+    (``mlp``: ``1280 · 9 < 235,146``; ``cnn``: ``< 12,810``), so λ_min = 0.
+    """
+    model = make_model(model_name, device, seed)
+    G = GGNOperator(model, nn.CrossEntropyLoss(), list(model.parameters()),
+                    make_batches(device, seed), check_deterministic=False)
+    alphas, betas, _ = lanczos(G, _random((G.shape[0],), seed + 3, device), 10)
+    ritz_values, _ = tridiagonal_eigh(alphas.double(), betas.double())
+    return 0.0, float(ritz_values.max())
+
+
+# --------------------------------------------------------------------------
+# agreement
+# --------------------------------------------------------------------------
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.detach().double().reshape(-1), b.detach().double().reshape(-1)
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+def agreement(row: str, cells: Dict[str, Cell], results: Dict[str, object]) -> str:
+    ours, theirs = results["curvext"], results["peer"]
+    if row == "trace":
+        return f"random {_rel(ours, theirs):.0e}"
+    if row == "spectrum":
+        (grid, density), (_, peer_density) = ours, theirs
+        l1 = torch.trapezoid((density - peer_density).abs().double(), grid.double())
+        return f"random {float(l1 / torch.trapezoid(peer_density.double(), grid.double())):.0e}"
+    if row == "dattri_cg":
+        cell = cells["curvext"]
+        product = cxf.hvp_at_x(cell.func, cell.x, regularization=IHVP_REGULARIZATION)
+        residuals = cell.vectors - torch.vmap(product)(cell.vectors)
+        shifted = cxf.ihvp_at_x_cg(cell.func, *cell.x, max_iter=CG_ITERATIONS, tol=1e-30,
+                                   regularization=IHVP_REGULARIZATION)(residuals)
+        return f"{_rel(cell.vectors + shifted, theirs):.0e}"
+    return f"{_rel(ours, theirs):.0e}"
+
+
+# --------------------------------------------------------------------------
+# timing and memory
+# --------------------------------------------------------------------------
+def time_cells(cells: Dict[str, Cell], device, args):
+    results = {}
+
+    def run(kind, cell):
+        sync(device)
+        start = time.perf_counter()
+        results[kind] = cell.unit()
+        sync(device)
+        return time.perf_counter() - start
+
+    plan = list(cells.items())
+    for _ in range(args.warmup):
+        for kind, cell in plan:
+            run(kind, cell)
+    times = {kind: [] for kind, _ in plan}
+    repeat, spent = 0, 0.0
+    while repeat < args.repeats or (spent < args.min_time and repeat < args.max_repeats):
+        shift = repeat % len(plan)
+        for kind, cell in plan[shift:] + plan[:shift]:
+            elapsed = run(kind, cell)
+            times[kind].append(1e3 * elapsed)
+            spent += elapsed
+        repeat += 1
+    return times, results
+
+
+def memory_probe(spec: dict) -> dict:
+    """Body of ``--memory-probe``: one cell on CPU, in a fresh process."""
+    device = torch.device("cpu")
+    torch.set_num_threads(spec["threads"])
+    cell = Cell(spec["row"], spec["model"], spec["kind"], device, spec["seed"],
+                spec.get("boundaries"))
+    _trim()
+    after_setup = _proc_status()["VmRSS"]
+    cell.unit()
+    can_reset = _reset_peak_rss()
+    peaks = []
+    for _ in range(spec["runs"] if can_reset else 1):
+        _trim()
+        before = _proc_status()["VmRSS"]
+        if can_reset:
+            _reset_peak_rss()
+        else:
+            before = after_setup
+        result = cell.unit()
+        peaks.append(_proc_status()["VmHWM"] - before)
+        del result
+    return {"peak_bytes": statistics.median(peaks), "exact_reset": can_reset}
+
+
+def peak_memory(spec: dict, cell: Cell, device, runs: int) -> Optional[float]:
+    if device.type == "cuda":
+        peaks = []
+        for _ in range(runs):
+            gc.collect()
+            sync(device)
+            torch.cuda.reset_peak_memory_stats(device)
+            before = torch.cuda.memory_allocated(device)
+            result = cell.unit()
+            sync(device)
+            peaks.append(torch.cuda.max_memory_allocated(device) - before)
+            del result
+        return statistics.median(peaks)
+    spec = {**spec, "threads": torch.get_num_threads(), "runs": runs}
+    command = [sys.executable, os.path.abspath(__file__), "--memory-probe", json.dumps(spec)]
+    completed = subprocess.run(command, capture_output=True, text=True)
+    for line in completed.stdout.splitlines():
+        if line.startswith(PROBE_MARKER):
+            return json.loads(line[len(PROBE_MARKER):])["peak_bytes"]
+    sys.stderr.write(f"memory probe failed for {spec}:\n{completed.stderr[-2000:]}\n")
+    return None
+
+
+def measure(row: str, model_name: str, device, args) -> dict:
+    boundaries = spectral_boundaries(model_name, device, args.seed) if row == "spectrum" else None
+    cells = {kind: Cell(row, model_name, kind, device, args.seed, boundaries)
+             for kind in ("curvext", "peer")}
+    for attempt in range(args.busy_retries + 1):
+        meter = ForeignLoad()
+        times, results = time_cells(cells, device, args)
+        foreign = meter.stop()
+        if foreign is None or foreign <= args.busy_threshold or attempt == args.busy_retries:
+            break
+        print(f"  other processes used {100 * foreign:.0f}% of the CPUs; waiting for "
+              "quiet and measuring again", flush=True)
+        wait_for_quiet(args.busy_threshold / 2, timeout=args.quiet_wait)
+    ms = {kind: statistics.median(values) for kind, values in times.items()}
+    result = {"row": row, "model": model_name, "times_ms": times, "ms": ms,
+              "foreign_load": foreign, "agreement": agreement(row, cells, results),
+              "boundaries": boundaries, "mem": {}}
+    for kind, cell in cells.items():
+        runs = 1 if ms[kind] > 1e3 * SINGLE_PROBE_SECONDS else 3
+        spec = {"row": row, "model": model_name, "kind": kind, "seed": args.seed,
+                "boundaries": boundaries}
+        result["mem"][kind] = None if args.no_memory else peak_memory(spec, cell, device, runs)
+    del cells, results
+    gc.collect()
+    return result
+
+
+# --------------------------------------------------------------------------
+# report
+# --------------------------------------------------------------------------
+def render(rows, args, device, machine, source, load_start, started, elapsed) -> str:
+    memory = ("n/a (--no-memory)" if args.no_memory else
+              "torch.cuda.max_memory_allocated" if device.type == "cuda"
+              else "peak RSS in a fresh process per cell")
+    lines = [
+        f"# Matrix-free curvature: curvext vs curvlinops and dattri ({device.type})",
+        "",
+        f"Machine: {machine}",
+        "",
+        f"Source: {source}.",
+        "",
+        f"Load average (1, 5, 15 min) at start: {load_start}; at end: {load_average()} "
+        "(other processes on the machine distort timings).",
+        "",
+        f"Run {started:%Y-%m-%d %H:%M} UTC, {elapsed:.0f} s, float32, CrossEntropyLoss: "
+        f"median of at least {args.repeats} interleaved repeats after {args.warmup} "
+        "warm-up run(s) each "
+        + (f"(more, up to {args.max_repeats}, while a row's timed runs took less than "
+           f"{args.min_time:g} s) " if args.min_time > 0 else "")
+        + f"(column `n`). Operators: {NUM_BATCHES} batches of {BATCH}, built (with "
+        "`check_deterministic=False`) before timing. Peak MB = extra memory of one unit "
+        f"over what is allocated before it ({memory}). Target: ratio <= {TARGET_RATIO}. "
+        "See the script's docstring for each row's exact calls.",
+        "",
+        "Models: " + "; ".join(f"`{name}` = {MODEL_DESCRIPTIONS[name]}"
+                               for name in args.models) + ".",
+        "",
+        "| model | row | peer | curvext ms | peer ms | ratio (curvext/peer) | curvext peak MB "
+        "| peer peak MB | target | n | other load | rel. diff |",
+        "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: | --- |",
+    ]
+    for row in rows:
+        ms, mem = row["ms"], row["mem"]
+        ratio = ms["curvext"] / ms["peer"]
+        mark = "meets" if ratio <= TARGET_RATIO else "**misses**"
+        lines.append(
+            f"| {row['model']} | {ROWS[row['row']]} | {PEERS[row['row']]} "
+            f"| {ms['curvext']:.1f} | {ms['peer']:.1f} | {ratio:.2f} | {_mb(mem['curvext'])} "
+            f"| {_mb(mem['peer'])} | {mark} | {len(row['times_ms']['curvext'])} "
+            f"| {_pct(row['foreign_load'])} | {row['agreement']} |")
+    lines += [
+        "",
+        "Ratio < 1 means curvext is faster. `rel. diff`: ||curvext − peer|| / ||peer|| of "
+        "the results; `random`: the two libraries draw different probes, so the number "
+        "is the spread of the estimator (trace: of the two estimates; spectrum: L1 "
+        "distance of the two densities over the peer's mass), not a disagreement. "
+        "`dattri_cg`: dattri starts CG from v, so its result is compared with "
+        "v + curvext_cg(v − A v). `other load`: share of all CPUs other processes used "
+        "while the row was timed (a high value means the row is unreliable).",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+# --------------------------------------------------------------------------
+# main
+# --------------------------------------------------------------------------
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--min-time", type=float, default=1.0,
+                        help="keep repeating a row (up to --max-repeats) until its timed "
+                        "runs took this many seconds in all")
+    parser.add_argument("--max-repeats", type=int, default=9)
+    parser.add_argument("--models", default="mlp,cnn", help="comma-separated: mlp,cnn")
+    parser.add_argument("--rows", default=",".join(ROWS),
+                        help="comma-separated row keys: " + ",".join(ROWS))
+    parser.add_argument("--busy-threshold", type=float, default=0.15,
+                        help="a row during which other processes used more than this "
+                        "fraction of the CPUs is measured again")
+    parser.add_argument("--busy-retries", type=int, default=1)
+    parser.add_argument("--quiet-wait", type=float, default=20.0)
+    parser.add_argument("--no-memory", action="store_true", help="skip peak memory")
+    parser.add_argument("--quick", action="store_true",
+                        help="smoke run: no warm-up beyond one run, 1 repeat, no retries")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default=None,
+                        help="markdown file (default benchmarks/results/matrix_free_<device>.md)")
+    parser.add_argument("--memory-probe", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.repeats, args.warmup, args.min_time, args.busy_retries = 1, 1, 0.0, 0
+    args.models = [m for m in args.models.split(",") if m]
+    args.rows = [r for r in args.rows.split(",") if r]
+    unknown = [r for r in args.rows if r not in ROWS]
+    if unknown:
+        parser.error(f"unknown rows {unknown}; use some of {','.join(ROWS)}")
+    if args.out is None:
+        here = os.path.dirname(os.path.abspath(__file__))
+        suffix = "_quick" if args.quick else ""
+        args.out = os.path.join(here, "results", f"matrix_free_{args.device}{suffix}.md")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.memory_probe is not None:
+        print(PROBE_MARKER + json.dumps(memory_probe(json.loads(args.memory_probe))))
+        return
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device available")
+    device = torch.device(args.device)
+    started, clock = datetime.datetime.utcnow(), time.perf_counter()
+    machine = (machine_line(device) + f"; curvlinops-for-pytorch "
+               f"{version('curvlinops-for-pytorch')}; dattri {version('dattri')}")
+    source, load_start = source_line(), load_average()
+    print(machine, source, f"load average: {load_start}", sep="\n", flush=True)
+
+    rows = []
+    for model_name in args.models:
+        for row in args.rows:
+            if row in MLP_ONLY and model_name != "mlp":
+                continue
+            result = measure(row, model_name, device, args)
+            rows.append(result)
+            ms, mem = result["ms"], result["mem"]
+            print(f"{model_name:4s} {ROWS[row]:50s} x{len(result['times_ms']['curvext']):<2d} "
+                  f"curvext {ms['curvext']:9.1f} ms  {PEERS[row]} {ms['peer']:9.1f} ms  "
+                  f"ratio {ms['curvext'] / ms['peer']:.2f}  mem {_mb(mem['curvext'])} / "
+                  f"{_mb(mem['peer'])} MB  diff {result['agreement']}  other load "
+                  f"{_pct(result['foreign_load'])}", flush=True)
+
+    report = render(rows, args, device, machine, source, load_start, started,
+                    time.perf_counter() - clock)
+    print()
+    print(report)
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, "w") as out:
+        out.write(report)
+    raw = {"machine": machine, "source": source,
+           "args": {k: v for k, v in vars(args).items()},
+           "rows": [{**r, "label": ROWS[r["row"]], "peer": PEERS[r["row"]]} for r in rows]}
+    raw_path = os.path.splitext(args.out)[0] + ".json"
+    with open(raw_path, "w") as out:
+        json.dump(raw, out, indent=1)
+    print(f"written to {args.out} and {raw_path}")
+
+
+if __name__ == "__main__":
+    main()
