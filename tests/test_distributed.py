@@ -1,10 +1,11 @@
 """Data sets sharded over two ``gloo`` processes on localhost (:mod:`curvext.distributed`).
 
-One spawn of two processes (module fixture ``runs``) does every check, each
-rank with its own shard of the batches, and saves what it got; the tests
-below compare every rank's results with dense float64 references of the
-whole data set built here with ``torch.func`` (``tests/references.py``),
-never with curvext's own single-process results. Shards are unequal (three
+One spawn of two processes (:func:`spawn_ranks`, in one test, so that
+``pytest -n 2`` spawns once) does every check, each rank with its own shard
+of the batches, and saves what it got; the ``check_*`` functions compare
+every rank's results with dense float64 references of the whole data set
+built here with ``torch.func`` (``tests/references.py``), never with
+curvext's own single-process results. Shards are unequal (three
 batches, 10 samples, on rank 0; one batch, 4 samples, on rank 1) and, for the
 empty-shard checks, everything on rank 0 and nothing on rank 1. The process
 group has a 60 s timeout, so a deadlock fails the test instead of hanging it.
@@ -163,8 +164,7 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
-@pytest.fixture(scope="module")
-def runs():
+def spawn_ranks():
     """Both ranks' results (``[rank 0's, rank 1's]``)."""
     with tempfile.TemporaryDirectory() as out_dir:
         init_file = os.path.join(out_dir, "init")
@@ -235,8 +235,7 @@ def dense_ekfac(model, loss_fn, X, y):
     return torch.block_diag(*blocks)
 
 
-@pytest.fixture(scope="module")
-def problem():
+def whole_problem():
     model, loss_fn, X, y = make_problem()
     return model, loss_fn, X, y, probes(flat_params(model).numel())
 
@@ -248,22 +247,22 @@ def each_rank(runs, key):
 # ---- products and what is built on them ----------------------------------------
 
 
-@pytest.mark.parametrize("kind", OPERATORS)
-def test_products_equal_the_whole_data_set(runs, problem, kind):
+def check_products(runs, problem):
     model, loss_fn, X, y, V = problem
-    expected = dense(kind, model, loss_fn, X, y) @ V
-    for rank, product in each_rank(runs, f"{kind} @ V"):
-        torch.testing.assert_close(product, expected, msg=f"rank {rank}")
+    for kind in OPERATORS:
+        expected = dense(kind, model, loss_fn, X, y) @ V
+        for rank, product in each_rank(runs, f"{kind} @ V"):
+            torch.testing.assert_close(product, expected, msg=f"{kind}, rank {rank}")
 
 
-def test_ranks_get_identical_results(runs):
+def check_identical_results(runs, problem):
     """An all_reduce leaves the same bits on every rank, so iterative methods
     (CG) and estimators take the same path everywhere."""
     for key in ("ggn @ V", "trace", "cg", "kron", "ekfac", "empty: ekfac"):
         assert torch.equal(runs[0][key], runs[1][key]), key
 
 
-def test_estimator_and_cg_over_shards(runs, problem):
+def check_estimator_and_cg(runs, problem):
     model, loss_fn, X, y, V = problem
     G = DenseReference(model, loss_fn, X, y).ggn()
     expected_trace = hutchinson_trace(
@@ -277,7 +276,7 @@ def test_estimator_and_cg_over_shards(runs, problem):
         )
 
 
-def test_explicit_group_and_opting_out(runs, problem):
+def check_explicit_group_and_opting_out(runs, problem):
     """``distributed=<group>`` reduces over it; ``distributed=False`` keeps each
     rank's own shard (the GGN of that shard alone)."""
     model, loss_fn, X, y, V = problem
@@ -295,7 +294,7 @@ def test_explicit_group_and_opting_out(runs, problem):
 # ---- from_data ---------------------------------------------------------------
 
 
-def test_from_data_equals_the_whole_data_set(runs, problem):
+def check_from_data(runs, problem):
     model, loss_fn, X, y, _ = problem
     expected = {
         "kron": dense_kfac(model, loss_fn, X, y),
@@ -307,7 +306,7 @@ def test_from_data_equals_the_whole_data_set(runs, problem):
             torch.testing.assert_close(value, reference, msg=f"{key}, rank {rank}")
 
 
-def test_a_rank_without_batches(runs, problem):
+def check_a_rank_without_batches(runs, problem):
     model, loss_fn, X, y, V = problem
     expected = {
         "empty: ggn @ V": DenseReference(model, loss_fn, X, y).ggn() @ V,
@@ -340,15 +339,40 @@ ERRORS = {  # check: per rank (error type, words the message must contain)
 }
 
 
-@pytest.mark.parametrize("check", ERRORS)
-def test_refusals_reach_every_rank(runs, check):
-    for rank, expected in enumerate(ERRORS[check]):
-        error = runs[rank]["errors"][check]
-        if expected is None:
-            assert error is None, (rank, error)
-            continue
-        assert error is not None, f"rank {rank} did not raise"
-        assert error[0] == expected[0] and expected[1] in error[1], (rank, error)
+def check_refusals(runs, problem):
+    for check, per_rank in ERRORS.items():
+        for rank, expected in enumerate(per_rank):
+            error = runs[rank]["errors"][check]
+            if expected is None:
+                assert error is None, (check, rank, error)
+                continue
+            assert error is not None, f"{check}: rank {rank} did not raise"
+            assert error[0] == expected[0] and expected[1] in error[1], (check, rank, error)
+
+
+CHECKS = [
+    check_products,
+    check_identical_results,
+    check_estimator_and_cg,
+    check_explicit_group_and_opting_out,
+    check_from_data,
+    check_a_rank_without_batches,
+    check_refusals,
+]
+
+
+def test_two_gloo_ranks_match_one_process_over_the_whole_data_set():
+    """All checks of one spawn in one test: under ``pytest -n 2`` a module
+    fixture would spawn once per xdist worker. Every check runs; the failures
+    are reported together."""
+    runs, problem = spawn_ranks(), whole_problem()
+    failures = []
+    for check in CHECKS:
+        try:
+            check(runs, problem)
+        except AssertionError as failure:
+            failures.append(f"{check.__name__}: {failure}")
+    assert not failures, "\n\n".join(failures)
 
 
 def test_distributed_argument_without_a_group():
