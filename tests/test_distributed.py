@@ -40,6 +40,7 @@ SIZES = (3, 5, 2, 4)  # batch sizes; 14 samples
 SHARDS = {"unequal": ([0, 1, 2], [3]), "empty": ([0, 1, 2, 3], [])}
 OPERATORS = {"hessian": HessianOperator, "ggn": GGNOperator, "ef": EFOperator}
 DAMPING = 0.5
+MC_SAMPLES = 5000
 
 
 def make_problem():
@@ -84,6 +85,9 @@ def _checks(rank: int) -> dict:
     for kind, operator in OPERATORS.items():
         A = operator(model, loss_fn, params, shard, num_data=len(X))
         results[f"{kind} @ V"] = A @ V
+    results["mc fisher @ V"] = (
+        GGNOperator(model, loss_fn, params, shard, mc_samples=MC_SAMPLES) @ V
+    )
     G = GGNOperator(model, loss_fn, params, shard)
     results["trace"] = hutchinson_trace(
         G, num_matvecs=4, generator=torch.Generator().manual_seed(1)
@@ -255,10 +259,22 @@ def check_products(runs, problem):
             torch.testing.assert_close(product, expected, msg=f"{kind}, rank {rank}")
 
 
+def check_mc_fisher(runs, problem):
+    """The MC Fisher over shards (rank ``r`` seeded ``seed + r``) estimates the
+    GGN: with 5000 samples per data point the relative error of a product is
+    about ``1/sqrt(5000)`` ≈ 1.4% times a constant of order one; 10% allows for
+    that constant."""
+    model, loss_fn, X, y, V = problem
+    expected = DenseReference(model, loss_fn, X, y).ggn() @ V
+    for rank, product in each_rank(runs, "mc fisher @ V"):
+        error = (product - expected).norm() / expected.norm()
+        assert error < 0.1, (rank, error.item())
+
+
 def check_identical_results(runs, problem):
     """An all_reduce leaves the same bits on every rank, so iterative methods
     (CG) and estimators take the same path everywhere."""
-    for key in ("ggn @ V", "trace", "cg", "kron", "ekfac", "empty: ekfac"):
+    for key in ("ggn @ V", "mc fisher @ V", "trace", "cg", "kron", "ekfac", "empty: ekfac"):
         assert torch.equal(runs[0][key], runs[1][key]), key
 
 
@@ -352,6 +368,7 @@ def check_refusals(runs, problem):
 
 CHECKS = [
     check_products,
+    check_mc_fisher,
     check_identical_results,
     check_estimator_and_cg,
     check_explicit_group_and_opting_out,
