@@ -331,6 +331,9 @@ def parse_args(argv=None):
                         "fraction of the CPUs is measured again")
     parser.add_argument("--busy-retries", type=int, default=2)
     parser.add_argument("--quiet-wait", type=float, default=20.0)
+    parser.add_argument("--parts", default="eigen,step",
+                        help="eigen (GGNEigen vs ViViT), step (cost of logging), or both")
+    parser.add_argument("--modes", default="0,1", help="0 (exact GGN), 1 (mc_samples=1)")
     parser.add_argument("--no-memory", action="store_true")
     parser.add_argument("--quick", action="store_true", help="1 warm-up, 2 repeats")
     parser.add_argument("--seed", type=int, default=0)
@@ -341,6 +344,8 @@ def parse_args(argv=None):
     if args.quick:
         args.repeats, args.warmup, args.min_time = 2, 1, 0.0
     args.models = [m for m in args.models.split(",") if m]
+    args.parts = [p for p in args.parts.split(",") if p]
+    args.modes = [int(m) for m in args.modes.split(",") if m]
     args.sizes = [int(n) for n in args.sizes.split(",") if n]
     if args.out is None:
         here = os.path.dirname(os.path.abspath(__file__))
@@ -369,8 +374,8 @@ def main(argv=None):
     print(machine, source, f"load average: {load_start}", sep="\n", flush=True)
 
     eigen_rows = []
-    for model in args.models:
-        for mode in (0, 1):
+    for model in args.models if "eigen" in args.parts else []:
+        for mode in args.modes:
             for variant in ("eigvals", "eigvecs"):
                 specs = {kind: {"part": "eigen", "kind": kind, "model": model, "mode": mode,
                                 "variant": variant, "seed": args.seed}
@@ -389,6 +394,8 @@ def main(argv=None):
 
     step_rows = []
     for mode, sizes in ((1, args.sizes), (0, [BATCH])):
+        if "step" not in args.parts or mode not in args.modes:
+            continue
         for batch in sizes:
             specs = {kind: {"part": "step", "kind": kind, "model": "mlp", "mode": mode,
                             "seed": args.seed} for kind in ("logged", "unlogged")}

@@ -31,18 +31,17 @@ from curvext.extensions.base import Extension, RunInfo, check_mc_samples, ggn_co
 
 
 class _GramPiece:
-    """One parameter's Gram block and what maps coefficients back to its space."""
+    """One parameter's Gram factor, the rule that reads it, and whether the
+    factor is kept after the group's Gram matrix is formed (to map
+    coefficients back to the parameter's space)."""
 
     def __init__(self, rule, name: str, factor: Tensor, keep_factor: bool):
-        self.gram = rule.gram(name, factor)
+        self.rule, self.name, self.factor = rule, name, factor
         self.num_columns = factor.shape[0]
-        # the factor (per-sample vectors, or G of a factored layer) is kept
-        # only when eigenvectors are wanted
-        self._rule, self._name = (rule, name) if keep_factor else (None, None)
-        self._factor = factor if keep_factor else None
+        self.keep_factor = keep_factor
 
     def vectors(self, coefficients: Tensor) -> Tensor:
-        return self._rule.gram_vectors(self._name, self._factor, coefficients)
+        return self.rule.gram_vectors(self.name, self.factor, coefficients)
 
 
 class GGNEigen(Extension):
@@ -353,12 +352,26 @@ def _group_dtype(group: List[Tensor]) -> torch.dtype:
 
 
 def _group_gram(group: List[Tensor], pieces: List[Optional[_GramPiece]], size: int) -> Tensor:
-    """Sum of the group's Gram blocks ``[size, size]``, at least in float32."""
+    """Sum of the group's Gram blocks ``[size, size]``, at least in float32.
+
+    The pieces of one rule are added together (:meth:`ModuleRule.add_gram`:
+    a layer's weight and bias share one product), into one matrix; factors
+    not kept for eigenvectors are dropped as soon as they are added.
+    """
     solve_dtype = torch.promote_types(_group_dtype(group), torch.float32)
     gram = torch.zeros(size, size, dtype=solve_dtype, device=group[0].device)
+    by_rule: Dict[int, Tuple[Any, Dict[str, Tensor]]] = {}
     for piece in pieces:
         if piece is not None:
-            gram += piece.gram.to(solve_dtype)
+            by_rule.setdefault(id(piece.rule), (piece.rule, {}))[1][piece.name] = piece.factor
+            if not piece.keep_factor:
+                piece.factor = None
+    batches = list(by_rule.values())
+    del by_rule
+    while batches:  # each rule's factors are released once added
+        rule, factors = batches.pop(0)
+        rule.add_gram(factors, gram)
+        del factors
     return gram
 
 

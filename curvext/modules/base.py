@@ -12,7 +12,7 @@ compute it without materialising ``[K, N, *p.shape]``.
 
 from __future__ import annotations
 
-from typing import List, Optional
+from typing import Dict, List, Optional
 
 import torch
 from torch import Tensor, nn
@@ -156,8 +156,28 @@ class ModuleRule:
     def gram(self, name: str, factor: Tensor) -> Tensor:
         r"""Gram block :math:`[v_{nk} \cdot v_{n'k'}]`, ``[K N, K N]``, rows
         ordered ``k * N + n``."""
-        flat = factor.flatten(0, 1)
-        return flat @ flat.T
+        size = factor.shape[0] * factor.shape[1]
+        return self.add_gram({name: factor}, factor.new_zeros(size, size))
+
+    def add_gram(self, factors: Dict[str, Tensor], out: Tensor) -> Tensor:
+        r"""Add the Gram blocks of several of the rule's parameters to ``out``.
+
+        Args:
+            factors: Gram factor of each parameter (name → factor).
+            out: ``[K N, K N]``, updated in place (it may have a wider dtype
+                than the factors).
+
+        Returns:
+            ``out``. Rules override it where parameters share work (the weight
+            and the bias of a layer see the same columns).
+        """
+        for factor in factors.values():
+            flat = factor.flatten(0, 1)
+            if flat.dtype == out.dtype:
+                out.addmm_(flat, flat.T)
+            else:
+                out.add_(flat @ flat.T)
+        return out
 
     def gram_vectors(self, name: str, factor: Tensor, coefficients: Tensor) -> Tensor:
         r""":math:`\sum_{nk} c_{nk,j} v_{nk}` for each column ``j`` of

@@ -213,8 +213,9 @@ class FactoredRule(ModuleRule):
     # rule's: v_nk . v_n'k' = sum over groups of (g_nk . g_n'k') (a_n . a_n'),
     # and no per-sample vector is formed. Only for one group: the factored
     # form costs groups * (NK)^2 memory, more than the per-sample vectors of
-    # a depthwise convolution. The bias (v_nk = g_nk), several positions and
-    # several groups use the per-sample vectors (ModuleRule's defaults).
+    # a depthwise convolution. The bias (v_nk = g_nk; in add_gram it joins
+    # the weight's block), several positions and several groups use the
+    # per-sample vectors (ModuleRule's defaults).
     def _factored_gram(self, name: str) -> bool:
         return name != "bias" and self.single_position() and self.inputs().shape[1] == 1
 
@@ -223,15 +224,26 @@ class FactoredRule(ModuleRule):
             return super().gram_factor(name, grads)
         return self.grad_factor(name, grads)[..., 0]
 
-    def gram(self, name, factor):
-        if not self._factored_gram(name):
-            return super().gram(name, factor)
-        num_cols = factor.shape[0]
-        grad_side = factor.flatten(0, 1)  # rows k * N + n
-        input_side = self.inputs()[..., 0]
-        grad_gram = torch.einsum("agd,bgd->gab", grad_side, grad_side)
-        input_gram = torch.einsum("mgi,ngi->gmn", input_side, input_side)
-        return (grad_gram * input_gram.repeat(1, num_cols, num_cols)).sum(0)
+    def add_gram(self, factors, out):
+        # (G Gᵀ) ⊙ (A Aᵀ) for the weight; with one position and one group the
+        # bias of Linear/Conv (grad_first) has v_nk = g_nk, the weight's G, so
+        # the layer's block is (G Gᵀ) ⊙ (A Aᵀ + 1): one product G Gᵀ for both
+        factors = dict(factors)
+        weight = None
+        if "weight" in factors and self._factored_gram("weight"):
+            weight = factors.pop("weight")
+        if weight is not None:
+            bias = factors.pop("bias", None) if self.grad_first else None
+            num_cols, batch = weight.shape[:2]
+            grad_side = weight.flatten(0, 1)[:, 0]  # [K N, d_grad], rows k * N + n
+            input_side = self.inputs()[:, 0, :, 0]  # [N, d_in]
+            input_gram = input_side @ input_side.T
+            if bias is not None:
+                input_gram += 1
+            shape = (num_cols, batch, num_cols, batch)
+            block = (grad_side @ grad_side.T).view(shape)
+            out.view(shape).addcmul_(block, input_gram[:, None, :])
+        return super().add_gram(factors, out)
 
     def gram_vectors(self, name, factor, coefficients):
         if not self._factored_gram(name):
