@@ -103,6 +103,7 @@ class DiagonalOperator(CurvatureOperator):
         mc_samples: int = 0,
         progressbar: bool = False,
         params: Optional[Iterable[Tensor]] = None,
+        distributed=None,
     ) -> "DiagonalOperator":
         r"""The GGN diagonal of a whole data set, one backward pass per batch.
 
@@ -127,6 +128,13 @@ class DiagonalOperator(CurvatureOperator):
             progressbar: Show a ``tqdm`` progress bar over the batches.
             params: The parameters, in order (default: the model's trainable
                 parameters).
+            distributed: ``None`` (default): if a :mod:`torch.distributed`
+                process group is initialised, every rank passes over its own
+                shard of the data and the diagonals are summed over the ranks
+                (every rank gets the diagonal of the whole data set);
+                ``False``: this rank's data only; ``True``: require a group;
+                or a ``ProcessGroup`` (see :mod:`curvext.distributed` and
+                ``docs/distributed.md``).
 
         Each batch's graph is freed by its backward pass; the parameters'
         ``.grad`` and ``p.ggn_diag`` are left as they were before the call.
@@ -150,7 +158,7 @@ class DiagonalOperator(CurvatureOperator):
 
         params, diagonals = accumulate_over_data(
             model, loss_fn, data, _GGNDiagForData(mc_samples), params, progressbar,
-            f"{cls.__name__}.from_data",
+            f"{cls.__name__}.from_data", distributed,
         )
         return cls(params, torch.cat([d.reshape(-1) for (d,) in diagonals]))
 
