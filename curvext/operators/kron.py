@@ -56,6 +56,16 @@ def kron_matmat(factors: Sequence[Tensor], matrix: Tensor) -> Tensor:
         True
     """
     columns = matrix.shape[-1]
+    if len(factors) == 1:
+        return factors[0] @ matrix
+    if len(factors) == 2:
+        # one GEMM per factor, no copy for a single column: F₁ X is [n₁, n₂ M],
+        # then every row block times F₂ᵀ
+        first, second = factors
+        rows, inner = first.shape[1], second.shape[1]
+        left = (first @ matrix.reshape(rows, inner * columns)).reshape(-1, inner, columns)
+        both = left.transpose(1, 2) @ second.T  # [n₁, M, n₂]
+        return both.transpose(1, 2).reshape(-1, columns)
     tensor = matrix.reshape(*(f.shape[1] for f in factors), columns)
     for axis, factor in enumerate(factors):
         tensor = torch.tensordot(factor, tensor, dims=([1], [axis])).movedim(0, axis)
@@ -73,6 +83,19 @@ def _blockwise(
     """``apply(index, rows)`` on each parameter's row block of ``matrix``, stacked."""
     blocks = matrix.split(operator._numels)
     return torch.cat([apply(index, block) for index, block in enumerate(blocks)])
+
+
+def _cached(cache: dict, factor: Tensor, compute: Callable, *key):
+    """``compute(factor)``, once per factor object (and ``key``) in ``cache``.
+
+    Blocks share factor tensors (a bias's ``G`` is its weight's first factor).
+    The cache holds on to every factor it saw, so that no ``id`` is reused
+    while it lives (one call).
+    """
+    entry = (id(factor), *key)
+    if entry not in cache:
+        cache[entry] = (factor, compute(factor))
+    return cache[entry][1]
 
 
 def _eigen_slogdet(eigenvalues: Tensor) -> Tuple[Tensor, Tensor]:
@@ -264,21 +287,37 @@ class KronOperator(CurvatureOperator):
         return cls(params, factors)
 
     def _scaled_factors(self, index: int) -> List[Tensor]:
-        """The factors of block ``index`` with its scale folded into the first."""
-        first, *rest = self.factors[index]
-        return [first * self.scales[index], *rest]
+        """The factors of block ``index`` with its scale folded into the first.
 
-    def _eigenvalues(self, index: int) -> Tuple[List[Tensor], Tensor]:
-        """Eigenvectors of the factors and the eigenvalues of block ``index``, flat."""
-        decompositions = [torch.linalg.eigh(f) for f in self.factors[index]]
-        values = dense_kron([d.eigenvalues for d in decompositions])
+        With scale 1 these are the stored tensors themselves, so that a factor
+        shared by two blocks (a weight's ``G`` and its bias's) stays one object.
+        """
+        first, *rest = self.factors[index]
+        scale = self.scales[index]
+        return [first if scale == 1.0 else first * scale, *rest]
+
+    def _eigenvalues(
+        self, index: int, decompositions: Optional[dict] = None
+    ) -> Tuple[List[Tensor], Tensor]:
+        """Eigenvectors of the factors and the eigenvalues of block ``index``, flat.
+
+        ``decompositions`` (factor ``id`` -> ``eigh``) shares the decomposition
+        of a factor that several blocks hold.
+        """
+        decompositions = {} if decompositions is None else decompositions
+        eighs = [_cached(decompositions, f, torch.linalg.eigh) for f in self.factors[index]]
+        values = dense_kron([d.eigenvalues for d in eighs])
         values = values * self.scales[index] + self.shifts[index]
-        return [d.eigenvectors for d in decompositions], values
+        return [d.eigenvectors for d in eighs], values
 
     def _matmat(self, matrix: Tensor) -> Tensor:
         def apply(index, block):
-            product = kron_matmat(self.factors[index], block) * self.scales[index]
-            return product + self.shifts[index] * block
+            product = kron_matmat(self.factors[index], block)
+            if self.scales[index] != 1.0:
+                product = product * self.scales[index]
+            if self.shifts[index] != 0.0:
+                product = product + self.shifts[index] * block
+            return product
 
         return _blockwise(self, matrix, apply)
 
@@ -302,12 +341,13 @@ class KronOperator(CurvatureOperator):
         )
 
     def _slogdet(self) -> Tuple[Tensor, Tensor]:
-        signs, logabsdets = [], []
+        signs, logabsdets, decompositions = [], [], {}
         for index, (block, scale, shift) in enumerate(
             zip(self.factors, self.scales, self.shifts)
         ):
             if shift != 0.0:
-                sign, logabsdet = _eigen_slogdet(self._eigenvalues(index)[1])
+                values = self._eigenvalues(index, decompositions)[1]
+                sign, logabsdet = _eigen_slogdet(values)
             else:
                 size = self._numels[index]
                 as_tensor = functools.partial(
@@ -483,14 +523,19 @@ class KronOperator(CurvatureOperator):
             )
         if use_exact_damping or shifted:
             return self._exact_inverse(damping)
-        inverses = []
+        inverses, cache = [], {}
         for index in range(len(self.params)):
             dampings = self._factor_dampings(
                 index, damping, use_heuristic_damping, min_damping
             )
             inverses.append(
                 [
-                    self._inverse_factor(factor, factor_damping, index)
+                    _cached(
+                        cache,
+                        factor,
+                        lambda f, d=factor_damping: self._inverse_factor(f, d, index),
+                        factor_damping,
+                    )
                     for factor, factor_damping in zip(
                         self._scaled_factors(index), dampings
                     )
@@ -536,7 +581,7 @@ class KronOperator(CurvatureOperator):
             >>> D.logdet().item() == torch.tensor([2.0, 2, 3, 3]).log().sum().item()
             True
         """
-        eigenvectors, eigenvalues = [], []
+        eigenvectors, eigenvalues, cache = [], [], {}
         for index, block in enumerate(self.factors):
             if damping and (self.shifts[index] != 0.0 or self.scales[index] < 0):
                 raise ValueError(
@@ -545,7 +590,7 @@ class KronOperator(CurvatureOperator):
                     f"(A + √δ) ⊗ (B + √δ) cannot hold; decompose K before adding "
                     f"damping, or use damping=False."
                 )
-            decompositions = [torch.linalg.eigh(f) for f in block]
+            decompositions = [_cached(cache, f, torch.linalg.eigh) for f in block]
             eigenvectors.append([d.eigenvectors for d in decompositions])
             eigenvalues.append(
                 _spread_scale(
@@ -556,9 +601,9 @@ class KronOperator(CurvatureOperator):
         return KronDecomposed(self.params, eigenvectors, eigenvalues, deltas, damping)
 
     def _exact_inverse(self, damping: float) -> "KronEigenOperator":
-        eigenvectors, eigenvalues = [], []
+        eigenvectors, eigenvalues, decompositions = [], [], {}
         for index in range(len(self.params)):
-            vectors, values = self._eigenvalues(index)
+            vectors, values = self._eigenvalues(index, decompositions)
             values = values + damping
             if (values == 0).any():
                 raise _singular_error("KronOperator", _where(self, index), damping)
