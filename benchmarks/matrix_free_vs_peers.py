@@ -323,7 +323,9 @@ def time_cells(cells: Dict[str, Cell], device, args):
             run(kind, cell)
     times = {kind: [] for kind, _ in plan}
     repeat, spent = 0, 0.0
-    while repeat < args.repeats or (spent < args.min_time and repeat < args.max_repeats):
+    while (repeat < args.repeats and (repeat == 0 or spent < args.max_time)) or (
+        spent < args.min_time and repeat < args.max_repeats
+    ):
         shift = repeat % len(plan)
         for kind, cell in plan[shift:] + plan[:shift]:
             elapsed = run(kind, cell)
@@ -518,8 +520,8 @@ def render(rows, args, device, machine, source, load_start, started, elapsed) ->
         "(other processes on the machine distort timings).",
         "",
         f"Run {started:%Y-%m-%d %H:%M} UTC, {elapsed:.0f} s, float32, CrossEntropyLoss: "
-        f"median of at least {args.repeats} interleaved repeats after {args.warmup} "
-        "warm-up run(s) each "
+        f"median of {args.repeats} interleaved repeats (fewer, at least 1, once a row's "
+        f"timed runs took {args.max_time:g} s) after {args.warmup} warm-up run(s) each "
         + (f"(more, up to {args.max_repeats}, while a row's timed runs took less than "
            f"{args.min_time:g} s) " if args.min_time > 0 else "")
         + f"(column `n`). Operators: {NUM_BATCHES} batches of {BATCH}, built (with "
@@ -597,6 +599,10 @@ def parse_args(argv=None):
                         help="keep repeating a row (up to --max-repeats) until its timed "
                         "runs took this many seconds in all")
     parser.add_argument("--max-repeats", type=int, default=9)
+    parser.add_argument("--max-time", type=float, default=15.0,
+                        help="stop repeating a row (after at least one repeat) once its "
+                        "timed runs took this many seconds: the CNN's estimator rows "
+                        "cost tens of seconds per unit on 2 cores")
     parser.add_argument("--models", default="mlp,cnn", help="comma-separated: mlp,cnn")
     parser.add_argument("--rows", default=",".join(ROWS),
                         help="comma-separated row keys: " + ",".join(ROWS))
