@@ -20,9 +20,10 @@ of the "simple noise scale" :math:`B_\text{simple}` of McCandlish et al.
 the gradient noise is as large as the gradient. A single batch's estimate is
 noisy; average it over steps before reading it.
 
-:class:`GradientNoise` computes the two reductions it needs (:math:`\sum_n
-g_n` and :math:`\|g_n\|^2`) in the backward pass, from the same "loss
-gradient" column as ``BatchL2Grad``, and keeps them to itself: it sets no
+:class:`GradientNoise` computes the two sums it needs per parameter
+(:math:`\|\sum_n g_n\|^2` and :math:`\sum_n \|g_n\|^2`, in float64) in the
+backward pass, from the same "loss gradient" column as ``BatchL2Grad``; the
+statistics of a set of parameters add them up. It keeps them to itself: it sets no
 attribute on the parameters, so it can run next to ``BatchGrad``,
 ``BatchL2Grad`` or ``Variance``.
 """
@@ -39,7 +40,7 @@ from curvext.extensions.base import Extension, RunInfo
 
 
 class GradientNoise(Extension):
-    """Batch gradient and squared individual-gradient norms, kept internally.
+    """Squared norms of the batch gradient and of the individual gradients, kept internally.
 
     After the backward pass, :meth:`statistics` sums them over any set of
     parameters into the statistics of this module's docstring.
@@ -66,14 +67,23 @@ class GradientNoise(Extension):
     savefield = "_curvext_monitor_gradient_noise"
 
     def __init__(self):
-        self._values: Optional[Dict[int, Tuple[Tensor, Tensor]]] = None
+        self._values: Optional[Dict[int, Tensor]] = None
         self._batch_size: Optional[int] = None
 
     def column_set(self):
         return ("grad",)
 
     def reduce(self, rule, name, grads):
-        return rule.sample_sum(name, grads)[0], rule.batch_l2(name, grads)
+        # the statistics of a set of parameters need only two sums per
+        # parameter, reduced here in float64: ||sum_n g_n||^2 and sum_n ||g_n||^2
+        # (one column: the gradient, so there is one chunk and no combining)
+        grad = rule.sample_sum(name, grads)[0]
+        return torch.stack(
+            (
+                torch.linalg.vector_norm(grad, dtype=torch.float64).square(),
+                rule.batch_l2(name, grads).sum(dtype=torch.float64),
+            )
+        )
 
     def finalize_all(self, results: List[Tuple[Tensor, object]], info: RunInfo) -> None:
         self._values = {id(param): value for param, value in results if value is not None}
@@ -91,13 +101,8 @@ class GradientNoise(Extension):
                 "GradientNoise has no result yet: call loss.backward() inside "
                 "`with backpack(noise):` first."
             )
-        grad_norm_sq, sum_l2 = 0.0, 0.0
-        for param in params:
-            value = self._values.get(id(param))
-            if value is not None:
-                grad, batch_l2 = value
-                grad_norm_sq += float(grad.double().square().sum())
-                sum_l2 += float(batch_l2.double().sum())
+        values = [self._values[id(p)] for p in params if id(p) in self._values]
+        grad_norm_sq, sum_l2 = torch.stack(values).sum(0).tolist() if values else (0.0, 0.0)
         batch = self._batch_size
         sample_grad_norm_sq = batch * sum_l2
         if batch > 1:
