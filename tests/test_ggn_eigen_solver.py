@@ -6,7 +6,8 @@ float64 ``torch.linalg.eigvalsh`` of the same matrix (eigenvalues) and
 against the definition ``A u = λ u``, ``Uᵀ U = I`` (eigenvectors, whose
 signs are free). ``GGNEigen`` on the SciPy path is checked against the dense
 ``torch.func`` GGN of the model zoo. Layers whose weight and bias share one
-Gram product are checked with the two in one group and in separate groups.
+Gram product are checked with the two in one group and in separate groups,
+and the squared norm of the summed per-sample vectors on both of its paths.
 """
 
 import pytest
@@ -139,3 +140,26 @@ def test_weight_and_bias_blocks(bias_group):
         stacked = torch.cat([e.reshape(len(evals), -1) for e in evecs], dim=1)
         dense_evals, scale = assert_eigenpairs(evals, stacked, ggn, f"group {index}")
         assert_all_nonzero(evals, dense_evals, scale, f"group {index}")
+
+
+@pytest.mark.parametrize("batch", [3, 40], ids=["gram-path", "direct-path"])
+def test_sum_norm_sq_of_linear_layers(batch):
+    """``||Σ_n v_n||²`` per parameter (GradientNoise's reduction): from the
+    Gram matrices for N (d_out + d_in) < d_out d_in, from the batch gradient
+    otherwise; both against torch.func's per-sample gradients."""
+    from curvext import backpack, extend
+    from curvext.monitor import GradientNoise
+
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(12, 9), nn.Tanh(), nn.Linear(9, 3)).double()
+    loss_fn = nn.CrossEntropyLoss()
+    X, y = torch.randn(batch, 12, dtype=torch.float64), torch.randint(0, 3, (batch,))
+    dense = DenseReference(model, loss_fn, X, y)
+    model, loss_fn = extend(model), extend(loss_fn)
+    noise = GradientNoise()
+    with backpack(noise):
+        loss_fn(model(X), y).backward()
+    for name, param in model.named_parameters():
+        expected = dense.per_sample_grads(name).sum(0).square().sum()
+        got = noise.statistics([param])["grad_norm_sq"]
+        assert got == pytest.approx(float(expected), rel=1e-10), name

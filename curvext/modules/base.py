@@ -56,7 +56,11 @@ class ModuleRule:
         return own_trainable(self.module)
 
     def param(self, name: str) -> Tensor:
-        return self.module.get_parameter(name)
+        # rules live for one backward pass: the lookup is done once per name
+        cache = self.__dict__.setdefault("_params", {})
+        if name not in cache:
+            cache[name] = self.module.get_parameter(name)
+        return cache[name]
 
     #: Whether the samples may sit on any axis of the input and output (the
     #: first of size ``N``), as for layers acting on the last axis only.
@@ -142,6 +146,12 @@ class ModuleRule:
     def sample_sum(self, name: str, grads: List[Tensor]) -> Tensor:
         r""":math:`\sum_n v_{nk}`, ``[K, *p.shape]``."""
         return self._chunked(name, grads, lambda v: v.sum(1))
+
+    def sum_norm_sq(self, name: str, grads: List[Tensor]) -> Tensor:
+        r""":math:`\|\sum_n v_{nk}\|^2`, ``[K]``, accumulated in float64 (at least)."""
+        total = self.sample_sum(name, grads).flatten(1)
+        dtype = torch.promote_types(total.dtype, torch.float64)
+        return torch.linalg.vector_norm(total, dim=1, dtype=dtype).square()
 
     # Gram matrix (GGN eigenpairs). A "Gram factor" is whatever represents
     # the per-sample vectors of one chunk of columns, with the columns on

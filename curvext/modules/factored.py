@@ -200,6 +200,27 @@ class FactoredRule(ModuleRule):
                 total.addcmul_(vectors, vectors)
         return total
 
+    def sum_norm_sq(self, name, grads):
+        # ||sum_n g_n a_n^T||^2 = sum_nm (g_n . g_m)(a_n . a_m): N^2 (d_grad + d_in)
+        # operations instead of N d_grad d_in, for one position and one group
+        if name == "bias" or not self._factored_gram(name):
+            return super().sum_norm_sq(name, grads)
+        grad_side = self.grad_factor(name, grads)[:, :, 0, :, 0]  # [K, N, d_grad]
+        batch, d_grad = grad_side.shape[1:]
+        d_in = self.inputs().shape[2]
+        if batch * (d_grad + d_in) >= d_grad * d_in:
+            return super().sum_norm_sq(name, grads)
+        grad_gram = grad_side @ grad_side.mT
+        dtype = torch.promote_types(grad_gram.dtype, torch.float64)
+        return (grad_gram * self.input_gram()).sum((1, 2), dtype=dtype)
+
+    def input_gram(self) -> Tensor:
+        """:math:`A A^\top` ``[N, N]`` for one position and one group (computed once)."""
+        if getattr(self, "_input_gram", None) is None:
+            input_side = self.inputs()[:, 0, :, 0]
+            self._input_gram = input_side @ input_side.T
+        return self._input_gram
+
     def sample_sum(self, name, grads):
         grad_side = self.grad_factor(name, grads)
         if name == "bias":
@@ -236,10 +257,9 @@ class FactoredRule(ModuleRule):
             bias = factors.pop("bias", None) if self.grad_first else None
             num_cols, batch = weight.shape[:2]
             grad_side = weight.flatten(0, 1)[:, 0]  # [K N, d_grad], rows k * N + n
-            input_side = self.inputs()[:, 0, :, 0]  # [N, d_in]
-            input_gram = input_side @ input_side.T
+            input_gram = self.input_gram()
             if bias is not None:
-                input_gram += 1
+                input_gram = input_gram + 1
             shape = (num_cols, batch, num_cols, batch)
             block = (grad_side @ grad_side.T).view(shape)
             out.view(shape).addcmul_(block, input_gram[:, None, :])
@@ -250,9 +270,14 @@ class FactoredRule(ModuleRule):
             return super().gram_vectors(name, factor, coefficients)
         num_cols, batch = factor.shape[:2]
         coefficients = coefficients.to(factor.dtype).reshape(num_cols, batch, -1)
-        weighted = torch.einsum("knj,kngd->jngd", coefficients, factor)
-        pattern = "jngo,ngi->jgoi" if self.grad_first else "jngo,ngi->jgio"
-        vectors = torch.einsum(pattern, weighted, self.inputs()[..., 0])
+        grad_side, input_side = factor[:, :, 0], self.inputs()[:, 0, :, 0]  # one group
+        # sum_n (sum_k c_nk,j g_nk) a_n^T: one matrix product with N inner,
+        # written straight into the weight's layout
+        weighted = torch.einsum("knj,knd->jdn", coefficients, grad_side)  # [J, d_grad, N]
+        if self.grad_first:
+            vectors = weighted @ input_side  # [J, d_grad, d_in]
+        else:
+            vectors = (weighted @ input_side).mT  # [J, d_in, d_grad]
         return self._to_param(name, vectors, 1)
 
     # KFAC. The factor over the weight's leading axis spans all groups; the

@@ -77,10 +77,9 @@ class GradientNoise(Extension):
         # the statistics of a set of parameters need only two sums per
         # parameter, reduced here in float64: ||sum_n g_n||^2 and sum_n ||g_n||^2
         # (one column: the gradient, so there is one chunk and no combining)
-        grad = rule.sample_sum(name, grads)[0]
         return torch.stack(
             (
-                torch.linalg.vector_norm(grad, dtype=torch.float64).square(),
+                rule.sum_norm_sq(name, grads)[0].double(),
                 rule.batch_l2(name, grads).sum(dtype=torch.float64),
             )
         )
