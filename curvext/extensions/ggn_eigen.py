@@ -346,8 +346,10 @@ class GGNEigen(Extension):
 
 
 #: Smallest Gram matrix whose CPU eigendecomposition goes to LAPACK's
-#: ``syevr`` through SciPy (below it the call overhead dominates).
-LAPACK_MIN_SIZE = 256
+#: ``syevr`` through SciPy (below it the call overhead dominates: at 128, one
+#: thread, ``syevr`` took the time of ``eigvalsh`` for all eigenvalues and
+#: half of ``eigh``'s for the top 5 eigenpairs).
+LAPACK_MIN_SIZE = 128
 
 
 def symmetric_eigen(
@@ -363,7 +365,7 @@ def symmetric_eigen(
     robust representations) computes the same eigenpairs, and only those
     asked for, with as many threads as torch uses (``torch.get_num_threads()``;
     SciPy's BLAS has a thread pool of its own). On a 1152 × 1152 Gram matrix
-    (one thread) it took 0.6× ``eigvalsh``'s time for the eigenvalues and
+    (one thread) it took 0.4-0.6× ``eigvalsh``'s time for the eigenvalues and
     0.35× ``eigh``'s for the top 5 eigenpairs. Raises
     ``torch.linalg.LinAlgError`` if the algorithm fails.
 
