@@ -33,9 +33,20 @@ it, as PyTorch's deprecation message prescribes, with
 ``eigenvectors=True`` and ``torch.linalg.eigvalsh`` (plus an empty tensor for
 the eigenvectors, as ``symeig`` returned) for ``eigenvectors=False``; both
 return eigenvalues in ascending order, as ``symeig`` did. ViViT's
-eigenvalues-only path therefore runs ``eigvalsh``, while curvext's
-``GGNEigen(eigenvectors=False)`` runs ``eigh`` (it filters with the same code
-as with eigenvectors) -- a handicap for curvext in those rows.
+eigenvalues-only path therefore runs ``eigvalsh`` (LAPACK ``syevd`` without
+vectors) and its top-5 path a full ``eigh``. curvext's
+``GGNEigen(eigenvectors=False)`` computes eigenvalues only too (since commit
+114bfeb), and ``GGNEigen(top_k=5)`` only the 5 pairs it returns: on CPU with
+SciPy and threadpoolctl installed (both are in the test extra) through
+LAPACK's ``syevr`` (``curvext.extensions.ggn_eigen.symmetric_eigen``), with
+``torch.get_num_threads()`` BLAS threads, otherwise through
+``torch.linalg``. Both sides do the same work otherwise: one forward, one
+backward, the Gram matrix of the same per-sample vectors (1152 vs 1280 wide
+for the exact GGN, see above), its eigendecomposition and, with
+eigenvectors, the 5 GGN eigenvectors in parameter space.
+
+``--parts``, ``--modes`` and ``--models`` restrict a run to some rows, e.g.
+``--parts step --modes 1 --sizes 32`` for one logging row.
 
 **Part 2, cost of logging**: one SGD training step (zero_grad, forward, loss,
 backward, ``optimizer.step()``) of the MLP with ``curvext.monitor.EigenLogger``
