@@ -37,7 +37,8 @@ eigenvalues-only path therefore runs ``eigvalsh`` (LAPACK ``syevd`` without
 vectors) and its top-5 path a full ``eigh``. curvext's
 ``GGNEigen(eigenvectors=False)`` computes eigenvalues only too (since commit
 114bfeb), and ``GGNEigen(top_k=5)`` only the 5 pairs it returns: on CPU with
-SciPy and threadpoolctl installed (both are in the test extra) through
+SciPy (test extra) and threadpoolctl (installed with scikit-learn,
+the examples extra) installed through
 LAPACK's ``syevr`` (``curvext.extensions.ggn_eigen.symmetric_eigen``), with
 ``torch.get_num_threads()`` BLAS threads, otherwise through
 ``torch.linalg``. Both sides do the same work otherwise: one forward, one
