@@ -116,20 +116,21 @@ class _EKFACCorrections(_ForData, KFAC):
             eigenvectors if rule.grad_first else reversed(eigenvectors)
         )
         # [K, N, d_grad, T] and [N, d_in, T] (one group)
-        grad_side = torch.einsum(
-            "kndt,de->knet", rule.grad_factor(name, grads)[:, :, 0], grad_basis
-        )
+        grad_side = rule.grad_factor(name, grads)[:, :, 0]
         input_side = torch.einsum("ndt,de->net", rule.inputs()[:, 0], input_basis)
         if rule.single_position():
+            grad_side = torch.einsum("kndt,de->knet", grad_side, grad_basis)
             grad_squares = sum_of_squares(grad_side[..., 0])  # [N, d_grad]
             input_squares = input_side[..., 0].square()  # [N, d_in]
             pattern = "no,ni->oi" if rule.grad_first else "no,ni->io"
             return torch.einsum(pattern, grad_squares, input_squares).flatten()
         total = None
-        for column in grad_side:  # one column at a time: [N, d_out, d_in]
-            rotated = rule._outer(column, input_side)
-            squares = rotated.square().sum(0)
-            total = squares if total is None else total + squares
+        # one column at a time, rotated only then: a rotated copy of all K
+        # columns [K, N, d_grad, T] would be as large as the engine's gradients
+        for column in grad_side:
+            rotated_grad = torch.einsum("ndt,de->net", column, grad_basis)
+            squares = rule._outer(rotated_grad, input_side).square().sum(0)  # [d_out, d_in]
+            total = squares if total is None else total.add_(squares)
         return total.flatten()
 
     def finalize(self, rule, name, partial, info):
