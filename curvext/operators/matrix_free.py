@@ -333,12 +333,14 @@ class HessianOperator(_DataSetOperator):
 
     :math:`L = c \sum_n \ell(f(x_n; \theta), y_n)` over every sample of
     ``data``, with the loss's own normalisation :math:`c` (``"mean"``: over the
-    whole data set; see the module docstring). Products by reverse-over-forward
-    differentiation, ``grad`` of the directional derivative ``jvp``,
-    ``vmap``-ed over the columns. (Forward-over-reverse, ``jvp`` of ``grad``,
-    fails in torch 2.x with "ZeroTensors are immutable" on e.g. a single
-    ``Linear`` layer with one output; reverse-over-forward is as exact and
-    costs about the same.)
+    whole data set; see the module docstring). Products by forward-over-reverse
+    differentiation, ``jvp`` of the gradient ``grad``, ``vmap``-ed over the
+    columns (about 1.6 times faster than the reverse-over-forward ``grad`` of
+    ``jvp`` on a CNN). Where forward-mode AD through a loss's backward
+    formula is not supported, that order raises "ZeroTensors are immutable"
+    in torch 2.x (``MSELoss(reduction="mean")``, whose ``mse_loss_backward``
+    writes into the target's zero tangent); the operator then switches to
+    reverse-over-forward, equally exact, for this and all later batches.
 
     Args:
         model: The model; ``model(X)`` is the loss input.
@@ -378,6 +380,9 @@ class HessianOperator(_DataSetOperator):
         ((3, 3), torch.Size([3, 5]))
     """
 
+    #: Set (on the instance) once forward-over-reverse raised "ZeroTensors are immutable".
+    _reverse_over_forward = False
+
     def _batch_product(self, X, y, tangents, pass_state):
         output_of = self._output_of(X)
         primals = tuple(p.detach() for p in self.params)
@@ -387,15 +392,29 @@ class HessianOperator(_DataSetOperator):
             return self.loss_fn(output, y), output.detach()
 
         argnums = tuple(range(len(primals)))
+        if not self._reverse_over_forward:
+            gradient = grad(loss_of, argnums, has_aux=True)
 
-        def hvp(*tangent):
+            def forward_over_reverse(*tangent):
+                _, product, output = jvp(gradient, primals, tangent, has_aux=True)
+                return product, output
+
+            try:
+                product, outputs = vmap(forward_over_reverse, randomness="same")(*tangents)
+                return product, outputs[0]
+            except RuntimeError as error:
+                if "ZeroTensors are immutable" not in str(error):
+                    raise
+                self._reverse_over_forward = True
+
+        def reverse_over_forward(*tangent):
             def directional_derivative(*theta):
                 _, derivative, output = jvp(loss_of, theta, tangent, has_aux=True)
                 return derivative, output
 
             return grad(directional_derivative, argnums, has_aux=True)(*primals)
 
-        product, outputs = vmap(hvp, randomness="same")(*tangents)
+        product, outputs = vmap(reverse_over_forward, randomness="same")(*tangents)
         return product, outputs[0]
 
 
