@@ -225,7 +225,12 @@ def _local_sums(model, loss_fn, batches, extension, params, touched, owner):
                 param.__dict__.pop(savefield, None)
             extension.run_info = None
             with backpack(extension):
-                loss_fn(model(X), y).backward()
+                prediction = model(X)
+                loss = loss_fn(prediction, y)
+                # the engine runs when the backward reaches the prediction; the
+                # parameters' gradients would be thrown away, so stop there
+                torch.autograd.grad(loss, prediction)
+            del prediction, loss
             info = extension.run_info
             if info is None:
                 raise RuntimeError(
@@ -244,15 +249,18 @@ def _local_sums(model, loss_fn, batches, extension, params, touched, owner):
                 values = stored(param, position, savefield, owner)
                 values = [values] if isinstance(values, Tensor) else list(values)
                 flags[position] = extension.loss_scaled[id(param)]
-                weighted = [
-                    value.detach() * (scaled_weight if scaled else info.batch_size)
-                    for value, scaled in zip(values, flags[position])
+                weights = [
+                    scaled_weight if scaled else info.batch_size
+                    for scaled in flags[position]
                 ]
-                totals[position] = (
-                    weighted
-                    if totals[position] is None
-                    else [t + w for t, w in zip(totals[position], weighted)]
-                )
+                if totals[position] is None:
+                    totals[position] = [
+                        value.detach() * weight for value, weight in zip(values, weights)
+                    ]
+                else:  # in place: no second copy of every factor per batch
+                    for total, value, weight in zip(totals[position], values, weights):
+                        total.add_(value.detach(), alpha=weight)
+                del values
     finally:
         for param, grad, value in saved:
             param.grad = grad
