@@ -223,6 +223,7 @@ class KronOperator(CurvatureOperator):
         kfac_approx: str = "expand",
         progressbar: bool = False,
         params: Optional[Iterable[Tensor]] = None,
+        distributed=None,
     ) -> "KronOperator":
         r"""KFAC of a whole data set, one backward pass per batch.
 
@@ -257,6 +258,12 @@ class KronOperator(CurvatureOperator):
             progressbar: Show a ``tqdm`` progress bar over the batches.
             params: The parameters, in block order (default: the model's
                 trainable parameters).
+            distributed: ``None`` (default): if a :mod:`torch.distributed`
+                process group is initialised, ``data`` is this rank's shard and
+                the factors are summed over the ranks (every rank gets the
+                KFAC of the whole data set); ``False``: this rank's data only;
+                ``True``: require a group; or a ``ProcessGroup`` (see
+                :mod:`curvext.distributed` and ``docs/distributed.md``).
 
         Each batch's graph is freed by its backward pass; the parameters'
         ``.grad`` and ``p.kfac`` are left as they were before the call.
@@ -282,7 +289,7 @@ class KronOperator(CurvatureOperator):
         extension = _KFACForData(fisher_type, mc_samples, kfac_approx)
         params, factors = accumulate_over_data(
             model, loss_fn, data, extension, params, progressbar,
-            f"{cls.__name__}.from_data",
+            f"{cls.__name__}.from_data", distributed,
         )
         return cls(params, factors)
 
