@@ -181,10 +181,7 @@ class _DataSetOperator(CurvatureOperator):
             failure, total, denominator, num_batches, num_samples = error, None, 0.0, 0, 0
         if ranks is not None:
             if total is None:  # an empty shard, or this rank failed
-                dtype = reduce(torch.promote_types, [p.dtype for p in self.params])
-                total = torch.zeros(
-                    matrix.shape[1], matrix.shape[0], dtype=dtype, device=self.device
-                )
+                total = self._new_accumulator(matrix.shape[1])
             local_values = torch.cat(
                 [
                     torch.tensor(
@@ -224,11 +221,21 @@ class _DataSetOperator(CurvatureOperator):
                 f"leave it None)."
             )
         if self.loss_fn.reduction == "mean" and denominator > 0:
-            total = total / denominator
+            total.div_(denominator)  # total is this pass's own accumulator (or sum)
         return total.T.to(self.dtype)
 
+    def _new_accumulator(self, num_columns: int) -> Tensor:
+        """Zeros ``[M, P]`` in the parameters' common dtype, for ``Σ_b d_b A_b V``."""
+        dtype = reduce(torch.promote_types, [p.dtype for p in self.params])
+        return torch.zeros(num_columns, self.shape[0], dtype=dtype, device=self.device)
+
     def _local_pass(self, tangents, show_bar: bool, ranks):
-        """This process's sums over its ``data``: ``(Σ_b d_b A_b V or None, Σ_b d_b, batches, samples)``."""
+        """This process's sums over its ``data``: ``(Σ_b d_b A_b V or None, Σ_b d_b, batches, samples)``.
+
+        The sum ``[M, P]`` is allocated once, at the first batch, and every
+        batch's product is added into it in place, one parameter block at a
+        time (no concatenated or rescaled copy per batch).
+        """
         owner = type(self).__name__
         pass_state = self._start_pass(ranks)
         mean = self.loss_fn.reduction == "mean"
@@ -241,8 +248,14 @@ class _DataSetOperator(CurvatureOperator):
             # d_b = 1 / c_b; a batch whose targets are all ignored has c_b = 0
             weight = (1.0 / normalization if normalization > 0 else 0.0) if mean else 1.0
             denominator += weight
-            flat = torch.cat([block.reshape(block.shape[0], -1) for block in product], 1)
-            total = weight * flat if total is None else total + weight * flat
+            if total is None:
+                total = self._new_accumulator(tangents[0].shape[0])
+            start = 0
+            for block in product:  # narrow, not split: split's views refuse add_
+                destination = total.narrow(1, start, block[0].numel())
+                destination.view(block.shape).add_(block, alpha=weight)
+                start += block[0].numel()
+            del product
             num_batches += 1
             num_samples += output.shape[0]
         return total, denominator, num_batches, num_samples
@@ -271,10 +284,17 @@ class _DataSetOperator(CurvatureOperator):
     # ---- the operator interface -----------------------------------------------
 
     def _matmat(self, matrix: Tensor) -> Tensor:
-        product = self._data_product(matrix) if self._factor != 0.0 else 0.0
-        product = self._factor * product + self._shift * matrix
+        if self._factor == 0.0:
+            product = self._shift * matrix
+        else:
+            # the pass's own result: scaled and shifted in place, no copies
+            product = self._data_product(matrix)
+            if self._factor != 1.0:
+                product.mul_(self._factor)
+            if self._shift != 0.0:
+                product.add_(matrix, alpha=self._shift)
         for summand in self._summands:
-            product = product + summand._matmat(matrix)
+            product.add_(summand._matmat(matrix))
         return product
 
     def to_dense(self) -> Tensor:
