@@ -158,19 +158,31 @@ class CGInverse:
         active = residual_norms > thresholds
         iteration = 0
         while active.any() and iteration < self.max_iter:
+            if active.all():
+                # every column still iterates: update the full tensors in place
+                # (no gather/scatter of the [P, M] matrices)
+                Ap = self._A @ directions
+                curvature = (directions * Ap).sum(0)
+                self._check_curvature(curvature, None, iteration)
+                step = inner / curvature
+                solution.addcmul_(directions, step)
+                residuals.addcmul_(Ap, step, value=-1)
+                del Ap
+                z = self._precondition(residuals)
+                new_inner = (residuals * z).sum(0)
+                self._check_preconditioner(new_inner, iteration + 1)
+                directions.mul_(new_inner / inner).add_(z)
+                inner = new_inner
+                residual_norms = residuals.norm(dim=0)
+                history.append(residual_norms.clone())
+                active = residual_norms > thresholds
+                iteration += 1
+                continue
             columns = active.nonzero().squeeze(1)
             p = directions[:, columns]
             Ap = self._A @ p
             curvature = (p * Ap).sum(0)
-            if (curvature <= 0).any():
-                column = columns[(curvature <= 0).nonzero()[0, 0]].item()
-                value = curvature[(curvature <= 0).nonzero()[0, 0]].item()
-                raise ValueError(
-                    f"CGInverse: A is not positive definite: p^T A p = {value:.3g} <= 0 "
-                    f"for right-hand side {column} at iteration {iteration}. CG only "
-                    f"solves symmetric positive definite systems; add damping "
-                    f"(e.g. CGInverse(A + 1e-3)) or use another solver."
-                )
+            self._check_curvature(curvature, columns, iteration)
             step = inner[columns] / curvature
             solution[:, columns] += step * p
             r = residuals[:, columns] - step * Ap
@@ -196,6 +208,20 @@ class CGInverse:
                 stacklevel=3,
             )
         return solution
+
+    @staticmethod
+    def _check_curvature(curvature: Tensor, columns: Optional[Tensor], iteration: int) -> None:
+        """Raise if some ``p^T A p <= 0`` (``columns``: their indices, ``None``: all)."""
+        refused = (curvature <= 0).nonzero()
+        if refused.numel():
+            index = refused[0, 0]
+            column = (index if columns is None else columns[index]).item()
+            raise ValueError(
+                f"CGInverse: A is not positive definite: p^T A p = "
+                f"{curvature[index].item():.3g} <= 0 for right-hand side {column} at "
+                f"iteration {iteration}. CG only solves symmetric positive definite "
+                f"systems; add damping (e.g. CGInverse(A + 1e-3)) or use another solver."
+            )
 
     def _check_preconditioner(self, inner: Tensor, iteration: int) -> None:
         if self._preconditioner is not None and (inner < 0).any():
