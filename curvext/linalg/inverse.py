@@ -46,7 +46,9 @@ class CGInverse:
     ``CGInverse(A) @ B`` solves :math:`\mathbf{A}\mathbf{X} = \mathbf{B}` for
     all columns of ``B`` at once: every iteration multiplies ``A`` with the
     search directions of the columns that have not converged yet in one
-    ``A @ X``, and the step sizes are per column,
+    ``A @ X`` (the working tensors hold those columns only and are updated in
+    place; a converged column is written out and dropped once), and the step
+    sizes are per column,
 
     .. math::
         \alpha_j = \frac{\mathbf{r}_j^\top \mathbf{z}_j}{\mathbf{p}_j^\top\mathbf{A}\mathbf{p}_j},
@@ -146,56 +148,52 @@ class CGInverse:
 
     def _solve(self, rhs: Tensor) -> Tensor:
         solution = torch.zeros_like(rhs)
-        residuals = rhs.clone()
-        preconditioned = self._precondition(residuals)
-        directions = preconditioned.clone()
-        inner = (residuals * preconditioned).sum(0)
-        self._check_preconditioner(inner, 0)
         rhs_norms = rhs.norm(dim=0)
         thresholds = self.tol * rhs_norms
-        residual_norms = residuals.norm(dim=0)
+        residual_norms = rhs_norms.clone()  # the residuals start as rhs
         history = [residual_norms.clone()]
-        active = residual_norms > thresholds
+        # The working set: the unconverged columns only, updated in place, and
+        # compacted (one gather) only when some column converges.
+        columns = (residual_norms > thresholds).nonzero().squeeze(1)
+        if columns.numel() == rhs.shape[1]:
+            iterate, residuals = solution, rhs.clone()
+        else:
+            iterate, residuals = solution[:, columns], rhs[:, columns]
+        if columns.numel():
+            preconditioned = self._precondition(residuals)
+            directions = preconditioned.clone()
+            inner = (residuals * preconditioned).sum(0)
+            self._check_preconditioner(inner, 0)
         iteration = 0
-        while active.any() and iteration < self.max_iter:
-            if active.all():
-                # every column still iterates: update the full tensors in place
-                # (no gather/scatter of the [P, M] matrices)
-                Ap = self._A @ directions
-                curvature = (directions * Ap).sum(0)
-                self._check_curvature(curvature, None, iteration)
-                step = inner / curvature
-                solution.addcmul_(directions, step)
-                residuals.addcmul_(Ap, step, value=-1)
-                del Ap
-                z = self._precondition(residuals)
-                new_inner = (residuals * z).sum(0)
-                self._check_preconditioner(new_inner, iteration + 1)
-                directions.mul_(new_inner / inner).add_(z)
-                inner = new_inner
-                residual_norms = residuals.norm(dim=0)
-                history.append(residual_norms.clone())
-                active = residual_norms > thresholds
-                iteration += 1
-                continue
-            columns = active.nonzero().squeeze(1)
-            p = directions[:, columns]
-            Ap = self._A @ p
-            curvature = (p * Ap).sum(0)
+        while columns.numel() and iteration < self.max_iter:
+            Ap = self._A @ directions
+            curvature = (directions * Ap).sum(0)
             self._check_curvature(curvature, columns, iteration)
-            step = inner[columns] / curvature
-            solution[:, columns] += step * p
-            r = residuals[:, columns] - step * Ap
-            residuals[:, columns] = r
-            z = self._precondition(r)
-            new_inner = (r * z).sum(0)
+            step = inner / curvature
+            iterate.addcmul_(directions, step)
+            residuals.addcmul_(Ap, step, value=-1)
+            del Ap
+            preconditioned = self._precondition(residuals)
+            new_inner = (residuals * preconditioned).sum(0)
             self._check_preconditioner(new_inner, iteration + 1)
-            directions[:, columns] = z + (new_inner / inner[columns]) * p
-            inner[columns] = new_inner
-            residual_norms[columns] = r.norm(dim=0)
+            directions.mul_(new_inner / inner).add_(preconditioned)
+            inner = new_inner
+            norms = residuals.norm(dim=0)
+            residual_norms[columns] = norms
             history.append(residual_norms.clone())
-            active = residual_norms > thresholds
             iteration += 1
+            done = ~(norms > thresholds[columns])
+            if done.any():
+                if iterate is not solution:
+                    solution[:, columns[done]] = iterate[:, done]
+                keep = done.logical_not()
+                columns, inner = columns[keep], inner[keep]
+                iterate, residuals, directions = (
+                    tensor[:, keep] for tensor in (iterate, residuals, directions)
+                )
+        if iterate is not solution:
+            solution[:, columns] = iterate
+        active = residual_norms > thresholds
         self.info = CGInfo(iteration, residual_norms, rhs_norms, ~active, history)
         if active.any():
             warnings.warn(
@@ -210,12 +208,12 @@ class CGInverse:
         return solution
 
     @staticmethod
-    def _check_curvature(curvature: Tensor, columns: Optional[Tensor], iteration: int) -> None:
-        """Raise if some ``p^T A p <= 0`` (``columns``: their indices, ``None``: all)."""
+    def _check_curvature(curvature: Tensor, columns: Tensor, iteration: int) -> None:
+        """Raise if some ``p^T A p <= 0`` (``columns``: the right-hand sides' indices)."""
         refused = (curvature <= 0).nonzero()
         if refused.numel():
             index = refused[0, 0]
-            column = (index if columns is None else columns[index]).item()
+            column = columns[index].item()
             raise ValueError(
                 f"CGInverse: A is not positive definite: p^T A p = "
                 f"{curvature[index].item():.3g} <= 0 for right-hand side {column} at "
