@@ -289,6 +289,8 @@ class _DataSetOperator(CurvatureOperator):
         else:
             # the pass's own result: scaled and shifted in place, no copies
             product = self._data_product(matrix)
+            # the dtype of factor * product + shift * matrix (a no-op if they agree)
+            product = product.to(torch.promote_types(product.dtype, matrix.dtype))
             if self._factor != 1.0:
                 product.mul_(self._factor)
             if self._shift != 0.0:
