@@ -134,6 +134,10 @@ def _checks(rank: int) -> dict:
     errors["one rank fails, from_data"] = _error_of(
         lambda: KronOperator.from_data(model, loss_fn, broken)
     )
+    one_shot = shard if rank == 0 else iter(shard)
+    errors["one rank passes an iterator to EKFAC"] = _error_of(
+        lambda: EKFACOperator.from_data(model, loss_fn, one_shot)
+    )
     errors["empty everywhere"] = _error_of(
         lambda: GGNOperator(model, loss_fn, params, [])
     )
@@ -347,6 +351,10 @@ ERRORS = {  # check: per rank (error type, words the message must contain)
     "one rank fails, from_data": [
         ("RuntimeError", "rank(s) [1] raised"),
         ("ValueError", "batch 0 of `data` is a float"),
+    ],
+    "one rank passes an iterator to EKFAC": [
+        ("RuntimeError", "rank(s) [1] raised"),
+        ("ValueError", "is an iterator"),
     ],
     "empty everywhere": [("ValueError", "no batch on any of the 2 ranks")] * 2,
     "empty everywhere, from_data": [("ValueError", "no batch on any of the 2 ranks")] * 2,

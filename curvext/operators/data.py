@@ -44,7 +44,7 @@ model's device and dtype.
 
 from __future__ import annotations
 
-from typing import Iterable, List, Optional, Sequence, Tuple
+from typing import Callable, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -123,6 +123,7 @@ def accumulate_over_data(
     progressbar: bool,
     owner: str,
     distributed=None,
+    check_data: Optional[Callable[[], None]] = None,
 ) -> Tuple[List[Tensor], List[List[Tensor]]]:
     """Run ``extension`` on every batch of ``data`` and combine (see module docstring).
 
@@ -140,6 +141,9 @@ def accumulate_over_data(
             are added over the ranks; ``False``: this rank's ``data`` only;
             ``True`` or a ``ProcessGroup``: over that group (see
             :mod:`curvext.distributed` and :func:`_sum_over_ranks`).
+        check_data: A refusal of ``data`` to run before the pass (raising
+            ``ValueError``); over a process group its error reaches every rank
+            through the collectives instead of leaving the others waiting.
 
     Returns:
         The trainable parameters and, per parameter, the combined stored
@@ -166,11 +170,13 @@ def accumulate_over_data(
     )
     ranks = resolve_ranks(distributed, owner)
     show_bar = progressbar and (ranks is None or ranks.rank == 0)
-    batches = _tqdm()(data, desc=owner) if show_bar else data
     # every parameter the backward can touch, not only those read
     touched = list({id(p): p for p in [*model.parameters(), *params]}.values())
     failure = None
-    try:
+    try:  # a refusal on one rank must not leave the others waiting in a collective
+        if check_data is not None:
+            check_data()
+        batches = _tqdm()(data, desc=owner) if show_bar else data
         totals, flags, scaled_total, samples_total, num_batches = _local_sums(
             model, loss_fn, batches, extension, params, touched, owner
         )

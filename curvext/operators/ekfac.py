@@ -226,16 +226,19 @@ class EKFACOperator(KronEigenOperator):
                 f"{owner}(fisher_type={fisher_type!r}): EKFAC needs per-sample "
                 f"vectors; use one of {EKFAC_FISHER_TYPES}."
             )
-        if iter(data) is data:
-            raise ValueError(
-                f"{owner}: `data` is an iterator ({type(data).__name__}), but EKFAC "
-                f"passes over the data twice; pass a list of (X, y) batches or a "
-                f"DataLoader."
-            )
+
+        def refuse_iterator():
+            if iter(data) is data:
+                raise ValueError(
+                    f"{owner}: `data` is an iterator ({type(data).__name__}), but "
+                    f"EKFAC passes over the data twice; pass a list of (X, y) "
+                    f"batches or a DataLoader."
+                )
+
         # KronOperator.from_data's pass, with `distributed` passed on
         params, factors = accumulate_over_data(
             model, loss_fn, data, _KFACForData(fisher_type, mc_samples, kfac_approx),
-            params, progressbar, owner, distributed,
+            params, progressbar, owner, distributed, check_data=refuse_iterator,
         )
         kron = KronOperator(params, factors)
         eigenvectors = [
