@@ -164,8 +164,10 @@ class _DataSetOperator(CurvatureOperator):
         """
         owner = type(self).__name__
         ranks = resolve_ranks(self.distributed, owner)
+        # contiguous [M, *p.shape] once per pass: the reshape of block.T is a
+        # strided view, which forward-mode AD would copy in every batch's jvp
         tangents = tuple(
-            block.T.reshape(-1, *p.shape).to(p.dtype)
+            block.T.reshape(-1, *p.shape).to(p.dtype).contiguous()
             for block, p in zip(matrix.detach().split(self._numels), self.params)
         )
         show_bar = self.progressbar and (ranks is None or ranks.rank == 0)
