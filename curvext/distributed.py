@@ -137,9 +137,15 @@ def resolve_ranks(distributed, owner: str) -> Optional[Ranks]:
     return Ranks(group, rank, world_size) if world_size > 1 else None
 
 
-def _weights(count: int, offset: int, dtype: torch.dtype, device, wave=torch.sin) -> Tensor:
-    """Deterministic, irregular weights ``wave(offset + i + 1)``, ``i < count``."""
-    return wave(torch.arange(count, dtype=dtype, device=device) + (offset + 1))
+def _weights(count: int, offset: int, dtype: torch.dtype, device, stream: int = 0) -> Tensor:
+    """Fixed pseudo-random weights in ``[0.5, 1.5)``, ``[count]``, drawn on ``device``.
+
+    Positive, so that a shift of many entries in one direction (a bias offset)
+    adds up instead of cancelling; seeded by ``(stream, offset)`` only, so
+    every rank draws the same ones.
+    """
+    generator = torch.Generator(device=device).manual_seed(1_000_003 * stream + offset + 1)
+    return torch.rand(count, generator=generator, dtype=dtype, device=device) + 0.5
 
 
 def fingerprint(tensors: Sequence[Tensor]) -> Tensor:
@@ -147,7 +153,7 @@ def fingerprint(tensors: Sequence[Tensor]) -> Tensor:
 
     For a matrix :math:`X` (``[R, C]``; other tensors are flattened into one
     column, one after the other) the first entry is :math:`w^\top X u` with
-    fixed irregular weights :math:`w, u`; two ranks whose tensors differ give
+    fixed positive pseudo-random weights :math:`w, u`; two ranks whose tensors differ give
     different values unless by a coincidence of measure zero. The second is
     :math:`\|w\|\,\|X\|_F\,\|u\|`, which bounds the first, for a tolerance.
     Costs one product with ``X``, no copy of it.
@@ -168,7 +174,7 @@ def fingerprint(tensors: Sequence[Tensor]) -> Tensor:
         matrix = matrix.to(torch.promote_types(matrix.dtype, torch.float32))
         rows, columns = matrix.shape
         row_weights = _weights(rows, offset, matrix.dtype, matrix.device)
-        column_weights = _weights(columns, 0, matrix.dtype, matrix.device, torch.cos)
+        column_weights = _weights(columns, 0, matrix.dtype, matrix.device, stream=1)
         value = value + (row_weights @ matrix @ column_weights).double()
         squared_norm = squared_norm + (
             row_weights.square().sum().double()
@@ -343,7 +349,8 @@ def disagreeing_ranks(values: Sequence[float], bounds: Sequence[float], dtype) -
         rank
         for rank, value in enumerate(values)
         if not (
-            abs(value - reference) <= tolerance
+            value == reference  # also for identical infinities
+            or abs(value - reference) <= tolerance
             or (math.isnan(value) and math.isnan(reference))
         )
     ]

@@ -428,3 +428,25 @@ def test_buffers_of_different_sizes_are_refused(monkeypatch):
     monkeypatch.setattr(dist, "all_reduce", all_reduce_with_a_longer_rank)
     with pytest.raises(RuntimeError, match=r"different sizes \(\[3, 4\] entries"):
         all_reduce_sum([torch.ones(3)], Ranks(None, 0, 2), torch.zeros(1))
+
+
+def test_fingerprints_tell_apart_a_float32_bias_offset_and_different_probes():
+    # the reviewer's cases: a bias of a wide layer shifted by 0.01 on one rank, and
+    # independent random probes, in float32; equal tensors must agree exactly
+    from curvext.distributed import disagreeing_ranks, fingerprint
+
+    generator = torch.Generator().manual_seed(0)
+    weight = torch.randn(1024, 1024, generator=generator) / 32
+    bias = torch.randn(1024, generator=generator) / 32
+    same = fingerprint([weight, bias])
+    shifted = fingerprint([weight, bias + 0.01])
+    for other, expected in ((same, []), (fingerprint([weight.clone(), bias.clone()]), []),
+                            (shifted, [1])):
+        values, bounds = torch.stack([same, other]).T.tolist()
+        assert disagreeing_ranks(values, bounds, torch.float32) == expected
+    probes = [torch.randn(1_000_000, 10, generator=generator) for _ in range(2)]
+    values, bounds = torch.stack([fingerprint([probe]) for probe in probes]).T.tolist()
+    assert disagreeing_ranks(values, bounds, torch.float32) == [1]
+    inf = torch.tensor([float("inf"), 1.0])
+    values, bounds = torch.stack([fingerprint([inf]), fingerprint([inf.clone()])]).T.tolist()
+    assert disagreeing_ranks(values, bounds, torch.float32) == []
