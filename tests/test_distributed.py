@@ -450,3 +450,18 @@ def test_fingerprints_tell_apart_a_float32_bias_offset_and_different_probes():
     inf = torch.tensor([float("inf"), 1.0])
     values, bounds = torch.stack([fingerprint([inf]), fingerprint([inf.clone()])]).T.tolist()
     assert disagreeing_ranks(values, bounds, torch.float32) == []
+
+
+def test_a_distributed_data_parallel_model_is_refused(tmp_path):
+    # a one-rank gloo group is enough to build the wrapper
+    dist.init_process_group(
+        "gloo", init_method=f"file://{tmp_path / 'init'}", rank=0, world_size=1
+    )
+    try:
+        model, loss_fn, X, y = make_problem()
+        wrapped = torch.nn.parallel.DistributedDataParallel(model)
+        for build in (KronOperator.from_data, DiagonalOperator.from_data, EKFACOperator.from_data):
+            with pytest.raises(ValueError, match=r"DistributedDataParallel.*pass its \.module"):
+                build(wrapped, loss_fn, batches_of(X, y))
+    finally:
+        dist.destroy_process_group()

@@ -164,6 +164,12 @@ def accumulate_over_data(
             f"{owner}: loss_fn={type(loss_fn).__name__}(reduction={reduction!r}); "
             f"curvature over a data set needs reduction='mean' or 'sum'."
         )
+    if isinstance(model, nn.parallel.DistributedDataParallel):
+        raise ValueError(
+            f"{owner}: model is a DistributedDataParallel wrapper, whose gradient "
+            f"synchronisation does not fit curvature passes; pass its .module "
+            f"(curvext sums over the ranks itself, see distributed=)."
+        )
     model, loss_fn = extend(model), extend(loss_fn)
     params = collect_params(
         model.parameters() if params is None else params, owner
