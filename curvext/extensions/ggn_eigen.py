@@ -346,10 +346,11 @@ class GGNEigen(Extension):
 
 
 #: Smallest Gram matrix whose CPU eigendecomposition goes to LAPACK's
-#: ``syevr`` through SciPy (below it the call overhead dominates: at 128, one
-#: thread, ``syevr`` took the time of ``eigvalsh`` for all eigenvalues and
-#: half of ``eigh``'s for the top 5 eigenpairs).
-LAPACK_MIN_SIZE = 128
+#: ``syevr`` through SciPy. Measured in whole ``GGNEigen`` units on a 2-core
+#: CPU with 2 torch threads: at 128 (MC Gram matrices of a batch of 128) the
+#: torch path was faster (MLP 6.1 vs 7.2 ms with top_k=5), at 1152 (exact,
+#: C-1 columns) ``syevr`` was (68 vs 95 ms for the top 5 eigenpairs).
+LAPACK_MIN_SIZE = 512
 
 
 def symmetric_eigen(
@@ -363,10 +364,10 @@ def symmetric_eigen(
     CPU in float32/float64 for ``n >=`` :data:`LAPACK_MIN_SIZE` when SciPy and
     threadpoolctl are installed: there LAPACK's ``syevr`` (multiple relatively
     robust representations) computes the same eigenpairs, and only those
-    asked for, with as many threads as torch uses (``torch.get_num_threads()``;
-    SciPy's BLAS has a thread pool of its own). On a 1152 × 1152 Gram matrix
-    (one thread) it took 0.4-0.6× ``eigvalsh``'s time for the eigenvalues and
-    0.35× ``eigh``'s for the top 5 eigenpairs. Raises
+    asked for, on one BLAS thread (SciPy's BLAS has a thread pool of its own,
+    whose spinning workers would compete with torch's). On a 1152 × 1152 Gram
+    matrix it took 0.4-0.8× ``eigvalsh``'s time for the eigenvalues and
+    0.35-0.7× ``eigh``'s for the top 5 eigenpairs. Raises
     ``torch.linalg.LinAlgError`` if the algorithm fails.
 
     Example:
@@ -396,8 +397,10 @@ def symmetric_eigen(
     array = matrix.detach().T.numpy()
     options = {} if top is None else {"range": "I", "il": size - top + 1, "iu": size}
     syevr, threads = syevr
-    # SciPy's BLAS has its own thread pool: as many threads as torch uses
-    with threads.limit(limits=torch.get_num_threads(), user_api="blas"):
+    # SciPy's BLAS has its own thread pool; with more than one thread its
+    # workers keep spinning after the call and slow down torch's own pool in
+    # the rest of the backward pass (measured: 2x slower units on 2 cores)
+    with threads.limit(limits=1, user_api="blas"):
         evals, basis, count, _, info = syevr(
             array, compute_v=int(with_basis), lower=0, overwrite_a=0, **options
         )
