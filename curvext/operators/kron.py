@@ -446,7 +446,9 @@ class KronOperator(CurvatureOperator):
         :math:`\max(\delta^{1/k} m_j / (\prod_i m_i)^{1/k}, \text{min\_damping})`,
         i.e. :math:`\pi\sqrt\delta` and :math:`\sqrt\delta/\pi` with
         :math:`\pi = \sqrt{m_A/m_B}` for two factors. One-factor blocks, and
-        blocks with a mean eigenvalue ``<= 0``, get plain ``damping`` (as curvlinops).
+        blocks with a mean eigenvalue ``<= 0``, get plain ``damping``. (curvlinops
+        damps a bias with its weight's π-damped output factor instead: curvext's
+        weight and bias are separate blocks, so the two differ on biases.)
         """
         factors = self._scaled_factors(index)
         count = len(factors)
