@@ -45,6 +45,7 @@ from curvext.operators.base import (
     scipy_operator,
 )
 from curvext.operators.data import _tqdm, _unpack
+from curvext.operators.matrix_free import assert_passes_agree
 
 #: An ``nn.Module`` (``model(X)``) or a function ``(params_dict, X) -> prediction``.
 Model = Union[nn.Module, Callable[[Mapping[str, Tensor], object], Tensor]]
@@ -298,18 +299,7 @@ class _DataJacobian:
         matrix = matrix.to(self.device, self.dtype)
         first = self.jvp_pass(matrix, 0)
         second = self.jvp_pass(matrix, 1)
-        tolerance = math.sqrt(torch.finfo(self.dtype).eps)
-        difference = (first - second).abs().max().item()
-        scale = max(first.abs().max().item(), second.abs().max().item())
-        if not difference <= tolerance * scale + tolerance * 1e-3:
-            raise ValueError(
-                f"{self.owner}: two passes over `data` gave different products (max "
-                f"difference {difference:.3g}, largest entry {scale:.3g}), so the "
-                f"operator is not one matrix. Likely causes: dropout or other "
-                f"randomness in model (call model.eval()), BatchNorm in train mode, "
-                f"or `data` yielding different batches each pass. Fix the cause, or "
-                f"pass check_deterministic=False."
-            )
+        assert_passes_agree(first, second, self.owner)
 
 
 class _JacobianSide:

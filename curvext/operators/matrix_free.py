@@ -71,6 +71,32 @@ from curvext.operators.base import CurvatureOperator, check_damping
 from curvext.operators.data import _tqdm, _unpack
 
 
+def assert_passes_agree(first: Tensor, second: Tensor, owner: str) -> None:
+    """Raise unless two passes over ``data`` gave the same product (up to rounding).
+
+    The check of ``check_deterministic=True``, shared by every operator that
+    passes over a data set: ``first`` and ``second`` are the products of one
+    random matrix from two passes.
+
+    Raises:
+        ValueError: Naming the likely causes (randomness in the model,
+            BatchNorm in train mode, ``data`` changing between passes).
+    """
+    tolerance = math.sqrt(torch.finfo(first.dtype).eps)
+    difference = (first - second).abs().max().item()
+    scale = max(first.abs().max().item(), second.abs().max().item())
+    if not difference <= tolerance * scale + tolerance * 1e-3:
+        raise ValueError(
+            f"{owner}: two passes over `data` gave different products (max "
+            f"difference {difference:.3g}, largest entry {scale:.3g}), so the "
+            f"operator is not one matrix. Likely causes: dropout or other "
+            f"randomness in model (call model.eval()), BatchNorm in train mode, "
+            f"or `data` yielding different batches each pass (random "
+            f"augmentation, a sampler without a fixed order and drop_last). "
+            f"Fix the cause, or pass check_deterministic=False."
+        )
+
+
 class _DataSetOperator(CurvatureOperator):
     """A curvature matrix of ``loss_fn(model(X), y)`` summed over ``data`` (see module docstring).
 
@@ -263,25 +289,12 @@ class _DataSetOperator(CurvatureOperator):
         return total, denominator, num_batches, num_samples
 
     def _check_deterministic(self) -> None:
-        owner = type(self).__name__
         generator = torch.Generator().manual_seed(0)
         matrix = torch.randn(self.shape[0], 2, generator=generator, dtype=torch.float64)
         matrix = matrix.to(self.device, self.dtype)
         first = self._data_product(matrix, 0)
         second = self._data_product(matrix, 1)
-        tolerance = math.sqrt(torch.finfo(self.dtype).eps)
-        difference = (first - second).abs().max().item()
-        scale = max(first.abs().max().item(), second.abs().max().item())
-        if not difference <= tolerance * scale + tolerance * 1e-3:
-            raise ValueError(
-                f"{owner}: two passes over `data` gave different products (max "
-                f"difference {difference:.3g}, largest entry {scale:.3g}), so the "
-                f"operator is not one matrix. Likely causes: dropout or other "
-                f"randomness in model (call model.eval()), BatchNorm in train mode, "
-                f"or `data` yielding different batches each pass (random "
-                f"augmentation, a sampler without a fixed order and drop_last). "
-                f"Fix the cause, or pass check_deterministic=False."
-            )
+        assert_passes_agree(first, second, type(self).__name__)
 
     # ---- the operator interface -----------------------------------------------
 
