@@ -212,11 +212,129 @@ class StepCell:
         return None
 
 
+# --------------------------------------------------------------------------
+# the floor: the same computation written out in plain PyTorch (MLP only)
+# --------------------------------------------------------------------------
+def _record_forward(model: nn.Sequential, inputs: torch.Tensor):
+    """Forward through Flatten/Linear/ReLU; returns the output, each Linear's
+    input ``[N, d_in]`` and output ``[N, d_out]``."""
+    linear_inputs, linear_outputs, hidden = [], [], inputs
+    for layer in model:
+        if isinstance(layer, nn.Linear):
+            linear_inputs.append(hidden)
+            hidden = layer(hidden)
+            linear_outputs.append(hidden)
+        else:
+            hidden = layer(hidden)
+    return hidden, linear_inputs, linear_outputs
+
+
+def _mc_column(logits: torch.Tensor) -> torch.Tensor:
+    """One MC sqrt-GGN column ``[N, C]`` of the mean cross-entropy."""
+    with torch.no_grad():
+        prob = logits.softmax(1)
+        labels = torch.multinomial(prob, 1).squeeze(1)
+        return (nn.functional.one_hot(labels, prob.shape[1]).to(prob) - prob) / (
+            logits.shape[0] ** 0.5)
+
+
+def _floor_gram(linear_inputs, column_grads) -> torch.Tensor:
+    """``Σ_layers (G Gᵀ) ⊙ (A Aᵀ + 1)`` ``[N, N]``: weight and bias of every Linear."""
+    gram = None
+    for inputs, grads in zip(linear_inputs, column_grads):
+        block = (grads @ grads.T) * (inputs.detach() @ inputs.detach().T + 1)
+        gram = block if gram is None else gram.add_(block)
+    return gram
+
+
+class FloorEigenCell:
+    """Part 1 floor: GGNEigen(mc_samples=1) on the MLP as plain PyTorch: forward,
+    backward, one MC column backpropagated to the Linear outputs, the Gram
+    matrix from the factors, ``eigvalsh`` or ``eigh`` and the top-5
+    eigenvectors in parameter space (``Σ_n u_n g_n [a_n, 1]ᵀ / √λ``). No
+    library code: the least time any implementation of the Gram-space method
+    needs on this machine (not a contender with a target)."""
+
+    def __init__(self, base: nn.Module, mode: int, variant: str, device):
+        if mode != 1 or not all(isinstance(m, (nn.Flatten, nn.Linear, nn.ReLU)) for m in base):
+            raise ValueError("the floor is written for the MLP with mc_samples=1")
+        self.model = copy.deepcopy(base).to(device)
+        self.vectors = variant == "eigvecs"
+        self.evals = None
+
+    def clear(self):
+        for param in self.model.parameters():
+            param.grad = None
+
+    def unit(self, inputs, targets):
+        logits, linear_inputs, linear_outputs = _record_forward(self.model, inputs)
+        nn.functional.cross_entropy(logits, targets).backward(retain_graph=True)
+        column_grads = torch.autograd.grad(logits, linear_outputs, _mc_column(logits))
+        gram = _floor_gram(linear_inputs, column_grads)
+        if not self.vectors:
+            self.evals = torch.linalg.eigvalsh(gram)
+            return
+        evals, evecs = torch.linalg.eigh(gram)
+        self.evals, coefficients = evals[-TOP_K:], evecs[:, -TOP_K:] / evals[-TOP_K:].sqrt()
+        self.eigvecs = []
+        for inputs, grads in zip(linear_inputs, column_grads):
+            weighted = coefficients.T[:, :, None] * grads[None]  # [k, N, d_out]
+            self.eigvecs.append((weighted.mT @ inputs.detach(), weighted.sum(1)))
+
+    def top(self):
+        return _top(self.evals)
+
+
+class FloorStepCell:
+    """Part 2 floor: a logged SGD step of the MLP (``mc_samples=1``) as plain
+    PyTorch: the step, one batched backward of the MC column and the
+    gradient column to the Linear outputs, the Gram matrix, ``eigvalsh``
+    (top-5, rank, trace) and the two noise sums (``‖Σ_n g_n‖²`` read from
+    ``p.grad``, ``Σ_n ‖g_n‖²`` from the factors)."""
+
+    def __init__(self, base: nn.Module, device):
+        self.model = copy.deepcopy(base).to(device)
+        self.optimizer = torch.optim.SGD(self.model.parameters(), lr=1e-3)
+        self.records = []
+
+    def clear(self):
+        self.records.clear()
+
+    def unit(self, inputs, targets):
+        self.optimizer.zero_grad()
+        logits, linear_inputs, linear_outputs = _record_forward(self.model, inputs)
+        loss = nn.functional.cross_entropy(logits, targets)
+        loss.backward(retain_graph=True)
+        with torch.no_grad():  # the gradient column: d loss / d logits
+            logits_grad = (logits.softmax(1) - nn.functional.one_hot(
+                targets, logits.shape[1]).to(logits)) / logits.shape[0]
+        columns = torch.stack((_mc_column(logits), logits_grad))
+        grads = torch.autograd.grad(logits, linear_outputs, columns, is_grads_batched=True)
+        gram = _floor_gram(linear_inputs, [g[0] for g in grads])
+        evals = torch.linalg.eigvalsh(gram)
+        sample_l2 = sum(
+            (g[1].square().sum(1) * (a.detach().square().sum(1) + 1)).sum(dtype=torch.float64)
+            for a, g in zip(linear_inputs, grads))
+        grad_norm_sq = sum(p.grad.square().sum(dtype=torch.float64)
+                           for p in self.model.parameters())
+        stats = torch.stack((evals[-TOP_K:].sum(), evals.sum(), (evals > 0).sum()))
+        self.records.append((stats.tolist(), float(grad_norm_sq), float(sample_l2),
+                             float(loss)))
+        self.optimizer.step()
+
+    def top(self):
+        return None
+
+
 def make_cell(spec: dict, device: torch.device):
     torch.manual_seed(spec["seed"])
     base = build_model(spec["model"])
     if spec["part"] == "eigen":
+        if spec["kind"] == "floor":
+            return FloorEigenCell(base, spec["mode"], spec["variant"], device)
         return EigenCell(spec["kind"], base, spec["mode"], spec["variant"], device)
+    if spec["kind"] == "floor":
+        return FloorStepCell(base, device)
     return StepCell(base, spec["mode"], spec["kind"] == "logged", device)
 
 
@@ -314,7 +432,7 @@ def measure(specs: Dict[str, dict], batch: int, device, args) -> dict:
               "ms": {kind: statistics.median(values) for kind, values in times.items()},
               "top": {kind: cell.top() for kind, cell in cells.items()}, "mem": {}}
     for kind, spec in specs.items():
-        result["mem"][kind] = None if args.no_memory else peak_memory(
+        result["mem"][kind] = None if args.no_memory or kind == "floor" else peak_memory(
             {**spec, "batch": batch}, cells[kind], data, device)
     del cells
     gc.collect()
@@ -366,6 +484,17 @@ def parse_args(argv=None):
     return args
 
 
+def _eigen_kinds(model: str, mode: int):
+    return ("curvext", "vivit") + (("floor",) if model == "mlp" and mode == 1 else ())
+
+
+def _floor(row, reference: str) -> str:
+    """The floor's time and its ratio to ``reference``, or blanks."""
+    if "floor" not in row["ms"]:
+        return "| | "
+    return f"| {row['ms']['floor']:.1f} | {row['ms']['floor'] / row['ms'][reference]:.2f} "
+
+
 def _rel_top(a, b) -> str:
     if a is None or b is None or len(a) != len(b):
         return "n/a"
@@ -391,7 +520,7 @@ def main(argv=None):
             for variant in ("eigvals", "eigvecs"):
                 specs = {kind: {"part": "eigen", "kind": kind, "model": model, "mode": mode,
                                 "variant": variant, "seed": args.seed}
-                         for kind in ("curvext", "vivit")}
+                         for kind in _eigen_kinds(model, mode)}
                 result = measure(specs, BATCH, device, args)
                 result.update(model=model, mode=mode, variant=variant)
                 result["agreement"] = (_rel_top(result["top"]["curvext"], result["top"]["vivit"])
@@ -402,7 +531,8 @@ def main(argv=None):
                       f"curvext {ms['curvext']:9.2f} ms  ViViT {ms['vivit']:9.2f} ms  "
                       f"ratio {ms['curvext'] / ms['vivit']:.2f}  mem {_mb(mem['curvext'])} / "
                       f"{_mb(mem['vivit'])} MB  diff {result['agreement']}  other load "
-                      f"{_pct(result['foreign_load'])}", flush=True)
+                      f"{_pct(result['foreign_load'])}"
+                      + (f"  floor {ms['floor']:.2f} ms" if "floor" in ms else ""), flush=True)
 
     step_rows = []
     for mode, sizes in ((1, args.sizes), (0, [BATCH])):
@@ -410,7 +540,8 @@ def main(argv=None):
             continue
         for batch in sizes:
             specs = {kind: {"part": "step", "kind": kind, "model": "mlp", "mode": mode,
-                            "seed": args.seed} for kind in ("logged", "unlogged")}
+                            "seed": args.seed}
+                     for kind in ("logged", "unlogged") + (("floor",) if mode == 1 else ())}
             result = measure(specs, batch, device, args)
             result.update(mode=mode, batch=batch)
             step_rows.append(result)
@@ -476,8 +607,10 @@ def render(eigen_rows, step_rows, args, device, machine, source, load_start,
         f"Target: ratio <= {TARGET_RATIO} and no more peak memory.",
         "",
         "| model | GGN | computes | curvext ms | ViViT ms | ratio | curvext peak MB "
-        "| ViViT peak MB | target | n | other load | top-5 rel. diff |",
-        "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: | --- |",
+        "| ViViT peak MB | target | n | other load | top-5 rel. diff | floor ms "
+        "| floor / ViViT |",
+        "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: | --- "
+        "| ---: | ---: |",
     ]
     for row in eigen_rows:
         ms, mem = row["ms"], row["mem"]
@@ -489,13 +622,18 @@ def render(eigen_rows, step_rows, args, device, machine, source, load_start,
             f"| {row['model']} | {MODE_NAMES[row['mode']]} | {VARIANT_NAMES[row['variant']]} "
             f"| {ms['curvext']:.1f} | {ms['vivit']:.1f} | {ratio:.2f} | {_mb(mem['curvext'])} "
             f"| {_mb(mem['vivit'])} | {mark} | {len(row['times_ms']['curvext'])} "
-            f"| {_pct(row['foreign_load'])} | {row['agreement']} |")
+            f"| {_pct(row['foreign_load'])} | {row['agreement']} {_floor(row, 'vivit')}|")
     lines += [
         "",
         "Ratio < 1 means curvext is faster. `top-5 rel. diff`: ||λ_curvext − λ_ViViT|| / "
         "||λ_ViViT|| over the 5 largest eigenvalues (exact GGN; MC rows draw different "
         "samples). The exact Gram matrix is 1152 wide in curvext (C−1 columns per "
-        "sample) and 1280 in ViViT (C).",
+        "sample) and 1280 in ViViT (C). `floor`: the same computation written out in "
+        "plain PyTorch for this MLP, no library code (`FloorEigenCell`: forward, "
+        "backward, the MC column's backward, Gram matrix from the factors, "
+        "eigendecomposition, eigenvectors): `floor / ViViT` is the best ratio any "
+        "implementation of the method reaches here, timed in the same interleaved "
+        "repeats.",
         "",
         "## Cost of a logged training step (MLP)",
         "",
@@ -506,8 +644,9 @@ def render(eigen_rows, step_rows, args, device, machine, source, load_start,
         f"{LOGGING_TARGET:g} for `mc_samples=1`.",
         "",
         "| GGN | N | Gram size | logged ms | unlogged ms | ratio | logged peak MB "
-        "| unlogged peak MB | target | n | other load |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: |",
+        "| unlogged peak MB | target | n | other load | floor ms | floor / unlogged |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: "
+        "| ---: | ---: |",
     ]
     for row in step_rows:
         ms, mem = row["ms"], row["mem"]
@@ -519,8 +658,12 @@ def render(eigen_rows, step_rows, args, device, machine, source, load_start,
             f"| {MODE_NAMES[row['mode']]} | {row['batch']} | {size} | {ms['logged']:.1f} "
             f"| {ms['unlogged']:.1f} | {ratio:.2f} | {_mb(mem['logged'])} "
             f"| {_mb(mem['unlogged'])} | {mark} | {len(row['times_ms']['logged'])} "
-            f"| {_pct(row['foreign_load'])} |")
+            f"| {_pct(row['foreign_load'])} {_floor(row, 'unlogged')}|")
     lines += [
+        "",
+        "`floor`: the logged step written out in plain PyTorch (`FloorStepCell`: the "
+        "step, one batched backward of the MC and gradient columns, Gram matrix, "
+        "`eigvalsh`, the noise sums), the least a logged step costs here.",
         "",
         "`other load`: share of all CPUs other processes used while the row was timed "
         "(a high value means the row is unreliable).",
