@@ -20,6 +20,7 @@ influence functions. AAAI.
 
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import torch
@@ -133,31 +134,52 @@ def ihvp_at_x_arnoldi(
     return ihvp_func
 
 
+def _remove_components(direction: Tensor, rows: Tensor, column: Tensor, scale: float) -> Tensor:
+    """``direction`` minus its projections onto ``rows`` ``[k, D]`` (of norm ``scale``).
+
+    The coefficients are added to ``column`` ``[k]`` (of the projection matrix).
+    """
+    coefficients = (rows @ direction).div_(scale**2)
+    column += coefficients.to(column.device)
+    return torch.addmv(direction, rows.T, coefficients, alpha=-1.0)
+
+
 def _arnoldi_eigenpairs(
     operator: HessianVectorOperator, max_iter: int, top_k: int, scale: float, tol: float
 ):
     """The ``top_k`` Ritz pairs ``([k], [k, D])`` by largest magnitude, eigenvectors orthonormal."""
     num_steps = min(operator.dim + 1, max_iter)
     start = torch.rand(operator.dim, dtype=operator.dtype, device=operator.device)
-    basis = [scale * start / start.norm()]
+    # one preallocated [num_steps, D] basis: its leading rows are a view, never re-stacked
+    basis = torch.empty(num_steps, operator.dim, dtype=operator.dtype, device=operator.device)
+    basis[0] = start.mul_(scale / start.norm())
     projection = torch.zeros(num_steps, num_steps - 1, dtype=operator.dtype)
     columns = num_steps - 1
     for step in range(num_steps - 1):
         direction = operator @ basis[step]
-        stacked = torch.stack(basis)
-        # classical Gram-Schmidt twice keeps the basis orthogonal to working precision
-        for _ in range(2):
-            coefficients = stacked @ direction / scale**2
-            direction = direction - coefficients @ stacked
-            projection[: step + 1, step] += coefficients.cpu()
+        # the symmetric three-term recurrence (the last two vectors: all that exact
+        # arithmetic needs), then classical Gram-Schmidt against the whole basis,
+        # repeated while a pass removes more than 1 - 1/sqrt(2) of the norm (Daniel et
+        # al., 1976): orthogonal to working precision with one pass over the basis
+        recent = max(step - 1, 0)
+        direction = _remove_components(
+            direction, basis[recent : step + 1], projection[recent : step + 1, step], scale
+        )
+        for _ in range(3):
+            norm_before = direction.norm()
+            direction = _remove_components(
+                direction, basis[: step + 1], projection[: step + 1, step], scale
+            )
+            if direction.norm() > norm_before / math.sqrt(2):
+                break
         norm = direction.norm() / scale
         if norm < tol:
             columns = step + 1
             break
         projection[step + 1, step] = norm
-        basis.append(direction / norm)
+        torch.div(direction, norm, out=basis[step + 1])
     square = projection[:columns, :columns].to(operator.device)
     ritz_values, ritz_vectors = torch.linalg.eigh(0.5 * (square + square.T))
     keep = ritz_values.abs().argsort()[-top_k:]
-    eigenvectors = ritz_vectors[:, keep].T @ torch.stack(basis[:columns]) / scale
+    eigenvectors = (ritz_vectors[:, keep].T @ basis[:columns]).div_(scale)
     return ritz_values[keep], eigenvectors
