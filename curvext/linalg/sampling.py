@@ -1,4 +1,10 @@
-r"""Random probe vectors :math:`\omega` with :math:`\mathbb{E}[\omega \omega^\top] = I`."""
+r"""Random probe vectors :math:`\omega` with :math:`\mathbb{E}[\omega \omega^\top] = I`, and the
+column-wise reductions the estimators apply to them and their products.
+
+The reductions loop over the ``k`` columns instead of forming the elementwise
+product ``[P, k]``: for a model-sized ``P`` that product is as large as the
+probes themselves.
+"""
 
 from __future__ import annotations
 
@@ -33,6 +39,43 @@ def random_vectors(
         (torch.Size([3, 2]), True)
     """
     if distribution == "rademacher":
-        signs = torch.randint(0, 2, (dim, num), generator=generator, device=device)
-        return (2 * signs - 1).to(dtype)
+        # drawn in ``dtype`` (the same draws as int64) and mapped to ±1 in place:
+        # no int64 [dim, num] and no temporaries
+        signs = torch.randint(0, 2, (dim, num), generator=generator, dtype=dtype, device=device)
+        return signs.mul_(2).sub_(1)
     return torch.randn(dim, num, generator=generator, dtype=dtype, device=device)
+
+
+def column_dots(first: Tensor, second: Tensor) -> Tensor:
+    r"""``[k]``: :math:`\mathbf{a}_j^\top \mathbf{b}_j` for the columns of ``first`` and ``second`` ``[P, k]``.
+
+    ``(first * second).sum(0)`` without the ``[P, k]`` product.
+
+    Example:
+        >>> a = torch.tensor([[1.0, 2.0], [3.0, 4.0]])
+        >>> column_dots(a, a).tolist()
+        [10.0, 20.0]
+    """
+    dtype = torch.promote_types(first.dtype, second.dtype)
+    return torch.stack(
+        [torch.dot(a.to(dtype), b.to(dtype)) for a, b in zip(first.unbind(1), second.unbind(1))]
+    )
+
+
+def sum_column_products(first: Tensor, second: Tensor) -> Tensor:
+    r"""``[P]``: :math:`\sum_j \mathbf{a}_j \odot \mathbf{b}_j` for ``first`` and ``second`` ``[P, k]``.
+
+    ``(first * second).sum(1)`` without the ``[P, k]`` product.
+
+    Example:
+        >>> a = torch.tensor([[1.0, 2.0], [3.0, 4.0]])
+        >>> sum_column_products(a, a).tolist()
+        [5.0, 25.0]
+    """
+    total = torch.zeros(
+        first.shape[0], dtype=torch.promote_types(first.dtype, second.dtype),
+        device=first.device,
+    )
+    for a, b in zip(first.unbind(1), second.unbind(1)):
+        total.addcmul_(a, b)
+    return total

@@ -7,6 +7,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from curvext.linalg.sampling import sum_column_products
 from curvext.linalg.trace.epperly2024xtrace import LeaveOneOut, exchangeable_sketch
 
 
@@ -66,6 +67,8 @@ def xdiag(
     transposed_products = A.transposed_matmul(basis)  # (Q^T A)^T
     leave_one_out = LeaveOneOut(triangular)
     # mean_i diag(Q_i Q_i^T A) = diag(Q (mean_i Π_i) Q^T A)
-    subspace_diag = ((basis @ leave_one_out.mean()) * transposed_products).sum(1)
+    subspace_diag = sum_column_products(basis @ leave_one_out.mean(), transposed_products)
     products_off_basis = sketch - basis @ leave_one_out.apply(basis.T @ sketch)
-    return subspace_diag + (probes * products_off_basis).mean(1)
+    return subspace_diag.add_(
+        sum_column_products(probes, products_off_basis), alpha=1 / probes.shape[1]
+    )

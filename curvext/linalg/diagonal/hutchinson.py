@@ -9,7 +9,7 @@ from torch import Tensor
 
 from curvext.linalg.adapter import as_square_operator
 from curvext.linalg.checks import assert_positive_int, check_distribution
-from curvext.linalg.sampling import random_vectors
+from curvext.linalg.sampling import random_vectors, sum_column_products
 
 
 def hutchinson_diag(
@@ -59,4 +59,4 @@ def hutchinson_diag(
     probes = random_vectors(
         A.dim, num_matvecs, distribution, A.dtype, A.device, generator
     )
-    return (probes * (A @ probes)).mean(dim=1)
+    return sum_column_products(probes, A @ probes).div_(num_matvecs)

@@ -9,7 +9,7 @@ from torch import Tensor
 
 from curvext.linalg.adapter import as_square_operator
 from curvext.linalg.checks import assert_positive_int, check_distribution
-from curvext.linalg.sampling import random_vectors
+from curvext.linalg.sampling import column_dots, random_vectors
 
 
 def hutchinson_squared_fro(
@@ -59,4 +59,5 @@ def hutchinson_squared_fro(
     probes = random_vectors(
         A.dim, num_matvecs, distribution, A.dtype, A.device, generator
     )
-    return (A @ probes).square().sum() / num_matvecs
+    products = A @ probes
+    return column_dots(products, products).sum() / num_matvecs

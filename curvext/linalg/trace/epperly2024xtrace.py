@@ -9,7 +9,7 @@ from torch import Tensor
 
 from curvext.linalg.adapter import as_square_operator
 from curvext.linalg.checks import assert_num_matvecs, check_distribution
-from curvext.linalg.sampling import random_vectors
+from curvext.linalg.sampling import column_dots, random_vectors
 
 
 def exchangeable_sketch(A, num_matvecs, distribution, generator, owner: str):
@@ -167,5 +167,5 @@ def xtrace(
     products_off_basis = products_off_basis - basis @ leave_one_out.apply(
         basis.T @ products_off_basis
     )
-    corrections = (probes * products_off_basis).sum(0)
+    corrections = column_dots(probes, products_off_basis)
     return (subspace_traces + corrections).mean()

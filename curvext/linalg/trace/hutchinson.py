@@ -9,7 +9,7 @@ from torch import Tensor
 
 from curvext.linalg.adapter import as_square_operator
 from curvext.linalg.checks import assert_positive_int, check_distribution
-from curvext.linalg.sampling import random_vectors
+from curvext.linalg.sampling import column_dots, random_vectors
 
 
 def hutchinson_trace(
@@ -65,4 +65,4 @@ def hutchinson_trace(
     probes = random_vectors(
         A.dim, num_matvecs, distribution, A.dtype, A.device, generator
     )
-    return torch.einsum("pk,pk->", probes, A @ probes) / num_matvecs
+    return column_dots(probes, A @ probes).sum() / num_matvecs

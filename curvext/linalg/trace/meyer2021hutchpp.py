@@ -9,7 +9,7 @@ from torch import Tensor
 
 from curvext.linalg.adapter import as_square_operator
 from curvext.linalg.checks import assert_num_matvecs, check_distribution
-from curvext.linalg.sampling import random_vectors
+from curvext.linalg.sampling import column_dots, random_vectors
 
 
 def hutchpp_trace(
@@ -76,11 +76,16 @@ def hutchpp_trace(
         A.dim, basis_size, distribution, A.dtype, A.device, generator
     )
     basis, _ = torch.linalg.qr(A @ sketch)
-    probes = random_vectors(
+    del sketch
+    # the second product's operand [Q, P G], filled in place (no concatenated copy)
+    operand = torch.empty(A.dim, basis_size + num_hutchinson, dtype=A.dtype, device=A.device)
+    operand[:, :basis_size] = basis
+    basis, projected = operand[:, :basis_size], operand[:, basis_size:]
+    projected.copy_(random_vectors(
         A.dim, num_hutchinson, distribution, A.dtype, A.device, generator
-    )
-    projected = probes - basis @ (basis.T @ probes)
-    products = A @ torch.cat([basis, projected], dim=1)
-    basis_trace = torch.einsum("pb,pb->", basis, products[:, :basis_size])
-    rest_trace = torch.einsum("pg,pg->", projected, products[:, basis_size:])
+    ))
+    projected.sub_(basis @ (basis.T @ projected))
+    products = A @ operand
+    basis_trace = column_dots(basis, products[:, :basis_size]).sum()
+    rest_trace = column_dots(projected, products[:, basis_size:]).sum()
     return basis_trace + rest_trace / num_hutchinson
