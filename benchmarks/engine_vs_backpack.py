@@ -43,15 +43,10 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
-import ctypes
 import datetime
+import functools
 import gc
-import json
-import os
-import platform
 import statistics
-import subprocess
-import sys
 import time
 import warnings
 from dataclasses import dataclass
@@ -64,11 +59,26 @@ import backpack as bp
 import backpack.extensions as bpx
 import curvext
 import curvext.extensions as cx
+from harness import (
+    add_common_arguments,
+    device_for,
+    finish_common_arguments,
+    load_average,
+    machine_line,
+    mb,
+    measure_quietly,
+    pct,
+    peak_memory,
+    rel_diff,
+    run_memory_probe,
+    source_line,
+    time_cells,
+    write_report,
+)
 
 BATCH = 128
 NUM_CLASSES = 10
 TARGET_RATIO = 0.67
-PROBE_MARKER = "MEMORY_PROBE_RESULT "
 
 # BackPACK's full backward hooks warn on the first layer (its input needs no grad)
 warnings.filterwarnings("ignore", message="Full backward hook is firing")
@@ -214,11 +224,6 @@ def make_contenders(model_name: str, device: torch.device, seed: int, kinds):
     return {kind: Contender(kind, copy.deepcopy(base), device) for kind in kinds}
 
 
-def sync(device: torch.device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def extension_for(row: Row, kind: str):
     if kind == "curvext" and row.curvext is not None:
         return row.curvext(), [row.cx_field]
@@ -227,53 +232,30 @@ def extension_for(row: Row, kind: str):
     return None, []
 
 
-# --------------------------------------------------------------------------
-# timing (interleaved, median)
-# --------------------------------------------------------------------------
-def time_row(contenders: Dict[str, Contender], row: Row, data, device, args):
-    """Times (ms) per contender; contenders run in turn, the order rotating.
+class Cell:
+    """One contender with the row's extension bound: a harness cell."""
 
-    At least ``args.repeats`` repeats, more (up to ``args.max_repeats``) while
-    the timed runs of the row took less than ``args.min_time`` seconds in all.
-    """
-    inputs, targets = data
-    plan = []
-    for kind, contender in contenders.items():
-        extension, fields = extension_for(row, kind)
-        contender.fields = fields
-        plan.append((kind, contender, extension))
+    def __init__(self, contender: Contender, row: Row, data):
+        self.contender, self.data = contender, data
+        self.extension, contender.fields = extension_for(row, contender.kind)
 
-    def run(contender, extension):
-        contender.clear()
-        sync(device)
-        start = time.perf_counter()
-        contender.unit(inputs, targets, extension)
-        sync(device)
-        return time.perf_counter() - start
+    def clear(self):
+        self.contender.clear()
 
-    for _ in range(args.warmup):
-        for _, contender, extension in plan:
-            run(contender, extension)
-    times = {kind: [] for kind, _, _ in plan}
-    repeat, spent = 0, 0.0
-    while repeat < args.repeats or (spent < args.min_time and repeat < args.max_repeats):
-        shift = repeat % len(plan)
-        for kind, contender, extension in plan[shift:] + plan[:shift]:
-            elapsed = run(contender, extension)
-            times[kind].append(1e3 * elapsed)
-            spent += elapsed
-        repeat += 1
-    return times
+    def unit(self):
+        self.contender.unit(*self.data, self.extension)
+
+
+def make_cell(spec: dict, device: torch.device) -> Cell:
+    """The cell of ``--memory-probe``: one (contender, model, row)."""
+    contender = make_contenders(spec["model"], device, spec["seed"], [spec["kind"]])
+    return Cell(contender[spec["kind"]], ROWS_BY_KEY[spec["row"]],
+                make_data(device, spec["seed"]))
 
 
 # --------------------------------------------------------------------------
 # agreement check (results of the last timed run are still on the parameters)
 # --------------------------------------------------------------------------
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.double(), b.double()
-    return float((a - b).norm() / b.norm().clamp_min(1e-30))
-
-
 def _kron_rel(cx_factors, bp_factors) -> float:
     """Relative error of kron(*factors) without forming it (up to factor scaling)."""
     if len(cx_factors) != len(bp_factors):
@@ -281,7 +263,7 @@ def _kron_rel(cx_factors, bp_factors) -> float:
     worst, scale_cx, scale_bp = 0.0, 1.0, 1.0
     for a, b in zip(cx_factors, bp_factors):
         na, nb = a.double().norm(), b.double().norm()
-        worst = max(worst, _rel(a / na, b / nb))
+        worst = max(worst, rel_diff(a / na, b / nb))
         scale_cx, scale_bp = scale_cx * float(na), scale_bp * float(nb)
     return max(worst, abs(scale_cx - scale_bp) / max(scale_bp, 1e-30))
 
@@ -328,208 +310,12 @@ def agreement(contenders: Dict[str, Contender], row: Row) -> str:
                 continue
             worst = max(worst, _kron_rel(a, b))
         elif row.compare == "gram":
-            worst = max(worst, _rel(_ggn_block_probe(a), _ggn_block_probe(b)))
+            worst = max(worst, rel_diff(_ggn_block_probe(a), _ggn_block_probe(b)))
         elif a.shape != b.shape:
             return f"shape {tuple(a.shape)} vs {tuple(b.shape)}"
         else:
-            worst = max(worst, _rel(a, b))
+            worst = max(worst, rel_diff(a, b))
     return f"{worst:.0e}" + (" (Linear only)" if skipped else "")
-
-
-# --------------------------------------------------------------------------
-# memory
-# --------------------------------------------------------------------------
-def _proc_status() -> Dict[str, int]:
-    """VmRSS and VmHWM of this process in bytes."""
-    values = {}
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith(("VmRSS:", "VmHWM:")):
-                key, value = line.split(":")
-                values[key] = int(value.split()[0]) * 1024
-    return values
-
-
-def _reset_peak_rss() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as clear_refs:
-            clear_refs.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def _trim():
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-
-
-def peak_cuda(contender: Contender, row: Row, data, device, runs=3) -> float:
-    """Peak extra CUDA memory (bytes) of the unit, in process."""
-    extension, fields = extension_for(row, contender.kind)
-    contender.fields = fields
-    peaks = []
-    for _ in range(runs):
-        contender.clear()
-        gc.collect()
-        sync(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        before = torch.cuda.memory_allocated(device)
-        contender.unit(*data, extension)
-        sync(device)
-        peaks.append(torch.cuda.max_memory_allocated(device) - before)
-    contender.clear()
-    return statistics.median(peaks)
-
-
-def memory_probe(spec: dict) -> dict:
-    """Body of ``--memory-probe``: one (contender, model, extension) on CPU."""
-    device = torch.device("cpu")
-    torch.set_num_threads(spec["threads"])
-    row = ROWS_BY_KEY[spec["row"]]
-    contender = make_contenders(spec["model"], device, spec["seed"], [spec["kind"]])[
-        spec["kind"]
-    ]
-    data = make_data(device, spec["seed"])
-    extension, fields = extension_for(row, spec["kind"])
-    contender.fields = fields
-    _trim()
-    after_setup = _proc_status()["VmRSS"]
-    contender.unit(*data, extension)  # warm-up: lazy initialisation, thread pools
-    can_reset = _reset_peak_rss()
-    peaks = []
-    for _ in range(3 if can_reset else 1):
-        contender.clear()
-        _trim()
-        before = _proc_status()["VmRSS"]
-        if can_reset:
-            _reset_peak_rss()
-        else:
-            before = after_setup
-        contender.unit(*data, extension)
-        peaks.append(_proc_status()["VmHWM"] - before)
-    return {"peak_bytes": statistics.median(peaks), "exact_reset": can_reset}
-
-
-def peak_cpu_subprocess(kind: str, model: str, row: Row, seed: int) -> Optional[float]:
-    spec = {"kind": kind, "model": model, "row": row.key, "seed": seed,
-            "threads": torch.get_num_threads()}
-    command = [sys.executable, os.path.abspath(__file__), "--memory-probe",
-               json.dumps(spec)]
-    result = subprocess.run(command, capture_output=True, text=True)
-    for line in result.stdout.splitlines():
-        if line.startswith(PROBE_MARKER):
-            return json.loads(line[len(PROBE_MARKER):])["peak_bytes"]
-    sys.stderr.write(f"memory probe failed for {spec}:\n{result.stderr[-2000:]}\n")
-    return None
-
-
-# --------------------------------------------------------------------------
-# other processes: this script is often run on small shared machines
-# --------------------------------------------------------------------------
-def _cpu_jiffies():
-    """(busy jiffies of the whole machine, jiffies of this process)."""
-    try:
-        with open("/proc/stat") as stat:
-            fields = [int(v) for v in stat.readline().split()[1:]]
-        with open("/proc/self/stat") as own:
-            own_fields = own.read().rsplit(")", 1)[1].split()
-        busy = sum(fields) - fields[3] - fields[4]  # minus idle, iowait
-        return busy, int(own_fields[11]) + int(own_fields[12])  # utime + stime
-    except (OSError, IndexError, ValueError):
-        return None
-
-
-class ForeignLoad:
-    """Fraction of all CPUs that other processes used since construction."""
-
-    def __init__(self):
-        self.start, self.clock = _cpu_jiffies(), time.perf_counter()
-
-    def stop(self) -> Optional[float]:
-        end = _cpu_jiffies()
-        if self.start is None or end is None:
-            return None
-        seconds = time.perf_counter() - self.clock
-        ticks = os.sysconf("SC_CLK_TCK")
-        foreign = (end[0] - self.start[0]) - (end[1] - self.start[1])
-        return max(0.0, foreign / ticks / (seconds * os.cpu_count()))
-
-
-def wait_for_quiet(threshold: float, timeout: float, window: float = 2.0):
-    """Sleep until other processes use less than ``threshold`` of the CPUs."""
-    deadline = time.perf_counter() + timeout
-    while time.perf_counter() < deadline:
-        meter = ForeignLoad()
-        time.sleep(window)
-        load = meter.stop()
-        if load is None or load < threshold:
-            return True
-    return False
-
-
-# --------------------------------------------------------------------------
-# report
-# --------------------------------------------------------------------------
-def machine_line(device: torch.device) -> str:
-    cpu = platform.processor() or "unknown CPU"
-    try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            for line in cpuinfo:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    from importlib.metadata import version
-
-    parts = [
-        f"CPU: {cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads",
-        f"torch {torch.__version__}",
-        f"backpack-for-pytorch {version('backpack-for-pytorch')}",
-        f"curvext {curvext.__version__}",
-        f"Python {platform.python_version()}",
-    ]
-    if device.type == "cuda":
-        parts.insert(1, f"GPU: {torch.cuda.get_device_name(device)}")
-    return "; ".join(parts)
-
-
-def source_line() -> str:
-    """The git commit of the curvext checkout, and whether curvext/ has edits."""
-    root = os.path.dirname(os.path.dirname(os.path.abspath(curvext.__file__)))
-    try:
-        commit = subprocess.run(
-            ["git", "-C", root, "rev-parse", "--short", "HEAD"],
-            capture_output=True, text=True, check=True,
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "-C", root, "status", "--porcelain", "--", "curvext"],
-            capture_output=True, text=True, check=True,
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return f"curvext from {root} (not a git checkout)"
-    edits = " plus uncommitted changes in curvext/" if dirty else ""
-    return f"curvext at commit {commit}{edits}"
-
-
-def load_average() -> str:
-    try:
-        with open("/proc/loadavg") as loadavg:
-            return " ".join(loadavg.read().split()[:3])
-    except OSError:
-        return "n/a"
-
-
-def _pct(value: Optional[float]) -> str:
-    return "n/a" if value is None else f"{100 * value:.0f}%"
-
-
-def _mb(value: Optional[float]) -> str:
-    return "n/a" if value is None else f"{value / 2**20:.1f}"
 
 
 def render(results, args, device, started, elapsed) -> str:
@@ -572,14 +358,14 @@ def render(results, args, device, started, elapsed) -> str:
             mark = ""
         lines.append(
             f"| {result['model']} | {row.label} | {result['curvext_ms']:.2f} | "
-            f"{result['backpack_ms']:.2f} | {ratio:.2f} | {_mb(result['curvext_mem'])} | "
-            f"{_mb(result['backpack_mem'])} | {mark} | {len(result['times_ms']['curvext'])} "
-            f"| {_pct(result['foreign_load'])} | {result['agreement']} |"
+            f"{result['backpack_ms']:.2f} | {ratio:.2f} | {mb(result['curvext_mem'])} | "
+            f"{mb(result['backpack_mem'])} | {mark} | {len(result['times_ms']['curvext'])} "
+            f"| {pct(result['foreign_load'])} | {result['agreement']} |"
         )
         if "torch_ms" in result:
             notes.append(
                 f"- `{result['model']}`: plain PyTorch (model not extended) "
-                f"{result['torch_ms']:.2f} ms, peak {_mb(result['torch_mem'])} MB."
+                f"{result['torch_ms']:.2f} ms, peak {mb(result['torch_mem'])} MB."
             )
     lines += [
         "",
@@ -603,49 +389,22 @@ def render(results, args, device, started, elapsed) -> str:
 # --------------------------------------------------------------------------
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    parser.add_argument("--repeats", type=int, default=7)
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--out", default=None,
-                        help="markdown file (default benchmarks/results/engine_<device>.md)")
+    add_common_arguments(parser, repeats=7, warmup=2, min_time=2.0, max_repeats=31,
+                         busy_retries=3, quiet_wait=120.0)
     parser.add_argument("--models", default="mlp,cnn", help="comma-separated: mlp,cnn")
     parser.add_argument("--rows", default=",".join(r.key for r in ROWS),
                         help="comma-separated row keys: " + ",".join(r.key for r in ROWS))
-    parser.add_argument("--min-time", type=float, default=2.0,
-                        help="keep repeating a row (up to --max-repeats) until its "
-                        "timed runs took this many seconds in all")
-    parser.add_argument("--max-repeats", type=int, default=31)
-    parser.add_argument("--busy-threshold", type=float, default=0.15,
-                        help="a row during which other processes used more than this "
-                        "fraction of the CPUs is measured again (see --busy-retries)")
-    parser.add_argument("--busy-retries", type=int, default=3)
-    parser.add_argument("--quiet-wait", type=float, default=120.0,
-                        help="seconds to wait for other processes before a retry")
-    parser.add_argument("--no-memory", action="store_true", help="skip peak memory")
-    parser.add_argument("--quick", action="store_true",
-                        help="smoke run: 1 warm-up, 2 repeats (memory still measured)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--memory-probe", default=None, help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
-    if args.quick:
-        args.repeats, args.warmup, args.min_time = 2, 1, 0.0
+    args = finish_common_arguments(parser.parse_args(argv), "engine")
     args.models = [m for m in args.models.split(",") if m]
     args.rows = [ROWS_BY_KEY[key] for key in args.rows.split(",") if key]
-    if args.out is None:
-        here = os.path.dirname(os.path.abspath(__file__))
-        suffix = "_quick" if args.quick else ""
-        args.out = os.path.join(here, "results", f"engine_{args.device}{suffix}.md")
     return args
 
 
 def main(argv=None):
     args = parse_args(argv)
     if args.memory_probe is not None:
-        print(PROBE_MARKER + json.dumps(memory_probe(json.loads(args.memory_probe))))
-        return
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda: no CUDA device available")
-    device = torch.device(args.device)
+        return run_memory_probe(args.memory_probe, make_cell)
+    device = device_for(args)
     started, clock = datetime.datetime.utcnow(), time.perf_counter()
     print(machine_line(device), flush=True)
     args.load_start = load_average()
@@ -659,17 +418,9 @@ def main(argv=None):
         for row in args.rows:
             kinds = ["curvext", "backpack"] + (["torch"] if row.key == "none" else [])
             contenders = make_contenders(model_name, device, args.seed, kinds)
-            for attempt in range(args.busy_retries + 1):
-                meter = ForeignLoad()
-                times = time_row(contenders, row, data, device, args)
-                foreign = meter.stop()
-                if foreign is None or foreign <= args.busy_threshold:
-                    break
-                if attempt < args.busy_retries:
-                    print(f"  other processes used {100 * foreign:.0f}% of the CPUs "
-                          "during this row; waiting for quiet and measuring again",
-                          flush=True)
-                    wait_for_quiet(args.busy_threshold / 2, timeout=args.quiet_wait)
+            cells = {kind: Cell(contender, row, data) for kind, contender in contenders.items()}
+            (times, _), foreign = measure_quietly(
+                functools.partial(time_cells, cells, device, args), args)
             ms = {kind: statistics.median(values) for kind, values in times.items()}
             result = {"model": model_name, "row": row, "times_ms": times,
                       "foreign_load": foreign,
@@ -677,31 +428,21 @@ def main(argv=None):
                       "agreement": agreement(contenders, row)}
             if "torch" in ms:
                 result["torch_ms"] = ms["torch"]
-            for kind in kinds:
-                mem = None
-                if args.no_memory:
-                    pass
-                elif device.type == "cuda":
-                    mem = peak_cuda(contenders[kind], row, data, device)
-                else:
-                    mem = peak_cpu_subprocess(kind, model_name, row, args.seed)
-                result[f"{kind}_mem"] = mem
+            for kind, cell in cells.items():
+                spec = {"kind": kind, "model": model_name, "row": row.key, "seed": args.seed}
+                result[f"{kind}_mem"] = (None if args.no_memory
+                                         else peak_memory(__file__, spec, cell, device))
             results.append(result)
             print(f"{model_name:4s} {row.label:50s} x{len(times['curvext']):<3d}"
                   f"curvext {ms['curvext']:8.2f} ms  "
                   f"BackPACK {ms['backpack']:8.2f} ms  ratio "
                   f"{ms['curvext'] / ms['backpack']:.2f}  "
-                  f"mem {_mb(result['curvext_mem'])} / {_mb(result['backpack_mem'])} MB  "
-                  f"diff {result['agreement']}  other load {_pct(foreign)}", flush=True)
-            del contenders
+                  f"mem {mb(result['curvext_mem'])} / {mb(result['backpack_mem'])} MB  "
+                  f"diff {result['agreement']}  other load {pct(foreign)}", flush=True)
+            del contenders, cells
             gc.collect()
 
     report = render(results, args, device, started, time.perf_counter() - clock)
-    print()
-    print(report)
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as out:
-        out.write(report)
     raw = {
         "machine": machine_line(device),
         "source": args.source,
@@ -712,10 +453,7 @@ def main(argv=None):
             for r in results
         ],
     }
-    raw_path = os.path.splitext(args.out)[0] + ".json"
-    with open(raw_path, "w") as out:
-        json.dump(raw, out, indent=1)
-    print(f"written to {args.out} and {raw_path}")
+    write_report(report, raw, args.out)
 
 
 if __name__ == "__main__":

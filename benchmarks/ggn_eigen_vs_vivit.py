@@ -61,15 +61,12 @@ from __future__ import annotations
 import argparse
 import copy
 import datetime
+import functools
 import gc
-import json
-import os
 import statistics
-import subprocess
-import sys
 import time
 import warnings
-from typing import Dict, List, Optional
+from typing import Dict
 
 import torch
 from torch import nn
@@ -94,28 +91,27 @@ from vivit.linalg.eigvalsh import EigvalshComputation  # noqa: E402
 import curvext  # noqa: E402
 from curvext.extensions import GGNEigen  # noqa: E402
 from curvext.monitor import EigenLogger  # noqa: E402
-from engine_vs_backpack import (  # noqa: E402
-    MODEL_DESCRIPTIONS,
-    NUM_CLASSES,
-    ForeignLoad,
-    _mb,
-    _pct,
-    _proc_status,
-    _reset_peak_rss,
-    _trim,
-    build_model,
+from engine_vs_backpack import MODEL_DESCRIPTIONS, NUM_CLASSES, build_model  # noqa: E402
+from harness import (  # noqa: E402
+    add_common_arguments,
+    device_for,
+    finish_common_arguments,
     load_average,
     machine_line,
+    mb,
+    measure_quietly,
+    pct,
+    peak_memory,
+    run_memory_probe,
     source_line,
-    sync,
-    wait_for_quiet,
+    time_cells,
+    write_report,
 )
 
 BATCH = 128
 TOP_K = 5
 TARGET_RATIO = 0.67
 LOGGING_TARGET = 2.0
-PROBE_MARKER = "MEMORY_PROBE_RESULT "
 warnings.filterwarnings("ignore", message="Full backward hook is firing")
 
 
@@ -326,114 +322,51 @@ class FloorStepCell:
         return None
 
 
-def make_cell(spec: dict, device: torch.device):
+class WithData:
+    """A cell whose unit takes the batch, bound to it (a harness cell)."""
+
+    def __init__(self, cell, data):
+        self.cell, self.data = cell, data
+
+    def clear(self):
+        self.cell.clear()
+
+    def unit(self):
+        self.cell.unit(*self.data)
+
+    def top(self):
+        return self.cell.top()
+
+
+def make_cell(spec: dict, device: torch.device) -> WithData:
     torch.manual_seed(spec["seed"])
     base = build_model(spec["model"])
-    if spec["part"] == "eigen":
-        if spec["kind"] == "floor":
-            return FloorEigenCell(base, spec["mode"], spec["variant"], device)
-        return EigenCell(spec["kind"], base, spec["mode"], spec["variant"], device)
-    if spec["kind"] == "floor":
-        return FloorStepCell(base, device)
-    return StepCell(base, spec["mode"], spec["kind"] == "logged", device)
+    if spec["part"] == "eigen" and spec["kind"] == "floor":
+        cell = FloorEigenCell(base, spec["mode"], spec["variant"], device)
+    elif spec["part"] == "eigen":
+        cell = EigenCell(spec["kind"], base, spec["mode"], spec["variant"], device)
+    elif spec["kind"] == "floor":
+        cell = FloorStepCell(base, device)
+    else:
+        cell = StepCell(base, spec["mode"], spec["kind"] == "logged", device)
+    return WithData(cell, make_data(spec["batch"], device, spec["seed"]))
 
 
 # --------------------------------------------------------------------------
-# timing and memory
+# measuring
 # --------------------------------------------------------------------------
-def time_cells(cells: Dict[str, object], data, device, args) -> Dict[str, List[float]]:
-    inputs, targets = data
-
-    def run(cell):
-        cell.clear()
-        sync(device)
-        start = time.perf_counter()
-        cell.unit(inputs, targets)
-        sync(device)
-        return time.perf_counter() - start
-
-    plan = list(cells.items())
-    for _ in range(args.warmup):
-        for _, cell in plan:
-            run(cell)
-    times = {kind: [] for kind, _ in plan}
-    repeat, spent = 0, 0.0
-    while repeat < args.repeats or (spent < args.min_time and repeat < args.max_repeats):
-        shift = repeat % len(plan)
-        for kind, cell in plan[shift:] + plan[:shift]:
-            elapsed = run(cell)
-            times[kind].append(1e3 * elapsed)
-            spent += elapsed
-        repeat += 1
-    return times
-
-
-def memory_probe(spec: dict) -> dict:
-    """Body of ``--memory-probe``: one cell on CPU, in a fresh process."""
-    device = torch.device("cpu")
-    torch.set_num_threads(spec["threads"])
-    cell = make_cell(spec, device)
-    data = make_data(spec["batch"], device, spec["seed"])
-    _trim()
-    after_setup = _proc_status()["VmRSS"]
-    cell.unit(*data)
-    can_reset = _reset_peak_rss()
-    peaks = []
-    for _ in range(3 if can_reset else 1):
-        cell.clear()
-        _trim()
-        before = _proc_status()["VmRSS"]
-        if can_reset:
-            _reset_peak_rss()
-        else:
-            before = after_setup
-        cell.unit(*data)
-        peaks.append(_proc_status()["VmHWM"] - before)
-    return {"peak_bytes": statistics.median(peaks), "exact_reset": can_reset}
-
-
-def peak_memory(spec: dict, cell, data, device) -> Optional[float]:
-    if device.type == "cuda":
-        peaks = []
-        for _ in range(3):
-            cell.clear()
-            gc.collect()
-            sync(device)
-            torch.cuda.reset_peak_memory_stats(device)
-            before = torch.cuda.memory_allocated(device)
-            cell.unit(*data)
-            sync(device)
-            peaks.append(torch.cuda.max_memory_allocated(device) - before)
-        return statistics.median(peaks)
-    spec = {**spec, "threads": torch.get_num_threads()}
-    command = [sys.executable, os.path.abspath(__file__), "--memory-probe", json.dumps(spec)]
-    result = subprocess.run(command, capture_output=True, text=True)
-    for line in result.stdout.splitlines():
-        if line.startswith(PROBE_MARKER):
-            return json.loads(line[len(PROBE_MARKER):])["peak_bytes"]
-    sys.stderr.write(f"memory probe failed for {spec}:\n{result.stderr[-2000:]}\n")
-    return None
-
-
 def measure(specs: Dict[str, dict], batch: int, device, args) -> dict:
     """Time the cells of ``specs`` (kind -> spec) together; memory one by one."""
-    data = make_data(batch, device, args.seed)
+    specs = {kind: {**spec, "batch": batch} for kind, spec in specs.items()}
     cells = {kind: make_cell(spec, device) for kind, spec in specs.items()}
-    for attempt in range(args.busy_retries + 1):
-        meter = ForeignLoad()
-        times = time_cells(cells, data, device, args)
-        foreign = meter.stop()
-        if foreign is None or foreign <= args.busy_threshold or attempt == args.busy_retries:
-            break
-        print(f"  other processes used {100 * foreign:.0f}% of the CPUs; waiting for "
-              "quiet and measuring again", flush=True)
-        wait_for_quiet(args.busy_threshold / 2, timeout=args.quiet_wait)
+    (times, _), foreign = measure_quietly(functools.partial(time_cells, cells, device, args),
+                                          args)
     result = {"times_ms": times, "foreign_load": foreign,
               "ms": {kind: statistics.median(values) for kind, values in times.items()},
               "top": {kind: cell.top() for kind, cell in cells.items()}, "mem": {}}
     for kind, spec in specs.items():
-        result["mem"][kind] = None if args.no_memory or kind == "floor" else peak_memory(
-            {**spec, "batch": batch}, cells[kind], data, device)
+        result["mem"][kind] = (None if args.no_memory or kind == "floor"
+                               else peak_memory(__file__, spec, cells[kind], device))
     del cells
     gc.collect()
     return result
@@ -448,39 +381,18 @@ VARIANT_NAMES = {"eigvals": "eigenvalues only", "eigvecs": f"top-{TOP_K} eigenpa
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--min-time", type=float, default=1.0)
-    parser.add_argument("--max-repeats", type=int, default=21)
+    add_common_arguments(parser, repeats=5, busy_retries=2)
     parser.add_argument("--models", default="mlp,cnn")
     parser.add_argument("--sizes", default="32,64,128,256,512",
                         help="batch sizes of the logging sweep (part 2)")
-    parser.add_argument("--busy-threshold", type=float, default=0.15,
-                        help="a row during which other processes used more than this "
-                        "fraction of the CPUs is measured again")
-    parser.add_argument("--busy-retries", type=int, default=2)
-    parser.add_argument("--quiet-wait", type=float, default=20.0)
     parser.add_argument("--parts", default="eigen,step",
                         help="eigen (GGNEigen vs ViViT), step (cost of logging), or both")
     parser.add_argument("--modes", default="0,1", help="0 (exact GGN), 1 (mc_samples=1)")
-    parser.add_argument("--no-memory", action="store_true")
-    parser.add_argument("--quick", action="store_true", help="1 warm-up, 2 repeats")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", default=None,
-                        help="markdown file (default benchmarks/results/ggn_eigen_<device>.md)")
-    parser.add_argument("--memory-probe", default=None, help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
-    if args.quick:
-        args.repeats, args.warmup, args.min_time = 2, 1, 0.0
+    args = finish_common_arguments(parser.parse_args(argv), "ggn_eigen")
     args.models = [m for m in args.models.split(",") if m]
     args.parts = [p for p in args.parts.split(",") if p]
     args.modes = [int(m) for m in args.modes.split(",") if m]
     args.sizes = [int(n) for n in args.sizes.split(",") if n]
-    if args.out is None:
-        here = os.path.dirname(os.path.abspath(__file__))
-        suffix = "_quick" if args.quick else ""
-        args.out = os.path.join(here, "results", f"ggn_eigen_{args.device}{suffix}.md")
     return args
 
 
@@ -504,13 +416,10 @@ def _rel_top(a, b) -> str:
 def main(argv=None):
     args = parse_args(argv)
     if args.memory_probe is not None:
-        print(PROBE_MARKER + json.dumps(memory_probe(json.loads(args.memory_probe))))
-        return
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda: no CUDA device available")
-    device = torch.device(args.device)
+        return run_memory_probe(args.memory_probe, make_cell)
+    device = device_for(args)
     started, clock = datetime.datetime.utcnow(), time.perf_counter()
-    machine = machine_line(device) + f"; vivit-for-pytorch {_version('vivit-for-pytorch')}"
+    machine = machine_line(device, ("vivit-for-pytorch",))
     source, load_start = source_line(), load_average()
     print(machine, source, f"load average: {load_start}", sep="\n", flush=True)
 
@@ -529,9 +438,9 @@ def main(argv=None):
                 ms, mem = result["ms"], result["mem"]
                 print(f"{model} {MODE_NAMES[mode]:13s} {VARIANT_NAMES[variant]:18s} "
                       f"curvext {ms['curvext']:9.2f} ms  ViViT {ms['vivit']:9.2f} ms  "
-                      f"ratio {ms['curvext'] / ms['vivit']:.2f}  mem {_mb(mem['curvext'])} / "
-                      f"{_mb(mem['vivit'])} MB  diff {result['agreement']}  other load "
-                      f"{_pct(result['foreign_load'])}"
+                      f"ratio {ms['curvext'] / ms['vivit']:.2f}  mem {mb(mem['curvext'])} / "
+                      f"{mb(mem['vivit'])} MB  diff {result['agreement']}  other load "
+                      f"{pct(result['foreign_load'])}"
                       + (f"  floor {ms['floor']:.2f} ms" if "floor" in ms else ""), flush=True)
 
     step_rows = []
@@ -548,30 +457,16 @@ def main(argv=None):
             ms, mem = result["ms"], result["mem"]
             print(f"step mlp {MODE_NAMES[mode]:13s} N={batch:<4d} logged {ms['logged']:9.2f} ms  "
                   f"unlogged {ms['unlogged']:8.2f} ms  ratio {ms['logged'] / ms['unlogged']:.2f}  "
-                  f"mem {_mb(mem['logged'])} / {_mb(mem['unlogged'])} MB  other load "
-                  f"{_pct(result['foreign_load'])}", flush=True)
+                  f"mem {mb(mem['logged'])} / {mb(mem['unlogged'])} MB  other load "
+                  f"{pct(result['foreign_load'])}", flush=True)
 
     report = render(eigen_rows, step_rows, args, device, machine, source, load_start,
                     started, time.perf_counter() - clock)
-    print()
-    print(report)
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as out:
-        out.write(report)
     raw = {"machine": machine, "source": source,
            "args": {k: v for k, v in vars(args).items()},
            "eigen": [{k: v for k, v in r.items() if k != "top"} for r in eigen_rows],
            "steps": [{k: v for k, v in r.items() if k != "top"} for r in step_rows]}
-    raw_path = os.path.splitext(args.out)[0] + ".json"
-    with open(raw_path, "w") as out:
-        json.dump(raw, out, indent=1)
-    print(f"written to {args.out} and {raw_path}")
-
-
-def _version(package: str) -> str:
-    from importlib.metadata import version
-
-    return version(package)
+    write_report(report, raw, args.out)
 
 
 def render(eigen_rows, step_rows, args, device, machine, source, load_start,
@@ -620,9 +515,9 @@ def render(eigen_rows, step_rows, args, device, machine, source, load_start,
         mark = "meets" if ratio <= TARGET_RATIO and memory_ok else "**misses**"
         lines.append(
             f"| {row['model']} | {MODE_NAMES[row['mode']]} | {VARIANT_NAMES[row['variant']]} "
-            f"| {ms['curvext']:.1f} | {ms['vivit']:.1f} | {ratio:.2f} | {_mb(mem['curvext'])} "
-            f"| {_mb(mem['vivit'])} | {mark} | {len(row['times_ms']['curvext'])} "
-            f"| {_pct(row['foreign_load'])} | {row['agreement']} {_floor(row, 'vivit')}|")
+            f"| {ms['curvext']:.1f} | {ms['vivit']:.1f} | {ratio:.2f} | {mb(mem['curvext'])} "
+            f"| {mb(mem['vivit'])} | {mark} | {len(row['times_ms']['curvext'])} "
+            f"| {pct(row['foreign_load'])} | {row['agreement']} {_floor(row, 'vivit')}|")
     lines += [
         "",
         "Ratio < 1 means curvext is faster. `top-5 rel. diff`: ||λ_curvext − λ_ViViT|| / "
@@ -656,9 +551,9 @@ def render(eigen_rows, step_rows, args, device, machine, source, load_start,
         size = row["batch"] * (1 if row["mode"] == 1 else NUM_CLASSES - 1)
         lines.append(
             f"| {MODE_NAMES[row['mode']]} | {row['batch']} | {size} | {ms['logged']:.1f} "
-            f"| {ms['unlogged']:.1f} | {ratio:.2f} | {_mb(mem['logged'])} "
-            f"| {_mb(mem['unlogged'])} | {mark} | {len(row['times_ms']['logged'])} "
-            f"| {_pct(row['foreign_load'])} {_floor(row, 'unlogged')}|")
+            f"| {ms['unlogged']:.1f} | {ratio:.2f} | {mb(mem['logged'])} "
+            f"| {mb(mem['unlogged'])} | {mark} | {len(row['times_ms']['logged'])} "
+            f"| {pct(row['foreign_load'])} {_floor(row, 'unlogged')}|")
     lines += [
         "",
         "`floor`: the logged step written out in plain PyTorch (`FloorStepCell`: the "

@@ -92,16 +92,14 @@ from __future__ import annotations
 import argparse
 import datetime
 import gc
+import functools
 import json
 import os
-import tempfile
 import statistics
-import subprocess
-import sys
+import tempfile
 import time
 import warnings
-from importlib.metadata import version
-from typing import Dict, List, Optional
+from typing import Dict
 
 import torch
 from torch import nn
@@ -114,22 +112,23 @@ import curvext.functional as cxf
 from curvext.linalg import hutchinson_trace, lanczos_spectrum
 from curvext.linalg.eigen import lanczos, tridiagonal_eigh
 from curvext.operators import GGNOperator, HessianOperator
-from engine_vs_backpack import (  # noqa: E402
-    MODEL_DESCRIPTIONS,
-    NUM_CLASSES,
-    ForeignLoad,
-    _cpu_jiffies,
-    _mb,
-    _pct,
-    _proc_status,
-    _reset_peak_rss,
-    _trim,
-    build_model,
+from engine_vs_backpack import MODEL_DESCRIPTIONS, NUM_CLASSES, build_model  # noqa: E402
+from harness import (  # noqa: E402
+    add_common_arguments,
+    cpu_jiffies,
+    device_for,
+    finish_common_arguments,
     load_average,
     machine_line,
+    mb,
+    measure_quietly,
+    pct,
+    peak_memory,
+    rel_diff,
+    run_memory_probe,
     source_line,
-    sync,
-    wait_for_quiet,
+    time_cells,
+    write_report,
 )
 
 BATCH = 128
@@ -141,7 +140,6 @@ IHVP_VECTORS = 4
 CG_ITERATIONS, IHVP_REGULARIZATION = 10, 1.0
 ARNOLDI_ITERATIONS, ARNOLDI_TOP_K = 30, 10
 TARGET_RATIO = 0.67
-PROBE_MARKER = "MEMORY_PROBE_RESULT "
 SINGLE_PROBE_SECONDS = 2.0
 # curvext's CG warns when it stops at max_iter before tol: intended here
 warnings.filterwarnings("ignore", message=".*CG.*", category=RuntimeWarning)
@@ -286,15 +284,10 @@ def spectral_boundaries(model_name: str, device, seed: int):
 # --------------------------------------------------------------------------
 # agreement
 # --------------------------------------------------------------------------
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.detach().double().reshape(-1), b.detach().double().reshape(-1)
-    return float((a - b).norm() / b.norm().clamp_min(1e-30))
-
-
 def agreement(row: str, cells: Dict[str, Cell], results: Dict[str, object]) -> str:
     ours, theirs = results["curvext"], results["peer"]
     if row == "trace":
-        return f"random {_rel(ours, theirs):.0e}"
+        return f"random {rel_diff(ours, theirs):.0e}"
     if row == "spectrum":
         (grid, density), (_, peer_density) = ours, theirs
         l1 = torch.trapezoid((density - peer_density).abs().double(), grid.double())
@@ -305,114 +298,39 @@ def agreement(row: str, cells: Dict[str, Cell], results: Dict[str, object]) -> s
         residuals = cell.vectors - torch.vmap(product)(cell.vectors)
         shifted = cxf.ihvp_at_x_cg(cell.func, *cell.x, max_iter=CG_ITERATIONS, tol=1e-30,
                                    regularization=IHVP_REGULARIZATION)(residuals)
-        return f"{_rel(cell.vectors + shifted, theirs):.0e}"
-    return f"{_rel(ours, theirs):.0e}"
+        return f"{rel_diff(cell.vectors + shifted, theirs):.0e}"
+    return f"{rel_diff(ours, theirs):.0e}"
 
 
 # --------------------------------------------------------------------------
 # timing and memory
 # --------------------------------------------------------------------------
-def time_cells(cells: Dict[str, Cell], device, args):
-    results = {}
-
-    def run(kind, cell):
-        sync(device)
-        start = time.perf_counter()
-        results[kind] = cell.unit()
-        sync(device)
-        return time.perf_counter() - start
-
-    plan = list(cells.items())
-    for _ in range(args.warmup):
-        for kind, cell in plan:
-            run(kind, cell)
-    times = {kind: [] for kind, _ in plan}
-    repeat, spent = 0, 0.0
-    while (repeat < args.repeats and (repeat == 0 or spent < args.max_time)) or (
-        spent < args.min_time and repeat < args.max_repeats
-    ):
-        shift = repeat % len(plan)
-        for kind, cell in plan[shift:] + plan[:shift]:
-            elapsed = run(kind, cell)
-            times[kind].append(1e3 * elapsed)
-            spent += elapsed
-        repeat += 1
-    return times, results
-
-
-def memory_probe(spec: dict) -> dict:
-    """Body of ``--memory-probe``: one cell on CPU, in a fresh process."""
-    device = torch.device("cpu")
-    torch.set_num_threads(spec["threads"])
-    cell = Cell(spec["row"], spec["model"], spec["kind"], device, spec["seed"],
+def make_cell(spec: dict, device) -> Cell:
+    """The cell of ``--memory-probe``."""
+    return Cell(spec["row"], spec["model"], spec["kind"], device, spec["seed"],
                 spec.get("boundaries"))
-    _trim()
-    after_setup = _proc_status()["VmRSS"]
-    cell.unit()
-    can_reset = _reset_peak_rss()
-    peaks = []
-    for _ in range(spec["runs"] if can_reset else 1):
-        _trim()
-        before = _proc_status()["VmRSS"]
-        if can_reset:
-            _reset_peak_rss()
-        else:
-            before = after_setup
-        result = cell.unit()
-        peaks.append(_proc_status()["VmHWM"] - before)
-        del result
-    return {"peak_bytes": statistics.median(peaks), "exact_reset": can_reset}
-
-
-def peak_memory(spec: dict, cell: Cell, device, runs: int) -> Optional[float]:
-    if device.type == "cuda":
-        peaks = []
-        for _ in range(runs):
-            gc.collect()
-            sync(device)
-            torch.cuda.reset_peak_memory_stats(device)
-            before = torch.cuda.memory_allocated(device)
-            result = cell.unit()
-            sync(device)
-            peaks.append(torch.cuda.max_memory_allocated(device) - before)
-            del result
-        return statistics.median(peaks)
-    spec = {**spec, "threads": torch.get_num_threads(), "runs": runs}
-    command = [sys.executable, os.path.abspath(__file__), "--memory-probe", json.dumps(spec)]
-    completed = subprocess.run(command, capture_output=True, text=True)
-    for line in completed.stdout.splitlines():
-        if line.startswith(PROBE_MARKER):
-            return json.loads(line[len(PROBE_MARKER):])["peak_bytes"]
-    sys.stderr.write(f"memory probe failed for {spec}:\n{completed.stderr[-2000:]}\n")
-    return None
 
 
 def measure(row: str, model_name: str, device, args) -> dict:
     boundaries = spectral_boundaries(model_name, device, args.seed) if row == "spectrum" else None
     cells = {kind: Cell(row, model_name, kind, device, args.seed, boundaries)
              for kind in ("curvext", "peer")}
-    for attempt in range(args.busy_retries + 1):
-        meter = ForeignLoad()
-        times, results = time_cells(cells, device, args)
-        foreign = meter.stop()
-        if foreign is None or foreign <= args.busy_threshold or attempt == args.busy_retries:
-            break
-        print(f"  other processes used {100 * foreign:.0f}% of the CPUs; waiting for "
-              "quiet and measuring again", flush=True)
-        wait_for_quiet(args.busy_threshold / 2, timeout=args.quiet_wait)
+    (times, results), foreign = measure_quietly(
+        functools.partial(time_cells, cells, device, args), args)
     ms = {kind: statistics.median(values) for kind, values in times.items()}
     result = {"row": row, "model": model_name, "times_ms": times, "ms": ms,
               "foreign_load": foreign, "agreement": agreement(row, cells, results),
               "boundaries": boundaries, "mem": {}}
+    del results
     for kind, cell in cells.items():
         runs = 1 if ms[kind] > 1e3 * SINGLE_PROBE_SECONDS else 3
         spec = {"row": row, "model": model_name, "kind": kind, "seed": args.seed,
                 "boundaries": boundaries}
-        result["mem"][kind] = None if args.no_memory else peak_memory(spec, cell, device, runs)
-    del cells, results
+        result["mem"][kind] = (None if args.no_memory
+                               else peak_memory(__file__, spec, cell, device, runs))
+    del cells
     gc.collect()
     return result
-
 
 
 # --------------------------------------------------------------------------
@@ -464,7 +382,7 @@ def _dist_worker(rank: int, init_file: str, out_file: str, spec: dict) -> None:
         for _ in range(spec["warmup"]):
             for name in DIST_CONTENDERS:
                 run(name)
-        jiffies = _cpu_jiffies()
+        jiffies = cpu_jiffies()
         clock = time.perf_counter()
         times = {name: [] for name in DIST_CONTENDERS}
         for repeat in range(spec["repeats"]):
@@ -472,7 +390,7 @@ def _dist_worker(rank: int, init_file: str, out_file: str, spec: dict) -> None:
             for name in DIST_CONTENDERS[shift:] + DIST_CONTENDERS[:shift]:
                 times[name].append(1e3 * run(name))
         seconds = time.perf_counter() - clock
-        end = _cpu_jiffies()
+        end = cpu_jiffies()
         # this rank's own CPU time, summed over the ranks, is not "other load"
         own = torch.tensor([float(end[1] - jiffies[1]) if end and jiffies else 0.0])
         dist.all_reduce(own)
@@ -484,7 +402,7 @@ def _dist_worker(rank: int, init_file: str, out_file: str, spec: dict) -> None:
                 foreign = max(0.0, busy / ticks / (seconds * os.cpu_count()))
             with open(out_file, "w") as out:
                 json.dump({"times_ms": times, "foreign_load": foreign,
-                           "agreement": f"{_rel(results['2x1'], results['1x1']):.0e}"}, out)
+                           "agreement": f"{rel_diff(results['2x1'], results['1x1']):.0e}"}, out)
     finally:
         dist.destroy_process_group()
 
@@ -549,9 +467,9 @@ def render(rows, args, device, machine, source, load_start, started, elapsed) ->
         mark = "meets" if ratio <= TARGET_RATIO else "**misses**"
         lines.append(
             f"| {row['model']} | {ROWS[row['row']]} | {PEERS[row['row']]} "
-            f"| {ms['curvext']:.1f} | {ms['peer']:.1f} | {ratio:.2f} | {_mb(mem['curvext'])} "
-            f"| {_mb(mem['peer'])} | {mark} | {len(row['times_ms']['curvext'])} "
-            f"| {_pct(row['foreign_load'])} | {row['agreement']} |")
+            f"| {ms['curvext']:.1f} | {ms['peer']:.1f} | {ratio:.2f} | {mb(mem['curvext'])} "
+            f"| {mb(mem['peer'])} | {mark} | {len(row['times_ms']['curvext'])} "
+            f"| {pct(row['foreign_load'])} | {row['agreement']} |")
     lines += [
         "",
         "Ratio < 1 means curvext is faster. `rel. diff`: ||curvext − peer|| / ||peer|| of "
@@ -591,7 +509,7 @@ def render(rows, args, device, machine, source, load_start, started, elapsed) ->
                 f"| {row['model']} | GGN @ V [P, {NUM_VECTORS}] | {ms['2x1']:.1f} "
                 f"| {ms['1x1']:.1f} | {ms['1x2']:.1f} | {ms['1x1'] / ms['2x1']:.2f} "
                 f"| {ms['1x2'] / ms['2x1']:.2f} | {len(row['times_ms']['2x1'])} "
-                f"| {_pct(row['foreign_load'])} | {row['agreement']} |")
+                f"| {pct(row['foreign_load'])} | {row['agreement']} |")
     return "\n".join(lines) + "\n"
 
 
@@ -600,13 +518,7 @@ def render(rows, args, device, machine, source, load_start, started, elapsed) ->
 # --------------------------------------------------------------------------
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--min-time", type=float, default=1.0,
-                        help="keep repeating a row (up to --max-repeats) until its timed "
-                        "runs took this many seconds in all")
-    parser.add_argument("--max-repeats", type=int, default=9)
+    add_common_arguments(parser, repeats=3, max_repeats=9)
     parser.add_argument("--max-time", type=float, default=15.0,
                         help="stop repeating a row (after at least one repeat) once its "
                         "timed runs took this many seconds: the CNN's estimator rows "
@@ -614,44 +526,24 @@ def parse_args(argv=None):
     parser.add_argument("--models", default="mlp,cnn", help="comma-separated: mlp,cnn")
     parser.add_argument("--rows", default=",".join(ROWS),
                         help="comma-separated row keys: " + ",".join(ROWS))
-    parser.add_argument("--busy-threshold", type=float, default=0.15,
-                        help="a row during which other processes used more than this "
-                        "fraction of the CPUs is measured again")
-    parser.add_argument("--busy-retries", type=int, default=1)
-    parser.add_argument("--quiet-wait", type=float, default=20.0)
-    parser.add_argument("--no-memory", action="store_true", help="skip peak memory")
-    parser.add_argument("--quick", action="store_true",
-                        help="smoke run: no warm-up beyond one run, 1 repeat, no retries")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", default=None,
-                        help="markdown file (default benchmarks/results/matrix_free_<device>.md)")
-    parser.add_argument("--memory-probe", default=None, help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
+    args = finish_common_arguments(parser.parse_args(argv), "matrix_free", quick_repeats=1)
     if args.quick:
-        args.repeats, args.warmup, args.min_time, args.busy_retries = 1, 1, 0.0, 0
+        args.busy_retries = 0
     args.models = [m for m in args.models.split(",") if m]
     args.rows = [r for r in args.rows.split(",") if r]
     unknown = [r for r in args.rows if r not in ROWS]
     if unknown:
         parser.error(f"unknown rows {unknown}; use some of {','.join(ROWS)}")
-    if args.out is None:
-        here = os.path.dirname(os.path.abspath(__file__))
-        suffix = "_quick" if args.quick else ""
-        args.out = os.path.join(here, "results", f"matrix_free_{args.device}{suffix}.md")
     return args
 
 
 def main(argv=None):
     args = parse_args(argv)
     if args.memory_probe is not None:
-        print(PROBE_MARKER + json.dumps(memory_probe(json.loads(args.memory_probe))))
-        return
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda: no CUDA device available")
-    device = torch.device(args.device)
+        return run_memory_probe(args.memory_probe, make_cell)
+    device = device_for(args)
     started, clock = datetime.datetime.utcnow(), time.perf_counter()
-    machine = (machine_line(device) + f"; curvlinops-for-pytorch "
-               f"{version('curvlinops-for-pytorch')}; dattri {version('dattri')}")
+    machine = machine_line(device, ("curvlinops-for-pytorch", "dattri"))
     source, load_start = source_line(), load_average()
     print(machine, source, f"load average: {load_start}", sep="\n", flush=True)
 
@@ -670,7 +562,7 @@ def main(argv=None):
                 print(f"{model_name:4s} {ROWS[row]:50s} 2x1 {ms['2x1']:9.1f} ms  1x1 "
                       f"{ms['1x1']:9.1f} ms  1x2 {ms['1x2']:9.1f} ms  speed-up "
                       f"{ms['1x1'] / ms['2x1']:.2f} / {ms['1x2'] / ms['2x1']:.2f}  diff "
-                      f"{result['agreement']}  other load {_pct(result['foreign_load'])}",
+                      f"{result['agreement']}  other load {pct(result['foreign_load'])}",
                       flush=True)
                 continue
             result = measure(row, model_name, device, args)
@@ -678,24 +570,16 @@ def main(argv=None):
             ms, mem = result["ms"], result["mem"]
             print(f"{model_name:4s} {ROWS[row]:50s} x{len(result['times_ms']['curvext']):<2d} "
                   f"curvext {ms['curvext']:9.1f} ms  {PEERS[row]} {ms['peer']:9.1f} ms  "
-                  f"ratio {ms['curvext'] / ms['peer']:.2f}  mem {_mb(mem['curvext'])} / "
-                  f"{_mb(mem['peer'])} MB  diff {result['agreement']}  other load "
-                  f"{_pct(result['foreign_load'])}", flush=True)
+                  f"ratio {ms['curvext'] / ms['peer']:.2f}  mem {mb(mem['curvext'])} / "
+                  f"{mb(mem['peer'])} MB  diff {result['agreement']}  other load "
+                  f"{pct(result['foreign_load'])}", flush=True)
 
     report = render(rows, args, device, machine, source, load_start, started,
                     time.perf_counter() - clock)
-    print()
-    print(report)
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as out:
-        out.write(report)
     raw = {"machine": machine, "source": source,
            "args": {k: v for k, v in vars(args).items()},
            "rows": [{**r, "label": ROWS[r["row"]], "peer": PEERS[r["row"]]} for r in rows]}
-    raw_path = os.path.splitext(args.out)[0] + ".json"
-    with open(raw_path, "w") as out:
-        json.dump(raw, out, indent=1)
-    print(f"written to {args.out} and {raw_path}")
+    write_report(report, raw, args.out)
 
 
 if __name__ == "__main__":

@@ -73,16 +73,13 @@ from __future__ import annotations
 import argparse
 import copy
 import datetime
+import functools
 import gc
-import json
-import os
 import statistics
-import subprocess
-import sys
 import time
 import warnings
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional
+from typing import Dict, List
 
 import torch
 from torch import nn
@@ -90,20 +87,24 @@ from torch import nn
 from engine_vs_backpack import (  # noqa: E402
     MODEL_DESCRIPTIONS,
     NUM_CLASSES,
-    ForeignLoad,
     _kron_rel,
-    _mb,
-    _pct,
-    _proc_status,
-    _rel,
-    _reset_peak_rss,
-    _trim,
     build_model,
+)
+from harness import (  # noqa: E402
+    add_common_arguments,
+    device_for,
+    finish_common_arguments,
     load_average,
     machine_line,
+    mb,
+    measure_quietly,
+    pct,
+    peak_memory,
+    rel_diff,
+    run_memory_probe,
     source_line,
-    sync,
-    wait_for_quiet,
+    time_cells,
+    write_report,
 )
 
 import curvlinops  # noqa: E402
@@ -117,7 +118,6 @@ BATCH = 128
 NUM_BATCHES = 10
 DAMPING = 1e-3
 TARGET_RATIO = 0.67
-PROBE_MARKER = "MEMORY_PROBE_RESULT "
 warnings.filterwarnings("ignore", message="Full backward hook is firing")
 
 BIG_MODEL = "mlp1m"
@@ -337,12 +337,12 @@ def agreement(row: Row, outputs: Dict[str, object]) -> str:
     if row.family in ("kron", "ekfac") and row.options["fisher_type"] == "mc":
         return "MC"
     if row.family == "inverse" and row.options["variant"] == "heuristic":
-        return f"{_rel(ours, theirs):.0e} (weights; biases: see notes)"
+        return f"{rel_diff(ours, theirs):.0e} (weights; biases: see notes)"
     if row.family != "laplace":
-        return f"{_rel(ours, theirs):.0e}"
+        return f"{rel_diff(ours, theirs):.0e}"
     lml = abs(float(ours["lml"]) - float(theirs["lml"])) / abs(float(theirs["lml"]))
     if row.options["structure"] == "diag":
-        return f"H {_rel(ours['H'], theirs['H']):.0e}, lml {lml:.0e}"
+        return f"H {rel_diff(ours['H'], theirs['H']):.0e}, lml {lml:.0e}"
     pairs = zip(ours["H"].kfacs, theirs["H"].kfacs, ours["linear_blocks"])
     H = max(_kron_rel(a, b) for a, b, linear in pairs if linear)
     if all(ours["linear_blocks"]):
@@ -353,100 +353,21 @@ def agreement(row: Row, outputs: Dict[str, object]) -> str:
 # --------------------------------------------------------------------------
 # timing and memory
 # --------------------------------------------------------------------------
-def time_cells(cells: Dict[str, object], device, args) -> Dict[str, List[float]]:
-    """Times (ms) per cell; each repeat runs every cell once, the order rotating."""
-
-    def run(cell):
-        cell.clear()
-        sync(device)
-        start = time.perf_counter()
-        cell.unit()
-        sync(device)
-        return time.perf_counter() - start
-
-    plan = list(cells.items())
-    for _ in range(args.warmup):
-        for _, cell in plan:
-            run(cell)
-    times = {kind: [] for kind, _ in plan}
-    repeat, spent = 0, 0.0
-    while repeat < args.repeats or (spent < args.min_time and repeat < args.max_repeats):
-        shift = repeat % len(plan)
-        for kind, cell in plan[shift:] + plan[:shift]:
-            elapsed = run(cell)
-            times[kind].append(1e3 * elapsed)
-            spent += elapsed
-        repeat += 1
-    return times
-
-
-def memory_probe(spec: dict) -> dict:
-    """Body of ``--memory-probe``: one cell on CPU, in a fresh process."""
-    torch.set_num_threads(spec["threads"])
-    cell = make_cell(spec, torch.device("cpu"))
-    _trim()
-    after_setup = _proc_status()["VmRSS"]
-    cell.unit()  # warm-up: lazy initialisation, thread pools
-    can_reset = _reset_peak_rss()
-    peaks = []
-    for _ in range(3 if can_reset else 1):
-        cell.clear()
-        _trim()
-        before = _proc_status()["VmRSS"]
-        if can_reset:
-            _reset_peak_rss()
-        else:
-            before = after_setup
-        cell.unit()
-        peaks.append(_proc_status()["VmHWM"] - before)
-    return {"peak_bytes": statistics.median(peaks), "exact_reset": can_reset}
-
-
-def peak_memory(spec: dict, cell, device) -> Optional[float]:
-    if device.type == "cuda":
-        peaks = []
-        for _ in range(3):
-            cell.clear()
-            gc.collect()
-            sync(device)
-            torch.cuda.reset_peak_memory_stats(device)
-            before = torch.cuda.memory_allocated(device)
-            cell.unit()
-            sync(device)
-            peaks.append(torch.cuda.max_memory_allocated(device) - before)
-        return statistics.median(peaks)
-    spec = {**spec, "threads": torch.get_num_threads()}
-    command = [sys.executable, os.path.abspath(__file__), "--memory-probe", json.dumps(spec)]
-    result = subprocess.run(command, capture_output=True, text=True)
-    for line in result.stdout.splitlines():
-        if line.startswith(PROBE_MARKER):
-            return json.loads(line[len(PROBE_MARKER):])["peak_bytes"]
-    sys.stderr.write(f"memory probe failed for {spec}:\n{result.stderr[-2000:]}\n")
-    return None
-
-
 def measure(row: Row, model: str, device, args) -> dict:
     """Time curvext and the peer on one (row, model), then their memory one by one."""
     specs = {kind: {"row": row.key, "model": model, "kind": kind, "seed": args.seed}
              for kind in ("curvext", row.peer)}
     cells = {kind: make_cell(spec, device) for kind, spec in specs.items()}
-    for attempt in range(args.busy_retries + 1):
-        meter = ForeignLoad()
-        times = time_cells(cells, device, args)
-        foreign = meter.stop()
-        if foreign is None or foreign <= args.busy_threshold or attempt == args.busy_retries:
-            break
-        print(f"  other processes used {100 * foreign:.0f}% of the CPUs; waiting for "
-              "quiet and measuring again", flush=True)
-        wait_for_quiet(args.busy_threshold / 2, timeout=args.quiet_wait)
+    (times, _), foreign = measure_quietly(functools.partial(time_cells, cells, device, args),
+                                          args)
     ms = {kind: statistics.median(values) for kind, values in times.items()}
     result = {"row": row.key, "label": row.label, "peer": row.peer, "model": model,
               "times_ms": times, "foreign_load": foreign, "ms": ms,
               "agreement": agreement(row, {k: c.output() for k, c in cells.items()}),
               "mem": {}}
     for kind, spec in specs.items():
-        result["mem"][kind] = None if args.no_memory else peak_memory(spec, cells[kind],
-                                                                      device)
+        result["mem"][kind] = (None if args.no_memory
+                               else peak_memory(__file__, spec, cells[kind], device))
     del cells
     gc.collect()
     return result
@@ -463,12 +384,6 @@ def verdict(result: dict) -> str:
 # --------------------------------------------------------------------------
 # report
 # --------------------------------------------------------------------------
-def _version(package: str) -> str:
-    from importlib.metadata import version
-
-    return version(package)
-
-
 def render(results, args, device, machine, source, load_start, started, elapsed) -> str:
     memory = ("n/a (--no-memory)" if args.no_memory else
               "torch.cuda.max_memory_allocated" if device.type == "cuda"
@@ -504,8 +419,8 @@ def render(results, args, device, machine, source, load_start, started, elapsed)
         ms, mem, peer = r["ms"], r["mem"], r["peer"]
         lines.append(
             f"| {r['model']} | {r['label']} | {peer} | {ms['curvext']:.1f} | {ms[peer]:.1f} "
-            f"| {ms['curvext'] / ms[peer]:.2f} | {_mb(mem['curvext'])} | {_mb(mem[peer])} "
-            f"| {verdict(r)} | {len(r['times_ms']['curvext'])} | {_pct(r['foreign_load'])} "
+            f"| {ms['curvext'] / ms[peer]:.2f} | {mb(mem['curvext'])} | {mb(mem[peer])} "
+            f"| {verdict(r)} | {len(r['times_ms']['curvext'])} | {pct(r['foreign_load'])} "
             f"| {r['agreement']} |")
     lines += [
         "",
@@ -536,56 +451,27 @@ def render(results, args, device, machine, source, load_start, started, elapsed)
 # --------------------------------------------------------------------------
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--min-time", type=float, default=1.0,
-                        help="keep repeating a row (up to --max-repeats) until its "
-                        "timed runs took this many seconds in all")
-    parser.add_argument("--max-repeats", type=int, default=21)
+    add_common_arguments(parser, repeats=5)
     parser.add_argument("--models", default="mlp,cnn", help="comma-separated: mlp,cnn "
                         f"(the inverse rows always use {BIG_MODEL})")
     parser.add_argument("--rows", default=",".join(r.key for r in ROWS),
                         help="comma-separated row keys: " + ",".join(r.key for r in ROWS))
-    parser.add_argument("--busy-threshold", type=float, default=0.15,
-                        help="a row during which other processes used more than this "
-                        "fraction of the CPUs is measured again")
-    parser.add_argument("--busy-retries", type=int, default=1)
-    parser.add_argument("--quiet-wait", type=float, default=20.0)
-    parser.add_argument("--no-memory", action="store_true", help="skip peak memory")
-    parser.add_argument("--quick", action="store_true",
-                        help="smoke run: 1 warm-up, 2 repeats (memory still measured)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", default=None,
-                        help="markdown file (default benchmarks/results/operators_<device>.md)")
-    parser.add_argument("--memory-probe", default=None, help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
-    if args.quick:
-        args.repeats, args.warmup, args.min_time = 2, 1, 0.0
+    args = finish_common_arguments(parser.parse_args(argv), "operators")
     args.models = [m for m in args.models.split(",") if m]
     unknown = [k for k in args.rows.split(",") if k and k not in ROWS_BY_KEY]
     if unknown:
         parser.error(f"unknown rows {unknown}; use some of {list(ROWS_BY_KEY)}")
     args.rows = [k for k in args.rows.split(",") if k]
-    if args.out is None:
-        here = os.path.dirname(os.path.abspath(__file__))
-        suffix = "_quick" if args.quick else ""
-        args.out = os.path.join(here, "results", f"operators_{args.device}{suffix}.md")
     return args
 
 
 def main(argv=None):
     args = parse_args(argv)
     if args.memory_probe is not None:
-        print(PROBE_MARKER + json.dumps(memory_probe(json.loads(args.memory_probe))))
-        return
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda: no CUDA device available")
-    device = torch.device(args.device)
+        return run_memory_probe(args.memory_probe, make_cell)
+    device = device_for(args)
     started, clock = datetime.datetime.utcnow(), time.perf_counter()
-    machine = (machine_line(device)
-               + f"; curvlinops-for-pytorch {_version('curvlinops-for-pytorch')}"
-               + f"; laplace-torch {_version('laplace-torch')}")
+    machine = machine_line(device, ("curvlinops-for-pytorch", "laplace-torch"))
     source, load_start = source_line(), load_average()
     print(machine, source, f"load average: {load_start}", sep="\n", flush=True)
 
@@ -598,23 +484,15 @@ def main(argv=None):
             ms, mem = result["ms"], result["mem"]
             print(f"{model:5s} {row.key:20s} x{len(result['times_ms']['curvext']):<3d}"
                   f"curvext {ms['curvext']:9.1f} ms  {row.peer} {ms[row.peer]:9.1f} ms  "
-                  f"ratio {ms['curvext'] / ms[row.peer]:.2f}  mem {_mb(mem['curvext'])} / "
-                  f"{_mb(mem[row.peer])} MB  {verdict(result)}  agreement "
-                  f"{result['agreement']}  other load {_pct(result['foreign_load'])}",
+                  f"ratio {ms['curvext'] / ms[row.peer]:.2f}  mem {mb(mem['curvext'])} / "
+                  f"{mb(mem[row.peer])} MB  {verdict(result)}  agreement "
+                  f"{result['agreement']}  other load {pct(result['foreign_load'])}",
                   flush=True)
 
     report = render(results, args, device, machine, source, load_start, started,
                     time.perf_counter() - clock)
-    print()
-    print(report)
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as out:
-        out.write(report)
     raw = {"machine": machine, "source": source, "args": vars(args), "results": results}
-    raw_path = os.path.splitext(args.out)[0] + ".json"
-    with open(raw_path, "w") as out:
-        json.dump(raw, out, indent=1)
-    print(f"written to {args.out} and {raw_path}")
+    write_report(report, raw, args.out)
 
 
 if __name__ == "__main__":
