@@ -113,6 +113,22 @@ def test_products_match_full_data_matrix(kind, loss, reduction):
     assert op.T is op
 
 
+@pytest.mark.parametrize("num_columns", [1, 4, 7, 9])
+def test_ggn_of_a_convolutional_model_in_column_chunks(num_columns):
+    """With a convolution the GGN product runs the columns in chunks of 4 (and
+    the pull-back always does): every column count, chunk-aligned or not, against
+    the dense reference."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv1d(2, 3, 3), nn.ReLU(), nn.Flatten(), nn.Linear(12, 3))
+    X, y = torch.randn(10, 2, 6), torch.tensor([0, 1, 2, 2, 0, 1, 1, 2, 0, 2])
+    loss_fn = nn.CrossEntropyLoss()
+    op = GGNOperator(model, loss_fn, list(model.parameters()), batches_of(X, y))
+    assert op._has_convolution()
+    reference = dense_reference("ggn", model, loss_fn, X, y)
+    columns = torch.randn(reference.shape[0], num_columns)
+    torch.testing.assert_close(op @ columns, reference @ columns)
+
+
 def test_subset_of_params_and_measures():
     """Rows for the first layer's weight only; diag/trace/logdet/norm from dense."""
     model, loss_fn, X, y = make_problem("ce", "mean")

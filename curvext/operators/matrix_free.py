@@ -4,8 +4,11 @@ These operators store nothing but references to ``model``, ``loss_fn``,
 ``params`` and ``data``: every product ``A @ V`` is one pass over ``data``,
 one batch at a time, with :mod:`torch.func` transforms (``functional_call``,
 ``jvp``, ``vjp``, ``grad``) and ``vmap`` over the ``M`` columns of ``V``
-``[P, M]``, so all ``M`` vectors share each batch's pass (no Python loop over
-them). No graph outlives its batch.
+``[P, M]``, so all ``M`` vectors share each batch's pass. The GGN pulls the
+columns back in chunks of :data:`_PULLBACK_CHUNK_COLUMNS` and, for a model
+with convolutions, runs them through in chunks of :data:`_CONV_CHUNK_COLUMNS`
+(still one pass over ``data``; see the constants for the measurements). No
+graph outlives its batch.
 
 **Normalisation.** A loss with ``reduction="mean"`` is :math:`L = c\sum_n
 \ell_n` with :math:`c = 1/d`, :math:`d` its denominator (the number of
@@ -97,6 +100,19 @@ def assert_passes_agree(first: Tensor, second: Tensor, owner: str) -> None:
         )
 
 
+#: Columns per ``vmap`` of the GGN's pull-back ``J^T``: the batch product of
+#: all ``M`` columns is as large as the result; in chunks of 4 only a quarter of
+#: it is alive (MLP of the benchmarks, ``[P, 16]``: 22 -> 12 MB per batch, no
+#: slower on CPU).
+_PULLBACK_CHUNK_COLUMNS = 4
+#: Columns per ``vmap`` of the whole GGN batch product for models with
+#: convolutions: ``vmap`` over the columns of a convolution's ``jvp``/``vjp``
+#: is slower than a few smaller ones (CNN of the benchmarks, ``[P, 16]``, CPU:
+#: about 810 ms per batch for all 16 at once, 640 in chunks of 8, 375 in chunks
+#: of 4, 500 one column at a time).
+_CONV_CHUNK_COLUMNS = 4
+
+
 class _DataSetOperator(CurvatureOperator):
     """A curvature matrix of ``loss_fn(model(X), y)`` summed over ``data`` (see module docstring).
 
@@ -155,12 +171,16 @@ class _DataSetOperator(CurvatureOperator):
 
     def _batch_product(
         self, X: Tensor, y: Tensor, tangents: Tuple[Tensor, ...], pass_state: dict
-    ) -> Tuple[Tuple[Tensor, ...], Tensor]:
-        """``(A_b V, output)``: the batch loss's curvature times ``V``.
+    ) -> Tuple[Iterable[Tuple[int, Tuple[Tensor, ...]]], Tensor]:
+        """``(chunks, output)``: the batch loss's curvature times ``V``, in column chunks.
 
-        ``tangents`` holds one ``[M, *p.shape]`` tensor per parameter; the
-        product has the same shapes. ``output`` is ``model(X)`` (detached),
-        from which the batch's normalisation is read.
+        ``tangents`` holds one ``[M, *p.shape]`` tensor per parameter.
+        ``chunks`` yields ``(first_column, product)`` with ``product`` one
+        ``[m, *p.shape]`` tensor per parameter: columns ``first_column`` to
+        ``first_column + m`` of ``A_b V`` (a generator may compute each chunk
+        only when asked, so that only one chunk is alive at a time).
+        ``output`` is ``model(X)`` (detached), from which the batch's
+        normalisation is read.
         """
         raise NotImplementedError
 
@@ -261,8 +281,8 @@ class _DataSetOperator(CurvatureOperator):
         """This process's sums over its ``data``: ``(Σ_b d_b A_b V or None, Σ_b d_b, batches, samples)``.
 
         The sum ``[M, P]`` is allocated once, at the first batch, and every
-        batch's product is added into it in place, one parameter block at a
-        time (no concatenated or rescaled copy per batch).
+        batch's product is added into it in place, one column chunk and one
+        parameter block at a time (no concatenated or rescaled copy per batch).
         """
         owner = type(self).__name__
         pass_state = self._start_pass(ranks)
@@ -271,19 +291,20 @@ class _DataSetOperator(CurvatureOperator):
         batches = _tqdm()(self.data, desc=owner) if show_bar else self.data
         for index, batch in enumerate(batches):
             X, y = _unpack(batch, index, owner)
-            product, output = self._batch_product(X, y, tangents, pass_state)
+            chunks, output = self._batch_product(X, y, tangents, pass_state)
             normalization = loss_rule(self.loss_fn, output, y).normalization
             # d_b = 1 / c_b; a batch whose targets are all ignored has c_b = 0
             weight = (1.0 / normalization if normalization > 0 else 0.0) if mean else 1.0
             denominator += weight
             if total is None:
                 total = self._new_accumulator(tangents[0].shape[0])
-            start = 0
-            for block in product:  # narrow, not split: split's views refuse add_
-                destination = total.narrow(1, start, block[0].numel())
-                destination.view(block.shape).add_(block, alpha=weight)
-                start += block[0].numel()
-            del product
+            for first_column, product in chunks:
+                rows, start = total.narrow(0, first_column, product[0].shape[0]), 0
+                for block in product:  # narrow, not split: split's views refuse add_
+                    destination = rows.narrow(1, start, block[0].numel())
+                    destination.view(block.shape).add_(block, alpha=weight)
+                    start += block[0].numel()
+                del product
             num_batches += 1
             num_samples += output.shape[0]
         return total, denominator, num_batches, num_samples
@@ -438,7 +459,7 @@ class HessianOperator(_DataSetOperator):
 
             try:
                 product, outputs = vmap(forward_over_reverse, randomness="same")(*tangents)
-                return product, outputs[0]
+                return [(0, product)], outputs[0]
             except RuntimeError as error:
                 if "ZeroTensors are immutable" not in str(error):
                     raise
@@ -452,7 +473,7 @@ class HessianOperator(_DataSetOperator):
             return grad(directional_derivative, argnums, has_aux=True)(*primals)
 
         product, outputs = vmap(reverse_over_forward, randomness="same")(*tangents)
-        return product, outputs[0]
+        return [(0, product)], outputs[0]
 
 
 class GGNOperator(_DataSetOperator):
@@ -531,7 +552,6 @@ class GGNOperator(_DataSetOperator):
         def push_forward(*tangent):
             return jvp(output_of, primals, tangent)[1]
 
-        output_tangents = vmap(push_forward, randomness="same")(*tangents)  # [M, *out]
         if self.mc_samples == 0:
 
             def loss_hvp(output_tangent):
@@ -541,18 +561,41 @@ class GGNOperator(_DataSetOperator):
 
                 return grad(directional_derivative)(output)
 
-            output_products = vmap(loss_hvp)(output_tangents)
+            output_hessian_product = vmap(loss_hvp)
         else:
             columns = loss_rule(self.loss_fn, output, y).mc_columns(
                 self.mc_samples, pass_state["generator"]
             )  # [S, N, *], each carrying sqrt(c_b / S)
             num_samples = output.shape[0]
             columns = columns.reshape(self.mc_samples, num_samples, -1)
-            flat_tangents = output_tangents.reshape(-1, num_samples, columns.shape[-1])
-            coefficients = torch.einsum("snk,mnk->msn", columns, flat_tangents)
-            output_products = torch.einsum("msn,snk->mnk", coefficients, columns)
-            output_products = output_products.reshape(output_tangents.shape)
-        return vmap(pullback)(output_products), output
+
+            def output_hessian_product(output_tangents):
+                flat_tangents = output_tangents.reshape(-1, num_samples, columns.shape[-1])
+                coefficients = torch.einsum("snk,mnk->msn", columns, flat_tangents)
+                output_products = torch.einsum("msn,snk->mnk", coefficients, columns)
+                return output_products.reshape(output_tangents.shape)
+
+        num_columns = tangents[0].shape[0]
+        forward_columns = (
+            _CONV_CHUNK_COLUMNS if self._has_convolution() else num_columns
+        )
+
+        def chunks():
+            for first in range(0, num_columns, forward_columns):
+                output_tangents = vmap(push_forward, randomness="same")(
+                    *(tangent[first : first + forward_columns] for tangent in tangents)
+                )  # [m, *out]
+                output_products = output_hessian_product(output_tangents)
+                del output_tangents
+                for start in range(0, output_products.shape[0], _PULLBACK_CHUNK_COLUMNS):
+                    end = start + _PULLBACK_CHUNK_COLUMNS
+                    yield first + start, vmap(pullback)(output_products[start:end])
+
+        return chunks(), output
+
+    def _has_convolution(self) -> bool:
+        """Whether ``model`` has a convolution (then the columns go through in chunks)."""
+        return any(isinstance(module, nn.modules.conv._ConvNd) for module in self.model.modules())
 
 
 class EFOperator(_DataSetOperator):
@@ -599,7 +642,7 @@ class EFOperator(_DataSetOperator):
         coefficients = vmap(directional, randomness="same")(*tangents)  # [M, N]
         normalization = loss_rule(self.loss_fn, output, y).normalization
         product = vmap(pullback)(coefficients * normalization)
-        return product, output
+        return [(0, product)], output
 
 
 __all__ = ["HessianOperator", "GGNOperator", "EFOperator"]
