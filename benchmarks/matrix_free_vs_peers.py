@@ -84,6 +84,13 @@ move with rounding, and dattri orthogonalises once (curvext twice) and keeps
 only the tridiagonal part of its projection. Where the Ritz pairs converge
 (``tests/test_functional_dattri.py``, float64) the two agree to ``1e-8``.
 
+**Bound** (product and trace rows): a forward and a backward pass of the
+model over the 10 batches, with one random cotangent per sample, or 16 at once
+for the 16-vector rows (``BoundCell``), timed in the same interleaved repeats.
+A GGN product ``Jᵀ H J v`` and a Hessian product both need at least that (the
+``Jᵀ`` product is a backward pass); the column ``bound / peer`` is therefore
+the best ratio any implementation could reach on this machine.
+
 **Target**: time ratio curvext / peer <= 0.67 (column ``target``).
 """
 
@@ -267,6 +274,38 @@ class Cell:
         raise ValueError(f"unknown row {row!r}; use one of {sorted(ROWS)}")
 
 
+class BoundCell:
+    """A lower bound on the time of any GGN or Hessian product over the data,
+    not a contender: a forward pass and a backward pass (vector-Jacobian
+    product with the network's Jacobian) per batch, which ``Jᵀ (H J v)`` and
+    ``H v`` both need besides their other work. With 16 vectors the backward
+    pass takes 16 random cotangents at once (``is_grads_batched``). If this
+    costs more than 0.67× the peer's product, no implementation of the
+    product meets the target on this machine."""
+
+    def __init__(self, row: str, model_name: str, device, seed: int):
+        self.model = make_model(model_name, device, seed)
+        self.params = list(self.model.parameters())
+        self.batches = make_batches(device, seed)
+        self.columns = 1 if row.endswith("_1") else NUM_VECTORS
+        self.cotangents = [_random((self.columns, BATCH, NUM_CLASSES), seed + 3 + i, device)
+                           for i in range(len(self.batches))]
+
+    def unit(self):
+        grads = None
+        for (inputs, _), cotangents in zip(self.batches, self.cotangents):
+            outputs = self.model(inputs)
+            if self.columns == 1:
+                grads = torch.autograd.grad(outputs, self.params, cotangents[0])
+            else:
+                grads = torch.autograd.grad(outputs, self.params, cotangents,
+                                            is_grads_batched=True)
+        return grads
+
+
+BOUND_ROWS = ("ggn_1", "ggn_16", "hess_1", "hess_16", "trace")
+
+
 def spectral_boundaries(model_name: str, device, seed: int):
     """``(0, λ_max)`` of the GGN, λ_max from 10 Lanczos steps (untimed).
 
@@ -315,6 +354,8 @@ def measure(row: str, model_name: str, device, args) -> dict:
     boundaries = spectral_boundaries(model_name, device, args.seed) if row == "spectrum" else None
     cells = {kind: Cell(row, model_name, kind, device, args.seed, boundaries)
              for kind in ("curvext", "peer")}
+    if row in BOUND_ROWS:
+        cells["bound"] = BoundCell(row, model_name, device, args.seed)
     (times, results), foreign = measure_quietly(
         functools.partial(time_cells, cells, device, args), args)
     ms = {kind: statistics.median(values) for kind, values in times.items()}
@@ -323,6 +364,8 @@ def measure(row: str, model_name: str, device, args) -> dict:
               "boundaries": boundaries, "mem": {}}
     del results
     for kind, cell in cells.items():
+        if kind == "bound":
+            continue
         runs = 1 if ms[kind] > 1e3 * SINGLE_PROBE_SECONDS else 3
         spec = {"row": row, "model": model_name, "kind": kind, "seed": args.seed,
                 "boundaries": boundaries}
@@ -456,8 +499,9 @@ def render(rows, args, device, machine, source, load_start, started, elapsed) ->
                                for name in args.models) + ".",
         "",
         "| model | row | peer | curvext ms | peer ms | ratio (curvext/peer) | curvext peak MB "
-        "| peer peak MB | target | n | other load | rel. diff |",
-        "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: | --- |",
+        "| peer peak MB | target | n | other load | rel. diff | bound ms | bound / peer |",
+        "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: | --- "
+        "| ---: | ---: |",
     ]
     for row in rows:
         if row["row"] == "dist_ggn_16":
@@ -469,7 +513,9 @@ def render(rows, args, device, machine, source, load_start, started, elapsed) ->
             f"| {row['model']} | {ROWS[row['row']]} | {PEERS[row['row']]} "
             f"| {ms['curvext']:.1f} | {ms['peer']:.1f} | {ratio:.2f} | {mb(mem['curvext'])} "
             f"| {mb(mem['peer'])} | {mark} | {len(row['times_ms']['curvext'])} "
-            f"| {pct(row['foreign_load'])} | {row['agreement']} |")
+            f"| {pct(row['foreign_load'])} | {row['agreement']} "
+            + (f"| {ms['bound']:.1f} | {ms['bound'] / ms['peer']:.2f} |" if "bound" in ms
+               else "| | |"))
     lines += [
         "",
         "Ratio < 1 means curvext is faster. `rel. diff`: ||curvext − peer|| / ||peer|| of "
@@ -481,7 +527,11 @@ def render(rows, args, device, machine, source, load_start, started, elapsed) ->
         "Ritz vectors of 30 steps are not converged and move with rounding and with "
         "dattri's one-pass orthogonalisation (5e-3 apart in float64; see the script's "
         "docstring). `other load`: share of all CPUs other processes used "
-        "while the row was timed (a high value means the row is unreliable).",
+        "while the row was timed (a high value means the row is unreliable). "
+        "`bound`: a forward and a backward pass per batch (16 cotangents at once for "
+        "the 16-vector rows), timed in the same repeats: every GGN or Hessian product "
+        "needs at least that, so `bound / peer` above the target means no "
+        "implementation meets it here (`BoundCell`).",
     ]
     parallel = [row for row in rows if row["row"] == "dist_ggn_16"]
     if parallel:
