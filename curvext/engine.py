@@ -187,6 +187,10 @@ def _run(edge, loss, calls, consumers, grad, extensions):
     total = offsets[-1]
     step = _chunk_size(used_calls, loss, total) if total else 1
     for start in range(0, total, step):
+        # (id(sum so far), id(partial)) -> (both, their sum): a partial shared by
+        # two parameters (the KFAC factor G of a weight and its bias) is added
+        # once and stays shared over chunks; the entries keep the ids alive
+        sums: Dict[Tuple[int, int], tuple] = {}
         stop = min(start + step, total)
         pieces = _overlaps(offsets, start, stop)
         columns = _columns(sets, offsets, pieces, loss, mc_columns, grad)
@@ -204,11 +208,15 @@ def _run(edge, loss, calls, consumers, grad, extensions):
                     if ext.combine == "cat":
                         partials.setdefault(slot, []).append(partial)
                     elif slot in partials:
-                        partials[slot] = sum_partials(partials[slot], partial)
+                        key = (id(partials[slot]), id(partial))
+                        if key not in sums:
+                            sums[key] = (partials[slot], partial,
+                                         sum_partials(partials[slot], partial))
+                        partials[slot] = sums[key][2]
                     else:
                         partials[slot] = partial
         # free this chunk's columns before the next one is backpropagated
-        del call_grads, set_grads, columns
+        del call_grads, set_grads, columns, sums
         for rule in rules:
             rule.release()
 

@@ -43,10 +43,19 @@ def sum_of_squares(columns: Tensor) -> Tensor:
 
 
 def gram(matrices: Tensor) -> Tensor:
-    r""":math:`\sum_b M_b M_b^\top` of ``matrices [B, d, T]``, ``[d, d]``."""
-    if matrices.shape[-1] == 1:
+    r""":math:`\sum_b M_b M_b^\top` of ``matrices [B, d, T]``, ``[d, d]``.
+
+    With ``d > T`` (the patches of a convolution with many input channels)
+    the products are accumulated into the result (``addbmm``), as the batched
+    products ``[B, d, d]`` would be larger than ``matrices``; otherwise one
+    batched product and a sum is faster.
+    """
+    batch, dim, positions = matrices.shape
+    if positions == 1:
         flat = matrices[..., 0]
         return flat.T @ flat
+    if dim > positions:
+        return torch.addbmm(matrices.new_zeros(dim, dim), matrices, matrices.mT)
     return torch.bmm(matrices, matrices.mT).sum(0)
 
 
@@ -314,9 +323,9 @@ class FactoredRule(ModuleRule):
         batch, groups, dim, positions = input_side.shape
         if self.grad_first:
             flat = input_side.reshape(batch * groups, dim, positions)
-            return gram(flat) / (batch * groups * positions)
+            return gram(flat).div_(batch * groups * positions)
         flat = input_side.reshape(batch, groups * dim, positions)
-        return gram(flat) / (batch * positions)
+        return gram(flat).div_(batch * positions)
 
     def kfac_factors(self, name, grad_factor, approx):
         input_factor = self.kfac_input_factor(name, approx)

@@ -44,7 +44,7 @@ model's device and dtype.
 
 from __future__ import annotations
 
-from typing import Callable, Iterable, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -205,11 +205,17 @@ def accumulate_over_data(
             f"of (X, y) batches, e.g. a DataLoader over a non-empty data set."
         )
     scaled_norm = scaled_total if reduction == "mean" and scaled_total > 0 else 1.0
+    normalised = set()  # ids of the sums divided already: a shared sum is divided once
+
+    def normalise(total: Tensor, scaled: bool) -> Tensor:
+        # in place: the sums are this function's own tensors
+        if id(total) not in normalised:
+            normalised.add(id(total))
+            total.div_(scaled_norm if scaled else samples_total)
+        return total
+
     combined = [
-        [
-            total / (scaled_norm if scaled else samples_total)
-            for total, scaled in zip(block, block_flags)
-        ]
+        [normalise(total, scaled) for total, scaled in zip(block, block_flags)]
         for block, block_flags in zip(totals, flags)
     ]
     return params, combined
@@ -227,6 +233,7 @@ def _local_sums(model, loss_fn, batches, extension, params, touched, owner):
     saved = [(p, p.grad, p.__dict__.get(savefield, _MISSING)) for p in touched]
     totals: List[Optional[List[Tensor]]] = [None] * len(params)
     flags: List[Sequence[bool]] = [()] * len(params)
+    aliases: Dict[Tuple[int, int], Tuple[int, int]] = {}
     # Σ_b d_b (used for "mean" only), Σ_b N_b
     scaled_total, samples_total, num_batches = 0.0, 0, 0
     try:
@@ -257,22 +264,15 @@ def _local_sums(model, loss_fn, batches, extension, params, touched, owner):
             scaled_total += scaled_weight
             samples_total += info.batch_size
             num_batches += 1
+            batch_values = []
             for position, param in enumerate(params):
                 values = stored(param, position, savefield, owner)
-                values = [values] if isinstance(values, Tensor) else list(values)
+                batch_values.append(
+                    [values] if isinstance(values, Tensor) else list(values)
+                )
                 flags[position] = extension.loss_scaled[id(param)]
-                weights = [
-                    scaled_weight if scaled else info.batch_size
-                    for scaled in flags[position]
-                ]
-                if totals[position] is None:
-                    totals[position] = [
-                        value.detach() * weight for value, weight in zip(values, weights)
-                    ]
-                else:  # in place: no second copy of every factor per batch
-                    for total, value, weight in zip(totals[position], values, weights):
-                        total.add_(value.detach(), alpha=weight)
-                del values
+            _add_batch(totals, aliases, batch_values, flags, scaled_weight, info.batch_size)
+            del batch_values
     finally:
         for param, grad, value in saved:
             param.grad = grad
@@ -280,6 +280,41 @@ def _local_sums(model, loss_fn, batches, extension, params, touched, owner):
             if value is not _MISSING:
                 setattr(param, savefield, value)
     return totals, flags, scaled_total, samples_total, num_batches
+
+
+def _add_batch(totals, aliases, batch_values, flags, scaled_weight, batch_size):
+    """Add one batch's stored tensors, weighted (see :func:`_local_sums`), to ``totals``.
+
+    A tensor stored on two parameters (a weight's KFAC factor ``G`` is its
+    bias's) gets one running sum, shared by both blocks: added once per
+    batch, and, in :class:`~curvext.operators.KronOperator`, decomposed once.
+    ``aliases`` maps ``(position, slot)`` of such a second occurrence to the
+    first; a batch whose tensors are no longer shared there gets its own sum
+    again (a copy of the shared sum so far). In place: no second copy of
+    every factor per batch.
+    """
+    first = totals[0] is None
+    if not first:
+        for (position, slot), (source, source_slot) in list(aliases.items()):
+            if batch_values[position][slot] is not batch_values[source][source_slot]:
+                totals[position][slot] = totals[source][source_slot].clone()
+                del aliases[position, slot]
+    seen: Dict[int, Tuple[int, int]] = {}  # id of a stored tensor -> first (position, slot)
+    for position, values in enumerate(batch_values):
+        weights = [scaled_weight if scaled else batch_size for scaled in flags[position]]
+        if first:
+            totals[position] = [None] * len(values)
+        for slot, (value, weight) in enumerate(zip(values, weights)):
+            if first:
+                source = seen.get(id(value))
+                if source is not None and flags[source[0]][source[1]] == flags[position][slot]:
+                    aliases[position, slot] = source
+                    totals[position][slot] = totals[source[0]][source[1]]
+                    continue
+                seen[id(value)] = (position, slot)
+                totals[position][slot] = value.detach() * weight
+            elif (position, slot) not in aliases:
+                totals[position][slot].add_(value.detach(), alpha=weight)
 
 
 def _layout(totals, flags) -> List[int]:

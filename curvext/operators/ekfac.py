@@ -42,7 +42,7 @@ from curvext.extensions.kfac import KFAC, fisher_scaled
 from curvext.modules.factored import FactoredRule, sum_of_squares
 from curvext.distributed import broadcast, resolve_ranks
 from curvext.operators.data import _ForData, _KFACForData, accumulate_over_data
-from curvext.operators.kron import KronEigenOperator, KronOperator, kron_matmat
+from curvext.operators.kron import KronEigenOperator, KronOperator, _cached, kron_matmat
 
 #: Fisher types EKFAC supports (``"forward-only"`` has no per-sample vectors).
 EKFAC_FISHER_TYPES = ("type-2", "mc", "empirical")
@@ -61,6 +61,10 @@ def eigenvalue_corrections(
     """
     rotated = kron_matmat([q.T for q in eigenvectors], vectors.T)
     return rotated.square().sum(1)
+
+
+def _eigenvectors(factor: Tensor) -> Tensor:
+    return torch.linalg.eigh(factor).eigenvectors
 
 
 class _EKFACCorrections(_ForData, KFAC):
@@ -241,8 +245,9 @@ class EKFACOperator(KronEigenOperator):
             params, progressbar, owner, distributed, check_data=refuse_iterator,
         )
         kron = KronOperator(params, factors)
+        decompositions = {}  # a factor shared by a weight and its bias: one eigh
         eigenvectors = [
-            [torch.linalg.eigh(factor).eigenvectors for factor in block]
+            [_cached(decompositions, factor, _eigenvectors) for factor in block]
             for block in kron.factors
         ]
         ranks = resolve_ranks(distributed, owner)
