@@ -42,21 +42,37 @@ def sum_of_squares(columns: Tensor) -> Tensor:
     return total
 
 
-def gram(matrices: Tensor) -> Tensor:
-    r""":math:`\sum_b M_b M_b^\top` of ``matrices [B, d, T]``, ``[d, d]``.
+def gram(matrices: Tensor, out: Optional[Tensor] = None, alpha: float = 1.0) -> Tensor:
+    r""":math:`\alpha \sum_b M_b M_b^\top` of ``matrices [B, d, T]``, ``[d, d]``,
+    added to ``out`` in place if given (a running sum without a copy per call).
 
     With ``d > T`` (the patches of a convolution with many input channels)
     the products are accumulated into the result (``addbmm``), as the batched
     products ``[B, d, d]`` would be larger than ``matrices``; otherwise one
     batched product and a sum is faster.
+
+    Example:
+        >>> M = torch.randn(4, 3, 2)
+        >>> torch.allclose(gram(M), sum(m @ m.T for m in M), atol=1e-5)
+        True
+        >>> total = torch.eye(3)
+        >>> torch.allclose(gram(M, out=total, alpha=0.5), torch.eye(3) + 0.5 * gram(M), atol=1e-5)
+        True
     """
     batch, dim, positions = matrices.shape
+    if out is None:
+        out, alpha, beta = matrices.new_empty(dim, dim), alpha, 0.0
+    else:
+        beta = 1.0
     if positions == 1:
         flat = matrices[..., 0]
-        return flat.T @ flat
+        return out.addmm_(flat.T, flat, beta=beta, alpha=alpha)
     if dim > positions:
-        return torch.addbmm(matrices.new_zeros(dim, dim), matrices, matrices.mT)
-    return torch.bmm(matrices, matrices.mT).sum(0)
+        return out.addbmm_(matrices, matrices.mT, beta=beta, alpha=alpha)
+    products = torch.bmm(matrices, matrices.mT).sum(0)
+    if beta:
+        return out.add_(products, alpha=alpha)
+    return products if alpha == 1.0 else products.mul_(alpha)
 
 
 class FactoredRule(ModuleRule):
@@ -314,7 +330,9 @@ class FactoredRule(ModuleRule):
             return shape[0]
         return shape[1:].numel()
 
-    def kfac_input_factor(self, name, approx):
+    def kfac_input_factor(self, name, approx, out=None, weight=1.0):
+        """``A`` of the weight, or, with ``out``, ``out + weight · A`` in place
+        (a running sum over batches without a copy of ``A`` per batch)."""
         if name == "bias":
             return None
         input_side = self.inputs()
@@ -323,12 +341,16 @@ class FactoredRule(ModuleRule):
         batch, groups, dim, positions = input_side.shape
         if self.grad_first:
             flat = input_side.reshape(batch * groups, dim, positions)
-            return gram(flat).div_(batch * groups * positions)
-        flat = input_side.reshape(batch, groups * dim, positions)
-        return gram(flat).div_(batch * positions)
+            count = batch * groups * positions
+        else:
+            flat = input_side.reshape(batch, groups * dim, positions)
+            count = batch * positions
+        return gram(flat, out=out, alpha=weight / count)
 
-    def kfac_factors(self, name, grad_factor, approx):
-        input_factor = self.kfac_input_factor(name, approx)
+    def kfac_factors(self, name, grad_factor, approx, input_sum=None, weight=1.0):
+        """The factors in the weight's order; ``input_sum`` and ``weight`` as
+        ``out`` and ``weight`` of :meth:`kfac_input_factor`."""
+        input_factor = self.kfac_input_factor(name, approx, out=input_sum, weight=weight)
         if input_factor is None:
             return [grad_factor]
         if self.grad_first:

@@ -62,6 +62,7 @@ from curvext.extend import extend
 from curvext.extensions.base import Extension, RunInfo
 from curvext.extensions.ggn_diag import GGNDiag
 from curvext.extensions.kfac import KFAC
+from curvext.modules.factored import FactoredRule
 from curvext.operators.base import collect_params, stored
 
 
@@ -73,6 +74,11 @@ class _ForData(Extension):
     method stores ``value`` as usual and keeps the flags and the run's
     :class:`RunInfo` for :func:`accumulate_over_data`.
     """
+
+    def use_sums(self, params: Sequence[Tensor], totals: Sequence[List[Tensor]]) -> None:
+        """Called after the first batch with the running sums of the stored
+        tensors (per parameter of ``params``); a stored tensor that is its own
+        running sum was accumulated in place and is not added again."""
 
     def finalize_all(self, results, info: RunInfo) -> None:
         self.run_info = info
@@ -86,9 +92,35 @@ class _GGNDiagForData(_ForData, GGNDiag):
 
 
 class _KFACForData(_ForData, KFAC):
+    """KFAC whose input factors ``A`` of ``Linear``/``Conv`` weights are, from the
+    second batch on, added straight into their running sums over the batches
+    (:meth:`use_sums`): no copy of ``A`` per batch, whose allocation and release
+    would fragment the heap (peak memory grew by one ``A`` per batch)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.input_slots: Dict[int, int] = {}  # id(param) -> position of A in its factors
+        self.input_sums: Dict[int, Tensor] = {}  # id(param) -> running sum of N_b A_b
+
+    def use_sums(self, params: Sequence[Tensor], totals: Sequence[List[Tensor]]) -> None:
+        for param, block in zip(params, totals):
+            slot = self.input_slots.get(id(param))
+            if slot is not None:
+                self.input_sums[id(param)] = block[slot]
+
     def finalize(self, rule, name, partial, info):
         output_factor = self.output_factor(rule, name, partial, info)
-        factors = rule.kfac_factors(name, output_factor, self.kfac_approx)
+        param = rule.param(name)
+        if isinstance(rule, FactoredRule) and name != "bias":
+            # with a running sum, the factor returned is that sum, plus N_b A_b
+            input_sum = self.input_sums.get(id(param))
+            factors = rule.kfac_factors(
+                name, output_factor, self.kfac_approx, input_sum=input_sum,
+                weight=1.0 if input_sum is None else info.batch_size,
+            )
+            self.input_slots[id(param)] = 1 if rule.grad_first else 0
+        else:
+            factors = rule.kfac_factors(name, output_factor, self.kfac_approx)
         if self.fisher_type == "forward-only":  # G = I: nothing carries the loss scale
             return factors, (False,) * len(factors)
         # the output-side factor's position differs (first for Linear, last
@@ -271,8 +303,14 @@ def _local_sums(model, loss_fn, batches, extension, params, touched, owner):
                     [values] if isinstance(values, Tensor) else list(values)
                 )
                 flags[position] = extension.loss_scaled[id(param)]
+            first = num_batches == 1
             _add_batch(totals, aliases, batch_values, flags, scaled_weight, info.batch_size)
+            if first:
+                extension.use_sums(params, totals)
+            # freed now, before the next batch's allocations can split their memory
             del batch_values
+            for param in touched:
+                param.__dict__.pop(savefield, None)
     finally:
         for param, grad, value in saved:
             param.grad = grad
@@ -313,7 +351,7 @@ def _add_batch(totals, aliases, batch_values, flags, scaled_weight, batch_size):
                     continue
                 seen[id(value)] = (position, slot)
                 totals[position][slot] = value.detach() * weight
-            elif (position, slot) not in aliases:
+            elif (position, slot) not in aliases and value is not totals[position][slot]:
                 totals[position][slot].add_(value.detach(), alpha=weight)
 
 
