@@ -63,6 +63,12 @@ def eigenvalue_corrections(
     return rotated.square().sum(1)
 
 
+def _rotate(sides: Tensor, basis: Tensor) -> Tensor:
+    """``basisᵀ @ sides[n]`` for ``sides [N, d, T]``: one batched product into
+    the result (an einsum copies ``sides`` to another layout first)."""
+    return torch.bmm(basis.mT.expand(sides.shape[0], -1, -1), sides)
+
+
 def _eigenvectors(factor: Tensor) -> Tensor:
     return torch.linalg.eigh(factor).eigenvectors
 
@@ -121,7 +127,7 @@ class _EKFACCorrections(_ForData, KFAC):
         )
         # [K, N, d_grad, T] and [N, d_in, T] (one group)
         grad_side = rule.grad_factor(name, grads)[:, :, 0]
-        input_side = torch.einsum("ndt,de->net", rule.inputs()[:, 0], input_basis)
+        input_side = _rotate(rule.inputs()[:, 0], input_basis)
         if rule.single_position():
             grad_side = torch.einsum("kndt,de->knet", grad_side, grad_basis)
             grad_squares = sum_of_squares(grad_side[..., 0])  # [N, d_grad]
@@ -132,8 +138,8 @@ class _EKFACCorrections(_ForData, KFAC):
         # one column at a time, rotated only then: a rotated copy of all K
         # columns [K, N, d_grad, T] would be as large as the engine's gradients
         for column in grad_side:
-            rotated_grad = torch.einsum("ndt,de->net", column, grad_basis)
-            squares = rule._outer(rotated_grad, input_side).square().sum(0)  # [d_out, d_in]
+            rotated_grad = _rotate(column, grad_basis)
+            squares = rule._outer(rotated_grad, input_side).square_().sum(0)  # [d_out, d_in]
             total = squares if total is None else total.add_(squares)
         return total.flatten()
 
@@ -250,17 +256,21 @@ class EKFACOperator(KronEigenOperator):
             [_cached(decompositions, factor, _eigenvectors) for factor in block]
             for block in kron.factors
         ]
+        params = kron.params
+        # only the eigenvectors are needed from here on: the factors (as large)
+        # are freed before the second pass
+        del kron, factors, decompositions
         ranks = resolve_ranks(distributed, owner)
         if ranks is not None:
             flat = broadcast([q for block in eigenvectors for q in block], ranks, 0)
             flat = iter(flat)
             eigenvectors = [[next(flat) for _ in block] for block in eigenvectors]
         extension = _EKFACCorrections(
-            {id(p): vectors for p, vectors in zip(kron.params, eigenvectors)},
+            {id(p): vectors for p, vectors in zip(params, eigenvectors)},
             fisher_type, mc_samples, kfac_approx,
         )
         params, corrections = accumulate_over_data(
-            model, loss_fn, data, extension, kron.params, progressbar, owner,
+            model, loss_fn, data, extension, params, progressbar, owner,
             distributed,
         )
         return cls(params, eigenvectors, [values for (values,) in corrections])
