@@ -60,7 +60,7 @@ def eigenvalue_corrections(
         True
     """
     rotated = kron_matmat([q.T for q in eigenvectors], vectors.T)
-    return rotated.square().sum(1)
+    return rotated.square_().sum(1)
 
 
 def _rotate(sides: Tensor, basis: Tensor) -> Tensor:
@@ -93,6 +93,8 @@ class _EKFACCorrections(_ForData, KFAC):
     ):
         super().__init__(fisher_type, mc_samples, kfac_approx)
         self.eigenvectors = eigenvectors
+        # id(rule) -> (its inputs, their rotation): see _rotated_inputs
+        self._rotated: Dict[int, tuple] = {}
 
     def reduce(self, rule, name, grads):
         param = rule.param(name)
@@ -117,9 +119,21 @@ class _EKFACCorrections(_ForData, KFAC):
             and rule.inputs().shape[1] == 1
         )
 
-    @staticmethod
+    def _rotated_inputs(self, rule: FactoredRule, input_basis: Tensor) -> Tensor:
+        """``Q_Aᵀ A`` ``[N, d_in, T]`` (for one position its squares ``[N, d_in]``),
+        computed once per batch, not once per chunk of columns; dropped in
+        :meth:`finalize`."""
+        inputs = rule.inputs()
+        cached = self._rotated.get(id(rule))
+        if cached is None or cached[0] is not inputs:
+            rotated = _rotate(inputs[:, 0], input_basis)
+            if rule.single_position():
+                rotated = rotated[..., 0].square_()
+            cached = self._rotated[id(rule)] = (inputs, rotated)
+        return cached[1]
+
     def _factored_corrections(
-        rule: FactoredRule, name: str, grads, eigenvectors: List[Tensor]
+        self, rule: FactoredRule, name: str, grads, eigenvectors: List[Tensor]
     ) -> Tensor:
         r"""``s`` from the rotated sides ``Q_Gᵀ G`` and ``Q_Aᵀ A`` (no ``[K, N, P]``)."""
         grad_basis, input_basis = (
@@ -127,11 +141,11 @@ class _EKFACCorrections(_ForData, KFAC):
         )
         # [K, N, d_grad, T] and [N, d_in, T] (one group)
         grad_side = rule.grad_factor(name, grads)[:, :, 0]
-        input_side = _rotate(rule.inputs()[:, 0], input_basis)
+        input_side = self._rotated_inputs(rule, input_basis)
         if rule.single_position():
             grad_side = torch.einsum("kndt,de->knet", grad_side, grad_basis)
             grad_squares = sum_of_squares(grad_side[..., 0])  # [N, d_grad]
-            input_squares = input_side[..., 0].square()  # [N, d_in]
+            input_squares = input_side  # [N, d_in]
             pattern = "no,ni->oi" if rule.grad_first else "no,ni->io"
             return torch.einsum(pattern, grad_squares, input_squares).flatten()
         total = None
@@ -144,6 +158,7 @@ class _EKFACCorrections(_ForData, KFAC):
         return total.flatten()
 
     def finalize(self, rule, name, partial, info):
+        self._rotated.pop(id(rule), None)
         return fisher_scaled(self.fisher_type, partial, info), (True,)
 
 
