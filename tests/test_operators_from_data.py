@@ -176,3 +176,49 @@ def test_kron_matches_curvlinops_type2():
     )
     identity = torch.eye(K.shape[0], dtype=torch.float64)
     torch.testing.assert_close(K.to_dense(), reference @ identity, rtol=1e-9, atol=1e-12)
+
+
+def test_kron_one_column_per_chunk_matches_curvlinops(monkeypatch):
+    """Convolutions, type-2 columns backpropagated one per chunk (the engine's
+    byte budget on a large model): the sums over chunks and batches against
+    curvlinops (one backward per column); a weight and its bias share one G."""
+    curvlinops = pytest.importorskip("curvlinops")
+    import curvext.engine
+
+    monkeypatch.setattr(curvext.engine, "CHUNK_BYTES", 1)
+    torch.manual_seed(5)
+    model = nn.Sequential(
+        nn.Conv2d(2, 3, 3), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(12, 4)
+    ).double()
+    loss_fn = nn.CrossEntropyLoss()
+    X, y = torch.randn(10, 2, 6, 6, dtype=torch.float64), torch.randint(0, 4, (10,))
+    data = batches_of(X, y)
+    params = [p for p in model.parameters() if p.requires_grad]
+    K = KronOperator.from_data(model, loss_fn, data, fisher_type="type-2")
+    reference = curvlinops.KFACLinearOperator(
+        model, loss_fn, params, data, fisher_type="type-2",
+        separate_weight_and_bias=True, check_deterministic=False,
+    )
+    identity = torch.eye(K.shape[0], dtype=torch.float64)
+    torch.testing.assert_close(K.to_dense(), reference @ identity, rtol=1e-9, atol=1e-12)
+    for weight_block, bias_block in zip(K.factors[0::2], K.factors[1::2]):
+        assert weight_block[0] is bias_block[0]
+
+
+def test_shared_sums_split_when_the_stored_tensors_stop_being_shared():
+    """``_add_batch``: a tensor stored on two parameters gets one running sum;
+    a later batch storing two different tensors there splits it again."""
+    from curvext.operators.data import _add_batch
+
+    shared, own = torch.tensor([1.0, 2.0]), torch.tensor([10.0])
+    totals, aliases, flags = [None, None], {}, [(True, False), (True,)]
+    _add_batch(totals, aliases, [[shared, own], [shared]], flags, 2.0, 3)
+    assert totals[0][0] is totals[1][0] and aliases == {(1, 0): (0, 0)}
+    torch.testing.assert_close(totals[0][0], torch.tensor([2.0, 4.0]))
+    torch.testing.assert_close(totals[0][1], torch.tensor([30.0]))
+    first, second = torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0])
+    _add_batch(totals, aliases, [[first, own], [second]], flags, 1.0, 1)
+    assert aliases == {}
+    torch.testing.assert_close(totals[0][0], torch.tensor([3.0, 4.0]))
+    torch.testing.assert_close(totals[1][0], torch.tensor([2.0, 5.0]))
+    torch.testing.assert_close(totals[0][1], torch.tensor([40.0]))

@@ -151,9 +151,18 @@ class _EKFACCorrections(_ForData, KFAC):
         total = None
         # one column at a time, rotated only then: a rotated copy of all K
         # columns [K, N, d_grad, T] would be as large as the engine's gradients
+        # the grad side is rotated before the outer product or after it,
+        # whichever is smaller: Q_Gᵀ G [N, d_grad, T] or Q_Gᵀ (G Aᵀ Q_A)
+        # [N, d_grad, d_in] (a conv layer with few input channels has T >> d_in)
+        rotate_after = input_side.shape[1] <= input_side.shape[2]
         for column in grad_side:
-            rotated_grad = _rotate(column, grad_basis)
-            squares = rule._outer(rotated_grad, input_side).square_().sum(0)  # [d_out, d_in]
+            if not rotate_after:
+                vectors = rule._outer(_rotate(column, grad_basis), input_side)
+            elif rule.grad_first:  # [N, d_grad, d_in]
+                vectors = _rotate(rule._outer(column, input_side), grad_basis)
+            else:  # [N, d_in, d_grad]
+                vectors = rule._outer(column, input_side) @ grad_basis
+            squares = vectors.square_().sum(0)  # [d_out, d_in]
             total = squares if total is None else total.add_(squares)
         return total.flatten()
 
