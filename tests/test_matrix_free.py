@@ -115,8 +115,8 @@ def test_products_match_full_data_matrix(kind, loss, reduction):
 
 @pytest.mark.parametrize("num_columns", [1, 4, 7, 9])
 def test_ggn_of_a_convolutional_model_in_column_chunks(num_columns):
-    """With a convolution the GGN product runs the columns in chunks of 4 (and
-    the pull-back always does): every column count, chunk-aligned or not, against
+    """With a convolution the GGN product runs the columns one at a time (and
+    the pull-back always in chunks of 4): every column count, chunk-aligned or not, against
     the dense reference."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv1d(2, 3, 3), nn.ReLU(), nn.Flatten(), nn.Linear(12, 3))

@@ -21,15 +21,23 @@ EIGEN_METHODS = ("lanczos", "lobpcg")
 
 
 def _orthogonalize(vectors: Tensor, basis: Tensor) -> Tensor:
-    """``vectors`` ``[R, P]`` minus their projections onto ``basis`` ``[R, P, m]``, twice.
+    """``vectors`` ``[R, P]`` minus their projections onto the rows of ``basis`` ``[R, m, P]``, twice.
 
     Twice is enough (Giraud et al., 2005: "twice is enough" for classical
     Gram–Schmidt) to keep the Lanczos basis orthonormal to working precision.
+    Batched matrix-vector products on the rows (a leading slice of the
+    basis is a strided view ``bmm`` reads in place): no ``[R, m, P]`` copy.
     """
+    vectors = vectors.unsqueeze(2)  # [R, P, 1]
     for _ in range(2):
-        coefficients = torch.einsum("rpm,rp->rm", basis, vectors)
-        vectors = vectors - torch.einsum("rpm,rm->rp", basis, coefficients)
-    return vectors
+        coefficients = torch.bmm(basis, vectors)  # [R, m, 1]
+        vectors = torch.baddbmm(vectors, basis.transpose(1, 2), coefficients, alpha=-1.0)
+    return vectors.squeeze(2)
+
+
+def _row_dots(first: Tensor, second: Tensor) -> Tensor:
+    """``[R]``: the dot products of the rows of ``first`` and ``second`` ``[R, P]``, no ``[R, P]`` product."""
+    return torch.bmm(first.unsqueeze(1), second.unsqueeze(2)).reshape(-1)
 
 
 def lanczos(
@@ -99,19 +107,22 @@ def lanczos(
         raise ValueError(f"{owner}: start has a zero column; use a nonzero vector.")
     vectors = vectors / norms[:, None]
     repeats = vectors.shape[0]
-    basis = torch.zeros(repeats, dim, num_steps, dtype=A.dtype, device=A.device)
+    # [R, m, P]: each basis vector a contiguous row, so that a leading slice of
+    # the basis is read in place by _orthogonalize (returned as a [R, P, m] view)
+    basis = torch.zeros(repeats, num_steps, dim, dtype=A.dtype, device=A.device)
     alphas = torch.zeros(repeats, num_steps, dtype=A.dtype, device=A.device)
     betas = torch.zeros(repeats, max(num_steps - 1, 0), dtype=A.dtype, device=A.device)
     operator_norm = torch.zeros(repeats, dtype=A.dtype, device=A.device)
     tiny = torch.finfo(A.dtype).eps ** 0.5
     for step in range(num_steps):
-        basis[:, :, step] = vectors
+        basis[:, step] = vectors
         products = (A @ vectors.T).T  # [R, P]
         operator_norm = torch.maximum(operator_norm, products.norm(dim=1))
-        alphas[:, step] = (products * vectors).sum(1)
+        alphas[:, step] = _row_dots(products, vectors)
         if step == num_steps - 1:
             break
-        residuals = _orthogonalize(products, basis[:, :, : step + 1])
+        residuals = _orthogonalize(products, basis[:, : step + 1])
+        del products
         beta = residuals.norm(dim=1)
         invariant = beta <= tiny * operator_norm
         if invariant.any():
@@ -119,13 +130,13 @@ def lanczos(
                 int(invariant.sum()), dim, generator=generator, dtype=A.dtype,
                 device=A.device,
             )
-            fresh = _orthogonalize(fresh, basis[invariant, :, : step + 1])
-            fresh = _orthogonalize(fresh, basis[invariant, :, : step + 1])
+            fresh = _orthogonalize(fresh, basis[invariant, : step + 1])
+            fresh = _orthogonalize(fresh, basis[invariant, : step + 1])
             residuals[invariant] = fresh / fresh.norm(dim=1, keepdim=True)
             beta = torch.where(invariant, torch.zeros_like(beta), beta)
         betas[:, step] = beta
-        vectors = residuals / torch.where(invariant, torch.ones_like(beta), beta)[:, None]
-    return alphas, betas, basis
+        vectors = residuals.div_(torch.where(invariant, torch.ones_like(beta), beta)[:, None])
+    return alphas, betas, basis.transpose(1, 2)
 
 
 def tridiagonal_eigh(alphas: Tensor, betas: Tensor) -> Tuple[Tensor, Tensor]:

@@ -106,11 +106,13 @@ def assert_passes_agree(first: Tensor, second: Tensor, owner: str) -> None:
 #: slower on CPU).
 _PULLBACK_CHUNK_COLUMNS = 4
 #: Columns per ``vmap`` of the whole GGN batch product for models with
-#: convolutions: ``vmap`` over the columns of a convolution's ``jvp``/``vjp``
-#: is slower than a few smaller ones (CNN of the benchmarks, ``[P, 16]``, CPU:
-#: about 810 ms per batch for all 16 at once, 640 in chunks of 8, 375 in chunks
-#: of 4, 500 one column at a time).
-_CONV_CHUNK_COLUMNS = 4
+#: convolutions: ``vmap`` over many columns of a convolution's ``jvp``/``vjp``
+#: is slower than one column at a time, and holds the batch's activation
+#: tangents of every column (CNN of the benchmarks, CPU, one batch of 128: 16
+#: columns at once about 810-920 ms, in chunks of 4 375-460 ms, one at a time
+#: 490-500 ms; peak over 3 batches 184 MB in chunks of 4, 58 MB one at a time;
+#: 2 columns: 248 ms and 97 MB at once, 222 ms and 64 MB one at a time).
+_CONV_CHUNK_COLUMNS = 1
 
 
 class _DataSetOperator(CurvatureOperator):
