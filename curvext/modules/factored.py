@@ -109,6 +109,19 @@ class FactoredRule(ModuleRule):
             self._inputs = inputs.to(self.module.weight.dtype)
         return self._inputs
 
+    def replace_inputs(self, inputs: Tensor) -> None:
+        """Replace the cached ``A`` by ``inputs`` of the same shape (``A``
+        transformed, e.g. rotated into an eigenbasis), so that a pass reading
+        only the transformed inputs holds one copy of them; every later
+        reduction of this rule in this backward pass reads the replacement."""
+        if inputs.shape != self.inputs().shape:
+            raise ValueError(
+                f"{type(self).__name__}.replace_inputs: got shape {tuple(inputs.shape)}, "
+                f"expected the shape of A, {tuple(self.inputs().shape)}."
+            )
+        self._inputs = inputs
+        self._input_squares = self._input_gram = None
+
     def grad_factor(self, name: str, grads: List[Tensor]) -> Tensor:
         """``G`` of all calls (weight or bias)."""
         side = self.bias_side if name == "bias" else self.grad_side

@@ -122,14 +122,15 @@ class _EKFACCorrections(_ForData, KFAC):
     def _rotated_inputs(self, rule: FactoredRule, input_basis: Tensor) -> Tensor:
         """``Q_Aᵀ A`` ``[N, d_in, T]`` (for one position its squares ``[N, d_in]``),
         computed once per batch, not once per chunk of columns; dropped in
-        :meth:`finalize`."""
-        inputs = rule.inputs()
+        :meth:`finalize`. The rotation replaces the rule's ``A`` (this pass
+        reads no other), so the patches of a convolution are held once."""
         cached = self._rotated.get(id(rule))
-        if cached is None or cached[0] is not inputs:
-            rotated = _rotate(inputs[:, 0], input_basis)
+        if cached is None or cached[0] is not rule.inputs():
+            rotated = _rotate(rule.inputs()[:, 0], input_basis)
+            rule.replace_inputs(rotated.unsqueeze(1))
             if rule.single_position():
-                rotated = rotated[..., 0].square_()
-            cached = self._rotated[id(rule)] = (inputs, rotated)
+                rotated = rotated[..., 0].square()
+            cached = self._rotated[id(rule)] = (rule.inputs(), rotated)
         return cached[1]
 
     def _factored_corrections(
