@@ -75,10 +75,14 @@ class _ForData(Extension):
     :class:`RunInfo` for :func:`accumulate_over_data`.
     """
 
-    def use_sums(self, params: Sequence[Tensor], totals: Sequence[List[Tensor]]) -> None:
-        """Called after the first batch with the running sums of the stored
-        tensors (per parameter of ``params``); a stored tensor that is its own
-        running sum was accumulated in place and is not added again."""
+    def begin_data_pass(self) -> None:
+        """Called by :func:`accumulate_over_data` before its first batch."""
+
+    def accumulated(self, param: Tensor, value: Tensor) -> bool:
+        """Whether ``value``, stored on ``param``, is already its running sum over
+        the batches, weighted as :func:`accumulate_over_data` weights it (it is
+        then neither copied nor added again)."""
+        return False
 
     def finalize_all(self, results, info: RunInfo) -> None:
         self.run_info = info
@@ -92,33 +96,36 @@ class _GGNDiagForData(_ForData, GGNDiag):
 
 
 class _KFACForData(_ForData, KFAC):
-    """KFAC whose input factors ``A`` of ``Linear``/``Conv`` weights are, from the
-    second batch on, added straight into their running sums over the batches
-    (:meth:`use_sums`): no copy of ``A`` per batch, whose allocation and release
-    would fragment the heap (peak memory grew by one ``A`` per batch)."""
+    """KFAC whose input factors ``A`` of ``Linear``/``Conv`` weights are, within
+    :func:`accumulate_over_data`, their running sums over the batches,
+    :math:`\sum_b N_b A_b`, accumulated in place (the first batch's is
+    computed weighted): no copy of ``A`` per batch,
+    whose allocation and release fragmented the heap (peak memory grew by one
+    ``A`` per batch)."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self.input_slots: Dict[int, int] = {}  # id(param) -> position of A in its factors
-        self.input_sums: Dict[int, Tensor] = {}  # id(param) -> running sum of N_b A_b
+        # id(param) -> running sum of N_b A_b; None: plain per-batch factors
+        # (the extension used outside accumulate_over_data, by the Laplace backend)
+        self.input_sums: Optional[Dict[int, Tensor]] = None
 
-    def use_sums(self, params: Sequence[Tensor], totals: Sequence[List[Tensor]]) -> None:
-        for param, block in zip(params, totals):
-            slot = self.input_slots.get(id(param))
-            if slot is not None:
-                self.input_sums[id(param)] = block[slot]
+    def begin_data_pass(self) -> None:
+        self.input_sums = {}
+
+    def accumulated(self, param: Tensor, value: Tensor) -> bool:
+        return self.input_sums is not None and self.input_sums.get(id(param)) is value
 
     def finalize(self, rule, name, partial, info):
         output_factor = self.output_factor(rule, name, partial, info)
         param = rule.param(name)
-        if isinstance(rule, FactoredRule) and name != "bias":
-            # with a running sum, the factor returned is that sum, plus N_b A_b
+        if self.input_sums is not None and isinstance(rule, FactoredRule) and name != "bias":
             input_sum = self.input_sums.get(id(param))
             factors = rule.kfac_factors(
                 name, output_factor, self.kfac_approx, input_sum=input_sum,
-                weight=1.0 if input_sum is None else info.batch_size,
+                weight=info.batch_size,
             )
-            self.input_slots[id(param)] = 1 if rule.grad_first else 0
+            if input_sum is None:
+                self.input_sums[id(param)] = factors[1 if rule.grad_first else 0]
         else:
             factors = rule.kfac_factors(name, output_factor, self.kfac_approx)
         if self.fisher_type == "forward-only":  # G = I: nothing carries the loss scale
@@ -263,6 +270,7 @@ def _local_sums(model, loss_fn, batches, extension, params, touched, owner):
     reduction = loss_fn.reduction
     savefield = extension.savefield
     saved = [(p, p.grad, p.__dict__.get(savefield, _MISSING)) for p in touched]
+    extension.begin_data_pass()
     totals: List[Optional[List[Tensor]]] = [None] * len(params)
     flags: List[Sequence[bool]] = [()] * len(params)
     aliases: Dict[Tuple[int, int], Tuple[int, int]] = {}
@@ -303,10 +311,12 @@ def _local_sums(model, loss_fn, batches, extension, params, touched, owner):
                     [values] if isinstance(values, Tensor) else list(values)
                 )
                 flags[position] = extension.loss_scaled[id(param)]
-            first = num_batches == 1
-            _add_batch(totals, aliases, batch_values, flags, scaled_weight, info.batch_size)
-            if first:
-                extension.use_sums(params, totals)
+            accumulated = [
+                [extension.accumulated(param, value) for value in values]
+                for param, values in zip(params, batch_values)
+            ]
+            _add_batch(totals, aliases, batch_values, flags, scaled_weight, info.batch_size,
+                       accumulated)
             # freed now, before the next batch's allocations can split their memory
             del batch_values
             for param in touched:
@@ -320,7 +330,8 @@ def _local_sums(model, loss_fn, batches, extension, params, touched, owner):
     return totals, flags, scaled_total, samples_total, num_batches
 
 
-def _add_batch(totals, aliases, batch_values, flags, scaled_weight, batch_size):
+def _add_batch(totals, aliases, batch_values, flags, scaled_weight, batch_size,
+               accumulated=None):
     """Add one batch's stored tensors, weighted (see :func:`_local_sums`), to ``totals``.
 
     A tensor stored on two parameters (a weight's KFAC factor ``G`` is its
@@ -329,7 +340,8 @@ def _add_batch(totals, aliases, batch_values, flags, scaled_weight, batch_size):
     ``aliases`` maps ``(position, slot)`` of such a second occurrence to the
     first; a batch whose tensors are no longer shared there gets its own sum
     again (a copy of the shared sum so far). In place: no second copy of
-    every factor per batch.
+    every factor per batch. ``accumulated[position][slot]``: the stored tensor
+    is its own running sum already (see :meth:`_ForData.accumulated`).
     """
     first = totals[0] is None
     if not first:
@@ -350,7 +362,10 @@ def _add_batch(totals, aliases, batch_values, flags, scaled_weight, batch_size):
                     totals[position][slot] = totals[source[0]][source[1]]
                     continue
                 seen[id(value)] = (position, slot)
-                totals[position][slot] = value.detach() * weight
+                done = accumulated is not None and accumulated[position][slot]
+                # the running sum itself (not a detached alias: later batches
+                # recognise it by identity)
+                totals[position][slot] = value if done else value.detach() * weight
             elif (position, slot) not in aliases and value is not totals[position][slot]:
                 totals[position][slot].add_(value.detach(), alpha=weight)
 
