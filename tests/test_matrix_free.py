@@ -114,17 +114,25 @@ def test_products_match_full_data_matrix(kind, loss, reduction):
 
 
 @pytest.mark.parametrize("num_columns", [1, 4, 7, 9])
-def test_ggn_of_a_convolutional_model_in_column_chunks(num_columns):
-    """With a convolution the GGN product runs the columns one at a time (and
-    the pull-back always in chunks of 4): every column count, chunk-aligned or not, against
-    the dense reference."""
+@pytest.mark.parametrize("kind,loss", [("ggn", "ce"), ("hessian", "ce"), ("hessian", "mse")])
+def test_convolutional_model_in_column_chunks(kind, loss, num_columns):
+    """With a convolution the GGN product runs the columns one at a time and the
+    Hessian in chunks of 4 (the GGN's pull-back always in chunks of 4); the
+    mean MSELoss makes the Hessian switch to reverse-over-forward in its first
+    chunk. Every column count, chunk-aligned or not, against the dense reference."""
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv1d(2, 3, 3), nn.ReLU(), nn.Flatten(), nn.Linear(12, 3))
-    X, y = torch.randn(10, 2, 6), torch.tensor([0, 1, 2, 2, 0, 1, 1, 2, 0, 2])
-    loss_fn = nn.CrossEntropyLoss()
-    op = GGNOperator(model, loss_fn, list(model.parameters()), batches_of(X, y))
+    num_outputs = 2 if loss == "mse" else 3
+    model = nn.Sequential(
+        nn.Conv1d(2, 3, 3), nn.Tanh(), nn.Flatten(), nn.Linear(12, num_outputs)
+    )
+    X = torch.randn(10, 2, 6)
+    if loss == "mse":
+        loss_fn, y = nn.MSELoss(), torch.randn(10, 2)
+    else:
+        loss_fn, y = nn.CrossEntropyLoss(), torch.tensor([0, 1, 2, 2, 0, 1, 1, 2, 0, 2])
+    op = OPERATORS[kind](model, loss_fn, list(model.parameters()), batches_of(X, y))
     assert op._has_convolution()
-    reference = dense_reference("ggn", model, loss_fn, X, y)
+    reference = dense_reference(kind, model, loss_fn, X, y)
     columns = torch.randn(reference.shape[0], num_columns)
     torch.testing.assert_close(op @ columns, reference @ columns)
 

@@ -5,9 +5,10 @@ These operators store nothing but references to ``model``, ``loss_fn``,
 one batch at a time, with :mod:`torch.func` transforms (``functional_call``,
 ``jvp``, ``vjp``, ``grad``) and ``vmap`` over the ``M`` columns of ``V``
 ``[P, M]``, so all ``M`` vectors share each batch's pass. The GGN pulls the
-columns back in chunks of :data:`_PULLBACK_CHUNK_COLUMNS` and, for a model
-with convolutions, runs them through in chunks of :data:`_CONV_CHUNK_COLUMNS`
-(still one pass over ``data``; see the constants for the measurements). No
+columns back in chunks of :data:`_PULLBACK_CHUNK_COLUMNS`; for a model with
+convolutions the GGN runs them through in chunks of :data:`_CONV_CHUNK_COLUMNS`
+and the Hessian in chunks of :data:`_HESSIAN_CONV_CHUNK_COLUMNS` (still one
+pass over ``data``; see the constants for the measurements). No
 graph outlives its batch.
 
 **Normalisation.** A loss with ``reduction="mean"`` is :math:`L = c\sum_n
@@ -113,6 +114,11 @@ _PULLBACK_CHUNK_COLUMNS = 4
 #: 490-500 ms; peak over 3 batches 184 MB in chunks of 4, 58 MB one at a time;
 #: 2 columns: 248 ms and 97 MB at once, 222 ms and 64 MB one at a time).
 _CONV_CHUNK_COLUMNS = 1
+#: The same for the Hessian's forward-over-reverse product, where chunks of 4
+#: were fastest (CNN of the benchmarks, CPU, 16 columns over 3 batches of 128:
+#: about 1.4-1.6 s in chunks of 4, 2.0-2.2 s one at a time, 2.5-2.8 s all at once;
+#: peak 310-350 MB, 82 MB and 740-770 MB).
+_HESSIAN_CONV_CHUNK_COLUMNS = 4
 
 
 class _DataSetOperator(CurvatureOperator):
@@ -193,6 +199,12 @@ class _DataSetOperator(CurvatureOperator):
             return functional_call(self.model, dict(zip(self._names, theta)), (X,))
 
         return output_of
+
+    def _has_convolution(self) -> bool:
+        """Whether ``model`` has a convolution (the Hessian and GGN then take
+        the columns in chunks, :data:`_HESSIAN_CONV_CHUNK_COLUMNS` and
+        :data:`_CONV_CHUNK_COLUMNS`)."""
+        return any(isinstance(module, nn.modules.conv._ConvNd) for module in self.model.modules())
 
     def _start_pass(self, ranks=None) -> dict:
         """Per-pass state (e.g. a freshly seeded generator); none by default.
@@ -452,20 +464,11 @@ class HessianOperator(_DataSetOperator):
             return self.loss_fn(output, y), output.detach()
 
         argnums = tuple(range(len(primals)))
-        if not self._reverse_over_forward:
-            gradient = grad(loss_of, argnums, has_aux=True)
+        gradient = grad(loss_of, argnums, has_aux=True)
 
-            def forward_over_reverse(*tangent):
-                _, product, output = jvp(gradient, primals, tangent, has_aux=True)
-                return product, output
-
-            try:
-                product, outputs = vmap(forward_over_reverse, randomness="same")(*tangents)
-                return [(0, product)], outputs[0]
-            except RuntimeError as error:
-                if "ZeroTensors are immutable" not in str(error):
-                    raise
-                self._reverse_over_forward = True
+        def forward_over_reverse(*tangent):
+            _, product, output = jvp(gradient, primals, tangent, has_aux=True)
+            return product, output
 
         def reverse_over_forward(*tangent):
             def directional_derivative(*theta):
@@ -474,8 +477,29 @@ class HessianOperator(_DataSetOperator):
 
             return grad(directional_derivative, argnums, has_aux=True)(*primals)
 
-        product, outputs = vmap(reverse_over_forward, randomness="same")(*tangents)
-        return [(0, product)], outputs[0]
+        def columns(first: int, last: int):
+            part = tuple(tangent[first:last] for tangent in tangents)
+            if not self._reverse_over_forward:
+                try:
+                    return vmap(forward_over_reverse, randomness="same")(*part)
+                except RuntimeError as error:
+                    if "ZeroTensors are immutable" not in str(error):
+                        raise
+                    self._reverse_over_forward = True
+            return vmap(reverse_over_forward, randomness="same")(*part)
+
+        num_columns = tangents[0].shape[0]
+        width = _HESSIAN_CONV_CHUNK_COLUMNS if self._has_convolution() else num_columns
+        product, outputs = columns(0, width)  # the output is needed before the chunks
+        pending = [product]
+        del product
+
+        def chunks():
+            yield 0, pending.pop()
+            for first in range(width, num_columns, width):
+                yield first, columns(first, first + width)[0]
+
+        return chunks(), outputs[0]
 
 
 class GGNOperator(_DataSetOperator):
@@ -594,10 +618,6 @@ class GGNOperator(_DataSetOperator):
                     yield first + start, vmap(pullback)(output_products[start:end])
 
         return chunks(), output
-
-    def _has_convolution(self) -> bool:
-        """Whether ``model`` has a convolution (then the columns go through in chunks)."""
-        return any(isinstance(module, nn.modules.conv._ConvNd) for module in self.model.modules())
 
 
 class EFOperator(_DataSetOperator):
