@@ -134,10 +134,18 @@ def _column_sizes(sets: List[tuple], loss: LossRule) -> List[int]:
     return sizes
 
 
-def _chunk_size(calls: List[ModuleCall], loss: LossRule, total: int) -> int:
+def _chunk_size(
+    calls: List[ModuleCall], loss: LossRule, total: int, extensions: Tuple[Extension, ...] = ()
+) -> int:
     requested = max_columns_per_backward()
     if requested is not None:
         return requested
+    # an extension may cap the columns per backward (``columns_per_backward``):
+    # the data-set passes of KFAC/EKFAC take one column at a time
+    caps = [getattr(ext, "columns_per_backward", None) for ext in extensions]
+    caps = [cap for cap in caps if cap is not None]
+    if caps:
+        return max(1, min(total, *caps))
     itemsize = loss.input.element_size()
     bytes_per_column = itemsize * (
         loss.input.numel() + sum(s.numel() for c in calls for s in c.output_shapes)
@@ -185,7 +193,7 @@ def _run(edge, loss, calls, consumers, grad, extensions):
 
     partials: Dict[Tuple[int, int], object] = {}
     total = offsets[-1]
-    step = _chunk_size(used_calls, loss, total) if total else 1
+    step = _chunk_size(used_calls, loss, total, extensions) if total else 1
     for start in range(0, total, step):
         # (id(sum so far), id(partial)) -> (both, their sum): a partial shared by
         # two parameters (the KFAC factor G of a weight and its bias) is added

@@ -66,6 +66,18 @@ from curvext.modules.factored import FactoredRule
 from curvext.operators.base import collect_params, stored
 
 
+#: Columns per batched backward in the KFAC/EKFAC passes over a data set (read
+#: by the engine as ``columns_per_backward``). Their reductions are sums of
+#: small Gram matrices, as cheap per column in one chunk as in many, and one
+#: column at a time holds the least memory (curvlinops does the same). Measured
+#: on CPU, type-2 KFAC over 10 batches of 128 (9 columns): benchmark MLP 84 ms,
+#: 10.6 MB peak with all columns at once, 111 ms, 6.2 MB one at a time
+#: (curvlinops 219 ms, 7.9 MB); the CNN takes one column per chunk anyway
+#: (engine's byte budget). Other extensions batch their columns (GGNDiag on the
+#: MLP is 2.7x slower one column at a time).
+DATA_PASS_COLUMNS = 1
+
+
 class _ForData(Extension):
     """Mixin: an extension whose :meth:`finalize` also says which tensors are loss-scaled.
 
@@ -111,6 +123,7 @@ class _KFACForData(_ForData, KFAC):
 
     def begin_data_pass(self) -> None:
         self.input_sums = {}
+        self.columns_per_backward = DATA_PASS_COLUMNS
 
     def accumulated(self, param: Tensor, value: Tensor) -> bool:
         return self.input_sums is not None and self.input_sums.get(id(param)) is value

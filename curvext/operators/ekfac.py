@@ -41,7 +41,12 @@ from torch import Tensor, nn
 from curvext.extensions.kfac import KFAC, fisher_scaled
 from curvext.modules.factored import FactoredRule, sum_of_squares
 from curvext.distributed import broadcast, resolve_ranks
-from curvext.operators.data import _ForData, _KFACForData, accumulate_over_data
+from curvext.operators.data import (
+    DATA_PASS_COLUMNS,
+    _ForData,
+    _KFACForData,
+    accumulate_over_data,
+)
 from curvext.operators.kron import KronEigenOperator, KronOperator, _cached, kron_matmat
 
 #: Fisher types EKFAC supports (``"forward-only"`` has no per-sample vectors).
@@ -166,6 +171,9 @@ class _EKFACCorrections(_ForData, KFAC):
             squares = vectors.square_().sum(0)  # [d_out, d_in]
             total = squares if total is None else total.add_(squares)
         return total.flatten()
+
+    def begin_data_pass(self) -> None:
+        self.columns_per_backward = DATA_PASS_COLUMNS
 
     def finalize(self, rule, name, partial, info):
         self._rotated.pop(id(rule), None)
