@@ -46,7 +46,10 @@ class backpack:  # noqa: N801 - lower case like BackPACK's context, users know i
             batched backward. More columns are processed in chunks whose
             results are summed (or concatenated for ``SqrtGGN``). ``None``
             (default) picks a chunk size from the size of the recorded
-            module outputs (about 1 GiB of output gradients per chunk).
+            module outputs (at most ``curvext.engine.CHUNK_BYTES`` = 8 MiB of
+            output gradients per chunk: the batched backward of convolutions
+            and max-pooling loops over columns and copies, so large chunks
+            only cost memory).
         debug: Unused; kept for BackPACK compatibility.
 
     Example:

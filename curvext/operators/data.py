@@ -108,7 +108,7 @@ class _GGNDiagForData(_ForData, GGNDiag):
 
 
 class _KFACForData(_ForData, KFAC):
-    """KFAC whose input factors ``A`` of ``Linear``/``Conv`` weights are, within
+    r"""KFAC whose input factors ``A`` of ``Linear``/``Conv`` weights are, within
     :func:`accumulate_over_data`, their running sums over the batches,
     :math:`\sum_b N_b A_b`, accumulated in place (the first batch's is
     computed weighted): no copy of ``A`` per batch,
