@@ -572,11 +572,25 @@ class GGNOperator(_DataSetOperator):
     def _batch_product(self, X, y, tangents, pass_state):
         output_of = self._output_of(X)
         primals = tuple(p.detach() for p in self.params)
-        output, pullback = vjp(output_of, *primals)
-        output = output.detach()
+        num_columns = tangents[0].shape[0]
+        forward_columns = (
+            _CONV_CHUNK_COLUMNS if self._has_convolution() else num_columns
+        )
 
         def push_forward(*tangent):
-            return jvp(output_of, primals, tangent)[1]
+            output, output_tangent = jvp(output_of, primals, tangent)
+            return output_tangent, output
+
+        def forward(first: int):
+            part = tuple(tangent[first : first + forward_columns] for tangent in tangents)
+            return vmap(push_forward, randomness="same")(*part)  # [m, *out] twice
+
+        # the first chunk's push-forward before the vjp's graph exists: the two
+        # forward passes' activations are then not alive at the same time
+        first_tangents, outputs = forward(0)
+        output = outputs[0].detach()
+        pending = [first_tangents]
+        del first_tangents, outputs
 
         if self.mc_samples == 0:
 
@@ -601,16 +615,10 @@ class GGNOperator(_DataSetOperator):
                 output_products = torch.einsum("msn,snk->mnk", coefficients, columns)
                 return output_products.reshape(output_tangents.shape)
 
-        num_columns = tangents[0].shape[0]
-        forward_columns = (
-            _CONV_CHUNK_COLUMNS if self._has_convolution() else num_columns
-        )
-
         def chunks():
+            pullback = vjp(output_of, *primals)[1]
             for first in range(0, num_columns, forward_columns):
-                output_tangents = vmap(push_forward, randomness="same")(
-                    *(tangent[first : first + forward_columns] for tangent in tangents)
-                )  # [m, *out]
+                output_tangents = pending.pop() if first == 0 else forward(first)[0]
                 output_products = output_hessian_product(output_tangents)
                 del output_tangents
                 for start in range(0, output_products.shape[0], _PULLBACK_CHUNK_COLUMNS):
