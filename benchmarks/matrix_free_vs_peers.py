@@ -80,7 +80,8 @@ spread rather than a disagreement. ``dattri_cg``: dattri starts CG from
 seed gives both the same start vector, yet the results differ by about
 ``2e-1`` in float32 (``5e-3`` in float64, same setting): the 10 Ritz
 vectors of a 30-step Krylov space of this Hessian are far from converged and
-move with rounding, and dattri orthogonalises once (curvext twice) and keeps
+move with rounding, and dattri orthogonalises once (curvext: the three-term step plus one
+full Gram-Schmidt pass, repeated where the DGKS criterion asks) and keeps
 only the tridiagonal part of its projection. Where the Ritz pairs converge
 (``tests/test_functional_dattri.py``, float64) the two agree to ``1e-8``.
 
@@ -525,7 +526,7 @@ def render(rows, args, device, machine, source, load_start, started, elapsed) ->
         "`dattri_cg`: dattri starts CG from v, so its result is compared with "
         "v + curvext_cg(v − A v). `dattri_arnoldi`: the same start vector, but the 10 "
         "Ritz vectors of 30 steps are not converged and move with rounding and with "
-        "dattri's one-pass orthogonalisation (5e-3 apart in float64; see the script's "
+        "the two orthogonalisations (5e-3 apart in float64; see the script's "
         "docstring). `other load`: share of all CPUs other processes used "
         "while the row was timed (a high value means the row is unreliable). "
         "`bound`: a forward and a backward pass per batch (16 cotangents at once for "

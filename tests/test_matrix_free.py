@@ -116,10 +116,9 @@ def test_products_match_full_data_matrix(kind, loss, reduction):
 @pytest.mark.parametrize("num_columns", [1, 4, 7, 9])
 @pytest.mark.parametrize("kind,loss", [("ggn", "ce"), ("hessian", "ce"), ("hessian", "mse")])
 def test_convolutional_model_in_column_chunks(kind, loss, num_columns):
-    """With a convolution the GGN product runs the columns one at a time and the
-    Hessian in chunks of 4 (the GGN's pull-back always in chunks of 4); the
-    mean MSELoss makes the Hessian switch to reverse-over-forward in its first
-    chunk. Every column count, chunk-aligned or not, against the dense reference."""
+    """With a convolution the GGN and the Hessian run the columns one at a time
+    (the GGN through one dual-number forward pass per column). Every column
+    count against the dense reference, for CE and the mean MSELoss."""
     torch.manual_seed(0)
     num_outputs = 2 if loss == "mse" else 3
     model = nn.Sequential(
@@ -240,3 +239,34 @@ def test_parity_with_curvlinops(kind, loss):
     ours = OPERATORS[kind](model, loss_fn, params, data)
     v = torch.randn(ours.shape[0], 3)
     torch.testing.assert_close(ours @ v, peer @ v)
+
+
+class _WithIdle(nn.Module):
+    """An MLP plus a parameter that its forward pass never uses."""
+
+    def __init__(self, mlp):
+        super().__init__()
+        self.mlp, self.idle = mlp, nn.Parameter(torch.ones(2))
+
+    def forward(self, x):
+        return self.mlp(x)
+
+
+@pytest.mark.parametrize("num_columns", [1, 3])
+@pytest.mark.parametrize("kind", ["hessian", "ggn"])
+def test_parameter_the_loss_does_not_use(kind, num_columns):
+    """Its rows and columns of the Hessian and the GGN are zero, the product
+    equals the dense reference (one column: the GGN's dual forward pass and
+    the Hessian's plain backward; three: the batched paths)."""
+    mlp, loss_fn, X, y = make_problem("ce", "mean")
+    model = _WithIdle(mlp)
+    operator = OPERATORS[kind](model, loss_fn, list(model.parameters()), batches_of(X, y))
+    dense = dense_reference(kind, model, loss_fn, X, y)
+    idle = [name for name, _ in model.named_parameters()].index("idle")
+    start = sum(p.numel() for p in list(model.parameters())[:idle])
+    assert dense[start : start + 2].abs().max() == 0  # the reference agrees: zero rows
+    torch.manual_seed(1)
+    V = torch.randn(operator.shape[0], num_columns)
+    product = operator @ (V[:, 0] if num_columns == 1 else V)
+    torch.testing.assert_close(product.reshape(operator.shape[0], -1), dense @ V)
+    assert product.reshape(operator.shape[0], -1)[start : start + 2].abs().max() == 0
