@@ -65,7 +65,10 @@ differences of the posterior's ``H`` (per Kronecker block, from the
 normalised factors and their norms, or the diagonal) and of
 ``log_marginal_likelihood()``. MC rows draw different samples and are not
 compared. Target (from the issue): ratio curvext/peer <= 0.67 and no more
-peak memory than the peer (``target`` column: ``meets`` only if both hold).
+peak memory than the peer (``target`` column: ``meets`` only if both hold)
+for ``from_data`` and ``Laplace.fit``; the inverse rows are reported against
+curvlinops' dense-free inverse without a target (``(no target)``), as the
+issue asks.
 """
 
 from __future__ import annotations
@@ -374,6 +377,10 @@ def measure(row: Row, model: str, device, args) -> dict:
 
 
 def verdict(result: dict) -> str:
+    """``meets``/``**misses**`` the issue's target; the inverse rows have none
+    (issue 5 asks for their time against a dense-free baseline only)."""
+    if ROWS_BY_KEY[result["row"]].family == "inverse":
+        return "(no target)"
     ms, mem = result["ms"], result["mem"]
     ratio = ms["curvext"] / ms[result["peer"]]
     memory_ok = (mem["curvext"] is None or mem[result["peer"]] is None

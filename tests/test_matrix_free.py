@@ -113,6 +113,20 @@ def test_products_match_full_data_matrix(kind, loss, reduction):
     assert op.T is op
 
 
+@pytest.mark.parametrize("loss,reduction", PROBLEMS)
+def test_ggn_through_torch_func_loss_hessian(loss, reduction, monkeypatch):
+    """Loss square roots too large for the output-space product (budget 0)
+    send the exact GGN through ``vmap(grad(jvp))`` of the loss instead."""
+    import curvext.operators.matrix_free as matrix_free
+
+    monkeypatch.setattr(matrix_free, "_LOSS_ROOT_ELEMENTS", 0)
+    model, loss_fn, X, y = make_problem(loss, reduction)
+    op = GGNOperator(model, loss_fn, list(model.parameters()), batches_of(X, y))
+    torch.testing.assert_close(op.to_dense(), dense_reference("ggn", model, loss_fn, X, y))
+    vector = torch.randn(op.shape[0])
+    torch.testing.assert_close(op @ vector, dense_reference("ggn", model, loss_fn, X, y) @ vector)
+
+
 @pytest.mark.parametrize("num_columns", [1, 4, 7, 9])
 @pytest.mark.parametrize("kind,loss", [("ggn", "ce"), ("hessian", "ce"), ("hessian", "mse")])
 def test_convolutional_model_in_column_chunks(kind, loss, num_columns):
