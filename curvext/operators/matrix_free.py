@@ -2,14 +2,16 @@ r"""Matrix-free Hessian, GGN (or MC Fisher) and empirical Fisher of a whole data
 
 These operators store nothing but references to ``model``, ``loss_fn``,
 ``params`` and ``data``: every product ``A @ V`` is one pass over ``data``,
-one batch at a time, with :mod:`torch.func` transforms (``functional_call``,
-``jvp``, ``vjp``, ``grad``) and ``vmap`` over the ``M`` columns of ``V``
-``[P, M]``, so all ``M`` vectors share each batch's pass. The GGN pulls the
-columns back in chunks of :data:`_PULLBACK_CHUNK_COLUMNS`; for a model with
-convolutions the GGN runs them through in chunks of :data:`_CONV_CHUNK_COLUMNS`
-and the Hessian one at a time (still one pass over ``data``; see the
-constants and :class:`HessianOperator` for the measurements). No
-graph outlives its batch.
+one batch at a time, so all ``M`` columns of ``V`` ``[P, M]`` share each
+batch's pass. The Hessian is reverse-over-reverse with :mod:`torch.autograd`
+(the batch gradient with its graph, then its vector-Jacobian product with
+the columns, batched). The GGN ``Jᵀ H J V`` is :mod:`torch.func` ``jvp`` and
+``vjp`` ``vmap``-ed over the columns, pulled back in chunks of
+:data:`_PULLBACK_CHUNK_COLUMNS`, with the loss Hessian applied in output
+space through the loss rule's square root; one column at a time (a single
+vector, or every column of a model with convolutions, chunks of
+:data:`_CONV_CHUNK_COLUMNS`) it takes ``J v`` and the graph for ``Jᵀ`` from
+one dual-number forward pass. No graph outlives its batch.
 
 **Normalisation.** A loss with ``reduction="mean"`` is :math:`L = c\sum_n
 \ell_n` with :math:`c = 1/d`, :math:`d` its denominator (the number of
