@@ -59,7 +59,7 @@ from __future__ import annotations
 import copy
 import math
 from functools import reduce
-from typing import Iterable, Optional, Sequence, Tuple
+from typing import Iterable, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -128,6 +128,26 @@ _CONV_CHUNK_COLUMNS = 1
 _LOSS_ROOT_ELEMENTS = 2**22
 
 
+def _padding_rows(model: nn.Module, params: Sequence[Tensor]) -> List[Tuple[int, int]]:
+    """``(index in params, row)`` of every ``Embedding(padding_idx=...)`` row.
+
+    PyTorch's backward treats that row as a constant (its gradient is zero
+    whatever the input), but forward-mode AD differentiates the lookup like
+    any other row, so ``J v`` would see a tangent that ``Jᵀ`` never returns.
+    The operators follow the backward's convention, as the engine's
+    extensions do: the row's entries of every vector are zeroed before a
+    product and of every result after it (zero rows and columns).
+    """
+    index_of = {id(p): index for index, p in enumerate(params)}
+    rows = []
+    for module in model.modules():
+        if isinstance(module, nn.Embedding) and module.padding_idx is not None:
+            index = index_of.get(id(module.weight))
+            if index is not None:
+                rows.append((index, module.padding_idx % module.num_embeddings))
+    return rows
+
+
 class _DataSetOperator(CurvatureOperator):
     """A curvature matrix of ``loss_fn(model(X), y)`` summed over ``data`` (see module docstring).
 
@@ -178,6 +198,7 @@ class _DataSetOperator(CurvatureOperator):
         resolve_ranks(distributed, owner)  # reject a wrong value here, not in a product
         self.distributed = distributed
         self._names = [names[id(p)] for p in params]
+        self._constant_rows = _padding_rows(model, params)
         self._factor, self._shift, self._summands = 1.0, 0.0, ()
         if check_deterministic:
             self._check_deterministic()
@@ -236,6 +257,12 @@ class _DataSetOperator(CurvatureOperator):
             block.T.reshape(-1, *p.shape).to(p.dtype).contiguous()
             for block, p in zip(matrix.detach().split(self._numels), self.params)
         )
+        if self._constant_rows:  # entries autograd holds constant (never the caller's)
+            tangents = list(tangents)
+            for index, row in self._constant_rows:
+                tangents[index] = tangents[index].clone()
+                tangents[index][:, row] = 0
+            tangents = tuple(tangents)
         show_bar = self.progressbar and (ranks is None or ranks.rank == 0)
         failure = None
         try:
@@ -290,6 +317,10 @@ class _DataSetOperator(CurvatureOperator):
             )
         if self.loss_fn.reduction == "mean" and denominator > 0:
             total.div_(denominator)  # total is this pass's own accumulator (or sum)
+        for index, row in self._constant_rows:
+            start = sum(self._numels[:index])
+            width = self.params[index].shape[1]
+            total[:, start + row * width : start + (row + 1) * width] = 0
         return total.T.to(self.dtype)
 
     def _new_accumulator(self, num_columns: int) -> Tensor:
