@@ -1,4 +1,4 @@
-"""``GGNOperator`` and ``HessianOperator`` products on every model and loss of the zoo.
+"""``GGNOperator``, ``HessianOperator`` and ``EFOperator`` products on every model and loss of the zoo.
 
 The products take different routes by shape: one column through a
 dual-number forward pass (GGN) or a plain backward of the gradient
@@ -6,26 +6,28 @@ dual-number forward pass (GGN) or a plain backward of the gradient
 models one column at a time, the loss Hessian in output space through the
 loss rule's square root. Every route is checked here against dense float64
 references that never touch curvext: the GGN ``Jᵀ H J`` of
-``tests/references.py`` (reverse-mode Jacobians) and the Hessian as central
+``tests/references.py`` (reverse-mode Jacobians), the empirical Fisher from
+reverse-mode per-sample gradients, and the Hessian as central
 finite differences of the loss's autograd gradient (not ``torch.func.hessian``
 of the loss as a function of one flat parameter vector: in torch 2.14 that comes
 out asymmetric on the LayerNorm models here, 0.07-0.2 away from the finite
 differences).
 ``Embedding(padding_idx=...)``: PyTorch's backward holds the padding row
-constant, so its rows and columns of both references are zero. The zoo covers
+constant, so its rows and columns of the references are zero. The zoo covers
 residual, sequence, tied-weight, attention, transposed-convolution,
 embedding, frozen and custom-parameter models and every loss option. The
 data are split into two batches, so the products also sum over batches.
 """
 
+import copy
 import re
 
 import pytest
 import torch
-from torch.func import functional_call
+from torch.func import functional_call, jacrev
 
 from tests.cases import CASES, LOSS_CASES, dense_reference
-from curvext.operators import GGNOperator, HessianOperator
+from curvext.operators import EFOperator, GGNOperator, HessianOperator
 
 ZOO = CASES + LOSS_CASES
 
@@ -66,18 +68,43 @@ def _loss_hessian(model, loss_fn, X, y, named, step=1e-5):
     return torch.stack(columns, 1)
 
 
+def _empirical_fisher(model, loss_fn, X, y, named):
+    """``[P, P]``: ``c Σ_n g_n g_nᵀ`` from reverse-mode per-sample gradients of
+    the sample's summed loss terms, ``c`` the mean's normalisation (1 for sums)."""
+    params = [p.detach() for _, p in named]
+    flat = torch.cat([p.flatten() for p in params])
+    unreduced, summed = copy.copy(loss_fn), copy.copy(loss_fn)
+    unreduced.reduction, summed.reduction = "none", "sum"
+
+    def output_of(theta):
+        blocks = theta.split([p.numel() for p in params])
+        values = {n: b.view_as(p) for (n, _), b, p in zip(named, blocks, params)}
+        return functional_call(model, values, (X,))
+
+    def sample_losses(theta):
+        losses = unreduced(output_of(theta), y)
+        return losses.reshape(losses.shape[0], -1).sum(1)
+
+    gradients = jacrev(sample_losses)(flat)  # [N, P]
+    output = output_of(flat).detach()
+    normalization = 1.0
+    if loss_fn.reduction == "mean":
+        normalization = float(loss_fn(output, y) / summed(output, y))
+    return normalization * gradients.T @ gradients
+
+
 def _two_batches(X, y):
     half = max(1, X.shape[0] // 2)
     return [(X[:half], y[:half]), (X[half:], y[half:])]
 
 
 @pytest.mark.parametrize("case", ZOO, ids=repr)
-@pytest.mark.parametrize("kind", ["ggn", "hessian"])
+@pytest.mark.parametrize("kind", ["ggn", "hessian", "ef"])
 def test_products_on_the_zoo(case, kind):
     model, loss_fn, X, y = case.build()
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     names, params = [n for n, _ in named], [p for _, p in named]
-    operator_class = GGNOperator if kind == "ggn" else HessianOperator
+    operator_class = {"ggn": GGNOperator, "hessian": HessianOperator, "ef": EFOperator}[kind]
     try:
         operator = operator_class(model, loss_fn, params, _two_batches(X, y))
     except ValueError as error:  # a loss option curvext refuses, by name
@@ -85,6 +112,9 @@ def test_products_on_the_zoo(case, kind):
         return
     if kind == "ggn":
         dense = dense_reference(case.name).ggn(names)
+        tolerance = {}
+    elif kind == "ef":
+        dense = _empirical_fisher(model, loss_fn, X, y, named)
         tolerance = {}
     else:
         dense = _loss_hessian(model, loss_fn, X, y, named)
