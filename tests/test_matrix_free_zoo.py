@@ -27,7 +27,7 @@ import torch
 from torch.func import functional_call, jacrev
 
 from tests.cases import CASES, LOSS_CASES, dense_reference
-from curvext.operators import EFOperator, GGNOperator, HessianOperator
+from curvext.operators import EFOperator, GGNOperator, HessianOperator, JacobianOperator
 
 ZOO = CASES + LOSS_CASES
 
@@ -126,3 +126,21 @@ def test_products_on_the_zoo(case, kind):
     V = torch.randn(operator.shape[0], 3, generator=generator)
     torch.testing.assert_close(operator @ V[:, 0], dense @ V[:, 0], **tolerance)
     torch.testing.assert_close(operator @ V, dense @ V, **tolerance)
+
+
+@pytest.mark.parametrize("case", CASES, ids=repr)
+def test_jacobian_on_the_zoo(case):
+    """``J @ V`` (``jvp``) and ``J.T @ W`` (``vjp``) against the reverse-mode
+    Jacobian of the model output (rows ``n·C + c``), over two batches."""
+    model, _, X, y = case.build()
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    names = [n for n, _ in named]
+    jacobian = JacobianOperator(model, [p for _, p in named], _two_batches(X, y))
+    dense = dense_reference(case.name).jacobian(names).clone()
+    dense[:, _padding_entries(model, named)] = 0
+    generator = torch.Generator().manual_seed(0)
+    V = torch.randn(jacobian.shape[1], 3, generator=generator)
+    W = torch.randn(jacobian.shape[0], 2, generator=generator)
+    torch.testing.assert_close(jacobian @ V[:, 0], dense @ V[:, 0])
+    torch.testing.assert_close(jacobian @ V, dense @ V)
+    torch.testing.assert_close(jacobian.T @ W, dense.T @ W)

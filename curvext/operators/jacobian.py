@@ -45,7 +45,7 @@ from curvext.operators.base import (
     scipy_operator,
 )
 from curvext.operators.data import _tqdm, _unpack
-from curvext.operators.matrix_free import assert_passes_agree
+from curvext.operators.matrix_free import assert_passes_agree, padding_rows
 
 #: An ``nn.Module`` (``model(X)``) or a function ``(params_dict, X) -> prediction``.
 Model = Union[nn.Module, Callable[[Mapping[str, Tensor], object], Tensor]]
@@ -138,6 +138,7 @@ class _DataJacobian:
         self.device = torch.device(self.params[0].device)
         self.param_shapes = [tuple(p.shape) for p in self.params]
         self.numels = [p.numel() for p in self.params]
+        self.constant_rows = padding_rows(model, self.params)
         # the batch structure, set by the first pass
         self.sample_shape: Optional[Tuple[int, ...]] = None
         self.num_samples, self.batch_sizes = 0, None
@@ -242,6 +243,12 @@ class _DataJacobian:
                 matrix.detach().split(self.numels), self.param_shapes
             )
         )
+        if self.constant_rows:  # as PyTorch's backward: padding rows are constants
+            tangents = list(tangents)
+            for param_index, row in self.constant_rows:
+                tangents[param_index] = tangents[param_index].clone()
+                tangents[param_index][:, row] = 0
+            tangents = tuple(tangents)
         primals = tuple(p.detach() for p in self.params)
         products, sizes, shapes = [], [], set()
         for index, X in self._batches("J @ V"):

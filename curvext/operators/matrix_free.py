@@ -128,16 +128,18 @@ _CONV_CHUNK_COLUMNS = 1
 _LOSS_ROOT_ELEMENTS = 2**22
 
 
-def _padding_rows(model: nn.Module, params: Sequence[Tensor]) -> List[Tuple[int, int]]:
+def padding_rows(model, params: Sequence[Tensor]) -> List[Tuple[int, int]]:
     """``(index in params, row)`` of every ``Embedding(padding_idx=...)`` row.
 
     PyTorch's backward treats that row as a constant (its gradient is zero
     whatever the input), but forward-mode AD differentiates the lookup like
     any other row, so ``J v`` would see a tangent that ``Jᵀ`` never returns.
-    The operators follow the backward's convention, as the engine's
-    extensions do: the row's entries of every vector are zeroed before a
+    The data-set operators and the Jacobian operators follow the backward's
+    convention, as the engine's extensions do: the row's entries of every vector are zeroed before a
     product and of every result after it (zero rows and columns).
     """
+    if not isinstance(model, nn.Module):  # a function of (params, X): nothing to know
+        return []
     index_of = {id(p): index for index, p in enumerate(params)}
     rows = []
     for module in model.modules():
@@ -198,7 +200,7 @@ class _DataSetOperator(CurvatureOperator):
         resolve_ranks(distributed, owner)  # reject a wrong value here, not in a product
         self.distributed = distributed
         self._names = [names[id(p)] for p in params]
-        self._constant_rows = _padding_rows(model, params)
+        self._constant_rows = padding_rows(model, params)
         self._factor, self._shift, self._summands = 1.0, 0.0, ()
         if check_deterministic:
             self._check_deterministic()
