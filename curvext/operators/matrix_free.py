@@ -686,9 +686,9 @@ class GGNOperator(_DataSetOperator):
 
     @staticmethod
     def _dual_forward(output_of, primals, tangents, column: int):
-        """``(output, J v)`` for column ``column`` of ``tangents`` from one forward
-        pass: ``output`` keeps its graph to the parameters (for ``Jᵀ``), ``J v``
-        ``[*out]`` is detached. The parameters are fresh leaves of ``primals``."""
+        """``(output, J v, theta)`` for column ``column`` of ``tangents``, from one
+        forward pass: ``output`` ``[*out]`` keeps its graph to ``theta``, fresh
+        leaves of ``primals`` (for ``Jᵀ``); ``J v`` ``[*out]`` is detached."""
         theta = tuple(p.detach().requires_grad_() for p in primals)
         with torch.enable_grad(), forward_ad.dual_level():
             duals = [forward_ad.make_dual(p, t[column]) for p, t in zip(theta, tangents)]
