@@ -144,7 +144,7 @@ def test_convolutional_model_in_column_chunks(kind, loss, num_columns):
     else:
         loss_fn, y = nn.CrossEntropyLoss(), torch.tensor([0, 1, 2, 2, 0, 1, 1, 2, 0, 2])
     op = OPERATORS[kind](model, loss_fn, list(model.parameters()), batches_of(X, y))
-    assert op._has_convolution()
+    assert op._convolutional
     reference = dense_reference(kind, model, loss_fn, X, y)
     columns = torch.randn(reference.shape[0], num_columns)
     torch.testing.assert_close(op @ columns, reference @ columns)

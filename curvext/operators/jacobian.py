@@ -45,7 +45,11 @@ from curvext.operators.base import (
     scipy_operator,
 )
 from curvext.operators.data import _tqdm, _unpack
-from curvext.operators.matrix_free import assert_passes_agree, padding_rows
+from curvext.operators.matrix_free import (
+    assert_passes_agree,
+    padding_rows,
+    zero_padding_rows,
+)
 
 #: An ``nn.Module`` (``model(X)``) or a function ``(params_dict, X) -> prediction``.
 Model = Union[nn.Module, Callable[[Mapping[str, Tensor], object], Tensor]]
@@ -243,12 +247,8 @@ class _DataJacobian:
                 matrix.detach().split(self.numels), self.param_shapes
             )
         )
-        if self.constant_rows:  # as PyTorch's backward: padding rows are constants
-            tangents = list(tangents)
-            for param_index, row in self.constant_rows:
-                tangents[param_index] = tangents[param_index].clone()
-                tangents[param_index][:, row] = 0
-            tangents = tuple(tangents)
+        # as PyTorch's backward: padding rows are constants
+        tangents = zero_padding_rows(tangents, self.constant_rows)
         primals = tuple(p.detach() for p in self.params)
         products, sizes, shapes = [], [], set()
         for index, X in self._batches("J @ V"):

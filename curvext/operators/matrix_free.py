@@ -73,7 +73,7 @@ from curvext.distributed import (
     raise_on_failure,
     resolve_ranks,
 )
-from curvext.losses import loss_rule
+from curvext.losses import LossRule, loss_rule
 from curvext.operators.base import CurvatureOperator, check_damping
 from curvext.operators.data import _tqdm, _unpack
 
@@ -135,8 +135,9 @@ def padding_rows(model, params: Sequence[Tensor]) -> List[Tuple[int, int]]:
     whatever the input), but forward-mode AD differentiates the lookup like
     any other row, so ``J v`` would see a tangent that ``Jᵀ`` never returns.
     The data-set operators and the Jacobian operators follow the backward's
-    convention, as the engine's extensions do: the row's entries of every vector are zeroed before a
-    product and of every result after it (zero rows and columns).
+    convention, as the engine's extensions do: the row's entries of every
+    vector are zeroed before a product (:func:`zero_padding_rows`) and of
+    every result after it (zero rows and columns).
     """
     if not isinstance(model, nn.Module):  # a function of (params, X): nothing to know
         return []
@@ -148,6 +149,21 @@ def padding_rows(model, params: Sequence[Tensor]) -> List[Tuple[int, int]]:
             if index is not None:
                 rows.append((index, module.padding_idx % module.num_embeddings))
     return rows
+
+
+def zero_padding_rows(
+    tangents: Tuple[Tensor, ...], rows: List[Tuple[int, int]]
+) -> Tuple[Tensor, ...]:
+    """``tangents`` (one ``[M, *p.shape]`` per parameter) with the rows of
+    :func:`padding_rows` zeroed, in copies of the tensors concerned (never the
+    caller's)."""
+    if not rows:
+        return tangents
+    tangents = list(tangents)
+    for index, row in rows:
+        tangents[index] = tangents[index].clone()
+        tangents[index][:, row] = 0
+    return tuple(tangents)
 
 
 class _DataSetOperator(CurvatureOperator):
@@ -201,6 +217,9 @@ class _DataSetOperator(CurvatureOperator):
         self.distributed = distributed
         self._names = [names[id(p)] for p in params]
         self._constant_rows = padding_rows(model, params)
+        # with a convolution the Hessian and the GGN take the columns one at a
+        # time (or in chunks of _CONV_CHUNK_COLUMNS): see the constants
+        self._convolutional = any(isinstance(m, nn.modules.conv._ConvNd) for m in model.modules())
         self._factor, self._shift, self._summands = 1.0, 0.0, ()
         if check_deterministic:
             self._check_deterministic()
@@ -209,16 +228,17 @@ class _DataSetOperator(CurvatureOperator):
 
     def _batch_product(
         self, X: Tensor, y: Tensor, tangents: Tuple[Tensor, ...], pass_state: dict
-    ) -> Tuple[Iterable[Tuple[int, Tuple[Tensor, ...]]], Tensor]:
-        """``(chunks, output)``: the batch loss's curvature times ``V``, in column chunks.
+    ) -> Tuple[Iterable[Tuple[int, Tuple[Tensor, ...]]], LossRule]:
+        """``(chunks, rule)``: the batch loss's curvature times ``V``, in column chunks.
 
         ``tangents`` holds one ``[M, *p.shape]`` tensor per parameter.
         ``chunks`` yields ``(first_column, product)`` with ``product`` one
         ``[m, *p.shape]`` tensor per parameter: columns ``first_column`` to
         ``first_column + m`` of ``A_b V`` (a generator may compute each chunk
         only when asked, so that only one chunk is alive at a time).
-        ``output`` is ``model(X)`` (detached), from which the batch's
-        normalisation is read.
+        ``rule`` is the :class:`~curvext.losses.LossRule` of the batch's loss
+        call (on ``model(X)``, detached), from which its normalisation and
+        size are read: built once per batch.
         """
         raise NotImplementedError
 
@@ -229,11 +249,6 @@ class _DataSetOperator(CurvatureOperator):
             return functional_call(self.model, dict(zip(self._names, theta)), (X,))
 
         return output_of
-
-    def _has_convolution(self) -> bool:
-        """Whether ``model`` has a convolution (the Hessian and GGN then take
-        the columns one at a time, or in chunks of :data:`_CONV_CHUNK_COLUMNS`)."""
-        return any(isinstance(module, nn.modules.conv._ConvNd) for module in self.model.modules())
 
     def _start_pass(self, ranks=None) -> dict:
         """Per-pass state (e.g. a freshly seeded generator); none by default.
@@ -259,12 +274,7 @@ class _DataSetOperator(CurvatureOperator):
             block.T.reshape(-1, *p.shape).to(p.dtype).contiguous()
             for block, p in zip(matrix.detach().split(self._numels), self.params)
         )
-        if self._constant_rows:  # entries autograd holds constant (never the caller's)
-            tangents = list(tangents)
-            for index, row in self._constant_rows:
-                tangents[index] = tangents[index].clone()
-                tangents[index][:, row] = 0
-            tangents = tuple(tangents)
+        tangents = zero_padding_rows(tangents, self._constant_rows)
         show_bar = self.progressbar and (ranks is None or ranks.rank == 0)
         failure = None
         try:
@@ -344,8 +354,8 @@ class _DataSetOperator(CurvatureOperator):
         batches = _tqdm()(self.data, desc=owner) if show_bar else self.data
         for index, batch in enumerate(batches):
             X, y = _unpack(batch, index, owner)
-            chunks, output = self._batch_product(X, y, tangents, pass_state)
-            normalization = loss_rule(self.loss_fn, output, y).normalization
+            chunks, rule = self._batch_product(X, y, tangents, pass_state)
+            normalization = rule.normalization
             # d_b = 1 / c_b; a batch whose targets are all ignored has c_b = 0
             weight = (1.0 / normalization if normalization > 0 else 0.0) if mean else 1.0
             denominator += weight
@@ -359,7 +369,7 @@ class _DataSetOperator(CurvatureOperator):
                     start += block[0].numel()
                 del product
             num_batches += 1
-            num_samples += output.shape[0]
+            num_samples += rule.batch_size
         return total, denominator, num_batches, num_samples
 
     def _check_deterministic(self) -> None:
@@ -445,15 +455,15 @@ class HessianOperator(_DataSetOperator):
     :math:`L = c \sum_n \ell(f(x_n; \theta), y_n)` over every sample of
     ``data``, with the loss's own normalisation :math:`c` (``"mean"``: over the
     whole data set; see the module docstring). Products by reverse-over-reverse
-differentiation with :mod:`torch.autograd`: per batch one forward pass, the
-gradient with its graph (``create_graph``), then :math:`H V` as the
-vector-Jacobian product of the gradient with the columns of ``V`` (``H`` is
-symmetric), all columns in one batched backward (``is_grads_batched``), one
-at a time for models with convolutions (PyTorch's batched backward has no
-batching rule for the convolution's double backward). Measured against
-forward-over-reverse (``jvp`` of ``torch.func.grad``), the order used
-before: 1.6× faster on the benchmark MLP, as fast on the CNN (one batch of
-128, CPU).
+    differentiation with :mod:`torch.autograd`: per batch one forward pass, the
+    gradient with its graph (``create_graph``), then :math:`H V` as the
+    vector-Jacobian product of the gradient with the columns of ``V`` (``H`` is
+    symmetric), all columns in one batched backward (``is_grads_batched``), one
+    at a time for models with convolutions (PyTorch's batched backward has no
+    batching rule for the convolution's double backward). Measured against
+    forward-over-reverse (``jvp`` of ``torch.func.grad``), the order used
+    before: 1.6× faster on the benchmark MLP, as fast on the CNN (one batch of
+    128, CPU).
 
     Args:
         model: The model; ``model(X)`` is the loss input.
@@ -507,7 +517,7 @@ before: 1.6× faster on the benchmark MLP, as fast on the CNN (one batch of
             index for index, g in enumerate(gradient) if g is not None and g.requires_grad
         ]
         num_columns = tangents[0].shape[0]
-        batched = num_columns > 1 and not self._has_convolution()
+        batched = num_columns > 1 and not self._convolutional
 
         def hessian_times(first: int, last: int) -> Tuple[Tensor, ...]:
             """Columns ``first:last`` of ``H_b V``: the vector-Jacobian product of
@@ -538,7 +548,7 @@ before: 1.6× faster on the benchmark MLP, as fast on the CNN (one batch of
             for first in range(0, num_columns, width):
                 yield first, hessian_times(first, first + width)
 
-        return chunks(), output.detach()
+        return chunks(), loss_rule(self.loss_fn, output.detach(), y)
 
 
 class GGNOperator(_DataSetOperator):
@@ -613,7 +623,7 @@ class GGNOperator(_DataSetOperator):
         primals = tuple(p.detach() for p in self.params)
         num_columns = tangents[0].shape[0]
         forward_columns = (
-            _CONV_CHUNK_COLUMNS if self._has_convolution() else num_columns
+            _CONV_CHUNK_COLUMNS if self._convolutional else num_columns
         )
 
         def push_forward(*tangent):
@@ -670,7 +680,7 @@ class GGNOperator(_DataSetOperator):
 
         if forward_columns == 1:
             return self._column_products(output_of, primals, tangents, output_hessian_product,
-                                         pending, output)
+                                         pending), rule
 
         def chunks():
             pullback = vjp(output_of, *primals)[1]
@@ -682,7 +692,7 @@ class GGNOperator(_DataSetOperator):
                     end = start + _PULLBACK_CHUNK_COLUMNS
                     yield first + start, vmap(pullback)(output_products[start:end])
 
-        return chunks(), output
+        return chunks(), rule
 
     @staticmethod
     def _dual_forward(output_of, primals, tangents, column: int):
@@ -697,9 +707,8 @@ class GGNOperator(_DataSetOperator):
             output_tangent = torch.zeros_like(output)
         return output, output_tangent.detach(), theta
 
-    def _column_products(self, output_of, primals, tangents, output_hessian_product,
-                         pending, output):
-        """``(chunks, output)`` one column at a time through :meth:`_dual_forward`
+    def _column_products(self, output_of, primals, tangents, output_hessian_product, pending):
+        """The chunks of :meth:`_batch_product`, one column at a time through :meth:`_dual_forward`
         and a plain backward pass each (measured: benchmark MLP, one column,
         0.72× the time of ``jvp`` + ``vjp``; CNN 0.83×)."""
 
@@ -721,7 +730,7 @@ class GGNOperator(_DataSetOperator):
                     for g, p in zip(products, primals)
                 )
 
-        return chunks(), output
+        return chunks()
 
 
 class EFOperator(_DataSetOperator):
@@ -766,9 +775,9 @@ class EFOperator(_DataSetOperator):
             return jvp(sample_losses, primals, tangent, has_aux=True)[1]
 
         coefficients = vmap(directional, randomness="same")(*tangents)  # [M, N]
-        normalization = loss_rule(self.loss_fn, output, y).normalization
-        product = vmap(pullback)(coefficients * normalization)
-        return [(0, product)], output
+        rule = loss_rule(self.loss_fn, output, y)
+        product = vmap(pullback)(coefficients * rule.normalization)
+        return [(0, product)], rule
 
 
 __all__ = ["HessianOperator", "GGNOperator", "EFOperator"]
