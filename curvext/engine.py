@@ -33,6 +33,7 @@ from curvext.extensions.base import Extension, RunInfo, sum_partials
 from curvext.losses import LossRule, loss_rule
 from curvext.coverage import assign
 from curvext.modules.base import slice_columns
+from curvext.modules.generic import note_once
 from curvext.recording import ModuleCall, collect_calls
 
 #: Bytes of module-output gradients that one chunk of columns may hold when
@@ -228,6 +229,7 @@ def _run(edge, loss, calls, consumers, grad, extensions):
         for rule in rules:
             rule.release()
 
+    stored_before = _forget_stored(calls, targets)
     for ext_index, ext in enumerate(extensions):
         results = []
         keys = ext.column_sets()
@@ -244,6 +246,39 @@ def _run(edge, loss, calls, consumers, grad, extensions):
             results.append((target.param, value))
         # stores p.<savefield>; extensions coupling parameters combine here
         ext.finalize_all(results, info)
+    for target, before in zip(targets, stored_before):
+        vars(target.param)[STORED] = set(vars(target.param)) - before
+
+
+#: Attribute of a parameter naming the results curvext stored on it last.
+STORED = "_curvext_stored"
+
+
+def take_stored(param: Tensor) -> Dict[str, object]:
+    """Remove the results of curvext's latest backward pass from ``param`` and
+    return them (with their bookkeeping), for :func:`put_stored`: a pass over
+    a data set inside curvext leaves the user's results as they were."""
+    names = vars(param).get(STORED, set())
+    return {name: vars(param).pop(name) for name in [*names, STORED] if name in vars(param)}
+
+
+def put_stored(param: Tensor, saved: Dict[str, object]) -> None:
+    """Undo :func:`take_stored` after dropping what curvext stored since."""
+    for name in vars(param).pop(STORED, ()):
+        vars(param).pop(name, None)
+    vars(param).update(saved)
+
+
+def _forget_stored(calls: List[ModuleCall], targets) -> List[set]:
+    """Delete the results of earlier backward passes from every parameter of
+    the called modules (a parameter this pass does not reach must not keep
+    numbers of another batch); return each target's attribute names left."""
+    params = {id(p): p for call in calls for p in call.module.parameters()}
+    params.update((id(t.param), t.param) for t in targets)
+    for param in params.values():
+        for name in vars(param).pop(STORED, ()):
+            vars(param).pop(name, None)
+    return [set(vars(t.param)) for t in targets]
 
 
 def _overlaps(offsets: List[int], start: int, stop: int) -> List[Tuple[int, int, int]]:
@@ -309,16 +344,35 @@ def _backpropagate(
     edges = [e for call in calls for e in call.edges if e is not None]
     columns = columns.to(dtype)
     single = columns.shape[0] == 1  # a plain backward avoids vmap's overhead
-    results = torch.autograd.grad(
-        [edge],
-        edges,
-        grad_outputs=[columns[0] if single else columns],
-        retain_graph=True,
-        allow_unused=True,
-        is_grads_batched=not single,
-    )
+
+    def backward(grad_output: Tensor, batched: bool):
+        return torch.autograd.grad(
+            [edge],
+            edges,
+            grad_outputs=[grad_output],
+            retain_graph=True,
+            allow_unused=True,
+            is_grads_batched=batched,
+        )
+
     if single:
-        results = [None if r is None else r.unsqueeze(0) for r in results]
+        results = [None if r is None else r.unsqueeze(0) for r in backward(columns[0], False)]
+    else:
+        try:
+            results = backward(columns, True)
+        except RuntimeError as error:
+            # a backward without batching rule (a custom autograd.Function
+            # calling detach, say): one plain backward per column, still exact
+            note_once(
+                ("columns", str(error)[:80]),
+                f"The batched backward of curvext failed ({error}); it backpropagates "
+                "one column at a time instead (exact, slower). backpack(max_columns=1) "
+                "skips the attempt.",
+            )
+            per_column = [backward(column, False) for column in columns]
+            results = [
+                None if parts[0] is None else torch.stack(parts) for parts in zip(*per_column)
+            ]
     results = iter(results)
     num_cols = columns.shape[0]
     call_grads: Dict[int, object] = {}

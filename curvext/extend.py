@@ -2,14 +2,31 @@
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
+from torch.nn.modules import module as module_globals
 from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.utils.parametrize import ParametrizationList
 
 from curvext.context import recording_enabled
 from curvext.losses import SUPPORTED_LOSSES
-from curvext.recording import ModuleCall, attach, detach_tree, graph_inputs, graph_outputs
+from curvext.recording import (
+    ModuleCall,
+    attach,
+    detach_tree,
+    graph_inputs,
+    graph_outputs,
+    separate_outputs,
+)
 
 _HOOK_FLAG = "_curvext_extended"
+#: Attribute holding the id of curvext's forward hook on an extended module.
+HOOK_ID = "_curvext_hook_id"
+#: Attribute holding the id of curvext's forward pre-hook, registered on a
+#: module once it has forward pre-hooks of the user's.
+PRE_HOOK_ID = "_curvext_pre_hook_id"
+#: Attribute where that pre-hook leaves the inputs before any pre-hook ran.
+RAW_INPUTS = "_curvext_raw_inputs"
 
 
 def extend(module: nn.Module) -> nn.Module:
@@ -48,12 +65,17 @@ def extend(module: nn.Module) -> nn.Module:
             f"Supported losses: {supported}."
         )
     for submodule in module.modules():
-        # parameter-free modules (activations, pooling) need no recording
+        # parameter-free modules (activations, pooling) need no recording; a
+        # parametrization computes a weight, not a batch: its parameters are
+        # covered through the call of the module it parametrizes
         has_params = next(submodule.parameters(), None) is not None
-        if (has_params or isinstance(submodule, _BatchNorm)) and not getattr(
-            submodule, _HOOK_FLAG, False
-        ):
-            submodule.register_forward_hook(_record_call, with_kwargs=True)
+        if isinstance(submodule, ParametrizationList) or getattr(submodule, _HOOK_FLAG, False):
+            continue
+        if has_params or isinstance(submodule, _BatchNorm):
+            # first among the forward hooks: the recorded output is the one
+            # of the module's own forward, before any hook of the user's
+            handle = submodule.register_forward_hook(_record_call, with_kwargs=True, prepend=True)
+            setattr(submodule, HOOK_ID, handle.id)
             setattr(submodule, _HOOK_FLAG, True)
     return module
 
@@ -66,36 +88,93 @@ def _couples_samples(module: nn.Module) -> bool:
 
 def _record_call(module: nn.Module, args, kwargs, output):
     if not recording_enabled():
-        return
+        return None
+    if torch.compiler.is_compiling():
+        # dynamo runs this hook eagerly at a graph break; it only gets here
+        # when it must trace it (fullgraph=True)
+        raise RuntimeError(
+            f"torch.compile is tracing curvext's recording hook on "
+            f"{type(module).__name__}, which it cannot compile. Compile the extended "
+            "model without fullgraph=True (the hooks then run eagerly between "
+            "compiled regions, and curvext is exact), or run the curvature step on "
+            "the uncompiled model (compiled._orig_mod shares its parameters)."
+        )
     # modules whose sub-modules own parameters are recorded too: their call
     # covers parameters used without a module call (MultiheadAttention's
     # out_proj, F.linear(x, self.child.weight))
     trainable = any(p.requires_grad for p in module.parameters())
     couples_samples = _couples_samples(module)
     if not (trainable or couples_samples):
-        return
-    outputs = graph_outputs(output)
+        return None
+    output = separate_outputs(output)
+    outputs, positions = graph_outputs(output)
+    raw_inputs = vars(module).pop(RAW_INPUTS, None)
     if not outputs:
-        return
+        return None
     call = ModuleCall(
         module, detach_tree(args), detach_tree(kwargs), couples_samples=couples_samples
     )
-    attach(call, graph_inputs((args, kwargs)), outputs)
+    _how_it_ran(call, raw_inputs)
+    attach(call, graph_inputs((args, kwargs)), outputs, positions)
+    return output
+
+
+def _how_it_ran(call: ModuleCall, raw_inputs) -> None:
+    """Set ``call.plain`` and ``call.reproducible`` from the module's hooks.
+
+    Global hooks run before a module's own; forward pre-hooks may change the
+    inputs or the weights (``torch.nn.utils.prune``); forward hooks that run
+    before curvext's may change the recorded output. A re-run of the module
+    with its pre-hooks reproduces the call if it starts from the inputs
+    before any pre-hook, which curvext's own pre-hook keeps from the second
+    call on (it is registered the first time a pre-hook is seen, to cost
+    nothing on modules without).
+    """
+    module = call.module
+    global_hooks = bool(
+        module_globals._global_forward_pre_hooks or module_globals._global_forward_hooks
+    )
+    hooks_before = next(iter(module._forward_hooks), None) != getattr(module, HOOK_ID, None)
+    pre_hook_id = getattr(module, PRE_HOOK_ID, None)
+    user_pre_hooks = [key for key in module._forward_pre_hooks if key != pre_hook_id]
+    call.plain = not (global_hooks or hooks_before or user_pre_hooks)
+    call.reproducible = not (global_hooks or hooks_before)
+    if user_pre_hooks:
+        if pre_hook_id is None:
+            handle = module.register_forward_pre_hook(
+                _keep_raw_inputs, with_kwargs=True, prepend=True
+            )
+            setattr(module, PRE_HOOK_ID, handle.id)
+        first = next(iter(module._forward_pre_hooks)) == getattr(module, PRE_HOOK_ID)
+        if raw_inputs is None or not first:
+            call.reproducible = False
+        else:
+            call.args, call.kwargs = detach_tree(raw_inputs[0]), detach_tree(raw_inputs[1])
+
+
+def _keep_raw_inputs(module: nn.Module, args, kwargs):
+    if recording_enabled():
+        vars(module)[RAW_INPUTS] = (args, kwargs)
+    return None
 
 
 def _extend_loss(loss_module: nn.Module):
     if getattr(loss_module, _HOOK_FLAG, False):
         return
-    loss_module.register_forward_hook(_record_loss_call)
+    loss_module.register_forward_hook(_record_loss_call, with_kwargs=True)
     setattr(loss_module, _HOOK_FLAG, True)
 
 
-def _record_loss_call(loss_module: nn.Module, args, output):
+def _record_loss_call(loss_module: nn.Module, args, kwargs, output):
     from curvext.engine import LossCall
 
-    if not recording_enabled() or len(args) != 2:
+    if not recording_enabled():
         return
-    loss_input, target = args
+    # torch's losses take (input, target), by position or by keyword
+    inputs = dict(zip(("input", "target"), args), **kwargs)
+    if set(inputs) != {"input", "target"}:
+        return
+    loss_input, target = inputs["input"], inputs["target"]
     if not isinstance(loss_input, Tensor) or loss_input.grad_fn is None:
         return
     LossCall(loss_module, loss_input, target, output)

@@ -54,6 +54,20 @@ class LossRule:
                 "without a batch dimension. curvext needs inputs shaped [N, ...]; "
                 "add one with input.unsqueeze(0)."
             )
+        if loss_input.shape[0] == 0:
+            raise ValueError(
+                f"{self.name} got an empty batch (input of shape "
+                f"{tuple(loss_input.shape)}); curvature of zero samples is not "
+                "defined. Skip empty batches before the forward pass."
+            )
+        if isinstance(target, Tensor) and target.is_floating_point() and not bool(
+            torch.isfinite(target).all()
+        ):
+            raise ValueError(
+                f"The target of {self.name} contains NaN or Inf values; the loss "
+                "Hessian (and so every curvature) would be NaN. Clean the targets, "
+                "or mask those entries out of the batch."
+            )
         if not torch.isfinite(loss_input).all():
             raise ValueError(
                 f"The input of {self.name} contains NaN or Inf values; curvext "

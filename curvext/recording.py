@@ -29,19 +29,29 @@ class ModuleCall:
         args: Positional inputs, tensors detached (they share storage).
         kwargs: Keyword inputs, tensors detached.
         output_shapes: Shape of each recorded output tensor, ``[N, ...]``.
+        output_positions: Position of each recorded output among the
+            floating-point tensors of the module's output (a re-run of the
+            module returns them all; only those in the graph are recorded).
         edges: Filled by the engine: gradient edge of each recorded output.
         couples_samples: The call mixes samples (BatchNorm in train mode).
         input_nodes: Autograd nodes of the inputs that require grad (they
             bound the call's part of the graph).
+        plain: The module's own forward made the recorded output from
+            ``args``: no pre-hook, global hook or earlier forward hook ran.
+        reproducible: Re-running the module on ``args`` with its pre-hooks
+            (and without its forward hooks) gives the recorded output.
     """
 
     module: nn.Module
     args: Tuple
     kwargs: Dict
     output_shapes: List[torch.Size] = field(default_factory=list)
+    output_positions: List[int] = field(default_factory=list)
     edges: List[GradientEdge] = field(default_factory=list)
     couples_samples: bool = False
     input_nodes: List[Node] = field(default_factory=list)
+    plain: bool = True
+    reproducible: bool = True
 
 
 @dataclass(eq=False)
@@ -64,15 +74,52 @@ def detach_tree(obj):
     return obj
 
 
-def graph_outputs(output) -> List[Tensor]:
-    """Tensors in a module's output that are part of an autograd graph."""
+def output_tensors(output) -> List[Tensor]:
+    """Tensors in a module's output (nested tuples, lists and dicts), in order."""
     if isinstance(output, Tensor):
-        return [output] if output.grad_fn is not None else []
+        return [output]
     if isinstance(output, (tuple, list)):
-        return [t for o in output for t in graph_outputs(o)]
+        return [t for o in output for t in output_tensors(o)]
     if isinstance(output, dict):
-        return [t for o in output.values() for t in graph_outputs(o)]
+        return [t for o in output.values() for t in output_tensors(o)]
     return []
+
+
+def graph_outputs(output) -> Tuple[List[Tensor], List[int]]:
+    """Floating-point tensors in a module's output that are part of an
+    autograd graph, and their positions among all floating-point ones."""
+    floating = [t for t in output_tensors(output) if t.is_floating_point()]
+    positions = [i for i, t in enumerate(floating) if t.grad_fn is not None]
+    return [floating[i] for i in positions], positions
+
+
+def separate_outputs(output):
+    """``output`` with every tensor in the graph replaced by a copy, or
+    ``output`` itself where that is not needed.
+
+    A module returning several tensors may return one twice or compute one
+    from another (``LSTMCell``'s ``h`` from its ``c``). The gradient that
+    reaches such an output then already contains the path through the
+    other, and a rule that adds the contributions of all outputs counts it
+    twice. After a copy, each recorded output is a node of its own that
+    receives only the gradient from outside the module. Outputs of one
+    autograd node (the fused ``LSTM``) cannot depend on each other and are
+    kept.
+    """
+    tensors = [t for t in output_tensors(output) if t.grad_fn is not None]
+    edges = {(t.grad_fn, get_gradient_edge(t).output_nr) for t in tensors}
+    one_node = len({t.grad_fn for t in tensors}) == 1 and len(edges) == len(tensors)
+    if len(tensors) < 2 or one_node or type(output) not in (tuple, list):
+        return output
+
+    def copy(obj):
+        if isinstance(obj, Tensor):
+            return obj.clone() if obj.grad_fn is not None else obj
+        if type(obj) in (tuple, list):
+            return type(obj)(copy(o) for o in obj)
+        return obj
+
+    return copy(output)
 
 
 def graph_inputs(inputs) -> List[Tensor]:
@@ -81,8 +128,11 @@ def graph_inputs(inputs) -> List[Tensor]:
     return [t for t in leaves if isinstance(t, Tensor) and t.requires_grad]
 
 
-def attach(call: ModuleCall, inputs: List[Tensor], outputs: List[Tensor]):
+def attach(
+    call: ModuleCall, inputs: List[Tensor], outputs: List[Tensor], positions: List[int]
+):
     """Store ``call`` on the autograd nodes that produced ``outputs``."""
+    call.output_positions = list(positions)
     output_edges = [get_gradient_edge(tensor) for tensor in outputs]
     output_nodes = {edge.node for edge in output_edges}
     for tensor in inputs:

@@ -371,3 +371,70 @@ def kron(factors: list[Tensor]) -> Tensor:
     for factor in factors[1:]:
         result = torch.kron(result, factor)
     return result
+
+
+class GraphReference:
+    r"""GGN, per-sample GGN and per-sample gradients of *one* forward pass.
+
+    The Jacobian :math:`J = \partial f / \partial \theta` is taken by reverse
+    mode through the autograd graph of the very forward pass whose loss
+    curvext backpropagates (one ``torch.autograd.grad`` per output entry,
+    before that backward), so random draws (dropout masks), hooks,
+    parametrizations and compiled regions are those curvext saw. The loss
+    Hessian :math:`H = \nabla^2_f L` is PyTorch's own loss differentiated by
+    ``torch.autograd.functional.hessian``. Never touches curvext.
+
+    Args:
+        output: The model output ``[N, ...]`` (in the graph, float64).
+        params: The parameters to differentiate.
+        loss_of_output: ``f -> L`` (the un-extended loss on ``f``).
+    """
+
+    def __init__(self, output: Tensor, params: list[Tensor], loss_of_output):
+        self.params = params
+        self.N = output.shape[0]
+        flat = output.reshape(-1)
+        rows = []
+        for unit in torch.eye(flat.numel(), dtype=flat.dtype):  # no vmap: any op
+            parts = torch.autograd.grad(flat, params, unit, retain_graph=True, allow_unused=True)
+            rows.append(
+                torch.cat(
+                    [
+                        torch.zeros(p.numel()) if part is None else part.reshape(-1)
+                        for part, p in zip(parts, params)
+                    ]
+                )
+            )
+        self.J = torch.stack(rows)
+        point = output.detach()
+
+        def loss_of_flat(f: Tensor) -> Tensor:
+            return loss_of_output(f.reshape(point.shape))
+
+        self.H = torch.autograd.functional.hessian(loss_of_flat, point.reshape(-1))
+        self.g = torch.autograd.functional.jacobian(loss_of_flat, point.reshape(-1))
+        per = flat.numel() // self.N
+        off_block = self.H.reshape(self.N, per, self.N, per).clone()
+        off_block[range(self.N), :, range(self.N)] = 0
+        assert off_block.abs().max() <= 1e-12 * max(1.0, self.H.abs().max().item())
+        self.Jn = self.J.reshape(self.N, per, -1)
+        self.Hn = self.H.reshape(self.N, per, self.N, per)[range(self.N), :, range(self.N)]
+
+    def ggn(self) -> Tensor:
+        return self.J.T @ self.H @ self.J
+
+    def per_sample_ggn_diag(self) -> Tensor:
+        """``[N, P]``."""
+        return torch.einsum("npi,npq,nqi->ni", self.Jn, self.Hn, self.Jn)
+
+    def per_sample_grads(self) -> Tensor:
+        """``[N, P]``."""
+        return torch.einsum("npi,np->ni", self.Jn, self.g.reshape(self.N, -1))
+
+    def split(self, flat: Tensor) -> list[Tensor]:
+        """``[..., P]`` into one ``[..., *p.shape]`` per parameter."""
+        sizes = [p.numel() for p in self.params]
+        return [
+            part.reshape(*flat.shape[:-1], *p.shape)
+            for part, p in zip(flat.split(sizes, dim=-1), self.params)
+        ]

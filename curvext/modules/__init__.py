@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import List
 
 from torch import Tensor, nn
+from torch.nn.utils import parametrize
 
 from curvext.modules.base import ModuleRule, own_trainable
 from curvext.modules.conv import ConvRule, ConvTransposeRule
@@ -25,6 +26,10 @@ RULES = {
     nn.Embedding: EmbeddingRule,
     **NORM_RULES,
 }
+
+#: The parameters a dedicated rule knows; a module of a ruled type holding
+#: others (``weight_orig`` after ``torch.nn.utils.prune``) gets the generic rule.
+RULED_NAMES = {"weight", "bias"}
 
 #: Modules without a dedicated rule whose generic rule needs to know more.
 GENERIC_RULES = {nn.RNN: RecurrentRule, nn.LSTM: RecurrentRule, nn.GRU: RecurrentRule}
@@ -48,7 +53,7 @@ def rules_for(
     can differentiate the module's output with respect to them.
     """
     own = [name for name in own_trainable(module) if name not in excluded]
-    rule_class = RULES.get(type(module))
+    rule_class = RULES.get(type(module)) if runs_plain_forward(module, calls) else None
     if rule_class is None:
         names = own + list(extra_names)
         generic = GENERIC_RULES.get(type(module), GenericRule)
@@ -57,6 +62,26 @@ def rules_for(
     if extra_names:
         rules.append(GenericRule(module, calls, list(extra_names)))
     return rules
+
+
+def runs_plain_forward(module: nn.Module, calls: List[ModuleCall]) -> bool:
+    """Whether every call of ``module`` is its class's ``forward`` on its own
+    ``weight``/``bias``, as a dedicated rule assumes.
+
+    Not so with a forward pre-hook (``torch.nn.utils.prune`` computes the
+    weight in one, the old ``weight_norm`` too), a parametrization, other
+    parameters than ``weight``/``bias``, a global module hook, or a forward
+    hook that ran before curvext's recording hook (registered with
+    ``prepend=True`` after ``extend``): see :attr:`ModuleCall.plain`. Forward
+    hooks that run after the recording hook are harmless: the recorded output
+    is the forward's, and autograd carries the hook's change in the gradient.
+    Such modules get the generic rule.
+    """
+    return (
+        all(call.plain for call in calls)
+        and not parametrize.is_parametrized(module)
+        and all(name in RULED_NAMES for name in module._parameters)
+    )
 
 
 class SharedParameterRule(ModuleRule):

@@ -58,6 +58,7 @@ from curvext.distributed import (
     raise_on_failure,
     resolve_ranks,
 )
+from curvext.engine import put_stored, take_stored
 from curvext.extend import extend
 from curvext.extensions.base import Extension, RunInfo
 from curvext.extensions.ggn_diag import GGNDiag
@@ -282,7 +283,7 @@ def _local_sums(model, loss_fn, batches, extension, params, touched, owner):
     number of batches. Restores ``.grad`` and the save field, also on errors."""
     reduction = loss_fn.reduction
     savefield = extension.savefield
-    saved = [(p, p.grad, p.__dict__.get(savefield, _MISSING)) for p in touched]
+    saved = [(p, p.grad, p.__dict__.get(savefield, _MISSING), take_stored(p)) for p in touched]
     extension.begin_data_pass()
     totals: List[Optional[List[Tensor]]] = [None] * len(params)
     flags: List[Sequence[bool]] = [()] * len(params)
@@ -335,8 +336,9 @@ def _local_sums(model, loss_fn, batches, extension, params, touched, owner):
             for param in touched:
                 param.__dict__.pop(savefield, None)
     finally:
-        for param, grad, value in saved:
+        for param, grad, value, results in saved:
             param.grad = grad
+            put_stored(param, results)
             param.__dict__.pop(savefield, None)
             if value is not _MISSING:
                 setattr(param, savefield, value)
