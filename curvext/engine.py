@@ -34,7 +34,7 @@ from curvext.losses import LossRule, loss_rule
 from curvext.coverage import assign
 from curvext.modules.base import slice_columns
 from curvext.modules.generic import note_once
-from curvext.recording import ModuleCall, collect_calls
+from curvext.recording import ModuleCall, collect_calls, flattened_samples
 
 #: Bytes of module-output gradients that one chunk of columns may hold when
 #: ``backpack(max_columns=None)`` (at least one column per chunk). Small on
@@ -163,7 +163,8 @@ def run(loss_call: LossCall, edge: GradientEdge, grad: Tensor, extensions: Tuple
         grad: Gradient of the loss input, shaped like it.
         extensions: The active extensions.
     """
-    loss = loss_rule(loss_call.module, loss_call.input, loss_call.target)
+    samples = flattened_samples(edge, loss_call.input)
+    loss = loss_rule(loss_call.module, loss_call.input, loss_call.target, samples)
     calls, consumers = collect_calls(edge.node)
     try:
         _run(edge, loss, calls, consumers, grad, extensions)

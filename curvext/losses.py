@@ -303,6 +303,62 @@ class CrossEntropyLossRule(LossRule):
         return columns.reshape(moved_shape).movedim(-1, 2)
 
 
+class SequenceLossRule(LossRule):
+    """A loss on rows ``[N·T, ...]`` that are the ``T`` positions of each of
+    ``N`` samples, flattened sample-major (``logits.view(-1, V)``).
+
+    The rows of one sample are one sample, as positions are for
+    ``CrossEntropyLoss`` on ``[N, C, T]``: the rule of the loss runs on the
+    unflattened input (``[N, C, ..., T]`` for cross-entropy, whose classes
+    stay on axis 1; ``[N, T, ...]`` for entrywise losses), whose Hessian is
+    block-diagonal over positions, and its columns are flattened back. The
+    normalisation is PyTorch's on the flattened call (the same sum).
+
+    Args:
+        rule_class: The rule of the loss module.
+        module: The loss module.
+        loss_input: The flattened prediction ``[N·T, ...]``.
+        target: The flattened target.
+        num_samples: ``N``.
+    """
+
+    def __init__(self, rule_class, module, loss_input, target, num_samples: int):
+        self.module, self.name = module, type(module).__name__
+        self.input, self.target = loss_input, target
+        self.num_samples = num_samples
+        self._classes_first = isinstance(module, nn.CrossEntropyLoss)
+        self.inner = rule_class(module, self._unflatten(loss_input), self._unflatten(target))
+
+    def _unflatten(self, tensor: Tensor) -> Tensor:
+        """``[N·T, ...]`` → ``[N, T, ...]``, or ``[N, ..., T]`` for cross-entropy."""
+        tensor = tensor.reshape(self.num_samples, -1, *tensor.shape[1:])
+        return tensor.movedim(1, -1) if self._classes_first else tensor
+
+    def _flatten(self, columns: Tensor) -> Tensor:
+        """Columns ``[K, *unflattened]`` → ``[K, *loss_input.shape]``."""
+        if self._classes_first:
+            columns = columns.movedim(-1, 2)
+        return columns.reshape(columns.shape[0], *self.input.shape)
+
+    @property
+    def batch_size(self) -> int:
+        return self.num_samples
+
+    @property
+    def normalization(self) -> float:
+        return self.inner.normalization
+
+    @property
+    def num_exact_columns(self) -> int:
+        return self.inner.num_exact_columns
+
+    def exact_columns(self, start, stop):
+        return self._flatten(self.inner.exact_columns(start, stop))
+
+    def mc_columns(self, mc_samples, generator):
+        return self._flatten(self.inner.mc_columns(mc_samples, generator))
+
+
 _RULES = {
     nn.MSELoss: MSELossRule,
     nn.CrossEntropyLoss: CrossEntropyLossRule,
@@ -310,8 +366,17 @@ _RULES = {
 }
 
 
-def loss_rule(module: nn.Module, loss_input: Tensor, target: Optional[Tensor]) -> LossRule:
-    """The :class:`LossRule` for one call of ``module``."""
+def loss_rule(
+    module: nn.Module,
+    loss_input: Tensor,
+    target: Optional[Tensor],
+    num_samples: Optional[int] = None,
+) -> LossRule:
+    """The :class:`LossRule` for one call of ``module``.
+
+    ``num_samples``: for a loss input whose rows are the positions of that
+    many samples, flattened sample-major (:class:`SequenceLossRule`).
+    """
     rule_class = _RULES.get(type(module))
     if rule_class is None:
         supported = ", ".join(cls.__name__ for cls in SUPPORTED_LOSSES)
@@ -319,4 +384,6 @@ def loss_rule(module: nn.Module, loss_input: Tensor, target: Optional[Tensor]) -
             f"curvext does not support the loss {type(module).__name__}. "
             f"Supported: {supported}."
         )
+    if num_samples is not None:
+        return SequenceLossRule(rule_class, module, loss_input, target, num_samples)
     return rule_class(module, loss_input, target)

@@ -11,7 +11,7 @@ walking that loss's graph (:func:`collect_calls`), never a global tape.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, List, Set, Tuple
+from typing import Dict, List, Optional, Set, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -173,3 +173,119 @@ def collect_calls(root: Node) -> Tuple[List[ModuleCall], Dict[Node, Set[Node]]]:
                 consumers.setdefault(next_node, set()).add(node)
             stack.append(next_node)
     return list(calls.values()), consumers
+
+
+#: Autograd nodes that only move entries of their input (views, copies,
+#: casts, slices): a chain of them between a model output ``[N, T, ...]``
+#: and the loss input is a flatten such as ``logits.view(-1, V)``.
+_MOVING_NODES = {
+    "ViewBackward0",
+    "UnsafeViewBackward0",
+    "ReshapeAliasBackward0",
+    "CloneBackward0",
+    "ToCopyBackward0",
+    "AliasBackward0",
+    "SliceBackward0",
+    "TransposeBackward0",
+    "PermuteBackward0",
+    "TBackward0",
+    "SqueezeBackward0",
+    "SqueezeBackward1",
+    "UnsqueezeBackward0",
+}
+
+
+def flattened_samples(edge: GradientEdge, loss_input: Tensor) -> Optional[int]:
+    """Number of samples ``S`` when the rows of ``loss_input`` are the
+    positions of ``S`` samples, flattened sample-major; else ``None``.
+
+    The language-model pattern ``loss_fn(logits.view(-1, V), y.view(-1))``
+    with ``logits [N, T, V]`` (or ``logits[:, :-1].contiguous().view(-1, V)``)
+    gives ``N·T`` rows of which ``T`` belong to each sequence. Following the
+    chain of view and copy nodes back from the loss input to the tensor
+    ``[S, ...]`` it was made from (axis 0 holds the samples, as for any loss
+    input), the rows' ids are backpropagated through the chain: row ``r``
+    must land in sample ``r // T`` for every ``r``. A flatten in another
+    order (``logits.transpose(0, 1).reshape(-1, V)``, time-major) is refused,
+    naming the order found.
+
+    Args:
+        edge: Gradient edge of the loss input.
+        loss_input: The loss input ``[R, ...]`` (detached).
+    """
+    rows = loss_input.shape[0] if loss_input.dim() > 0 else 0
+    node, chain, casts = edge.node, 0, False
+    while (
+        node is not None
+        and type(node).__name__ in _MOVING_NODES
+        and not _is_unflattened_output(GradientEdge(node, edge.output_nr if chain == 0 else nr), rows)
+    ):
+        following = [(n, nr) for n, nr in node.next_functions if n is not None]
+        if len(following) != 1:
+            return None
+        casts = casts or type(node).__name__ == "ToCopyBackward0"
+        (node, nr), chain = following[0], chain + 1
+        source = GradientEdge(node, nr)
+    if chain == 0 or rows == 0:
+        return None
+    # a cast may lead to bfloat16, exact for integers up to 256 only
+    dtype = torch.bfloat16 if casts else loss_input.dtype
+    row_ids = _backpropagated_ids(edge, source, loss_input, dtype)  # [S, ...], -1: no row
+    samples = row_ids.shape[0] if row_ids.dim() > 0 else 0
+    if samples in (0, rows) or rows % samples:
+        return None
+    per_sample = rows // samples
+    owner = torch.arange(samples, device=row_ids.device).view(-1, *[1] * (row_ids.dim() - 1))
+    present = row_ids >= 0
+    if not bool(((row_ids // per_sample == owner) | ~present).all()):
+        first = row_ids[0][present[0]].unique()[:4].tolist()
+        raise ValueError(
+            f"The loss input [{rows}, ...] is a flatten of a tensor of shape "
+            f"{tuple(row_ids.shape)} whose axis 0 holds {samples} samples, but its rows "
+            f"are not grouped by sample (sample 0 has rows {first}...; a time-major "
+            "flatten such as x.transpose(0, 1).reshape(-1, V)?). curvext needs the "
+            "rows of one sample to be consecutive: flatten [N, T, V] as "
+            "x.reshape(-1, V), with the samples on axis 0."
+        )
+    return samples
+
+
+def _is_unflattened_output(edge: GradientEdge, rows: int) -> bool:
+    """Whether ``edge`` is an output of a recorded module call with other
+    than ``rows`` entries on axis 0: a module's output holds its samples on
+    the axis the module's rule knows, so the walk of
+    :func:`flattened_samples` stops there (a container whose output is the
+    flattened tensor itself is walked through)."""
+    slots = edge.node.metadata.get(METADATA_KEY, ()) if edge.node is not None else ()
+    return any(
+        slot.output_nr == edge.output_nr
+        and slot.call.output_shapes[slot.index][:1] != torch.Size([rows])
+        for slot in slots
+    )
+
+
+def _backpropagated_ids(
+    edge: GradientEdge, source: GradientEdge, loss_input: Tensor, dtype: torch.dtype
+) -> Tensor:
+    """Where each row of the loss input lands in the tensor at ``source``:
+    its row index, or -1 for entries no row comes from (sliced off).
+
+    The ids are sent as digits small enough to be exact in ``dtype`` (a view
+    chain only moves entries), one backward per digit.
+    """
+    rows = loss_input.shape[0]
+    base = max(2, int(1 / torch.finfo(dtype).eps) // 2)
+    ids = torch.arange(rows, device=loss_input.device)
+    shape = (rows,) + (1,) * (loss_input.dim() - 1)
+    total, scale = None, 1
+    remaining = rows
+    while True:
+        digit = (ids // scale) % base + 1  # 0 marks entries without a row
+        probe = digit.to(loss_input.dtype).view(shape).expand_as(loss_input).contiguous()
+        (landed,) = torch.autograd.grad([edge], [source], [probe], retain_graph=True)
+        landed = landed.round().long()
+        total = (landed - 1) * scale if total is None else total + (landed - 1) * scale
+        remaining //= base
+        scale *= base
+        if remaining == 0:
+            return torch.where(landed > 0, total, -1)

@@ -435,6 +435,6 @@ class GraphReference:
         """``[..., P]`` into one ``[..., *p.shape]`` per parameter."""
         sizes = [p.numel() for p in self.params]
         return [
-            part.reshape(*flat.shape[:-1], *p.shape)
+            part.reshape(tuple(flat.shape[:-1]) + tuple(p.shape))
             for part, p in zip(flat.split(sizes, dim=-1), self.params)
         ]
