@@ -21,6 +21,7 @@ The ordinary backward then continues and fills ``.grad`` as usual.
 from __future__ import annotations
 
 import threading
+import weakref
 from collections import OrderedDict
 from typing import Dict, List, Tuple
 
@@ -29,6 +30,7 @@ from torch import Tensor, nn
 from torch.autograd.graph import GradientEdge, get_gradient_edge
 
 from curvext.context import active_extensions, current_run_log, max_columns_per_backward
+from curvext.extend import EXTENDED_TREE
 from curvext.extensions.base import Extension, RunInfo, sum_partials
 from curvext.losses import LossRule, loss_rule
 from curvext.coverage import assign
@@ -249,6 +251,9 @@ def _run(edge, loss, calls, consumers, grad, extensions):
         ext.finalize_all(results, info)
     for target, before in zip(targets, stored_before):
         vars(target.param)[STORED] = set(vars(target.param)) - before
+        tree = getattr(target.rule.module, EXTENDED_TREE, None)
+        if tree is not None:
+            tree.holders[id(target.param)] = weakref.ref(target.param)
 
 
 #: Attribute of a parameter naming the results curvext stored on it last.
@@ -272,13 +277,24 @@ def put_stored(param: Tensor, saved: Dict[str, object]) -> None:
 
 def _forget_stored(calls: List[ModuleCall], targets) -> List[set]:
     """Delete the results of earlier backward passes from every parameter of
-    the called modules (a parameter this pass does not reach must not keep
-    numbers of another batch); return each target's attribute names left."""
-    params = {id(p): p for call in calls for p in call.module.parameters()}
-    params.update((id(t.param), t.param) for t in targets)
-    for param in params.values():
-        for name in vars(param).pop(STORED, ()):
-            vars(param).pop(name, None)
+    the models (the trees ``extend`` was called on) that this pass goes
+    through: a parameter it does not reach must not keep numbers of another
+    batch. Returns each target's attribute names left."""
+    trees = {}
+    for call in calls:
+        tree = getattr(call.module, EXTENDED_TREE, None)
+        if tree is not None:
+            trees[id(tree)] = tree
+    for tree in trees.values():
+        for reference in tree.holders.values():
+            param = reference()
+            if param is not None:
+                for name in vars(param).pop(STORED, ()):
+                    vars(param).pop(name, None)
+        tree.holders.clear()
+    for target in targets:  # extended in another tree, or stored by hand
+        for name in vars(target.param).pop(STORED, ()):
+            vars(target.param).pop(name, None)
     return [set(vars(t.param)) for t in targets]
 
 

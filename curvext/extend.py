@@ -27,6 +27,33 @@ HOOK_ID = "_curvext_hook_id"
 PRE_HOOK_ID = "_curvext_pre_hook_id"
 #: Attribute where that pre-hook leaves the inputs before any pre-hook ran.
 RAW_INPUTS = "_curvext_raw_inputs"
+#: Attribute of every extended module: the :class:`ExtendedTree` of the
+#: ``extend`` call that first reached it.
+EXTENDED_TREE = "_curvext_tree"
+
+
+class ExtendedTree:
+    """What one ``extend(model)`` call shares among the model's modules.
+
+    Attributes:
+        holders: ``id → weakref`` of the parameters of the model on which the
+            latest backward pass stored results; the next backward pass
+            through the model removes them before storing its own.
+    """
+
+    def __init__(self):
+        self.holders = {}
+
+    # a copied or pickled model starts without results: the holders are the
+    # original's parameters (and weak references do not pickle)
+    def __deepcopy__(self, memo) -> "ExtendedTree":
+        return ExtendedTree()
+
+    def __getstate__(self) -> dict:
+        return {}
+
+    def __setstate__(self, state: dict) -> None:
+        self.holders = {}
 
 
 def extend(module: nn.Module) -> nn.Module:
@@ -64,7 +91,9 @@ def extend(module: nn.Module) -> nn.Module:
             f"extend() does not support the loss {type(module).__name__}. "
             f"Supported losses: {supported}."
         )
+    tree = ExtendedTree()
     for submodule in module.modules():
+        vars(submodule).setdefault(EXTENDED_TREE, tree)
         # parameter-free modules (activations, pooling) need no recording; a
         # parametrization computes a weight, not a batch: its parameters are
         # covered through the call of the module it parametrizes
@@ -80,7 +109,9 @@ def extend(module: nn.Module) -> nn.Module:
     return module
 
 
-def _couples_samples(module: nn.Module) -> bool:
+def couples_samples(module: nn.Module) -> bool:
+    """Whether ``module`` mixes the samples of a batch (BatchNorm in train
+    mode, or without running statistics)."""
     return isinstance(module, _BatchNorm) and (
         module.training or not module.track_running_stats
     )
@@ -103,8 +134,8 @@ def _record_call(module: nn.Module, args, kwargs, output):
     # covers parameters used without a module call (MultiheadAttention's
     # out_proj, F.linear(x, self.child.weight))
     trainable = any(p.requires_grad for p in module.parameters())
-    couples_samples = _couples_samples(module)
-    if not (trainable or couples_samples):
+    coupled = couples_samples(module)
+    if not (trainable or coupled):
         return None
     output = separate_outputs(output)
     outputs, positions = graph_outputs(output)
@@ -112,7 +143,7 @@ def _record_call(module: nn.Module, args, kwargs, output):
     if not outputs:
         return None
     call = ModuleCall(
-        module, detach_tree(args), detach_tree(kwargs), couples_samples=couples_samples
+        module, detach_tree(args), detach_tree(kwargs), couples_samples=coupled
     )
     _how_it_ran(call, raw_inputs)
     attach(call, graph_inputs((args, kwargs)), outputs, positions)

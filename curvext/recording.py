@@ -88,6 +88,9 @@ def output_tensors(output) -> List[Tensor]:
 def graph_outputs(output) -> Tuple[List[Tensor], List[int]]:
     """Floating-point tensors in a module's output that are part of an
     autograd graph, and their positions among all floating-point ones."""
+    if isinstance(output, Tensor):  # the common case, without the walk
+        in_graph = output.grad_fn is not None and output.is_floating_point()
+        return ([output], [0]) if in_graph else ([], [])
     floating = [t for t in output_tensors(output) if t.is_floating_point()]
     positions = [i for i, t in enumerate(floating) if t.grad_fn is not None]
     return [floating[i] for i in positions], positions
@@ -106,10 +109,12 @@ def separate_outputs(output):
     autograd node (the fused ``LSTM``) cannot depend on each other and are
     kept.
     """
+    if type(output) not in (tuple, list):
+        return output
     tensors = [t for t in output_tensors(output) if t.grad_fn is not None]
     edges = {(t.grad_fn, get_gradient_edge(t).output_nr) for t in tensors}
     one_node = len({t.grad_fn for t in tensors}) == 1 and len(edges) == len(tensors)
-    if len(tensors) < 2 or one_node or type(output) not in (tuple, list):
+    if len(tensors) < 2 or one_node:
         return output
 
     def copy(obj):

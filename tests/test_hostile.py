@@ -577,3 +577,42 @@ def test_results_of_an_earlier_backward_do_not_survive():
     assert not hasattr(model.a.weight, "kfac")  # not asked for this time
     assert model.b.weight.note == "the user's own attribute"
     assert model.a.weight.ggn_diag.shape == model.a.weight.shape
+
+
+def test_copied_and_pickled_models_keep_their_own_results():
+    import io
+
+    model, loss_fn = extend(Branches()), extend(nn.CrossEntropyLoss())
+    X, y = torch.randn(N, 3), torch.randint(0, C, (N,))
+    with backpack(GGNDiag()):
+        loss_fn(model(X), y).backward()
+    copied = copy.deepcopy(model)
+    with backpack(GGNDiag()):
+        loss_fn(copied(X, use_b=False), y).backward()
+    assert hasattr(model.b.weight, "ggn_diag")  # the original's results stay
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    with backpack(GGNDiag()):
+        loss_fn(loaded(X), y).backward()
+    assert loaded.b.weight.ggn_diag.shape == loaded.b.weight.shape
+
+
+@pytest.mark.parametrize("layer", ["embedding", "generic"])
+def test_dense_kfac_factor_above_the_budget_is_refused_naming_the_parameter(monkeypatch, layer):
+    import curvext.modules.base
+
+    monkeypatch.setattr(curvext.modules.base, "DENSE_FACTOR_BYTES", 8 * 10 * 10)
+    if layer == "embedding":  # V = 11 > 10: an 11 x 11 input factor
+        model = nn.Sequential(nn.Embedding(11, 4), nn.Flatten(), nn.Linear(8, C))
+        X = torch.randint(0, 11, (N, 2))
+        match = r"'weight' of Embedding.*input factor over the vocabulary.*11 × 11"
+    else:  # Twice's weight [3, 4]: a 12 x 12 GGN block
+        model, X = TwoOutputs(Twice()), torch.randn(N, 3)
+        match = r"'weight' of Twice.*exact GGN block.*12 × 12.*GGNDiag"
+    model, loss_fn = extend(model), extend(nn.CrossEntropyLoss())
+    loss = loss_fn(model(X), torch.randint(0, C, (N,)))
+    with pytest.raises(ValueError, match=match):
+        with backpack(KFAC()):
+            loss.backward()

@@ -147,6 +147,13 @@ class CGInverse:
         return self._solve(matrix).reshape(rhs.shape)
 
     def _solve(self, rhs: Tensor) -> Tensor:
+        bad = (~torch.isfinite(rhs)).any(0).nonzero().flatten()
+        if bad.numel():
+            raise ValueError(
+                f"CGInverse: right-hand side(s) {bad[:5].tolist()} contain NaN or Inf; "
+                "no solve is defined. Check the vectors (a gradient that overflowed?) "
+                "before solving."
+            )
         solution = torch.zeros_like(rhs)
         rhs_norms = rhs.norm(dim=0)
         thresholds = self.tol * rhs_norms
@@ -182,7 +189,7 @@ class CGInverse:
             residual_norms[columns] = norms
             history.append(residual_norms.clone())
             iteration += 1
-            done = ~(norms > thresholds[columns])
+            done = norms <= thresholds[columns]
             if done.any():
                 if iterate is not solution:
                     solution[:, columns[done]] = iterate[:, done]
@@ -193,7 +200,7 @@ class CGInverse:
                 )
         if iterate is not solution:
             solution[:, columns] = iterate
-        active = residual_norms > thresholds
+        active = ~(residual_norms <= thresholds)  # NaN is never converged
         self.info = CGInfo(iteration, residual_norms, rhs_norms, ~active, history)
         if active.any():
             warnings.warn(
@@ -209,7 +216,17 @@ class CGInverse:
 
     @staticmethod
     def _check_curvature(curvature: Tensor, columns: Tensor, iteration: int) -> None:
-        """Raise if some ``p^T A p <= 0`` (``columns``: the right-hand sides' indices)."""
+        """Raise if some ``p^T A p <= 0`` or not finite (``columns``: the
+        right-hand sides' indices)."""
+        not_finite = (~torch.isfinite(curvature)).nonzero()
+        if not_finite.numel():
+            column = columns[not_finite[0, 0]].item()
+            raise ValueError(
+                f"CGInverse: A @ p is not finite (p^T A p = "
+                f"{curvature[not_finite[0, 0]].item()}) for right-hand side {column} at "
+                f"iteration {iteration}: A contains NaN or Inf (or overflows). Check "
+                "the operator (its data, damping, dtype) before solving."
+            )
         refused = (curvature <= 0).nonzero()
         if refused.numel():
             index = refused[0, 0]

@@ -23,6 +23,26 @@ from curvext.recording import ModuleCall
 #: the default reductions (they loop over chunks of columns beyond that).
 MAX_PER_SAMPLE_ELEMENTS = 2**26
 
+#: Largest dense KFAC factor (bytes) a rule builds: a parameter without
+#: Kronecker structure has its whole GGN block (``numel²`` entries) as its one
+#: factor, an ``Embedding`` a ``V × V`` input factor. Beyond this, a clear
+#: error instead of an out-of-memory; raise it where the memory is there.
+DENSE_FACTOR_BYTES = 2**30
+
+
+def check_dense_factor(module: nn.Module, name: str, size: int, dtype: torch.dtype, what: str):
+    """Raise if a dense ``size × size`` factor exceeds :data:`DENSE_FACTOR_BYTES`."""
+    needed = size * size * torch.empty((), dtype=dtype).element_size()
+    if needed > DENSE_FACTOR_BYTES:
+        raise ValueError(
+            f"KFAC of the parameter '{name}' of {type(module).__name__} needs {what}, a "
+            f"dense {size} × {size} matrix ({needed / 2**30:.1f} GiB in "
+            f"{str(dtype).replace('torch.', '')}), more than "
+            f"curvext.modules.base.DENSE_FACTOR_BYTES ({DENSE_FACTOR_BYTES / 2**30:.1f} GiB). "
+            "Leave it out of KFAC (p.requires_grad_(False) for that backward pass) "
+            "and use GGNDiag for it, or raise DENSE_FACTOR_BYTES if the memory is there."
+        )
+
 
 class ModuleRule:
     """Reductions of the per-sample vectors of one module's parameters.
@@ -207,6 +227,8 @@ class ModuleRule:
             flat = v.reshape(v.shape[0] * v.shape[1], -1)
             return flat.T @ flat
 
+        param = self.param(name)
+        check_dense_factor(self.module, name, param.numel(), param.dtype, "its exact GGN block")
         return self._chunked(name, grads, outer)
 
     def kfac_grad_dim(self, name: str) -> int:

@@ -14,7 +14,7 @@ from typing import Tuple
 import torch
 from torch import Tensor
 
-from curvext.modules.base import ModuleRule
+from curvext.modules.base import ModuleRule, check_dense_factor
 
 
 class EmbeddingRule(ModuleRule):
@@ -103,6 +103,7 @@ class EmbeddingRule(ModuleRule):
         indices = torch.cat([self._indices(c) for c in self.calls], 1)
         rows = self.module.num_embeddings
         weight = self.module.weight
+        check_dense_factor(self.module, name, rows, weight.dtype, "an input factor over the vocabulary")
         # padding positions have no input: PyTorch never updates that row
         present = torch.ones_like(indices, dtype=weight.dtype)
         if self.module.padding_idx is not None:

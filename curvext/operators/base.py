@@ -390,7 +390,12 @@ class CurvatureOperator:
     def __matmul__(self, other: Operand) -> Operand:
         """``self @ other``, ``other`` ``[P]``, ``[P, M]`` or a list shaped like ``params``.
 
-        The result has the form of ``other``.
+        The result has the form of ``other``. **Dtypes** (one rule for every
+        operator): the product is computed in the operator's dtype (``other``
+        is cast to it) and returned in ``torch.promote_types`` of the two, so
+        a float32 operator times a float64 vector gives float64 with the
+        operator's float32 accuracy, and a float64 operator times a float32
+        vector computes in float64.
 
         Raises:
             ValueError: If ``other``'s shape is none of these (the message
@@ -401,7 +406,9 @@ class CurvatureOperator:
         if operand is None:
             return NotImplemented
         matrix, form = operand
-        return operand_like(self._matmat(matrix), form, shapes)
+        result_dtype = torch.promote_types(self.dtype, matrix.dtype)
+        product = self._matmat(matrix.to(self.dtype)).to(result_dtype)
+        return operand_like(product, form, shapes)
 
     def _check_same(self, other: "CurvatureOperator") -> None:
         """Raise unless ``other`` has this class and these parameters, in order."""

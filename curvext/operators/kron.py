@@ -120,6 +120,41 @@ def _singular_error(owner: str, where: str, damping: float) -> ValueError:
     )
 
 
+def check_conditioned(
+    values: Tensor, size: int, owner: str, where: str, damping: float
+) -> None:
+    r"""Raise unless a block with eigenvalues ``values`` is safely invertible.
+
+    Eigenvalues computed from a matrix of size ``size`` carry rounding errors
+    of about ``√size · eps · λ_max`` in practice (``size · eps · λ_max`` in the
+    worst case, NumPy's rank threshold); an eigenvalue below that is noise
+    (type-2 KFAC of one sample is rank-deficient, say), and inverting it
+    returns values of ``1/eps`` and more instead of an error.
+
+    Args:
+        values: The (damped) eigenvalues of the block.
+        size: The size of the matrices they were computed from.
+        owner: ``"KronOperator"``, ...
+        where: Which block, for the message.
+        damping: The damping asked for, for the message.
+    """
+    magnitudes = values.abs()
+    largest = magnitudes.max()
+    limit = math.sqrt(size) * torch.finfo(values.dtype).eps * largest
+    if not bool(largest > 0):
+        raise _singular_error(owner, where, damping)
+    if bool((magnitudes <= limit).any()):
+        smallest = magnitudes.min().item()
+        suggested = max(10 * limit.item(), 1e-3 * largest.item()) or 1.0
+        raise ValueError(
+            f"{owner}.inverse(damping={damping}): {where} is singular (numerically, in "
+            f"{str(values.dtype).replace('torch.', '')}): its smallest eigenvalue "
+            f"{smallest:.3g} is below √size·eps·λ_max = {limit.item():.3g}, so its inverse "
+            f"would be rounding noise. Pass a damping of at least {10 * limit.item():.3g} "
+            f"(e.g. damping={suggested:.3g}, 1e-3·λ_max)."
+        )
+
+
 class KronOperator(CurvatureOperator):
     r"""Block-diagonal :math:`\bigoplus_i (s_i \bigotimes_j F_{ij} + \sigma_i I)`.
 
@@ -445,13 +480,24 @@ class KronOperator(CurvatureOperator):
         eigenvalue ``tr(F_j) / dim F_j``, factor :math:`j` of :math:`k` gets
         :math:`\max(\delta^{1/k} m_j / (\prod_i m_i)^{1/k}, \text{min\_damping})`,
         i.e. :math:`\pi\sqrt\delta` and :math:`\sqrt\delta/\pi` with
-        :math:`\pi = \sqrt{m_A/m_B}` for two factors. One-factor blocks, and
-        blocks with a mean eigenvalue ``<= 0``, get plain ``damping``. (curvlinops
-        damps a bias with its weight's π-damped output factor instead: curvext's
-        weight and bias are separate blocks, so the two differ on biases.)
+        :math:`\pi = \sqrt{m_A/m_B}` for two factors. Blocks with a mean
+        eigenvalue ``<= 0`` get plain ``damping``. A one-factor block whose
+        factor is also a factor of another block (a bias and its weight share
+        the output-side factor ``G``: the bias is the weight's column for a
+        constant input) gets that factor's π-damping there, as in curvlinops;
+        other one-factor blocks get plain ``damping``.
         """
         factors = self._scaled_factors(index)
         count = len(factors)
+        if use_heuristic_damping and count == 1:
+            for other, block in enumerate(self.factors):
+                for position, factor in enumerate(block):
+                    shared = factor is self.factors[index][0] and len(block) >= 2
+                    if shared and self.scales[other] == self.scales[index]:
+                        dampings = self._factor_dampings(
+                            other, damping, use_heuristic_damping, min_damping
+                        )
+                        return [dampings[position]]
         if use_heuristic_damping and count >= 2:
             means = [(f.trace() / f.shape[0]).item() for f in factors]
             if all(m > 0 for m in means):
@@ -500,7 +546,8 @@ class KronOperator(CurvatureOperator):
             ValueError: For a negative or non-finite ``damping``/``min_damping``,
                 both ``use_heuristic_damping`` and ``use_exact_damping``,
                 factor-wise damping of an operator with an identity term, or a
-                singular (damped) block.
+                (damped) block that is singular or numerically singular: an
+                eigenvalue below ``√size · eps · λ_max`` (:func:`check_conditioned`).
 
         Example:
             >>> layer = torch.nn.Linear(2, 2, bias=False)
@@ -554,9 +601,17 @@ class KronOperator(CurvatureOperator):
 
     def _inverse_factor(self, factor: Tensor, damping: float, index: int) -> Tensor:
         """``(factor + damping I)⁻¹``: Cholesky when positive definite, LU otherwise."""
-        damped = factor + damping * torch.eye(
-            factor.shape[0], dtype=factor.dtype, device=factor.device
-        )
+        size = factor.shape[0]
+        damped = factor + damping * torch.eye(size, dtype=factor.dtype, device=factor.device)
+        # λ_min >= δ and λ_max <= trace for a positive semi-definite factor: only
+        # a damping below √size·eps·trace needs the eigenvalues to be sure
+        trace = float(factor.diagonal().sum())
+        limit = math.sqrt(size) * torch.finfo(factor.dtype).eps * abs(trace)
+        if damping <= limit or trace < 0:
+            check_conditioned(
+                torch.linalg.eigvalsh(damped), size, "KronOperator",
+                f"a factor of {_where(self, index)}", damping,
+            )
         cholesky, info = torch.linalg.cholesky_ex(damped)
         if info.item() == 0:
             return torch.cholesky_inverse(cholesky)
@@ -614,8 +669,8 @@ class KronOperator(CurvatureOperator):
         for index in range(len(self.params)):
             vectors, values = self._eigenvalues(index, decompositions)
             values = values + damping
-            if (values == 0).any():
-                raise _singular_error("KronOperator", _where(self, index), damping)
+            size = sum(vector.shape[0] for vector in vectors)
+            check_conditioned(values, size, "KronOperator", _where(self, index), damping)
             eigenvectors.append(vectors)
             eigenvalues.append(values.reciprocal())
         return KronEigenOperator(self.params, eigenvectors, eigenvalues)
@@ -732,15 +787,15 @@ class KronEigenOperator(CurvatureOperator):
         r""":math:`\bigoplus_i Q_i (\Lambda_i + \delta I)^{-1} Q_i^\top`.
 
         Raises:
-            ValueError: For a negative or non-finite ``damping``, or a zero
-                damped eigenvalue.
+            ValueError: For a negative or non-finite ``damping``, or a damped
+                eigenvalue below rounding (:func:`check_conditioned`).
         """
         damping = check_damping(damping)
         inverses = []
         for index, values in enumerate(self.eigenvalues):
             damped = values + damping
-            if (damped == 0).any():
-                raise _singular_error("KronEigenOperator", _where(self, index), damping)
+            size = sum(vector.shape[0] for vector in self.eigenvectors[index])
+            check_conditioned(damped, size, type(self).__name__, _where(self, index), damping)
             inverses.append(damped.reciprocal())
         return self._with_eigenvalues(inverses)
 

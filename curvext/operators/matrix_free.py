@@ -73,6 +73,7 @@ from curvext.distributed import (
     raise_on_failure,
     resolve_ranks,
 )
+from curvext.extend import couples_samples
 from curvext.losses import LossRule, loss_rule
 from curvext.operators.base import CurvatureOperator, check_damping
 from curvext.operators.data import _tqdm, _unpack
@@ -221,8 +222,22 @@ class _DataSetOperator(CurvatureOperator):
         # time (or in chunks of _CONV_CHUNK_COLUMNS): see the constants
         self._convolutional = any(isinstance(m, nn.modules.conv._ConvNd) for m in model.modules())
         self._factor, self._shift, self._summands = 1.0, 0.0, ()
+        self._check_independent_samples()
         if check_deterministic:
             self._check_deterministic()
+
+    def _check_independent_samples(self) -> None:
+        """Refuse BatchNorm in train mode: it couples the samples and would
+        update its running statistics on every product."""
+        for module in self.model.modules():
+            if couples_samples(module):
+                raise ValueError(
+                    f"{type(self).__name__}: {module} normalises with batch statistics "
+                    "(train mode), which couples the samples of a batch, and every "
+                    "product would update its running statistics. Call model.eval() "
+                    "(BatchNorm then uses its running statistics) or replace BatchNorm "
+                    "with GroupNorm/LayerNorm."
+                )
 
     # ---- one batch, one pass ------------------------------------------------
 
@@ -266,6 +281,7 @@ class _DataSetOperator(CurvatureOperator):
         the batch and sample counts and the fingerprints of ``matrix`` and the
         parameters.
         """
+        self._check_independent_samples()  # the model may be in train mode by now
         owner = type(self).__name__
         ranks = resolve_ranks(self.distributed, owner)
         # contiguous [M, *p.shape] once per pass: the reshape of block.T is a

@@ -1,0 +1,176 @@
+"""Operators and solvers at the edges: non-finite input, numerically singular
+factors, BatchNorm in train mode, mixed dtypes, π-damping of biases.
+
+References: ``torch.linalg.solve``/dense products in float64, curvlinops'
+``KFACInverseLinearOperator`` for the damping, and the model's own state
+for "no mutation".
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from curvext.functional import ihvp_at_x_cg
+from curvext.linalg import CGInverse
+from curvext.operators import (
+    DiagonalOperator,
+    EKFACOperator,
+    GGNOperator,
+    HessianOperator,
+    KronOperator,
+)
+
+
+def spd(n: int = 4) -> torch.Tensor:
+    M = torch.randn(n, n)
+    return M @ M.T + n * torch.eye(n)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_cg_refuses_non_finite_right_hand_sides(bad):
+    rhs = torch.randn(4, 3)
+    rhs[2, 1] = bad
+    with pytest.raises(ValueError, match=r"right-hand side\(s\) \[1\] contain NaN or Inf"):
+        CGInverse(spd()) @ rhs
+
+
+def test_cg_refuses_non_finite_operator():
+    A = spd()
+    A[0, 1] = A[1, 0] = float("nan")
+    with pytest.raises(ValueError, match="A @ p is not finite.*NaN or Inf"):
+        CGInverse(A) @ torch.randn(4)
+
+
+def test_cg_never_reports_nan_as_converged():
+    inverse = CGInverse(spd())
+    inverse @ torch.randn(4)
+    assert bool(inverse.info.converged.all())
+
+
+def test_ihvp_at_x_cg_refuses_non_finite_vectors():
+    x = torch.randn(3)
+    ihvp = ihvp_at_x_cg(lambda x: (x**4).sum() + x.square().sum(), x)
+    with pytest.raises(ValueError, match="contain NaN or Inf"):
+        ihvp(torch.tensor([1.0, float("nan"), 0.0]))
+
+
+def one_sample_problem(dtype=torch.float64):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 4)).to(dtype)
+    X, y = torch.randn(1, 6, dtype=dtype), torch.randint(0, 4, (1,))
+    return model, nn.CrossEntropyLoss(), [(X, y)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_kron_inverse_of_rank_deficient_factors_is_refused(dtype):
+    """Type-2 KFAC of one sample: every factor has rank one, so the undamped
+    inverse is rounding noise (1e10 and more); a damping above the noise works."""
+    model, loss_fn, data = one_sample_problem(dtype)
+    K = KronOperator.from_data(model, loss_fn, data, fisher_type="type-2")
+    with pytest.raises(ValueError, match=r"is singular \(numerically.*Pass a damping of at least"):
+        K.inverse()
+    with pytest.raises(ValueError, match="singular"):
+        K.inverse(use_exact_damping=True)
+    damping = 1e-2
+    damped = K.inverse(damping=damping).to_dense()
+    # (A + δI)⁻¹ ⊗ (G + δI)⁻¹ with positive semi-definite factors: at most 1/δ²
+    assert torch.isfinite(damped).all()
+    assert damped.abs().max() <= (1 + 1e-4) / damping**2
+
+
+def test_ekfac_inverse_of_rank_deficient_corrections_is_refused():
+    model, loss_fn, data = one_sample_problem()
+    E = EKFACOperator.from_data(model, loss_fn, data)
+    with pytest.raises(ValueError, match=r"EKFACOperator.inverse.*is singular \(numerically"):
+        E.inverse(0.0)
+    assert torch.isfinite(E.inverse(1e-3).to_dense()).all()
+
+
+def test_well_conditioned_undamped_inverse_is_exact():
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(3, 2))
+    X, y = torch.randn(40, 3), torch.randn(40, 2)
+    K = KronOperator.from_data(model, nn.MSELoss(), [(X, y)], fisher_type="type-2")
+    torch.testing.assert_close(
+        K.inverse().to_dense(), torch.linalg.inv(K.to_dense()), rtol=1e-8, atol=1e-10
+    )
+
+
+def bn_model():
+    torch.manual_seed(2)
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Tanh(), nn.Linear(4, 2))
+    X, y = torch.randn(8, 3), torch.randint(0, 2, (8,))
+    return model, [(X, y)]
+
+
+@pytest.mark.parametrize("operator", [HessianOperator, GGNOperator])
+def test_batchnorm_in_train_mode_is_refused_and_state_kept(operator):
+    model, data = bn_model()
+    params = list(model.parameters())
+    state = copy.deepcopy(model.state_dict())
+    with pytest.raises(ValueError, match=r"(?s)BatchNorm1d.*train mode.*model.eval\(\)"):
+        operator(model, nn.CrossEntropyLoss(), params, data)
+    model.eval()
+    op = operator(model, nn.CrossEntropyLoss(), params, data)
+    model.train()  # switched back after construction: refused at the product
+    with pytest.raises(ValueError, match="train mode"):
+        op @ torch.randn(op.shape[0])
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, state[name]), name
+
+
+def float32_operators():
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).float()
+    X, y = torch.randn(10, 3), torch.randint(0, 2, (10,))
+    params = list(model.parameters())
+    data = [(X.float(), y)]
+    return {
+        "kron": KronOperator.from_data(model, nn.CrossEntropyLoss(), data),
+        "diagonal": DiagonalOperator.from_data(model, nn.CrossEntropyLoss(), data),
+        "ggn": GGNOperator(model, nn.CrossEntropyLoss(), params, data),
+        "kron_inverse": KronOperator.from_data(model, nn.CrossEntropyLoss(), data).inverse(1e-2),
+    }
+
+
+@pytest.mark.parametrize("name", ["kron", "diagonal", "ggn", "kron_inverse"])
+def test_one_dtype_rule_for_every_operator(name):
+    """float32 operator @ float64 vector: float64 result, float32 accuracy;
+    float32 @ float32 stays float32."""
+    op = float32_operators()[name]
+    assert op.dtype == torch.float32
+    v = torch.randn(op.shape[0], dtype=torch.float64)
+    expected = op.to_dense().double() @ v
+    result = op @ v
+    assert result.dtype == torch.float64
+    torch.testing.assert_close(result, expected, rtol=1e-5, atol=1e-6)
+    assert (op @ v.float()).dtype == torch.float32
+    assert (op @ v.float()[:, None].repeat(1, 2)).dtype == torch.float32
+
+
+def test_heuristic_damping_of_biases_matches_curvlinops():
+    curvlinops = pytest.importorskip("curvlinops")
+    torch.manual_seed(4)
+    model = nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 2))
+    X, y = torch.randn(20, 3), torch.randint(0, 2, (20,))
+    data = [(X[:12], y[:12]), (X[12:], y[12:])]
+    params = list(model.parameters())
+    K = KronOperator.from_data(model, nn.CrossEntropyLoss(), data, fisher_type="type-2")
+    reference_kfac = curvlinops.KFACLinearOperator(
+        model, nn.CrossEntropyLoss(), params, data, fisher_type="type-2",
+        separate_weight_and_bias=True, check_deterministic=False,
+    )
+    reference = curvlinops.KFACInverseLinearOperator(
+        reference_kfac, damping=1e-2, use_heuristic_damping=True, min_damping=1e-8
+    )
+    identity = torch.eye(K.shape[0])
+    torch.testing.assert_close(
+        K.inverse(damping=1e-2, use_heuristic_damping=True) @ identity,
+        reference @ identity,
+        rtol=1e-8,
+        atol=1e-10,
+    )
