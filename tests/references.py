@@ -365,11 +365,17 @@ def kfac_reference(
     return factors
 
 
+def dense_factor(factor: Tensor) -> Tensor:
+    """A KFAC factor as a matrix: curvext stores a diagonal factor (an
+    embedding's input factor) as its diagonal, 1-D."""
+    return torch.diag(factor) if factor.dim() == 1 else factor
+
+
 def kron(factors: list[Tensor]) -> Tensor:
     """Kronecker product of a list of factors (a single factor is itself)."""
-    result = factors[0]
+    result = dense_factor(factors[0])
     for factor in factors[1:]:
-        result = torch.kron(result, factor)
+        result = torch.kron(result, dense_factor(factor))
     return result
 
 

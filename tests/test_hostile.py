@@ -604,15 +604,15 @@ def test_dense_kfac_factor_above_the_budget_is_refused_naming_the_parameter(monk
     import curvext.modules.base
 
     monkeypatch.setattr(curvext.modules.base, "DENSE_FACTOR_BYTES", 8 * 10 * 10)
-    if layer == "embedding":  # V = 11 > 10: an 11 x 11 input factor
+    if layer == "embedding":  # V = 11 > 10: an 11 x 11 reduce input factor
         model = nn.Sequential(nn.Embedding(11, 4), nn.Flatten(), nn.Linear(8, C))
         X = torch.randint(0, 11, (N, 2))
-        match = r"'weight' of Embedding.*input factor over the vocabulary.*11 × 11"
+        match = r"'weight' of Embedding.*reduce input factor over the vocabulary.*11 × 11"
     else:  # Twice's weight [3, 4]: a 12 x 12 GGN block
         model, X = TwoOutputs(Twice()), torch.randn(N, 3)
         match = r"'weight' of Twice.*exact GGN block.*12 × 12.*GGNDiag"
     model, loss_fn = extend(model), extend(nn.CrossEntropyLoss())
     loss = loss_fn(model(X), torch.randint(0, C, (N,)))
     with pytest.raises(ValueError, match=match):
-        with backpack(KFAC()):
+        with backpack(KFAC(kfac_approx="reduce")):
             loss.backward()

@@ -29,7 +29,7 @@ from tests.cases import (
     run_case,
     trainable,
 )
-from tests.references import kfac_reference, kron
+from tests.references import dense_factor, kfac_reference, kron
 
 APPROXIMATIONS = ["expand", "reduce"]
 FISHER_TYPES = ["mc", "type-2", "empirical", "forward-only"]
@@ -79,7 +79,12 @@ def test_factors_match_reference(case, fisher_type, kfac_approx):
             for i, (factor, expected_factor) in enumerate(
                 zip(factors, expected_factors)
             ):
-                assert_close(factor, expected_factor, msg=f"{label} factor {i}")
+                if factor.dim() == 1:  # stored as its diagonal: the rest must be 0
+                    assert_close(
+                        expected_factor, torch.diag(expected_factor.diagonal()),
+                        msg=f"{label} factor {i} is diagonal",
+                    )
+                assert_close(dense_factor(factor), expected_factor, msg=f"{label} factor {i}")
 
 
 def single_factor_params(case):
@@ -161,9 +166,34 @@ def test_kron_is_symmetric_psd(case, fisher_type, kfac_approx):
         factors = param.kfac
         assert isinstance(factors, (list, tuple)) and len(factors) >= 1, name
         for factor in factors:
+            if factor.ndim == 1:  # a diagonal factor, stored as its diagonal
+                continue
             assert factor.ndim == 2 and factor.shape[0] == factor.shape[1], name
             assert_close(factor, factor.T, msg=f"{name} symmetric")
         matrix = kron(factors)
         assert matrix.shape == (param.numel(), param.numel()), name
         eigenvalues = torch.linalg.eigvalsh(matrix)
         assert eigenvalues.min() >= -1e-10 * max(1.0, eigenvalues.abs().max()), name
+
+
+@pytest.mark.parametrize("kfac_approx", ["expand", "reduce"])
+def test_embedding_input_factor_is_stored_as_its_diagonal(kfac_approx):
+    """Expand: the covariance of one-hot rows is diagonal and stored ``[V]``
+    (the token frequencies, padding positions left out); reduce: dense."""
+    from curvext import backpack, extend
+
+    torch.manual_seed(0)
+    embedding = torch.nn.Embedding(7, 3, padding_idx=1)
+    model = extend(torch.nn.Sequential(embedding, torch.nn.Flatten(), torch.nn.Linear(12, 2)))
+    loss_fn = extend(torch.nn.CrossEntropyLoss())
+    tokens = torch.randint(0, 7, (5, 4))
+    with backpack(KFAC(kfac_approx=kfac_approx)):
+        loss_fn(model(tokens), torch.randint(0, 2, (5,))).backward()
+    input_factor = embedding.weight.kfac[0]
+    if kfac_approx == "expand":
+        present = tokens.flatten()[tokens.flatten() != 1]
+        expected = torch.bincount(present, minlength=7).double() / tokens.numel()
+        assert input_factor.shape == (7,)
+        assert_close(input_factor, expected)
+    else:
+        assert input_factor.shape == (7, 7)

@@ -174,3 +174,84 @@ def test_heuristic_damping_of_biases_matches_curvlinops():
         rtol=1e-8,
         atol=1e-10,
     )
+
+
+def embedding_kron():
+    torch.manual_seed(5)
+    model = nn.Sequential(nn.Embedding(6, 3), nn.Flatten(), nn.Linear(6, 2))
+    X, y = torch.randint(0, 5, (9, 2)), torch.randint(0, 2, (9,))  # token 5 never seen
+    K = KronOperator.from_data(model, nn.CrossEntropyLoss(), [(X, y)], fisher_type="type-2")
+    return model, K
+
+
+def dense_blocks(K, transform):
+    """Dense linear algebra on each block built with torch.kron."""
+    from tests.references import kron
+
+    return torch.block_diag(*[transform(kron(block)) for block in K.factors])
+
+
+def test_kron_operator_with_a_diagonal_embedding_factor():
+    """The embedding's input factor is 1-D; every operation against dense
+    linear algebra on the block matrices."""
+    _, K = embedding_kron()
+    assert K.factors[0][0].shape == (6,)
+    dense = dense_blocks(K, lambda block: block)
+    v = torch.randn(K.shape[0], 3)
+    torch.testing.assert_close(K.to_dense(), dense)
+    torch.testing.assert_close(K @ v, dense @ v)
+    torch.testing.assert_close(K.diag(), dense.diagonal())
+    torch.testing.assert_close(K.trace(), dense.trace())
+    torch.testing.assert_close(K.frobenius_norm(), dense.norm())
+    shifted = K + 0.3
+    torch.testing.assert_close(shifted.logdet(), torch.logdet(dense + 0.3 * torch.eye(len(dense))))
+    exact = K.inverse(damping=0.3, use_exact_damping=True)
+    torch.testing.assert_close(exact @ v, torch.linalg.solve(dense + 0.3 * torch.eye(len(dense)), v))
+    identity = torch.eye(K.shape[0])
+    factorwise = K.inverse(damping=0.3)
+    from tests.references import dense_factor
+
+    expected = torch.block_diag(
+        *[
+            torch.linalg.inv(dense_factor(block[0]) + 0.3 * torch.eye(block[0].shape[0]))
+            if len(block) == 1
+            else torch.kron(
+                torch.linalg.inv(dense_factor(block[0]) + 0.3 * torch.eye(block[0].shape[0])),
+                torch.linalg.inv(dense_factor(block[1]) + 0.3 * torch.eye(block[1].shape[0])),
+            )
+            for block in K.factors
+        ]
+    )
+    torch.testing.assert_close(factorwise @ identity, expected)
+    decomposed = K.decompose() + 0.3
+    torch.testing.assert_close(decomposed.logdet(), torch.logdet(dense + 0.3 * torch.eye(len(dense))))
+    with pytest.raises(ValueError, match="singular"):  # the unseen token's row
+        K.inverse()
+
+
+def test_ekfac_with_a_diagonal_embedding_factor():
+    """EKFAC's basis of a diagonal factor is the identity: the corrected
+    eigenvalues of the embedding block are the exact GGN diagonal there
+    (the eigenbasis of A ⊗ G is e_v ⊗ Q_G)."""
+    model, _ = embedding_kron()
+    torch.manual_seed(5)
+    X, y = torch.randint(0, 5, (9, 2)), torch.randint(0, 2, (9,))
+    E = EKFACOperator.from_data(model, nn.CrossEntropyLoss(), [(X, y)])
+    assert E.eigenvectors[0][0].shape == (6,)
+    from tests.references import GraphReference
+
+    reference = GraphReference(model(X), [model[0].weight], lambda f: nn.CrossEntropyLoss()(f, y))
+    block = reference.ggn()
+    basis = torch.kron(torch.eye(6), E.eigenvectors[0][1].contiguous())
+    torch.testing.assert_close(E.eigenvalues[0], (basis.T @ block @ basis).diagonal())
+
+
+def test_large_vocabulary_kfac_stays_small():
+    """A GPT-2-sized vocabulary: the dense V x V factor would be 10 GB."""
+    vocabulary = 50_257
+    model = nn.Sequential(nn.Embedding(vocabulary, 2), nn.Flatten(), nn.Linear(6, 2))
+    X, y = torch.randint(0, vocabulary, (4, 3)), torch.randint(0, 2, (4,))
+    K = KronOperator.from_data(model, nn.CrossEntropyLoss(), [(X, y)])
+    assert K.factors[0][0].shape == (vocabulary,)
+    step = K.inverse(damping=1e-3) @ torch.randn(K.shape[0])
+    assert torch.isfinite(step).all()

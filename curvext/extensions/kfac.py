@@ -22,6 +22,10 @@ Linear and Conv layers, ``[A, G]`` for weights ``[in, out, ...]`` of
 transposed convolutions and ``[V, D]`` of embeddings, ``[G]`` for biases.
 Parameters without Kronecker structure (normalisation layers, the generic
 rule) get one factor: their whole GGN block (``I`` for ``"forward-only"``).
+A 1-D factor is the diagonal of a diagonal factor: an embedding's input
+factor ``A`` (``"expand"``), the covariance of one-hot rows, is stored as the
+token frequencies ``[V]``; ``torch.kron(torch.diag(A), G)`` is the block, and
+every operator of :mod:`curvext.operators` takes the 1-D factor as it is.
 """
 
 from __future__ import annotations

@@ -75,6 +75,7 @@ from curvext.extend import extend
 from curvext.extensions import BatchGrad, GGNDiag, SqrtGGN, SumGradSquared
 from curvext.extensions.base import Extension
 from curvext.operators.data import _KFACForData
+from curvext.operators.kron import as_matrix
 
 
 class _CurvextInterface:
@@ -166,8 +167,13 @@ class _CurvextInterface:
             flags = extension.loss_scaled[id(p)]
             # the input-side factor is a batch average: weight it by M/N so
             # that laplace's factor-wise sum over batches averages over the set
+            # laplace-torch's Kron takes matrices: a diagonal (1-D) factor is
+            # made dense here
             kfacs.append(
-                [b.detach() * (1.0 if scaled else scale) for b, scaled in zip(blocks, flags)]
+                [
+                    as_matrix(b.detach()) * (1.0 if scaled else scale)
+                    for b, scaled in zip(blocks, flags)
+                ]
             )
         return self.factor * loss, self.factor * Kron(kfacs)
 

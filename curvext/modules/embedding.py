@@ -103,15 +103,20 @@ class EmbeddingRule(ModuleRule):
         indices = torch.cat([self._indices(c) for c in self.calls], 1)
         rows = self.module.num_embeddings
         weight = self.module.weight
-        check_dense_factor(self.module, name, rows, weight.dtype, "an input factor over the vocabulary")
         # padding positions have no input: PyTorch never updates that row
         present = torch.ones_like(indices, dtype=weight.dtype)
         if self.module.padding_idx is not None:
             present = present * (indices != self.module.padding_idx)
         if approx == "expand":
+            # the covariance of one-hot rows is diagonal: the token frequencies,
+            # stored as a 1-D factor (a diagonal; never the V x V matrix)
             counts = torch.zeros(rows, dtype=weight.dtype, device=weight.device)
             counts.index_add_(0, indices.flatten(), present.flatten())
-            return torch.diag(counts / indices.numel())
+            return counts / indices.numel()
+        check_dense_factor(
+            self.module, name, rows, weight.dtype,
+            "a reduce input factor over the vocabulary (means of one-hot rows)",
+        )
         one_hot = torch.nn.functional.one_hot(indices, rows).to(weight.dtype)
         mean_one_hot = (one_hot * present.unsqueeze(-1)).mean(1)
         return (mean_one_hot.T @ mean_one_hot) / indices.shape[0]

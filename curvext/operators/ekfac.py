@@ -47,7 +47,14 @@ from curvext.operators.data import (
     _KFACForData,
     accumulate_over_data,
 )
-from curvext.operators.kron import KronEigenOperator, KronOperator, _cached, kron_matmat
+from curvext.operators.kron import (
+    KronEigenOperator,
+    KronOperator,
+    _cached,
+    factor_eigh,
+    factor_transpose,
+    kron_matmat,
+)
 
 #: Fisher types EKFAC supports (``"forward-only"`` has no per-sample vectors).
 EKFAC_FISHER_TYPES = ("type-2", "mc", "empirical")
@@ -64,7 +71,7 @@ def eigenvalue_corrections(
         >>> torch.allclose(eigenvalue_corrections(V, [Q]), (Q.T @ V.T @ V @ Q).diagonal(), atol=1e-5)
         True
     """
-    rotated = kron_matmat([q.T for q in eigenvectors], vectors.T)
+    rotated = kron_matmat([factor_transpose(q) for q in eigenvectors], vectors.T)
     return rotated.square_().sum(1)
 
 
@@ -75,7 +82,7 @@ def _rotate(sides: Tensor, basis: Tensor) -> Tensor:
 
 
 def _eigenvectors(factor: Tensor) -> Tensor:
-    return torch.linalg.eigh(factor).eigenvectors
+    return factor_eigh(factor)[1]
 
 
 class _EKFACCorrections(_ForData, KFAC):

@@ -47,18 +47,61 @@ from curvext.operators.base import (
 )
 
 
+def as_matrix(factor: Tensor) -> Tensor:
+    """A factor as a matrix: a 1-D factor is the diagonal of a diagonal one
+    (``Embedding``'s input factor ``[V]``), stored without its ``V²`` zeros."""
+    return torch.diag(factor) if factor.dim() == 1 else factor
+
+
+def factor_size(factor: Tensor) -> int:
+    return factor.shape[0]
+
+
+def factor_diagonal(factor: Tensor) -> Tensor:
+    return factor if factor.dim() == 1 else factor.diagonal()
+
+
+def factor_trace(factor: Tensor) -> Tensor:
+    return factor.sum() if factor.dim() == 1 else factor.trace()
+
+
+def factor_transpose(factor: Tensor) -> Tensor:
+    return factor if factor.dim() == 1 else factor.T
+
+
+def factor_eigh(factor: Tensor) -> Tuple[Tensor, Tensor]:
+    """``(eigenvalues, eigenvectors)``; a diagonal factor's eigenvectors are
+    the identity, stored as the diagonal factor of ones."""
+    if factor.dim() == 1:
+        return factor, torch.ones_like(factor)
+    decomposition = torch.linalg.eigh(factor)
+    return decomposition.eigenvalues, decomposition.eigenvectors
+
+
+def factor_slogdet(factor: Tensor) -> Tuple[Tensor, Tensor]:
+    if factor.dim() == 1:
+        return factor.sign().prod(), factor.abs().log().sum()
+    return tuple(torch.linalg.slogdet(factor))
+
+
 def kron_matmat(factors: Sequence[Tensor], matrix: Tensor) -> Tensor:
     r""":math:`(F_1 \otimes \dots \otimes F_k) X` for ``X`` ``[d, M]``, factor by factor.
+
+    A 1-D factor is a diagonal matrix (see :func:`as_matrix`).
 
     Example:
         >>> A, B, X = torch.randn(2, 2), torch.randn(3, 3), torch.randn(6, 4)
         >>> torch.allclose(kron_matmat([A, B], X), torch.kron(A, B) @ X, atol=1e-6)
         True
+        >>> a = torch.rand(2)
+        >>> torch.allclose(kron_matmat([a, B], X), torch.kron(torch.diag(a), B) @ X, atol=1e-6)
+        True
     """
     columns = matrix.shape[-1]
     if len(factors) == 1:
-        return factors[0] @ matrix
-    if len(factors) == 2:
+        factor = factors[0]
+        return factor.unsqueeze(1) * matrix if factor.dim() == 1 else factor @ matrix
+    if len(factors) == 2 and all(f.dim() == 2 for f in factors):
         # one GEMM per factor, no copy for a single column: F₁ X is [n₁, n₂ M],
         # then every row block times F₂ᵀ
         first, second = factors
@@ -66,15 +109,26 @@ def kron_matmat(factors: Sequence[Tensor], matrix: Tensor) -> Tensor:
         left = (first @ matrix.reshape(rows, inner * columns)).reshape(-1, inner, columns)
         both = left.transpose(1, 2) @ second.T  # [n₁, M, n₂]
         return both.transpose(1, 2).reshape(-1, columns)
-    tensor = matrix.reshape(*(f.shape[1] for f in factors), columns)
+    tensor = matrix.reshape(*(factor_size(f) for f in factors), columns)
     for axis, factor in enumerate(factors):
-        tensor = torch.tensordot(factor, tensor, dims=([1], [axis])).movedim(0, axis)
+        if factor.dim() == 1:
+            shape = [1] * tensor.dim()
+            shape[axis] = -1
+            tensor = tensor * factor.view(shape)
+        else:
+            tensor = torch.tensordot(factor, tensor, dims=([1], [axis])).movedim(0, axis)
     return tensor.reshape(-1, columns)
 
 
 def dense_kron(factors: Sequence[Tensor]) -> Tensor:
-    """``torch.kron`` of one or more factors (matrices or vectors)."""
+    """``torch.kron`` of one or more vectors (eigenvalues, diagonals)."""
     return functools.reduce(torch.kron, factors)
+
+
+def dense_kron_matrix(factors: Sequence[Tensor]) -> Tensor:
+    """``torch.kron`` of factors as matrices (1-D factors are diagonals)."""
+    # torch.kron fails on some strides (eigh returns column-major vectors)
+    return functools.reduce(torch.kron, [as_matrix(f).contiguous() for f in factors])
 
 
 def _blockwise(
@@ -162,7 +216,9 @@ class KronOperator(CurvatureOperator):
         params: The parameters (order = order of the blocks).
         factors: One list of square factors per parameter whose sizes
             multiply to the parameter's number of entries
-            (``torch.kron(*factors)`` is the block w.r.t. ``p.flatten()``).
+            (``torch.kron(*factors)`` is the block w.r.t. ``p.flatten()``); a
+            1-D factor is the diagonal of a diagonal factor (``Embedding``'s
+            input factor), never made dense.
         scales: :math:`s_i` per block (default 1).
         shifts: :math:`\sigma_i` per block (default 0).
 
@@ -191,7 +247,9 @@ class KronOperator(CurvatureOperator):
                 f"({len(params)} parameters), got {len(factors)}."
             )
         for index, (param, block) in enumerate(zip(params, factors)):
-            square = all(f.ndim == 2 and f.shape[0] == f.shape[1] for f in block)
+            square = all(
+                f.ndim == 1 or (f.ndim == 2 and f.shape[0] == f.shape[1]) for f in block
+            )
             if (
                 not block
                 or not square
@@ -200,8 +258,8 @@ class KronOperator(CurvatureOperator):
                 raise ValueError(
                     f"KronOperator: the factors of parameter {index} (shape "
                     f"{tuple(param.shape)}, {param.numel()} entries) have shapes "
-                    f"{[tuple(f.shape) for f in block]}; expected square factors "
-                    f"whose sizes multiply to {param.numel()}."
+                    f"{[tuple(f.shape) for f in block]}; expected square factors (or "
+                    f"1-D diagonals) whose sizes multiply to {param.numel()}."
                 )
         super().__init__(params, factors[0][0].dtype, factors[0][0].device)
         self.factors = factors
@@ -347,10 +405,10 @@ class KronOperator(CurvatureOperator):
         of a factor that several blocks hold.
         """
         decompositions = {} if decompositions is None else decompositions
-        eighs = [_cached(decompositions, f, torch.linalg.eigh) for f in self.factors[index]]
-        values = dense_kron([d.eigenvalues for d in eighs])
+        eighs = [_cached(decompositions, f, factor_eigh) for f in self.factors[index]]
+        values = dense_kron([values for values, _ in eighs])
         values = values * self.scales[index] + self.shifts[index]
-        return [d.eigenvectors for d in eighs], values
+        return [vectors for _, vectors in eighs], values
 
     def _matmat(self, matrix: Tensor) -> Tensor:
         def apply(index, block):
@@ -366,7 +424,7 @@ class KronOperator(CurvatureOperator):
     def to_dense(self) -> Tensor:
         return torch.block_diag(
             *[
-                dense_kron(block) * scale
+                dense_kron_matrix(block) * scale
                 + shift * torch.eye(p.numel(), dtype=self.dtype, device=self.device)
                 for block, scale, shift, p in zip(
                     self.factors, self.scales, self.shifts, self.params
@@ -377,7 +435,7 @@ class KronOperator(CurvatureOperator):
     def diag(self) -> Tensor:
         return torch.cat(
             [
-                dense_kron([f.diagonal() for f in block]) * scale + shift
+                dense_kron([factor_diagonal(f) for f in block]) * scale + shift
                 for block, scale, shift in zip(self.factors, self.scales, self.shifts)
             ]
         )
@@ -402,7 +460,7 @@ class KronOperator(CurvatureOperator):
                 for factor in block:
                     # det(A ⊗ B) = det(A)^m det(B)^n for A n×n, B m×m
                     power = size // factor.shape[0]
-                    factor_sign, factor_logabsdet = torch.linalg.slogdet(factor)
+                    factor_sign, factor_logabsdet = factor_slogdet(factor)
                     sign = sign * factor_sign**power
                     logabsdet = logabsdet + power * factor_logabsdet
             signs.append(sign)
@@ -414,7 +472,7 @@ class KronOperator(CurvatureOperator):
         # ||⊗F||² = Π||F||², tr(⊗F) = Π tr F
         squares = [
             scale**2 * torch.stack([f.square().sum() for f in block]).prod()
-            + 2 * scale * shift * torch.stack([f.trace() for f in block]).prod()
+            + 2 * scale * shift * torch.stack([factor_trace(f) for f in block]).prod()
             + shift**2 * size
             for block, scale, shift, size in zip(
                 self.factors, self.scales, self.shifts, self._numels
@@ -499,7 +557,7 @@ class KronOperator(CurvatureOperator):
                         )
                         return [dampings[position]]
         if use_heuristic_damping and count >= 2:
-            means = [(f.trace() / f.shape[0]).item() for f in factors]
+            means = [(factor_trace(f) / factor_size(f)).item() for f in factors]
             if all(m > 0 for m in means):
                 geometric_mean = math.prod(means) ** (1.0 / count)
                 root = damping ** (1.0 / count)
@@ -600,8 +658,15 @@ class KronOperator(CurvatureOperator):
         return KronOperator(self.params, inverses)
 
     def _inverse_factor(self, factor: Tensor, damping: float, index: int) -> Tensor:
-        """``(factor + damping I)⁻¹``: Cholesky when positive definite, LU otherwise."""
+        """``(factor + damping I)⁻¹``: Cholesky when positive definite, LU
+        otherwise; a diagonal (1-D) factor entrywise."""
         size = factor.shape[0]
+        if factor.dim() == 1:
+            damped = factor + damping
+            check_conditioned(
+                damped, 1, "KronOperator", f"a factor of {_where(self, index)}", damping
+            )
+            return damped.reciprocal()
         damped = factor + damping * torch.eye(size, dtype=factor.dtype, device=factor.device)
         # λ_min >= δ and λ_max <= trace for a positive semi-definite factor: only
         # a damping below √size·eps·trace needs the eigenvalues to be sure
@@ -654,12 +719,10 @@ class KronOperator(CurvatureOperator):
                     f"(A + √δ) ⊗ (B + √δ) cannot hold; decompose K before adding "
                     f"damping, or use damping=False."
                 )
-            decompositions = [_cached(cache, f, torch.linalg.eigh) for f in block]
-            eigenvectors.append([d.eigenvectors for d in decompositions])
+            decompositions = [_cached(cache, f, factor_eigh) for f in block]
+            eigenvectors.append([vectors for _, vectors in decompositions])
             eigenvalues.append(
-                _spread_scale(
-                    [d.eigenvalues for d in decompositions], self.scales[index]
-                )
+                _spread_scale([values for values, _ in decompositions], self.scales[index])
             )
         deltas = torch.tensor(self.shifts, dtype=self.dtype, device=self.device)
         return KronDecomposed(self.params, eigenvectors, eigenvalues, deltas, damping)
@@ -685,7 +748,9 @@ class KronEigenOperator(CurvatureOperator):
 
     Args:
         params: The parameters (order = order of the blocks).
-        eigenvectors: Per block, the orthogonal factors :math:`Q_{i,j}`.
+        eigenvectors: Per block, the orthogonal factors :math:`Q_{i,j}` (a
+            1-D factor is diagonal: the identity, as ones, for a diagonal
+            factor's eigenvectors).
         eigenvalues: Per block, the diagonal of :math:`\Lambda_i`, flat
             (row-major over the factors' axes, as ``torch.kron`` orders them).
 
@@ -728,7 +793,7 @@ class KronEigenOperator(CurvatureOperator):
     def _matmat(self, matrix: Tensor) -> Tensor:
         def apply(index, block):
             vectors = self.eigenvectors[index]
-            rotated = kron_matmat([q.T for q in vectors], block)
+            rotated = kron_matmat([factor_transpose(q) for q in vectors], block)
             return kron_matmat(vectors, self.eigenvalues[index].unsqueeze(1) * rotated)
 
         return _blockwise(self, matrix, apply)
@@ -736,7 +801,7 @@ class KronEigenOperator(CurvatureOperator):
     def to_dense(self) -> Tensor:
         blocks = []
         for vectors, values in zip(self.eigenvectors, self.eigenvalues):
-            basis = dense_kron(vectors)
+            basis = dense_kron_matrix(vectors)
             blocks.append(basis @ torch.diag(values) @ basis.T)
         return torch.block_diag(*blocks)
 
@@ -878,12 +943,15 @@ class KronDecomposed(KronEigenOperator):
                 f"{len(eigenvectors)} and {len(eigenvalues)}."
             )
         for index, (vectors, values) in enumerate(zip(eigenvectors, eigenvalues)):
-            if [tuple(q.shape) for q in vectors] != [(len(l), len(l)) for l in values]:
+            fits = len(vectors) == len(values) and all(
+                tuple(q.shape) in ((len(l), len(l)), (len(l),)) for q, l in zip(vectors, values)
+            )
+            if not fits:
                 raise ValueError(
                     f"KronDecomposed: block {index} has eigenvectors "
                     f"{[tuple(q.shape) for q in vectors]} for eigenvalues "
                     f"{[tuple(l.shape) for l in values]}; expected one square "
-                    f"[n, n] per flat [n]."
+                    f"[n, n] (or [n], a diagonal basis) per flat [n]."
                 )
         reference = eigenvectors[0][0] if eigenvectors and eigenvectors[0] else None
         self.factor_eigenvalues = eigenvalues
