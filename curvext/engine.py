@@ -125,6 +125,23 @@ def _check_calls(calls: List[ModuleCall]):
             )
 
 
+def _check_sample_major(calls: List[ModuleCall], rows: int, samples: int) -> None:
+    """Refuse a flattened loss behind a time-major module: its rows are then
+    grouped by time step, not by sample (PyTorch's word_language_model:
+    ``decoder(lstm_output).view(-1, V)`` with ``[T, N, V]``), which a size
+    check cannot see when ``T == N``."""
+    for call in calls:
+        if getattr(call.module, "batch_first", True) is False:
+            raise ValueError(
+                f"The loss input has {rows} rows, a flatten of a tensor whose axis 0 "
+                f"curvext takes as {samples} samples, but {type(call.module).__name__}"
+                "(batch_first=False) makes time-major outputs [T, N, ...], so axis 0 "
+                "is time. Use batch_first=True, or move the samples to axis 0 before "
+                "flattening (logits.transpose(0, 1).reshape(-1, V), with the targets "
+                "likewise)."
+            )
+
+
 def _column_sizes(sets: List[tuple], loss: LossRule) -> List[int]:
     sizes = []
     for key in sets:
@@ -168,6 +185,8 @@ def run(loss_call: LossCall, edge: GradientEdge, grad: Tensor, extensions: Tuple
     samples = flattened_samples(edge, loss_call.input)
     loss = loss_rule(loss_call.module, loss_call.input, loss_call.target, samples)
     calls, consumers = collect_calls(edge.node)
+    if samples is not None:
+        _check_sample_major(calls, loss_call.input.shape[0], samples)
     try:
         _run(edge, loss, calls, consumers, grad, extensions)
     finally:
@@ -270,9 +289,14 @@ def take_stored(param: Tensor) -> Dict[str, object]:
 
 def put_stored(param: Tensor, saved: Dict[str, object]) -> None:
     """Undo :func:`take_stored` after dropping what curvext stored since."""
+    _drop_stored(param)
+    vars(param).update(saved)
+
+
+def _drop_stored(param: Tensor) -> None:
+    """Delete the results curvext stored on ``param`` in its latest backward."""
     for name in vars(param).pop(STORED, ()):
         vars(param).pop(name, None)
-    vars(param).update(saved)
 
 
 def _forget_stored(calls: List[ModuleCall], targets) -> List[set]:
@@ -289,12 +313,10 @@ def _forget_stored(calls: List[ModuleCall], targets) -> List[set]:
         for reference in tree.holders.values():
             param = reference()
             if param is not None:
-                for name in vars(param).pop(STORED, ()):
-                    vars(param).pop(name, None)
+                _drop_stored(param)
         tree.holders.clear()
     for target in targets:  # extended in another tree, or stored by hand
-        for name in vars(target.param).pop(STORED, ()):
-            vars(target.param).pop(name, None)
+        _drop_stored(target.param)
     return [set(vars(t.param)) for t in targets]
 
 

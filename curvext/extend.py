@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
-from torch.nn.modules import module as module_globals
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.utils.parametrize import ParametrizationList
 
@@ -106,6 +105,8 @@ def extend(module: nn.Module) -> nn.Module:
             handle = submodule.register_forward_hook(_record_call, with_kwargs=True, prepend=True)
             setattr(submodule, HOOK_ID, handle.id)
             setattr(submodule, _HOOK_FLAG, True)
+            if submodule._forward_pre_hooks:  # pruned already: keep raw inputs from now
+                _keep_raw_inputs_from_now(submodule)
     return module
 
 
@@ -118,6 +119,8 @@ def couples_samples(module: nn.Module) -> bool:
 
 
 def _record_call(module: nn.Module, args, kwargs, output):
+    # taken at once: a call that records nothing must not keep them alive
+    raw_inputs = vars(module).pop(RAW_INPUTS, None)
     if not recording_enabled():
         return None
     if torch.compiler.is_compiling():
@@ -139,7 +142,6 @@ def _record_call(module: nn.Module, args, kwargs, output):
         return None
     output = separate_outputs(output)
     outputs, positions = graph_outputs(output)
-    raw_inputs = vars(module).pop(RAW_INPUTS, None)
     if not outputs:
         return None
     call = ModuleCall(
@@ -153,34 +155,38 @@ def _record_call(module: nn.Module, args, kwargs, output):
 def _how_it_ran(call: ModuleCall, raw_inputs) -> None:
     """Set ``call.plain`` and ``call.reproducible`` from the module's hooks.
 
-    Global hooks run before a module's own; forward pre-hooks may change the
-    inputs or the weights (``torch.nn.utils.prune``); forward hooks that run
-    before curvext's may change the recorded output. A re-run of the module
-    with its pre-hooks reproduces the call if it starts from the inputs
-    before any pre-hook, which curvext's own pre-hook keeps from the second
-    call on (it is registered the first time a pre-hook is seen, to cost
-    nothing on modules without).
+    Forward pre-hooks may change the inputs or the weights
+    (``torch.nn.utils.prune``); forward hooks that run before curvext's may
+    change the recorded output. A re-run of the module with its pre-hooks
+    reproduces the call if it starts from the inputs before any pre-hook,
+    which curvext's own pre-hook keeps: registered by ``extend`` on a module
+    that has pre-hooks then, or else at the first call that meets one (that
+    call cannot be re-run; the engine replays its graph instead).
+
+    Global module hooks (``register_module_forward_hook``, as used by
+    ``FlopCounterMode`` and ``ModuleTracker``) are taken to observe, not to
+    change inputs or outputs: otherwise every layer would lose its fast rule
+    under a profiler.
     """
     module = call.module
-    global_hooks = bool(
-        module_globals._global_forward_pre_hooks or module_globals._global_forward_hooks
-    )
     hooks_before = next(iter(module._forward_hooks), None) != getattr(module, HOOK_ID, None)
     pre_hook_id = getattr(module, PRE_HOOK_ID, None)
     user_pre_hooks = [key for key in module._forward_pre_hooks if key != pre_hook_id]
-    call.plain = not (global_hooks or hooks_before or user_pre_hooks)
-    call.reproducible = not (global_hooks or hooks_before)
+    call.plain = not (hooks_before or user_pre_hooks)
+    call.reproducible = not hooks_before
     if user_pre_hooks:
         if pre_hook_id is None:
-            handle = module.register_forward_pre_hook(
-                _keep_raw_inputs, with_kwargs=True, prepend=True
-            )
-            setattr(module, PRE_HOOK_ID, handle.id)
+            _keep_raw_inputs_from_now(module)
         first = next(iter(module._forward_pre_hooks)) == getattr(module, PRE_HOOK_ID)
         if raw_inputs is None or not first:
             call.reproducible = False
         else:
             call.args, call.kwargs = detach_tree(raw_inputs[0]), detach_tree(raw_inputs[1])
+
+
+def _keep_raw_inputs_from_now(module: nn.Module) -> None:
+    handle = module.register_forward_pre_hook(_keep_raw_inputs, with_kwargs=True, prepend=True)
+    setattr(module, PRE_HOOK_ID, handle.id)
 
 
 def _keep_raw_inputs(module: nn.Module, args, kwargs):

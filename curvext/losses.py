@@ -166,12 +166,15 @@ class BCEWithLogitsLossRule(_EntrywiseLossRule):
     ``weight``, :math:`p_w` the ``pos_weight``, both default 1).
     """
 
-    def __init__(self, module, loss_input, target):
+    def __init__(self, module, loss_input, target, weight: Optional[Tensor] = None):
         super().__init__(module, loss_input, target)
         target = target.to(loss_input.dtype)
+        # ``weight``: the module's weight, or one broadcast already (see
+        # SequenceLossRule: a per-row weight of a flattened input)
+        weight = module.weight if weight is None else weight
         self.label_weight = torch.ones_like(loss_input)
-        if module.weight is not None:
-            self.label_weight = self.label_weight * module.weight
+        if weight is not None:
+            self.label_weight = self.label_weight * weight
         if module.pos_weight is not None:
             self.label_weight = self.label_weight * (
                 module.pos_weight * target + 1 - target
@@ -327,7 +330,14 @@ class SequenceLossRule(LossRule):
         self.input, self.target = loss_input, target
         self.num_samples = num_samples
         self._classes_first = isinstance(module, nn.CrossEntropyLoss)
-        self.inner = rule_class(module, self._unflatten(loss_input), self._unflatten(target))
+        options = {}
+        if isinstance(module, nn.BCEWithLogitsLoss) and module.weight is not None:
+            # a weight may broadcast over the flattened rows ([N·T, 1]): expand
+            # it there, then unflatten it with the input
+            options["weight"] = self._unflatten(torch.ones_like(loss_input) * module.weight)
+        self.inner = rule_class(
+            module, self._unflatten(loss_input), self._unflatten(target), **options
+        )
 
     def _unflatten(self, tensor: Tensor) -> Tensor:
         """``[N·T, ...]`` → ``[N, T, ...]``, or ``[N, ..., T]`` for cross-entropy."""

@@ -10,6 +10,8 @@ walking that loss's graph (:func:`collect_calls`), never a global tape.
 
 from __future__ import annotations
 
+import copy
+
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Set, Tuple
 
@@ -37,7 +39,7 @@ class ModuleCall:
         input_nodes: Autograd nodes of the inputs that require grad (they
             bound the call's part of the graph).
         plain: The module's own forward made the recorded output from
-            ``args``: no pre-hook, global hook or earlier forward hook ran.
+            ``args``: no pre-hook or earlier forward hook ran.
         reproducible: Re-running the module on ``args`` with its pre-hooks
             (and without its forward hooks) gives the recorded output.
     """
@@ -109,22 +111,33 @@ def separate_outputs(output):
     autograd node (the fused ``LSTM``) cannot depend on each other and are
     kept.
     """
-    if type(output) not in (tuple, list):
+    if not isinstance(output, (tuple, list, dict)):
         return output
     tensors = [t for t in output_tensors(output) if t.grad_fn is not None]
     edges = {(t.grad_fn, get_gradient_edge(t).output_nr) for t in tensors}
     one_node = len({t.grad_fn for t in tensors}) == 1 and len(edges) == len(tensors)
     if len(tensors) < 2 or one_node:
         return output
+    return _copy_graph_tensors(output)
 
-    def copy(obj):
-        if isinstance(obj, Tensor):
-            return obj.clone() if obj.grad_fn is not None else obj
-        if type(obj) in (tuple, list):
-            return type(obj)(copy(o) for o in obj)
-        return obj
 
-    return copy(output)
+def _copy_graph_tensors(obj):
+    """``obj`` rebuilt with its tensors in the graph cloned, in the traversal
+    order of :func:`output_tensors`: tuples, lists, named tuples and dicts
+    (``OrderedDict`` subclasses such as Hugging Face's ``ModelOutput`` keep
+    their class through a shallow copy)."""
+    if isinstance(obj, Tensor):
+        return obj.clone() if obj.grad_fn is not None else obj
+    if isinstance(obj, tuple) and hasattr(obj, "_fields"):  # a named tuple
+        return type(obj)(*(_copy_graph_tensors(o) for o in obj))
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(_copy_graph_tensors(o) for o in obj)
+    if isinstance(obj, dict):
+        copied = copy.copy(obj)
+        for key, value in obj.items():
+            copied[key] = _copy_graph_tensors(value)
+        return copied
+    return obj
 
 
 def graph_inputs(inputs) -> List[Tensor]:

@@ -99,6 +99,22 @@ class Derived(nn.Module):
         return a, torch.sin(a) * self.scale
 
 
+class DerivedDict(Derived):
+    """:class:`Derived` returning a dict (as Hugging Face's ``ModelOutput``)."""
+
+    def forward(self, x: Tensor):
+        a, b = super().forward(x)
+        return {"a": a, "b": b}
+
+
+Pair = __import__("collections").namedtuple("Pair", ["a", "b"])
+
+
+class DerivedNamedTuple(Derived):
+    def forward(self, x: Tensor):
+        return Pair(*super().forward(x))
+
+
 class TwoOutputs(nn.Module):
     def __init__(self, inner: nn.Module):
         super().__init__()
@@ -106,7 +122,8 @@ class TwoOutputs(nn.Module):
         self.head = nn.Linear(4, C)
 
     def forward(self, x: Tensor) -> Tensor:
-        a, b = self.inner(x)
+        out = self.inner(x)
+        a, b = (out["a"], out["b"]) if isinstance(out, dict) else out
         return self.head(a + 2 * b)
 
 
@@ -298,6 +315,8 @@ CASES = [
     Hostile("lstm_cell_with_state", lambda: CellModel(with_state=True), classes((3,))),
     Hostile("same_tensor_returned_twice", lambda: TwoOutputs(Twice()), classes((3,))),
     Hostile("output_from_other_output", lambda: TwoOutputs(Derived()), classes((3,))),
+    Hostile("outputs_in_a_dict", lambda: TwoOutputs(DerivedDict()), classes((3,))),
+    Hostile("outputs_in_a_named_tuple", lambda: TwoOutputs(DerivedNamedTuple()), classes((3,))),
     Hostile(
         "prelu_bce_one_output",
         lambda: nn.Sequential(nn.Linear(3, 1), nn.PReLU()),
@@ -616,3 +635,71 @@ def test_dense_kfac_factor_above_the_budget_is_refused_naming_the_parameter(monk
     with pytest.raises(ValueError, match=match):
         with backpack(KFAC(kfac_approx="reduce")):
             loss.backward()
+
+
+
+def test_global_module_hooks_keep_the_fast_rules():
+    """Profilers install global module hooks that observe: the layers keep
+    their dedicated rules (a Linear called twice is no refusal) and the
+    results stay exact."""
+    model, loss_fn, reference_loss, X, y = build(Hostile("global", mlp, classes((3,))))
+    handle = torch.nn.modules.module.register_module_forward_hook(lambda m, i, o: None)
+    try:
+        reference, params, _, _ = run_and_reference(
+            model, loss_fn, reference_loss, X, y, *extensions()
+        )
+    finally:
+        handle.remove()
+    check_against(reference, params, exact_kfac_params(model))
+    assert len(model[0].weight.kfac) == 2  # the Linear rule's [G, A]
+
+
+class Counting(nn.Module):
+    """A generic module whose forward changes its own (non-tensor) state."""
+
+    def __init__(self):
+        super().__init__()
+        self.gain = nn.Parameter(torch.randn(3))
+        self.calls, self.stats = 0, {}
+
+    def forward(self, x: Tensor) -> Tensor:
+        self.calls += 1
+        out = torch.tanh(x * self.gain)
+        self.stats["last"] = out
+        return out
+
+
+def test_re_runs_leave_module_attributes_as_the_forward_left_them():
+    counting = Counting()
+    model, loss_fn = extend(nn.Sequential(counting, nn.Linear(3, C))), extend(nn.CrossEntropyLoss())
+    output = model(torch.randn(N, 3))
+    last = counting.stats["last"]
+    with backpack(GGNDiag(), BatchGrad()):
+        loss_fn(output, torch.randint(0, C, (N,))).backward()
+    assert counting.calls == 1
+    assert counting.stats["last"] is last
+
+
+def test_module_pruned_before_extend_and_called_twice_works_at_once():
+    layer = nn.Linear(3, 3)
+    prune.random_unstructured(layer, "weight", amount=0.5)
+    model = extend(nn.Sequential(layer, nn.Tanh(), layer, nn.Linear(3, C)))
+    loss_fn = extend(nn.CrossEntropyLoss())
+    params = list(model.parameters())
+    X, y = torch.randn(N, 3), torch.randint(0, C, (N,))
+    output = model(X)
+    reference = GraphReference(output, params, lambda f: nn.CrossEntropyLoss()(f, y))
+    with backpack(BatchGrad()):
+        loss_fn(output, y).backward()
+    for param, grads in zip(params, reference.split(reference.per_sample_grads())):
+        assert_close(param.grad_batch, grads)
+
+
+def test_raw_inputs_are_not_kept_by_a_call_that_records_nothing():
+    layer = nn.Linear(3, 3)
+    prune.random_unstructured(layer, "weight", amount=0.5)
+    model = extend(nn.Sequential(layer))
+    layer.requires_grad_(False)
+    model(torch.randn(N, 3, requires_grad=True))
+    assert "_curvext_raw_inputs" not in vars(layer)
+    copy.deepcopy(model)

@@ -77,6 +77,11 @@ PATTERNS = {
     "cross_entropy_ignore_index": (flat, lambda: nn.CrossEntropyLoss(ignore_index=2), "classes"),
     "mse": (flat_dense, nn.MSELoss, "real"),
     "bce": (flat_dense, nn.BCEWithLogitsLoss, "binary"),
+    "bce_weight_per_row": (
+        flat_dense,
+        lambda: nn.BCEWithLogitsLoss(weight=torch.rand(N * T, 1), pos_weight=torch.rand(V) + 0.5),
+        "binary",
+    ),
 }
 
 
@@ -244,3 +249,27 @@ def test_operators_on_the_flattened_loss():
     assert_close(ggn @ torch.eye(dense.shape[0]), dense, rtol=1e-9)
     diagonal = DiagonalOperator.from_data(Flattened(model), loss_fn, flat_data)
     assert_close(diagonal.diag(), dense.diagonal(), rtol=1e-9)
+
+
+class TimeMajorLM(nn.Module):
+    """PyTorch's word_language_model layout: tokens ``[T, N]``, an LSTM with
+    ``batch_first=False``, logits ``[T, N, V]`` flattened with ``view``."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(V, D)
+        self.rnn = nn.LSTM(D, D)
+        self.decoder = nn.Linear(D, V)
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        return self.decoder(self.rnn(self.embed(tokens))[0])
+
+
+@pytest.mark.parametrize("steps", [N, N + 1], ids=["T_equals_N", "T_differs"])
+def test_time_major_model_flattened_is_refused(steps):
+    model, loss_fn = extend(TimeMajorLM()), extend(nn.CrossEntropyLoss())
+    tokens, targets = torch.randint(0, V, (steps, N)), torch.randint(0, V, (steps, N))
+    loss = loss_fn(model(tokens).view(-1, V), targets.view(-1))
+    with pytest.raises(ValueError, match=r"LSTM\(batch_first=False\).*time-major"):
+        with backpack(GGNDiag()):
+            loss.backward()

@@ -21,7 +21,8 @@ the GGN block of ``p`` w.r.t. ``p.flatten()``: ``[G, A]`` for weights of
 Linear and Conv layers, ``[A, G]`` for weights ``[in, out, ...]`` of
 transposed convolutions and ``[V, D]`` of embeddings, ``[G]`` for biases.
 Parameters without Kronecker structure (normalisation layers, the generic
-rule) get one factor: their whole GGN block (``I`` for ``"forward-only"``).
+rule) get one factor: their whole GGN block (``"forward-only"``: the
+identity, as a 1-D factor of ones).
 A 1-D factor is the diagonal of a diagonal factor: an embedding's input
 factor ``A`` (``"expand"``), the covariance of one-hot rows, is stored as the
 token frequencies ``[V]``; ``torch.kron(torch.diag(A), G)`` is the block, and
@@ -30,8 +31,9 @@ every operator of :mod:`curvext.operators` takes the 1-D factor as it is.
 
 from __future__ import annotations
 
+import torch
+
 from curvext.extensions.base import Extension, check_mc_samples
-from curvext.modules.base import identity
 from curvext.modules.factored import KFAC_APPROXIMATIONS
 
 FISHER_TYPES = ("mc", "type-2", "empirical", "forward-only")
@@ -108,7 +110,9 @@ class KFAC(Extension):
     def output_factor(self, rule, name, partial, info):
         """The output-side factor ``G`` from the summed column outer products."""
         if self.fisher_type == "forward-only":
-            return identity(rule.kfac_grad_dim(name), rule.param(name))
+            # the identity as a diagonal (1-D) factor: no size² matrix
+            param = rule.param(name)
+            return torch.ones(rule.kfac_grad_dim(name), dtype=param.dtype, device=param.device)
         return fisher_scaled(self.fisher_type, partial, info)
 
     def finalize(self, rule, name, partial, info):

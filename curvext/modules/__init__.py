@@ -70,7 +70,7 @@ def runs_plain_forward(module: nn.Module, calls: List[ModuleCall]) -> bool:
 
     Not so with a forward pre-hook (``torch.nn.utils.prune`` computes the
     weight in one, the old ``weight_norm`` too), a parametrization, other
-    parameters than ``weight``/``bias``, a global module hook, or a forward
+    parameters than ``weight``/``bias``, or a forward
     hook that ran before curvext's recording hook (registered with
     ``prepend=True`` after ``extend``): see :attr:`ModuleCall.plain`. Forward
     hooks that run after the recording hook are harmless: the recorded output

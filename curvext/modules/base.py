@@ -116,6 +116,15 @@ class ModuleRule:
         for call in self.calls:
             axes = self.output_axes(call)
             for edge, shape, axis in zip(call.edges, call.output_shapes, axes):
+                if edge is not None and axis is not None and shape[axis] != batch_size:
+                    raise ValueError(
+                        f"{self.module} holds its samples on axis {axis} of its output "
+                        f"{tuple(shape)} (size {shape[axis]}), but the loss input has "
+                        f"N={batch_size} samples. Is the loss computed on a time-major "
+                        "tensor [T, N, ...] flattened to rows? curvext takes axis 0 of "
+                        "the loss input (or of the tensor it flattens) as the samples: "
+                        "move the samples there first (x.transpose(0, 1))."
+                    )
                 if edge is not None and axis is None:
                     raise ValueError(
                         f"{self.module} produced an output of shape {tuple(shape)} "
@@ -263,6 +272,3 @@ def own_trainable(module: nn.Module) -> List[str]:
         name for name, p in module._parameters.items() if p is not None and p.requires_grad
     ]
 
-
-def identity(size: int, like: Tensor) -> Tensor:
-    return torch.eye(size, dtype=like.dtype, device=like.device)

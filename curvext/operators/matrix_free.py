@@ -65,6 +65,7 @@ import torch
 from torch import Tensor, nn
 from torch.autograd import forward_ad
 from torch.func import functional_call, grad, jvp, vjp, vmap
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from curvext.distributed import (
     all_reduce_sum,
@@ -73,7 +74,6 @@ from curvext.distributed import (
     raise_on_failure,
     resolve_ranks,
 )
-from curvext.extend import couples_samples
 from curvext.losses import LossRule, loss_rule
 from curvext.operators.base import CurvatureOperator, check_damping
 from curvext.operators.data import _tqdm, _unpack
@@ -227,16 +227,18 @@ class _DataSetOperator(CurvatureOperator):
             self._check_deterministic()
 
     def _check_independent_samples(self) -> None:
-        """Refuse BatchNorm in train mode: it couples the samples and would
-        update its running statistics on every product."""
+        """Refuse BatchNorm that updates running statistics (train mode): every
+        product would change them. (A BatchNorm without running statistics
+        couples the samples of a batch too, but changes nothing, and the
+        curvature of the batched loss is still defined.)"""
         for module in self.model.modules():
-            if couples_samples(module):
+            if isinstance(module, _BatchNorm) and module.training and module.track_running_stats:
                 raise ValueError(
-                    f"{type(self).__name__}: {module} normalises with batch statistics "
-                    "(train mode), which couples the samples of a batch, and every "
-                    "product would update its running statistics. Call model.eval() "
-                    "(BatchNorm then uses its running statistics) or replace BatchNorm "
-                    "with GroupNorm/LayerNorm."
+                    f"{type(self).__name__}: {module} is in train mode, so every product "
+                    "would update its running statistics (and normalise with batch "
+                    "statistics, coupling the samples). Call model.eval() (BatchNorm "
+                    "then uses its running statistics) or replace BatchNorm with "
+                    "GroupNorm/LayerNorm."
                 )
 
     # ---- one batch, one pass ------------------------------------------------
