@@ -52,13 +52,9 @@ import warnings
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional
 
-import torch
-from torch import nn
-
 import backpack as bp
 import backpack.extensions as bpx
-import curvext
-import curvext.extensions as cx
+import torch
 from harness import (
     add_common_arguments,
     device_for,
@@ -75,6 +71,10 @@ from harness import (
     time_cells,
     write_report,
 )
+from torch import nn
+
+import curvext
+import curvext.extensions as cx
 
 BATCH = 128
 NUM_CLASSES = 10
@@ -146,34 +146,116 @@ class Row:
 
 ROWS: List[Row] = [
     Row("none", "plain backward (no extension)", None, None, None, None, False, None),
-    Row("ggn_exact", "GGNDiag() vs DiagGGNExact()", lambda: cx.GGNDiag(),
-        lambda: bpx.DiagGGNExact(), "ggn_diag", "diag_ggn_exact", True, "tensor"),
-    Row("ggn_mc", "GGNDiag(mc_samples=1) vs DiagGGNMC(mc_samples=1)",
-        lambda: cx.GGNDiag(mc_samples=1), lambda: bpx.DiagGGNMC(mc_samples=1),
-        "ggn_diag", "diag_ggn_mc", True, None),
-    Row("batch_ggn", "BatchGGNDiag() vs BatchDiagGGNExact()", lambda: cx.BatchGGNDiag(),
-        lambda: bpx.BatchDiagGGNExact(), "batch_ggn_diag", "diag_ggn_exact_batch",
-        False, "tensor"),
-    Row("kfac_mc", 'KFAC(fisher_type="mc") vs KFAC(mc_samples=1)',
-        lambda: cx.KFAC(fisher_type="mc"), lambda: bpx.KFAC(mc_samples=1),
-        "kfac", "kfac", True, None),
-    Row("kfac_t2", 'KFAC(fisher_type="type-2") vs KFLR()',
-        lambda: cx.KFAC(fisher_type="type-2"), lambda: bpx.KFLR(),
-        "kfac", "kflr", True, "kron"),
-    Row("sqrt_exact", "SqrtGGN() vs SqrtGGNExact()", lambda: cx.SqrtGGN(),
-        lambda: bpx.SqrtGGNExact(), "sqrt_ggn", "sqrt_ggn_exact", True, "gram"),
-    Row("sqrt_mc", "SqrtGGN(mc_samples=1) vs SqrtGGNMC(mc_samples=1)",
-        lambda: cx.SqrtGGN(mc_samples=1), lambda: bpx.SqrtGGNMC(mc_samples=1),
-        "sqrt_ggn", "sqrt_ggn_mc", True, None),
-    Row("batch_grad", "BatchGrad vs BatchGrad", lambda: cx.BatchGrad(),
-        lambda: bpx.BatchGrad(), "grad_batch", "grad_batch", False, "tensor"),
-    Row("batch_l2", "BatchL2Grad vs BatchL2Grad", lambda: cx.BatchL2Grad(),
-        lambda: bpx.BatchL2Grad(), "batch_l2", "batch_l2", False, "tensor"),
-    Row("sgs", "SumGradSquared vs SumGradSquared", lambda: cx.SumGradSquared(),
-        lambda: bpx.SumGradSquared(), "sum_grad_squared", "sum_grad_squared",
-        False, "tensor"),
-    Row("variance", "Variance vs Variance", lambda: cx.Variance(),
-        lambda: bpx.Variance(), "variance", "variance", False, "tensor"),
+    Row(
+        "ggn_exact",
+        "GGNDiag() vs DiagGGNExact()",
+        lambda: cx.GGNDiag(),
+        lambda: bpx.DiagGGNExact(),
+        "ggn_diag",
+        "diag_ggn_exact",
+        True,
+        "tensor",
+    ),
+    Row(
+        "ggn_mc",
+        "GGNDiag(mc_samples=1) vs DiagGGNMC(mc_samples=1)",
+        lambda: cx.GGNDiag(mc_samples=1),
+        lambda: bpx.DiagGGNMC(mc_samples=1),
+        "ggn_diag",
+        "diag_ggn_mc",
+        True,
+        None,
+    ),
+    Row(
+        "batch_ggn",
+        "BatchGGNDiag() vs BatchDiagGGNExact()",
+        lambda: cx.BatchGGNDiag(),
+        lambda: bpx.BatchDiagGGNExact(),
+        "batch_ggn_diag",
+        "diag_ggn_exact_batch",
+        False,
+        "tensor",
+    ),
+    Row(
+        "kfac_mc",
+        'KFAC(fisher_type="mc") vs KFAC(mc_samples=1)',
+        lambda: cx.KFAC(fisher_type="mc"),
+        lambda: bpx.KFAC(mc_samples=1),
+        "kfac",
+        "kfac",
+        True,
+        None,
+    ),
+    Row(
+        "kfac_t2",
+        'KFAC(fisher_type="type-2") vs KFLR()',
+        lambda: cx.KFAC(fisher_type="type-2"),
+        lambda: bpx.KFLR(),
+        "kfac",
+        "kflr",
+        True,
+        "kron",
+    ),
+    Row(
+        "sqrt_exact",
+        "SqrtGGN() vs SqrtGGNExact()",
+        lambda: cx.SqrtGGN(),
+        lambda: bpx.SqrtGGNExact(),
+        "sqrt_ggn",
+        "sqrt_ggn_exact",
+        True,
+        "gram",
+    ),
+    Row(
+        "sqrt_mc",
+        "SqrtGGN(mc_samples=1) vs SqrtGGNMC(mc_samples=1)",
+        lambda: cx.SqrtGGN(mc_samples=1),
+        lambda: bpx.SqrtGGNMC(mc_samples=1),
+        "sqrt_ggn",
+        "sqrt_ggn_mc",
+        True,
+        None,
+    ),
+    Row(
+        "batch_grad",
+        "BatchGrad vs BatchGrad",
+        lambda: cx.BatchGrad(),
+        lambda: bpx.BatchGrad(),
+        "grad_batch",
+        "grad_batch",
+        False,
+        "tensor",
+    ),
+    Row(
+        "batch_l2",
+        "BatchL2Grad vs BatchL2Grad",
+        lambda: cx.BatchL2Grad(),
+        lambda: bpx.BatchL2Grad(),
+        "batch_l2",
+        "batch_l2",
+        False,
+        "tensor",
+    ),
+    Row(
+        "sgs",
+        "SumGradSquared vs SumGradSquared",
+        lambda: cx.SumGradSquared(),
+        lambda: bpx.SumGradSquared(),
+        "sum_grad_squared",
+        "sum_grad_squared",
+        False,
+        "tensor",
+    ),
+    Row(
+        "variance",
+        "Variance vs Variance",
+        lambda: cx.Variance(),
+        lambda: bpx.Variance(),
+        "variance",
+        "variance",
+        False,
+        "tensor",
+    ),
 ]
 ROWS_BY_KEY = {row.key: row for row in ROWS}
 
@@ -249,8 +331,7 @@ class Cell:
 def make_cell(spec: dict, device: torch.device) -> Cell:
     """The cell of ``--memory-probe``: one (contender, model, row)."""
     contender = make_contenders(spec["model"], device, spec["seed"], [spec["kind"]])
-    return Cell(contender[spec["kind"]], ROWS_BY_KEY[spec["row"]],
-                make_data(device, spec["seed"]))
+    return Cell(contender[spec["kind"]], ROWS_BY_KEY[spec["row"]], make_data(device, spec["seed"]))
 
 
 # --------------------------------------------------------------------------
@@ -270,8 +351,7 @@ def _kron_rel(cx_factors, bp_factors) -> float:
 
 def _paired_params(contenders: Dict[str, Contender]):
     """(module, curvext parameter, BackPACK parameter) for every parameter."""
-    modules = zip(contenders["curvext"].model.modules(),
-                  contenders["backpack"].model.modules())
+    modules = zip(contenders["curvext"].model.modules(), contenders["backpack"].model.modules())
     for m_cx, m_bp in modules:
         for name, p_cx in m_cx._parameters.items():
             if p_cx is not None and p_cx.requires_grad:
@@ -331,18 +411,26 @@ def render(results, args, device, started, elapsed) -> str:
         "",
         f"Run {started:%Y-%m-%d %H:%M} UTC, {elapsed:.0f} s: batch {BATCH}, float32, "
         f"CrossEntropyLoss, median of at least {args.repeats} interleaved repeats "
-        + (f"(more, up to {args.max_repeats}, while a row's timed runs took less "
-           f"than {args.min_time:g} s) " if args.min_time > 0 else "")
-        + f"after {args.warmup} warm-up runs each (repeats per row: column `n`). Unit = forward + loss + backward inside "
+        + (
+            f"(more, up to {args.max_repeats}, while a row's timed runs took less "
+            f"than {args.min_time:g} s) "
+            if args.min_time > 0
+            else ""
+        )
+        + f"after {args.warmup} warm-up runs each (repeats per row: column `n`). "
+        "Unit = forward + loss + backward inside "
         "the extension context. Peak MB = extra memory of one unit over what "
         "is allocated before it ("
-        + ("torch.cuda.max_memory_allocated" if device.type == "cuda"
-           else "peak RSS in a fresh process per cell")
+        + (
+            "torch.cuda.max_memory_allocated"
+            if device.type == "cuda"
+            else "peak RSS in a fresh process per cell"
+        )
         + f"). Target: ratio <= {TARGET_RATIO} on the rows marked.",
         "",
-        "Models: " + "; ".join(
-            f"`{name}` = {MODEL_DESCRIPTIONS[name]}" for name in args.models
-        ) + ".",
+        "Models: "
+        + "; ".join(f"`{name}` = {MODEL_DESCRIPTIONS[name]}" for name in args.models)
+        + ".",
         "",
         "| model | extension | curvext ms | BackPACK ms | ratio (curvext/BackPACK) "
         "| curvext peak MB | BackPACK peak MB | target | n | other load | max rel. diff |",
@@ -389,11 +477,15 @@ def render(results, args, device, started, elapsed) -> str:
 # --------------------------------------------------------------------------
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    add_common_arguments(parser, repeats=7, warmup=2, min_time=2.0, max_repeats=31,
-                         busy_retries=3, quiet_wait=120.0)
+    add_common_arguments(
+        parser, repeats=7, warmup=2, min_time=2.0, max_repeats=31, busy_retries=3, quiet_wait=120.0
+    )
     parser.add_argument("--models", default="mlp,cnn", help="comma-separated: mlp,cnn")
-    parser.add_argument("--rows", default=",".join(r.key for r in ROWS),
-                        help="comma-separated row keys: " + ",".join(r.key for r in ROWS))
+    parser.add_argument(
+        "--rows",
+        default=",".join(r.key for r in ROWS),
+        help="comma-separated row keys: " + ",".join(r.key for r in ROWS),
+    )
     args = finish_common_arguments(parser.parse_args(argv), "engine")
     args.models = [m for m in args.models.split(",") if m]
     args.rows = [ROWS_BY_KEY[key] for key in args.rows.split(",") if key]
@@ -420,25 +512,35 @@ def main(argv=None):
             contenders = make_contenders(model_name, device, args.seed, kinds)
             cells = {kind: Cell(contender, row, data) for kind, contender in contenders.items()}
             (times, _), foreign = measure_quietly(
-                functools.partial(time_cells, cells, device, args), args)
+                functools.partial(time_cells, cells, device, args), args
+            )
             ms = {kind: statistics.median(values) for kind, values in times.items()}
-            result = {"model": model_name, "row": row, "times_ms": times,
-                      "foreign_load": foreign,
-                      "curvext_ms": ms["curvext"], "backpack_ms": ms["backpack"],
-                      "agreement": agreement(contenders, row)}
+            result = {
+                "model": model_name,
+                "row": row,
+                "times_ms": times,
+                "foreign_load": foreign,
+                "curvext_ms": ms["curvext"],
+                "backpack_ms": ms["backpack"],
+                "agreement": agreement(contenders, row),
+            }
             if "torch" in ms:
                 result["torch_ms"] = ms["torch"]
             for kind, cell in cells.items():
                 spec = {"kind": kind, "model": model_name, "row": row.key, "seed": args.seed}
-                result[f"{kind}_mem"] = (None if args.no_memory
-                                         else peak_memory(__file__, spec, cell, device))
+                result[f"{kind}_mem"] = (
+                    None if args.no_memory else peak_memory(__file__, spec, cell, device)
+                )
             results.append(result)
-            print(f"{model_name:4s} {row.label:50s} x{len(times['curvext']):<3d}"
-                  f"curvext {ms['curvext']:8.2f} ms  "
-                  f"BackPACK {ms['backpack']:8.2f} ms  ratio "
-                  f"{ms['curvext'] / ms['backpack']:.2f}  "
-                  f"mem {mb(result['curvext_mem'])} / {mb(result['backpack_mem'])} MB  "
-                  f"diff {result['agreement']}  other load {pct(foreign)}", flush=True)
+            print(
+                f"{model_name:4s} {row.label:50s} x{len(times['curvext']):<3d}"
+                f"curvext {ms['curvext']:8.2f} ms  "
+                f"BackPACK {ms['backpack']:8.2f} ms  ratio "
+                f"{ms['curvext'] / ms['backpack']:.2f}  "
+                f"mem {mb(result['curvext_mem'])} / {mb(result['backpack_mem'])} MB  "
+                f"diff {result['agreement']}  other load {pct(foreign)}",
+                flush=True,
+            )
             del contenders, cells
             gc.collect()
 
@@ -448,8 +550,11 @@ def main(argv=None):
         "source": args.source,
         "args": {k: v for k, v in vars(args).items() if k not in ("rows",)},
         "results": [
-            {**{k: v for k, v in r.items() if k != "row"}, "row": r["row"].key,
-             "label": r["row"].label}
+            {
+                **{k: v for k, v in r.items() if k != "row"},
+                "row": r["row"].key,
+                "label": r["row"].label,
+            }
             for r in results
         ],
     }

@@ -78,19 +78,14 @@ def _symeig(self, eigenvectors=False, upper=True):
     uplo = "U" if upper else "L"
     if eigenvectors:
         return torch.linalg.eigh(self, UPLO=uplo)
-    return torch.linalg.eigvalsh(self, UPLO=uplo), torch.empty(0, dtype=self.dtype,
-                                                               device=self.device)
+    return torch.linalg.eigvalsh(self, UPLO=uplo), torch.empty(
+        0, dtype=self.dtype, device=self.device
+    )
 
 
 torch.Tensor.symeig = _symeig
 
 import backpack as bp  # noqa: E402
-from vivit.linalg.eigh import EighComputation  # noqa: E402
-from vivit.linalg.eigvalsh import EigvalshComputation  # noqa: E402
-
-import curvext  # noqa: E402
-from curvext.extensions import GGNEigen  # noqa: E402
-from curvext.monitor import EigenLogger  # noqa: E402
 from engine_vs_backpack import MODEL_DESCRIPTIONS, NUM_CLASSES, build_model  # noqa: E402
 from harness import (  # noqa: E402
     add_common_arguments,
@@ -107,6 +102,12 @@ from harness import (  # noqa: E402
     time_cells,
     write_report,
 )
+from vivit.linalg.eigh import EighComputation  # noqa: E402
+from vivit.linalg.eigvalsh import EigvalshComputation  # noqa: E402
+
+import curvext  # noqa: E402
+from curvext.extensions import GGNEigen  # noqa: E402
+from curvext.monitor import EigenLogger  # noqa: E402
 
 BATCH = 128
 TOP_K = 5
@@ -146,9 +147,10 @@ class EigenCell:
             self.model, self.loss_fn = bp.extend(model), bp.extend(loss_fn)
             if vectors:
                 self.computation = EighComputation(mc_samples=mode)
-                self.group = {"params": [p for p in self.model.parameters()],
-                              "criterion": lambda evals: list(
-                                  range(len(evals) - TOP_K, len(evals)))}
+                self.group = {
+                    "params": [p for p in self.model.parameters()],
+                    "criterion": lambda evals: list(range(len(evals) - TOP_K, len(evals))),
+                }
             else:
                 self.computation = EigvalshComputation(mc_samples=mode)
                 self.group = {"params": [p for p in self.model.parameters()]}
@@ -189,8 +191,7 @@ class StepCell:
         self.loss_fn = curvext.extend(nn.CrossEntropyLoss().to(device))
         self.optimizer = torch.optim.SGD(self.model.parameters(), lr=1e-3)
         # every=1 logs every step; a huge `every` skips every step after the first
-        self.logger = EigenLogger(None, top_k=TOP_K, mc_samples=mode,
-                                  every=1 if logged else 10**9)
+        self.logger = EigenLogger(None, top_k=TOP_K, mc_samples=mode, every=1 if logged else 10**9)
         self.logger.num_steps = 0 if logged else 1
 
     def clear(self):
@@ -231,7 +232,8 @@ def _mc_column(logits: torch.Tensor) -> torch.Tensor:
         prob = logits.softmax(1)
         labels = torch.multinomial(prob, 1).squeeze(1)
         return (nn.functional.one_hot(labels, prob.shape[1]).to(prob) - prob) / (
-            logits.shape[0] ** 0.5)
+            logits.shape[0] ** 0.5
+        )
 
 
 def _floor_gram(linear_inputs, column_grads) -> torch.Tensor:
@@ -302,20 +304,22 @@ class FloorStepCell:
         loss = nn.functional.cross_entropy(logits, targets)
         loss.backward(retain_graph=True)
         with torch.no_grad():  # the gradient column: d loss / d logits
-            logits_grad = (logits.softmax(1) - nn.functional.one_hot(
-                targets, logits.shape[1]).to(logits)) / logits.shape[0]
+            logits_grad = (
+                logits.softmax(1) - nn.functional.one_hot(targets, logits.shape[1]).to(logits)
+            ) / logits.shape[0]
         columns = torch.stack((_mc_column(logits), logits_grad))
         grads = torch.autograd.grad(logits, linear_outputs, columns, is_grads_batched=True)
         gram = _floor_gram(linear_inputs, [g[0] for g in grads])
         evals = torch.linalg.eigvalsh(gram)
         sample_l2 = sum(
             (g[1].square().sum(1) * (a.detach().square().sum(1) + 1)).sum(dtype=torch.float64)
-            for a, g in zip(linear_inputs, grads))
-        grad_norm_sq = sum(p.grad.square().sum(dtype=torch.float64)
-                           for p in self.model.parameters())
+            for a, g in zip(linear_inputs, grads)
+        )
+        grad_norm_sq = sum(
+            p.grad.square().sum(dtype=torch.float64) for p in self.model.parameters()
+        )
         stats = torch.stack((evals[-TOP_K:].sum(), evals.sum(), (evals > 0).sum()))
-        self.records.append((stats.tolist(), float(grad_norm_sq), float(sample_l2),
-                             float(loss)))
+        self.records.append((stats.tolist(), float(grad_norm_sq), float(sample_l2), float(loss)))
         self.optimizer.step()
 
     def top(self):
@@ -359,14 +363,20 @@ def measure(specs: Dict[str, dict], batch: int, device, args) -> dict:
     """Time the cells of ``specs`` (kind -> spec) together; memory one by one."""
     specs = {kind: {**spec, "batch": batch} for kind, spec in specs.items()}
     cells = {kind: make_cell(spec, device) for kind, spec in specs.items()}
-    (times, _), foreign = measure_quietly(functools.partial(time_cells, cells, device, args),
-                                          args)
-    result = {"times_ms": times, "foreign_load": foreign,
-              "ms": {kind: statistics.median(values) for kind, values in times.items()},
-              "top": {kind: cell.top() for kind, cell in cells.items()}, "mem": {}}
+    (times, _), foreign = measure_quietly(functools.partial(time_cells, cells, device, args), args)
+    result = {
+        "times_ms": times,
+        "foreign_load": foreign,
+        "ms": {kind: statistics.median(values) for kind, values in times.items()},
+        "top": {kind: cell.top() for kind, cell in cells.items()},
+        "mem": {},
+    }
     for kind, spec in specs.items():
-        result["mem"][kind] = (None if args.no_memory or kind == "floor"
-                               else peak_memory(__file__, spec, cells[kind], device))
+        result["mem"][kind] = (
+            None
+            if args.no_memory or kind == "floor"
+            else peak_memory(__file__, spec, cells[kind], device)
+        )
     del cells
     gc.collect()
     return result
@@ -383,10 +393,14 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_common_arguments(parser, repeats=5, busy_retries=2)
     parser.add_argument("--models", default="mlp,cnn")
-    parser.add_argument("--sizes", default="32,64,128,256,512",
-                        help="batch sizes of the logging sweep (part 2)")
-    parser.add_argument("--parts", default="eigen,step",
-                        help="eigen (GGNEigen vs ViViT), step (cost of logging), or both")
+    parser.add_argument(
+        "--sizes", default="32,64,128,256,512", help="batch sizes of the logging sweep (part 2)"
+    )
+    parser.add_argument(
+        "--parts",
+        default="eigen,step",
+        help="eigen (GGNEigen vs ViViT), step (cost of logging), or both",
+    )
     parser.add_argument("--modes", default="0,1", help="0 (exact GGN), 1 (mc_samples=1)")
     args = finish_common_arguments(parser.parse_args(argv), "ggn_eigen")
     args.models = [m for m in args.models.split(",") if m]
@@ -427,53 +441,94 @@ def main(argv=None):
     for model in args.models if "eigen" in args.parts else []:
         for mode in args.modes:
             for variant in ("eigvals", "eigvecs"):
-                specs = {kind: {"part": "eigen", "kind": kind, "model": model, "mode": mode,
-                                "variant": variant, "seed": args.seed}
-                         for kind in _eigen_kinds(model, mode)}
+                specs = {
+                    kind: {
+                        "part": "eigen",
+                        "kind": kind,
+                        "model": model,
+                        "mode": mode,
+                        "variant": variant,
+                        "seed": args.seed,
+                    }
+                    for kind in _eigen_kinds(model, mode)
+                }
                 result = measure(specs, BATCH, device, args)
                 result.update(model=model, mode=mode, variant=variant)
-                result["agreement"] = (_rel_top(result["top"]["curvext"], result["top"]["vivit"])
-                                       if mode == 0 else "MC")
+                result["agreement"] = (
+                    _rel_top(result["top"]["curvext"], result["top"]["vivit"])
+                    if mode == 0
+                    else "MC"
+                )
                 eigen_rows.append(result)
                 ms, mem = result["ms"], result["mem"]
-                print(f"{model} {MODE_NAMES[mode]:13s} {VARIANT_NAMES[variant]:18s} "
-                      f"curvext {ms['curvext']:9.2f} ms  ViViT {ms['vivit']:9.2f} ms  "
-                      f"ratio {ms['curvext'] / ms['vivit']:.2f}  mem {mb(mem['curvext'])} / "
-                      f"{mb(mem['vivit'])} MB  diff {result['agreement']}  other load "
-                      f"{pct(result['foreign_load'])}"
-                      + (f"  floor {ms['floor']:.2f} ms" if "floor" in ms else ""), flush=True)
+                print(
+                    f"{model} {MODE_NAMES[mode]:13s} {VARIANT_NAMES[variant]:18s} "
+                    f"curvext {ms['curvext']:9.2f} ms  ViViT {ms['vivit']:9.2f} ms  "
+                    f"ratio {ms['curvext'] / ms['vivit']:.2f}  mem {mb(mem['curvext'])} / "
+                    f"{mb(mem['vivit'])} MB  diff {result['agreement']}  other load "
+                    f"{pct(result['foreign_load'])}"
+                    + (f"  floor {ms['floor']:.2f} ms" if "floor" in ms else ""),
+                    flush=True,
+                )
 
     step_rows = []
     for mode, sizes in ((1, args.sizes), (0, [BATCH])):
         if "step" not in args.parts or mode not in args.modes:
             continue
         for batch in sizes:
-            specs = {kind: {"part": "step", "kind": kind, "model": "mlp", "mode": mode,
-                            "seed": args.seed}
-                     for kind in ("logged", "unlogged") + (("floor",) if mode == 1 else ())}
+            specs = {
+                kind: {
+                    "part": "step",
+                    "kind": kind,
+                    "model": "mlp",
+                    "mode": mode,
+                    "seed": args.seed,
+                }
+                for kind in ("logged", "unlogged") + (("floor",) if mode == 1 else ())
+            }
             result = measure(specs, batch, device, args)
             result.update(mode=mode, batch=batch)
             step_rows.append(result)
             ms, mem = result["ms"], result["mem"]
-            print(f"step mlp {MODE_NAMES[mode]:13s} N={batch:<4d} logged {ms['logged']:9.2f} ms  "
-                  f"unlogged {ms['unlogged']:8.2f} ms  ratio {ms['logged'] / ms['unlogged']:.2f}  "
-                  f"mem {mb(mem['logged'])} / {mb(mem['unlogged'])} MB  other load "
-                  f"{pct(result['foreign_load'])}", flush=True)
+            print(
+                f"step mlp {MODE_NAMES[mode]:13s} N={batch:<4d} logged {ms['logged']:9.2f} ms  "
+                f"unlogged {ms['unlogged']:8.2f} ms  ratio {ms['logged'] / ms['unlogged']:.2f}  "
+                f"mem {mb(mem['logged'])} / {mb(mem['unlogged'])} MB  other load "
+                f"{pct(result['foreign_load'])}",
+                flush=True,
+            )
 
-    report = render(eigen_rows, step_rows, args, device, machine, source, load_start,
-                    started, time.perf_counter() - clock)
-    raw = {"machine": machine, "source": source,
-           "args": {k: v for k, v in vars(args).items()},
-           "eigen": [{k: v for k, v in r.items() if k != "top"} for r in eigen_rows],
-           "steps": [{k: v for k, v in r.items() if k != "top"} for r in step_rows]}
+    report = render(
+        eigen_rows,
+        step_rows,
+        args,
+        device,
+        machine,
+        source,
+        load_start,
+        started,
+        time.perf_counter() - clock,
+    )
+    raw = {
+        "machine": machine,
+        "source": source,
+        "args": {k: v for k, v in vars(args).items()},
+        "eigen": [{k: v for k, v in r.items() if k != "top"} for r in eigen_rows],
+        "steps": [{k: v for k, v in r.items() if k != "top"} for r in step_rows],
+    }
     write_report(report, raw, args.out)
 
 
-def render(eigen_rows, step_rows, args, device, machine, source, load_start,
-           started, elapsed) -> str:
-    memory = ("n/a (--no-memory)" if args.no_memory else
-              "torch.cuda.max_memory_allocated" if device.type == "cuda"
-              else "peak RSS in a fresh process per cell")
+def render(
+    eigen_rows, step_rows, args, device, machine, source, load_start, started, elapsed
+) -> str:
+    memory = (
+        "n/a (--no-memory)"
+        if args.no_memory
+        else "torch.cuda.max_memory_allocated"
+        if device.type == "cuda"
+        else "peak RSS in a fresh process per cell"
+    )
     lines = [
         f"# GGNEigen vs ViViT, and the cost of eigenvalue logging ({device.type})",
         "",
@@ -485,14 +540,19 @@ def render(eigen_rows, step_rows, args, device, machine, source, load_start,
         "",
         f"Run {started:%Y-%m-%d %H:%M} UTC, {elapsed:.0f} s, float32: median of at least "
         f"{args.repeats} interleaved repeats after {args.warmup} warm-up run(s) each "
-        + (f"(more, up to {args.max_repeats}, while a row's timed runs took less than "
-           f"{args.min_time:g} s) " if args.min_time > 0 else "")
+        + (
+            f"(more, up to {args.max_repeats}, while a row's timed runs took less than "
+            f"{args.min_time:g} s) "
+            if args.min_time > 0
+            else ""
+        )
         + f"(column `n`). Peak MB = extra memory of one unit over what is allocated "
         f"before it ({memory}). ViViT 1.0.0 runs with `Tensor.symeig` patched to "
         "`torch.linalg.eigh` (see the script's docstring).",
         "",
-        "Models: " + "; ".join(f"`{name}` = {MODEL_DESCRIPTIONS[name]}"
-                               for name in args.models) + ".",
+        "Models: "
+        + "; ".join(f"`{name}` = {MODEL_DESCRIPTIONS[name]}" for name in args.models)
+        + ".",
         "",
         f"## GGNEigen vs ViViT (batch {BATCH}, full GGN, one group)",
         "",
@@ -510,14 +570,14 @@ def render(eigen_rows, step_rows, args, device, machine, source, load_start,
     for row in eigen_rows:
         ms, mem = row["ms"], row["mem"]
         ratio = ms["curvext"] / ms["vivit"]
-        memory_ok = (mem["curvext"] is None or mem["vivit"] is None
-                     or mem["curvext"] <= mem["vivit"])
+        memory_ok = mem["curvext"] is None or mem["vivit"] is None or mem["curvext"] <= mem["vivit"]
         mark = "meets" if ratio <= TARGET_RATIO and memory_ok else "**misses**"
         lines.append(
             f"| {row['model']} | {MODE_NAMES[row['mode']]} | {VARIANT_NAMES[row['variant']]} "
             f"| {ms['curvext']:.1f} | {ms['vivit']:.1f} | {ratio:.2f} | {mb(mem['curvext'])} "
             f"| {mb(mem['vivit'])} | {mark} | {len(row['times_ms']['curvext'])} "
-            f"| {pct(row['foreign_load'])} | {row['agreement']} {_floor(row, 'vivit')}|")
+            f"| {pct(row['foreign_load'])} | {row['agreement']} {_floor(row, 'vivit')}|"
+        )
     lines += [
         "",
         "Ratio < 1 means curvext is faster. `top-5 rel. diff`: ||λ_curvext − λ_ViViT|| / "
@@ -546,14 +606,14 @@ def render(eigen_rows, step_rows, args, device, machine, source, load_start,
     for row in step_rows:
         ms, mem = row["ms"], row["mem"]
         ratio = ms["logged"] / ms["unlogged"]
-        mark = ("" if row["mode"] != 1 else
-                "meets" if ratio <= LOGGING_TARGET else "**misses**")
+        mark = "" if row["mode"] != 1 else "meets" if ratio <= LOGGING_TARGET else "**misses**"
         size = row["batch"] * (1 if row["mode"] == 1 else NUM_CLASSES - 1)
         lines.append(
             f"| {MODE_NAMES[row['mode']]} | {row['batch']} | {size} | {ms['logged']:.1f} "
             f"| {ms['unlogged']:.1f} | {ratio:.2f} | {mb(mem['logged'])} "
             f"| {mb(mem['unlogged'])} | {mark} | {len(row['times_ms']['logged'])} "
-            f"| {pct(row['foreign_load'])} {_floor(row, 'unlogged')}|")
+            f"| {pct(row['foreign_load'])} {_floor(row, 'unlogged')}|"
+        )
     lines += [
         "",
         "`floor`: the logged step written out in plain PyTorch (`FloorStepCell`: the "

@@ -143,8 +143,11 @@ def measure_quietly(timed: Callable[[], object], args) -> Tuple[object, Optional
         foreign = meter.stop()
         if foreign is None or foreign <= args.busy_threshold or attempt == args.busy_retries:
             return value, foreign
-        print(f"  other processes used {100 * foreign:.0f}% of the CPUs; waiting for "
-              "quiet and measuring again", flush=True)
+        print(
+            f"  other processes used {100 * foreign:.0f}% of the CPUs; waiting for "
+            "quiet and measuring again",
+            flush=True,
+        )
         wait_for_quiet(args.busy_threshold / 2, timeout=args.quiet_wait)
 
 
@@ -237,7 +240,7 @@ def peak_memory(script: str, spec: dict, cell, device, runs: int = 3) -> Optiona
     completed = subprocess.run(command, capture_output=True, text=True)
     for line in completed.stdout.splitlines():
         if line.startswith(PROBE_MARKER):
-            return json.loads(line[len(PROBE_MARKER):])["peak_bytes"]
+            return json.loads(line[len(PROBE_MARKER) :])["peak_bytes"]
     sys.stderr.write(f"memory probe failed for {spec}:\n{completed.stderr[-2000:]}\n")
     return None
 
@@ -246,30 +249,54 @@ def peak_memory(script: str, spec: dict, cell, device, runs: int = 3) -> Optiona
 # command line
 # --------------------------------------------------------------------------
 def add_common_arguments(
-    parser: argparse.ArgumentParser, *, repeats: int, warmup: int = 1, min_time: float = 1.0,
-    max_repeats: int = 21, busy_retries: int = 1, quiet_wait: float = 20.0,
+    parser: argparse.ArgumentParser,
+    *,
+    repeats: int,
+    warmup: int = 1,
+    min_time: float = 1.0,
+    max_repeats: int = 21,
+    busy_retries: int = 1,
+    quiet_wait: float = 20.0,
 ):
     """The options every script has, with the script's defaults."""
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--repeats", type=int, default=repeats)
     parser.add_argument("--warmup", type=int, default=warmup)
-    parser.add_argument("--min-time", type=float, default=min_time,
-                        help="keep repeating a row (up to --max-repeats) until its "
-                        "timed runs took this many seconds in all")
+    parser.add_argument(
+        "--min-time",
+        type=float,
+        default=min_time,
+        help="keep repeating a row (up to --max-repeats) until its "
+        "timed runs took this many seconds in all",
+    )
     parser.add_argument("--max-repeats", type=int, default=max_repeats)
-    parser.add_argument("--busy-threshold", type=float, default=0.15,
-                        help="a row during which other processes used more than this "
-                        "fraction of the CPUs is measured again (see --busy-retries)")
+    parser.add_argument(
+        "--busy-threshold",
+        type=float,
+        default=0.15,
+        help="a row during which other processes used more than this "
+        "fraction of the CPUs is measured again (see --busy-retries)",
+    )
     parser.add_argument("--busy-retries", type=int, default=busy_retries)
-    parser.add_argument("--quiet-wait", type=float, default=quiet_wait,
-                        help="seconds to wait for other processes before a retry")
+    parser.add_argument(
+        "--quiet-wait",
+        type=float,
+        default=quiet_wait,
+        help="seconds to wait for other processes before a retry",
+    )
     parser.add_argument("--no-memory", action="store_true", help="skip peak memory")
-    parser.add_argument("--quick", action="store_true",
-                        help="smoke run: 1 warm-up, 2 repeats (memory still measured)")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="smoke run: 1 warm-up, 2 repeats (memory still measured)",
+    )
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", default=None,
-                        help="markdown file (default benchmarks/results/<name>_<device>.md; "
-                        "the raw times go next to it as .json)")
+    parser.add_argument(
+        "--out",
+        default=None,
+        help="markdown file (default benchmarks/results/<name>_<device>.md; "
+        "the raw times go next to it as .json)",
+    )
     parser.add_argument("--memory-probe", default=None, help=argparse.SUPPRESS)
 
 
@@ -342,11 +369,15 @@ def source_line() -> str:
     try:
         commit = subprocess.run(
             ["git", "-C", root, "rev-parse", "--short", "HEAD"],
-            capture_output=True, text=True, check=True,
+            capture_output=True,
+            text=True,
+            check=True,
         ).stdout.strip()
         dirty = subprocess.run(
             ["git", "-C", root, "status", "--porcelain", "--", "curvext"],
-            capture_output=True, text=True, check=True,
+            capture_output=True,
+            text=True,
+            check=True,
         ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return f"curvext from {root} (not a git checkout)"

@@ -1,4 +1,5 @@
-"""Time and measure curvext's matrix-free operators, estimators and dattri-style IHVPs against peers.
+"""Time and measure curvext's matrix-free operators, estimators and dattri-style IHVPs
+against peers.
 
 Run from the repository root::
 
@@ -100,8 +101,8 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import gc
 import functools
+import gc
 import json
 import os
 import statistics
@@ -110,17 +111,9 @@ import time
 import warnings
 from typing import Dict
 
-import torch
-from torch import nn
-from torch.func import functional_call
-
 import curvlinops
+import torch
 from dattri.func import hessian as dattri
-
-import curvext.functional as cxf
-from curvext.linalg import hutchinson_trace, lanczos_spectrum
-from curvext.linalg.eigen import lanczos, tridiagonal_eigh
-from curvext.operators import GGNOperator, HessianOperator
 from engine_vs_backpack import MODEL_DESCRIPTIONS, NUM_CLASSES, build_model  # noqa: E402
 from harness import (  # noqa: E402
     add_common_arguments,
@@ -139,6 +132,13 @@ from harness import (  # noqa: E402
     time_cells,
     write_report,
 )
+from torch import nn
+from torch.func import functional_call
+
+import curvext.functional as cxf
+from curvext.linalg import hutchinson_trace, lanczos_spectrum
+from curvext.linalg.eigen import lanczos, tridiagonal_eigh
+from curvext.operators import GGNOperator, HessianOperator
 
 BATCH = 128
 NUM_BATCHES = 10
@@ -164,13 +164,23 @@ ROWS = {
     "trace": f"hutchinson_trace(GGN, {TRACE_MATVECS})",
     "spectrum": f"Lanczos spectrum of GGN (ncv={NCV}, repeats={NUM_REPEATS})",
     "dattri_cg": f"ihvp_at_x_cg (max_iter={CG_ITERATIONS}, [{IHVP_VECTORS}, P])",
-    "dattri_arnoldi": (f"ihvp_at_x_arnoldi (max_iter={ARNOLDI_ITERATIONS}, "
-                       f"top_k={ARNOLDI_TOP_K}, [{IHVP_VECTORS}, P])"),
+    "dattri_arnoldi": (
+        f"ihvp_at_x_arnoldi (max_iter={ARNOLDI_ITERATIONS}, "
+        f"top_k={ARNOLDI_TOP_K}, [{IHVP_VECTORS}, P])"
+    ),
     "dist_ggn_16": f"GGN @ V [P, {NUM_VECTORS}], 2 gloo processes vs 1",
 }
-PEERS = {"ggn_1": "curvlinops", "ggn_16": "curvlinops", "hess_1": "curvlinops",
-         "hess_16": "curvlinops", "trace": "curvlinops", "spectrum": "curvlinops",
-         "dattri_cg": "dattri", "dattri_arnoldi": "dattri", "dist_ggn_16": "1 process"}
+PEERS = {
+    "ggn_1": "curvlinops",
+    "ggn_16": "curvlinops",
+    "hess_1": "curvlinops",
+    "hess_16": "curvlinops",
+    "trace": "curvlinops",
+    "spectrum": "curvlinops",
+    "dattri_cg": "dattri",
+    "dattri_arnoldi": "dattri",
+    "dist_ggn_16": "1 process",
+}
 MLP_ONLY = ("dattri_cg", "dattri_arnoldi", "dist_ggn_16")
 WORLD_SIZE = 2
 
@@ -200,8 +210,10 @@ def flat_loss(model: nn.Module):
     sizes = [p.numel() for p in model.parameters()]
 
     def func(theta, inputs, targets):
-        params = {name: chunk.reshape(shape)
-                  for name, chunk, shape in zip(names, theta.split(sizes), shapes)}
+        params = {
+            name: chunk.reshape(shape)
+            for name, chunk, shape in zip(names, theta.split(sizes), shapes)
+        }
         return nn.functional.cross_entropy(functional_call(model, params, (inputs,)), targets)
 
     theta = torch.cat([p.detach().flatten() for p in model.parameters()])
@@ -216,8 +228,7 @@ def _random(shape, seed: int, device) -> torch.Tensor:
 class Cell:
     """One library's contender for one (row, model): ``unit()`` returns its result."""
 
-    def __init__(self, row: str, model_name: str, kind: str, device, seed: int,
-                 boundaries=None):
+    def __init__(self, row: str, model_name: str, kind: str, device, seed: int, boundaries=None):
         self.row, self.kind, self.device, self.seed = row, kind, device, seed
         model = make_model(model_name, device, seed)
         self.model = model
@@ -237,8 +248,7 @@ class Cell:
             cls = HessianOperator if hessian else GGNOperator
             self.operator = cls(model, loss_fn, params, data, check_deterministic=False)
         else:
-            cls = (curvlinops.HessianLinearOperator if hessian
-                   else curvlinops.GGNLinearOperator)
+            cls = curvlinops.HessianLinearOperator if hessian else curvlinops.GGNLinearOperator
             self.operator = cls(model, loss_fn, params, data, check_deterministic=False)
         columns = NUM_VECTORS if row.endswith("_16") else 1
         vectors = _random((dim, columns), seed + 1, device)
@@ -250,28 +260,44 @@ class Cell:
         if row in ("ggn_1", "ggn_16", "hess_1", "hess_16"):
             return self.operator @ self.vectors
         if row == "trace":
-            return (hutchinson_trace(self.operator, TRACE_MATVECS) if kind == "curvext"
-                    else curvlinops.hutchinson_trace(self.operator, TRACE_MATVECS))
+            return (
+                hutchinson_trace(self.operator, TRACE_MATVECS)
+                if kind == "curvext"
+                else curvlinops.hutchinson_trace(self.operator, TRACE_MATVECS)
+            )
         if row == "spectrum":
             if kind == "curvext":
-                return lanczos_spectrum(self.operator, NCV, NUM_REPEATS, NUM_POINTS,
-                                        boundaries=self.boundaries)
+                return lanczos_spectrum(
+                    self.operator, NCV, NUM_REPEATS, NUM_POINTS, boundaries=self.boundaries
+                )
             return curvlinops.lanczos_approximate_spectrum(
-                self.operator, NCV, NUM_POINTS, NUM_REPEATS, boundaries=self.boundaries)
+                self.operator, NCV, NUM_POINTS, NUM_REPEATS, boundaries=self.boundaries
+            )
         if row == "dattri_cg":
             if kind == "curvext":
-                ihvp = cxf.ihvp_at_x_cg(self.func, *self.x, max_iter=CG_ITERATIONS,
-                                        tol=1e-30, regularization=IHVP_REGULARIZATION)
+                ihvp = cxf.ihvp_at_x_cg(
+                    self.func,
+                    *self.x,
+                    max_iter=CG_ITERATIONS,
+                    tol=1e-30,
+                    regularization=IHVP_REGULARIZATION,
+                )
             else:
-                ihvp = dattri.ihvp_at_x_cg(self.func, *self.x, max_iter=CG_ITERATIONS,
-                                           regularization=IHVP_REGULARIZATION)
+                ihvp = dattri.ihvp_at_x_cg(
+                    self.func, *self.x, max_iter=CG_ITERATIONS, regularization=IHVP_REGULARIZATION
+                )
             return ihvp(self.vectors)
         if row == "dattri_arnoldi":
             torch.manual_seed(self.seed + 2)  # the same start vector for both
             library = cxf if kind == "curvext" else dattri
             ihvp = library.ihvp_at_x_arnoldi(
-                self.func, *self.x, max_iter=ARNOLDI_ITERATIONS, top_k=ARNOLDI_TOP_K,
-                mode="rev-fwd", regularization=IHVP_REGULARIZATION)
+                self.func,
+                *self.x,
+                max_iter=ARNOLDI_ITERATIONS,
+                top_k=ARNOLDI_TOP_K,
+                mode="rev-fwd",
+                regularization=IHVP_REGULARIZATION,
+            )
             return ihvp(self.vectors)
         raise ValueError(f"unknown row {row!r}; use one of {sorted(ROWS)}")
 
@@ -290,8 +316,10 @@ class BoundCell:
         self.params = list(self.model.parameters())
         self.batches = make_batches(device, seed)
         self.columns = 1 if row.endswith("_1") else NUM_VECTORS
-        self.cotangents = [_random((self.columns, BATCH, NUM_CLASSES), seed + 3 + i, device)
-                           for i in range(len(self.batches))]
+        self.cotangents = [
+            _random((self.columns, BATCH, NUM_CLASSES), seed + 3 + i, device)
+            for i in range(len(self.batches))
+        ]
 
     def unit(self):
         grads = None
@@ -300,8 +328,7 @@ class BoundCell:
             if self.columns == 1:
                 grads = torch.autograd.grad(outputs, self.params, cotangents[0])
             else:
-                grads = torch.autograd.grad(outputs, self.params, cotangents,
-                                            is_grads_batched=True)
+                grads = torch.autograd.grad(outputs, self.params, cotangents, is_grads_batched=True)
         return grads
 
 
@@ -315,8 +342,13 @@ def spectral_boundaries(model_name: str, device, seed: int):
     (``mlp``: ``1280 · 9 < 235,146``; ``cnn``: ``< 12,810``), so λ_min = 0.
     """
     model = make_model(model_name, device, seed)
-    G = GGNOperator(model, nn.CrossEntropyLoss(), list(model.parameters()),
-                    make_batches(device, seed), check_deterministic=False)
+    G = GGNOperator(
+        model,
+        nn.CrossEntropyLoss(),
+        list(model.parameters()),
+        make_batches(device, seed),
+        check_deterministic=False,
+    )
     alphas, betas, _ = lanczos(G, _random((G.shape[0],), seed + 3, device), 10)
     ritz_values, _ = tridiagonal_eigh(alphas.double(), betas.double())
     return 0.0, float(ritz_values.max())
@@ -337,8 +369,13 @@ def agreement(row: str, cells: Dict[str, Cell], results: Dict[str, object]) -> s
         cell = cells["curvext"]
         product = cxf.hvp_at_x(cell.func, cell.x, regularization=IHVP_REGULARIZATION)
         residuals = cell.vectors - torch.vmap(product)(cell.vectors)
-        shifted = cxf.ihvp_at_x_cg(cell.func, *cell.x, max_iter=CG_ITERATIONS, tol=1e-30,
-                                   regularization=IHVP_REGULARIZATION)(residuals)
+        shifted = cxf.ihvp_at_x_cg(
+            cell.func,
+            *cell.x,
+            max_iter=CG_ITERATIONS,
+            tol=1e-30,
+            regularization=IHVP_REGULARIZATION,
+        )(residuals)
         return f"{rel_diff(cell.vectors + shifted, theirs):.0e}"
     return f"{rel_diff(ours, theirs):.0e}"
 
@@ -348,31 +385,48 @@ def agreement(row: str, cells: Dict[str, Cell], results: Dict[str, object]) -> s
 # --------------------------------------------------------------------------
 def make_cell(spec: dict, device) -> Cell:
     """The cell of ``--memory-probe``."""
-    return Cell(spec["row"], spec["model"], spec["kind"], device, spec["seed"],
-                spec.get("boundaries"))
+    return Cell(
+        spec["row"], spec["model"], spec["kind"], device, spec["seed"], spec.get("boundaries")
+    )
 
 
 def measure(row: str, model_name: str, device, args) -> dict:
     boundaries = spectral_boundaries(model_name, device, args.seed) if row == "spectrum" else None
-    cells = {kind: Cell(row, model_name, kind, device, args.seed, boundaries)
-             for kind in ("curvext", "peer")}
+    cells = {
+        kind: Cell(row, model_name, kind, device, args.seed, boundaries)
+        for kind in ("curvext", "peer")
+    }
     if row in BOUND_ROWS:
         cells["bound"] = BoundCell(row, model_name, device, args.seed)
     (times, results), foreign = measure_quietly(
-        functools.partial(time_cells, cells, device, args), args)
+        functools.partial(time_cells, cells, device, args), args
+    )
     ms = {kind: statistics.median(values) for kind, values in times.items()}
-    result = {"row": row, "model": model_name, "times_ms": times, "ms": ms,
-              "foreign_load": foreign, "agreement": agreement(row, cells, results),
-              "boundaries": boundaries, "mem": {}}
+    result = {
+        "row": row,
+        "model": model_name,
+        "times_ms": times,
+        "ms": ms,
+        "foreign_load": foreign,
+        "agreement": agreement(row, cells, results),
+        "boundaries": boundaries,
+        "mem": {},
+    }
     del results
     for kind, cell in cells.items():
         if kind == "bound":
             continue
         runs = 1 if ms[kind] > 1e3 * SINGLE_PROBE_SECONDS else 3
-        spec = {"row": row, "model": model_name, "kind": kind, "seed": args.seed,
-                "boundaries": boundaries}
-        result["mem"][kind] = (None if args.no_memory
-                               else peak_memory(__file__, spec, cell, device, runs))
+        spec = {
+            "row": row,
+            "model": model_name,
+            "kind": kind,
+            "seed": args.seed,
+            "boundaries": boundaries,
+        }
+        result["mem"][kind] = (
+            None if args.no_memory else peak_memory(__file__, spec, cell, device, runs)
+        )
     del cells
     gc.collect()
     return result
@@ -396,18 +450,24 @@ def _dist_worker(rank: int, init_file: str, out_file: str, spec: dict) -> None:
     import torch.distributed as dist
 
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
-                            world_size=WORLD_SIZE,
-                            timeout=datetime.timedelta(seconds=900))
+    dist.init_process_group(
+        "gloo",
+        init_method=f"file://{init_file}",
+        rank=rank,
+        world_size=WORLD_SIZE,
+        timeout=datetime.timedelta(seconds=900),
+    )
     try:
         cpu = torch.device("cpu")
         model = make_model(spec["model"], cpu, spec["seed"])
         params, loss_fn = list(model.parameters()), nn.CrossEntropyLoss()
         batches = make_batches(cpu, spec["seed"])
-        sharded = GGNOperator(model, loss_fn, params, batches[rank::WORLD_SIZE],
-                              check_deterministic=False)  # reduces over the group
-        whole = GGNOperator(model, loss_fn, params, batches, check_deterministic=False,
-                            distributed=False)
+        sharded = GGNOperator(
+            model, loss_fn, params, batches[rank::WORLD_SIZE], check_deterministic=False
+        )  # reduces over the group
+        whole = GGNOperator(
+            model, loss_fn, params, batches, check_deterministic=False, distributed=False
+        )
         vectors = _random((sharded.shape[0], NUM_VECTORS), spec["seed"] + 1, cpu)
         results = {}
 
@@ -446,8 +506,14 @@ def _dist_worker(rank: int, init_file: str, out_file: str, spec: dict) -> None:
                 busy = (end[0] - jiffies[0]) - own.item()
                 foreign = max(0.0, busy / ticks / (seconds * os.cpu_count()))
             with open(out_file, "w") as out:
-                json.dump({"times_ms": times, "foreign_load": foreign,
-                           "agreement": f"{rel_diff(results['2x1'], results['1x1']):.0e}"}, out)
+                json.dump(
+                    {
+                        "times_ms": times,
+                        "foreign_load": foreign,
+                        "agreement": f"{rel_diff(results['2x1'], results['1x1']):.0e}",
+                    },
+                    out,
+                )
     finally:
         dist.destroy_process_group()
 
@@ -456,16 +522,23 @@ def measure_distributed(model_name: str, args) -> dict:
     """The ``dist_ggn_16`` row: ``torch.multiprocessing.spawn`` of 2 gloo ranks."""
     import torch.multiprocessing as mp
 
-    spec = {"model": model_name, "seed": args.seed, "warmup": args.warmup,
-            "repeats": max(args.repeats, 3)}
+    spec = {
+        "model": model_name,
+        "seed": args.seed,
+        "warmup": args.warmup,
+        "repeats": max(args.repeats, 3),
+    }
     with tempfile.TemporaryDirectory() as folder:
         out_file = os.path.join(folder, "result.json")
-        mp.spawn(_dist_worker, args=(os.path.join(folder, "init"), out_file, spec),
-                 nprocs=WORLD_SIZE, join=True)
+        mp.spawn(
+            _dist_worker,
+            args=(os.path.join(folder, "init"), out_file, spec),
+            nprocs=WORLD_SIZE,
+            join=True,
+        )
         with open(out_file) as result_file:
             result = json.load(result_file)
-    result["ms"] = {name: statistics.median(values)
-                    for name, values in result["times_ms"].items()}
+    result["ms"] = {name: statistics.median(values) for name, values in result["times_ms"].items()}
     result.update(row="dist_ggn_16", model=model_name)
     return result
 
@@ -474,9 +547,13 @@ def measure_distributed(model_name: str, args) -> dict:
 # report
 # --------------------------------------------------------------------------
 def render(rows, args, device, machine, source, load_start, started, elapsed) -> str:
-    memory = ("n/a (--no-memory)" if args.no_memory else
-              "torch.cuda.max_memory_allocated" if device.type == "cuda"
-              else "peak RSS in a fresh process per cell")
+    memory = (
+        "n/a (--no-memory)"
+        if args.no_memory
+        else "torch.cuda.max_memory_allocated"
+        if device.type == "cuda"
+        else "peak RSS in a fresh process per cell"
+    )
     lines = [
         f"# Matrix-free curvature: curvext vs curvlinops and dattri ({device.type})",
         "",
@@ -490,16 +567,21 @@ def render(rows, args, device, machine, source, load_start, started, elapsed) ->
         f"Run {started:%Y-%m-%d %H:%M} UTC, {elapsed:.0f} s, float32, CrossEntropyLoss: "
         f"median of {args.repeats} interleaved repeats (fewer, at least 1, once a row's "
         f"timed runs took {args.max_time:g} s) after {args.warmup} warm-up run(s) each "
-        + (f"(more, up to {args.max_repeats}, while a row's timed runs took less than "
-           f"{args.min_time:g} s) " if args.min_time > 0 else "")
+        + (
+            f"(more, up to {args.max_repeats}, while a row's timed runs took less than "
+            f"{args.min_time:g} s) "
+            if args.min_time > 0
+            else ""
+        )
         + f"(column `n`). Operators: {NUM_BATCHES} batches of {BATCH}, built (with "
         "`check_deterministic=False`) before timing. Peak MB = extra memory of one unit "
         f"over what is allocated before it ({memory}). Target: ratio <= {TARGET_RATIO} "
         "and no more peak memory than the peer. "
         "See the script's docstring for each row's exact calls.",
         "",
-        "Models: " + "; ".join(f"`{name}` = {MODEL_DESCRIPTIONS[name]}"
-                               for name in args.models) + ".",
+        "Models: "
+        + "; ".join(f"`{name}` = {MODEL_DESCRIPTIONS[name]}" for name in args.models)
+        + ".",
         "",
         "| model | row | peer | curvext ms | peer ms | ratio (curvext/peer) | curvext peak MB "
         "| peer peak MB | target | n | other load | rel. diff | bound ms | bound / peer |",
@@ -511,16 +593,19 @@ def render(rows, args, device, machine, source, load_start, started, elapsed) ->
             continue
         ms, mem = row["ms"], row["mem"]
         ratio = ms["curvext"] / ms["peer"]
-        memory_ok = (mem["curvext"] is None or mem["peer"] is None
-                     or mem["curvext"] <= mem["peer"])
+        memory_ok = mem["curvext"] is None or mem["peer"] is None or mem["curvext"] <= mem["peer"]
         mark = "meets" if ratio <= TARGET_RATIO and memory_ok else "**misses**"
         lines.append(
             f"| {row['model']} | {ROWS[row['row']]} | {PEERS[row['row']]} "
             f"| {ms['curvext']:.1f} | {ms['peer']:.1f} | {ratio:.2f} | {mb(mem['curvext'])} "
             f"| {mb(mem['peer'])} | {mark} | {len(row['times_ms']['curvext'])} "
             f"| {pct(row['foreign_load'])} | {row['agreement']} "
-            + (f"| {ms['bound']:.1f} | {ms['bound'] / ms['peer']:.2f} |" if "bound" in ms
-               else "| | |"))
+            + (
+                f"| {ms['bound']:.1f} | {ms['bound'] / ms['peer']:.2f} |"
+                if "bound" in ms
+                else "| | |"
+            )
+        )
     lines += [
         "",
         "Ratio < 1 means curvext is faster. `rel. diff`: ||curvext − peer|| / ||peer|| of "
@@ -564,7 +649,8 @@ def render(rows, args, device, machine, source, load_start, started, elapsed) ->
                 f"| {row['model']} | GGN @ V [P, {NUM_VECTORS}] | {ms['2x1']:.1f} "
                 f"| {ms['1x1']:.1f} | {ms['1x2']:.1f} | {ms['1x1'] / ms['2x1']:.2f} "
                 f"| {ms['1x2'] / ms['2x1']:.2f} | {len(row['times_ms']['2x1'])} "
-                f"| {pct(row['foreign_load'])} | {row['agreement']} |")
+                f"| {pct(row['foreign_load'])} | {row['agreement']} |"
+            )
     return "\n".join(lines) + "\n"
 
 
@@ -574,13 +660,18 @@ def render(rows, args, device, machine, source, load_start, started, elapsed) ->
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_common_arguments(parser, repeats=3, max_repeats=9)
-    parser.add_argument("--max-time", type=float, default=15.0,
-                        help="stop repeating a row (after at least one repeat) once its "
-                        "timed runs took this many seconds: the CNN's estimator rows "
-                        "cost tens of seconds per unit on 2 cores")
+    parser.add_argument(
+        "--max-time",
+        type=float,
+        default=15.0,
+        help="stop repeating a row (after at least one repeat) once its "
+        "timed runs took this many seconds: the CNN's estimator rows "
+        "cost tens of seconds per unit on 2 cores",
+    )
     parser.add_argument("--models", default="mlp,cnn", help="comma-separated: mlp,cnn")
-    parser.add_argument("--rows", default=",".join(ROWS),
-                        help="comma-separated row keys: " + ",".join(ROWS))
+    parser.add_argument(
+        "--rows", default=",".join(ROWS), help="comma-separated row keys: " + ",".join(ROWS)
+    )
     args = finish_common_arguments(parser.parse_args(argv), "matrix_free", quick_repeats=1)
     if args.quick:
         args.busy_retries = 0
@@ -614,26 +705,35 @@ def main(argv=None):
                 result = measure_distributed(model_name, args)
                 rows.append(result)
                 ms = result["ms"]
-                print(f"{model_name:4s} {ROWS[row]:50s} 2x1 {ms['2x1']:9.1f} ms  1x1 "
-                      f"{ms['1x1']:9.1f} ms  1x2 {ms['1x2']:9.1f} ms  speed-up "
-                      f"{ms['1x1'] / ms['2x1']:.2f} / {ms['1x2'] / ms['2x1']:.2f}  diff "
-                      f"{result['agreement']}  other load {pct(result['foreign_load'])}",
-                      flush=True)
+                print(
+                    f"{model_name:4s} {ROWS[row]:50s} 2x1 {ms['2x1']:9.1f} ms  1x1 "
+                    f"{ms['1x1']:9.1f} ms  1x2 {ms['1x2']:9.1f} ms  speed-up "
+                    f"{ms['1x1'] / ms['2x1']:.2f} / {ms['1x2'] / ms['2x1']:.2f}  diff "
+                    f"{result['agreement']}  other load {pct(result['foreign_load'])}",
+                    flush=True,
+                )
                 continue
             result = measure(row, model_name, device, args)
             rows.append(result)
             ms, mem = result["ms"], result["mem"]
-            print(f"{model_name:4s} {ROWS[row]:50s} x{len(result['times_ms']['curvext']):<2d} "
-                  f"curvext {ms['curvext']:9.1f} ms  {PEERS[row]} {ms['peer']:9.1f} ms  "
-                  f"ratio {ms['curvext'] / ms['peer']:.2f}  mem {mb(mem['curvext'])} / "
-                  f"{mb(mem['peer'])} MB  diff {result['agreement']}  other load "
-                  f"{pct(result['foreign_load'])}", flush=True)
+            print(
+                f"{model_name:4s} {ROWS[row]:50s} x{len(result['times_ms']['curvext']):<2d} "
+                f"curvext {ms['curvext']:9.1f} ms  {PEERS[row]} {ms['peer']:9.1f} ms  "
+                f"ratio {ms['curvext'] / ms['peer']:.2f}  mem {mb(mem['curvext'])} / "
+                f"{mb(mem['peer'])} MB  diff {result['agreement']}  other load "
+                f"{pct(result['foreign_load'])}",
+                flush=True,
+            )
 
-    report = render(rows, args, device, machine, source, load_start, started,
-                    time.perf_counter() - clock)
-    raw = {"machine": machine, "source": source,
-           "args": {k: v for k, v in vars(args).items()},
-           "rows": [{**r, "label": ROWS[r["row"]], "peer": PEERS[r["row"]]} for r in rows]}
+    report = render(
+        rows, args, device, machine, source, load_start, started, time.perf_counter() - clock
+    )
+    raw = {
+        "machine": machine,
+        "source": source,
+        "args": {k: v for k, v in vars(args).items()},
+        "rows": [{**r, "label": ROWS[r["row"]], "peer": PEERS[r["row"]]} for r in rows],
+    }
     write_report(report, raw, args.out)
 
 

@@ -84,9 +84,8 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Dict, List
 
+import curvlinops  # noqa: E402
 import torch
-from torch import nn
-
 from engine_vs_backpack import (  # noqa: E402
     MODEL_DESCRIPTIONS,
     NUM_CLASSES,
@@ -109,10 +108,9 @@ from harness import (  # noqa: E402
     time_cells,
     write_report,
 )
-
-import curvlinops  # noqa: E402
 from laplace import Laplace  # noqa: E402
 from laplace.curvature import BackPackGGN  # noqa: E402
+from torch import nn
 
 from curvext.integrations.laplace import CurvextGGN  # noqa: E402
 from curvext.operators import EKFACOperator, KronOperator  # noqa: E402
@@ -133,8 +131,12 @@ DESCRIPTIONS = {
 def build(name: str) -> nn.Module:
     if name == BIG_MODEL:
         return nn.Sequential(
-            nn.Flatten(), nn.Linear(784, 1000), nn.ReLU(), nn.Linear(1000, 200),
-            nn.ReLU(), nn.Linear(200, NUM_CLASSES),
+            nn.Flatten(),
+            nn.Linear(784, 1000),
+            nn.ReLU(),
+            nn.Linear(1000, 200),
+            nn.ReLU(),
+            nn.Linear(200, NUM_CLASSES),
         )
     return build_model(name)
 
@@ -165,21 +167,50 @@ INVERSE_VARIANTS = {
 }
 
 ROWS: List[Row] = [
-    Row("kfac_t2", 'KronOperator.from_data vs KFACLinearOperator, "type-2"', "kron",
-        "curvlinops", {"fisher_type": "type-2"}),
-    Row("kfac_mc", 'KronOperator.from_data vs KFACLinearOperator, "mc"', "kron",
-        "curvlinops", {"fisher_type": "mc"}),
-    Row("ekfac_t2", 'EKFACOperator.from_data vs EKFACLinearOperator, "type-2"', "ekfac",
-        "curvlinops", {"fisher_type": "type-2"}),
-    Row("laplace_kron", 'Laplace(kron).fit: CurvextGGN vs BackPackGGN', "laplace",
-        "BackPACK", {"structure": "kron"}),
-    Row("laplace_diag", 'Laplace(diag).fit: CurvextGGN vs BackPackGGN', "laplace",
-        "BackPACK", {"structure": "diag"}),
+    Row(
+        "kfac_t2",
+        'KronOperator.from_data vs KFACLinearOperator, "type-2"',
+        "kron",
+        "curvlinops",
+        {"fisher_type": "type-2"},
+    ),
+    Row(
+        "kfac_mc",
+        'KronOperator.from_data vs KFACLinearOperator, "mc"',
+        "kron",
+        "curvlinops",
+        {"fisher_type": "mc"},
+    ),
+    Row(
+        "ekfac_t2",
+        'EKFACOperator.from_data vs EKFACLinearOperator, "type-2"',
+        "ekfac",
+        "curvlinops",
+        {"fisher_type": "type-2"},
+    ),
+    Row(
+        "laplace_kron",
+        "Laplace(kron).fit: CurvextGGN vs BackPackGGN",
+        "laplace",
+        "BackPACK",
+        {"structure": "kron"},
+    ),
+    Row(
+        "laplace_diag",
+        "Laplace(diag).fit: CurvextGGN vs BackPackGGN",
+        "laplace",
+        "BackPACK",
+        {"structure": "diag"},
+    ),
     *[
-        Row(f"inv_{variant}_{stage}",
+        Row(
+            f"inv_{variant}_{stage}",
             f"inverse({DAMPING:g}{', ' + next(iter(flags)) if flags else ''}) "
             + ("setup + K⁻¹v" if stage == "setup" else "K⁻¹v (inverse cached)"),
-            "inverse", "curvlinops", {"variant": variant, "cached": stage == "product"})
+            "inverse",
+            "curvlinops",
+            {"variant": variant, "cached": stage == "product"},
+        )
         for variant, flags in INVERSE_VARIANTS.items()
         for stage in ("setup", "product")
     ],
@@ -217,15 +248,26 @@ class FromDataCell:
     def unit(self):
         if self.kind == "curvext":
             cls = KronOperator if self.row.family == "kron" else EKFACOperator
-            self.operator = cls.from_data(self.model, self.loss_fn, self.batches,
-                                          fisher_type=self.fisher_type)
+            self.operator = cls.from_data(
+                self.model, self.loss_fn, self.batches, fisher_type=self.fisher_type
+            )
             return
-        cls = (curvlinops.KFACLinearOperator if self.row.family == "kron"
-               else curvlinops.EKFACLinearOperator)
-        operator = cls(self.model, self.loss_fn, self.params, self.batches,
-                       fisher_type=self.fisher_type, mc_samples=1,
-                       kfac_approx="expand", separate_weight_and_bias=True,
-                       check_deterministic=False)
+        cls = (
+            curvlinops.KFACLinearOperator
+            if self.row.family == "kron"
+            else curvlinops.EKFACLinearOperator
+        )
+        operator = cls(
+            self.model,
+            self.loss_fn,
+            self.params,
+            self.batches,
+            fisher_type=self.fisher_type,
+            mc_samples=1,
+            kfac_approx="expand",
+            separate_weight_and_bias=True,
+            check_deterministic=False,
+        )
         operator.compute_kronecker_factors()  # lazy otherwise: forced inside the unit
         if self.row.family == "ekfac":
             operator.compute_eigenvalue_correction()
@@ -247,15 +289,22 @@ class LaplaceCell:
         backend = CurvextGGN if kind == "curvext" else BackPackGGN
         # blocks of Linear layers: BackPACK's KFLR and curvext's KFAC("expand")
         # differ by design on convolutions (see engine_vs_backpack.agreement)
-        self.linear_blocks = [isinstance(module, nn.Linear)
-                              for module in base.modules()
-                              for p in module.parameters(recurse=False)]
-        self.la = Laplace(copy.deepcopy(base).to(device), "classification",
-                          subset_of_weights="all",
-                          hessian_structure=row.options["structure"], backend=backend)
+        self.linear_blocks = [
+            isinstance(module, nn.Linear)
+            for module in base.modules()
+            for p in module.parameters(recurse=False)
+        ]
+        self.la = Laplace(
+            copy.deepcopy(base).to(device),
+            "classification",
+            subset_of_weights="all",
+            hessian_structure=row.options["structure"],
+            backend=backend,
+        )
         batches = make_batches(device, seed=0)
-        dataset = torch.utils.data.TensorDataset(torch.cat([x for x, _ in batches]),
-                                                 torch.cat([y for _, y in batches]))
+        dataset = torch.utils.data.TensorDataset(
+            torch.cat([x for x, _ in batches]), torch.cat([y for _, y in batches])
+        )
         self.loader = torch.utils.data.DataLoader(dataset, batch_size=BATCH)
 
     def clear(self):
@@ -267,8 +316,11 @@ class LaplaceCell:
     def output(self):
         # KronLaplace keeps the summed factors in H_facs and their eigendecomposition in H
         H = getattr(self.la, "H_facs", self.la.H)
-        return {"H": H, "lml": self.la.log_marginal_likelihood().detach(),
-                "linear_blocks": self.linear_blocks}
+        return {
+            "H": H,
+            "lml": self.la.log_marginal_likelihood().detach(),
+            "linear_blocks": self.linear_blocks,
+        }
 
 
 class InverseCell:
@@ -281,8 +333,11 @@ class InverseCell:
         model = copy.deepcopy(base).to(device)
         params = [p for p in model.parameters() if p.requires_grad]
         self.kfac = curvlinops.KFACLinearOperator(
-            model, nn.CrossEntropyLoss().to(device), params,
-            make_batches(device, seed=0, num_batches=1), fisher_type="type-2",
+            model,
+            nn.CrossEntropyLoss().to(device),
+            params,
+            make_batches(device, seed=0, num_batches=1),
+            fisher_type="type-2",
             check_deterministic=False,
         )
         self.kfac.compute_kronecker_factors()
@@ -290,8 +345,9 @@ class InverseCell:
         for name, positions in self.kfac._mapping.items():
             G = self.kfac._gradient_covariances[name]
             for kind_of, position in positions.items():
-                factors[position] = ([G, self.kfac._input_covariances[name]]
-                                     if kind_of == "weight" else [G])
+                factors[position] = (
+                    [G, self.kfac._input_covariances[name]] if kind_of == "weight" else [G]
+                )
         self.K = KronOperator(params, [factors[i] for i in range(len(params))])
         generator = torch.Generator().manual_seed(2)
         self.vector = torch.randn(self.K.shape[0], generator=generator).to(device)
@@ -303,8 +359,7 @@ class InverseCell:
     def _setup(self):
         if self.kind == "curvext":
             return self.K.inverse(damping=DAMPING, **self.flags)
-        return curvlinops.KFACInverseLinearOperator(self.kfac, damping=DAMPING,
-                                                    **self.flags)
+        return curvlinops.KFACInverseLinearOperator(self.kfac, damping=DAMPING, **self.flags)
 
     def clear(self):
         self.result = None
@@ -318,13 +373,18 @@ class InverseCell:
             return self.result
         # curvlinops damps a bias with its weight's π-damped G; curvext gives every
         # one-factor block plain damping: compare the weight entries only
-        weights = torch.cat([torch.full((p.numel(),), p.ndim > 1, device=self.device)
-                             for p in self.K.params])
+        weights = torch.cat(
+            [torch.full((p.numel(),), p.ndim > 1, device=self.device) for p in self.K.params]
+        )
         return self.result[weights]
 
 
-FAMILY_CELLS = {"kron": FromDataCell, "ekfac": FromDataCell, "laplace": LaplaceCell,
-                "inverse": InverseCell}
+FAMILY_CELLS = {
+    "kron": FromDataCell,
+    "ekfac": FromDataCell,
+    "laplace": LaplaceCell,
+    "inverse": InverseCell,
+}
 
 
 def make_cell(spec: dict, device):
@@ -358,19 +418,28 @@ def agreement(row: Row, outputs: Dict[str, object]) -> str:
 # --------------------------------------------------------------------------
 def measure(row: Row, model: str, device, args) -> dict:
     """Time curvext and the peer on one (row, model), then their memory one by one."""
-    specs = {kind: {"row": row.key, "model": model, "kind": kind, "seed": args.seed}
-             for kind in ("curvext", row.peer)}
+    specs = {
+        kind: {"row": row.key, "model": model, "kind": kind, "seed": args.seed}
+        for kind in ("curvext", row.peer)
+    }
     cells = {kind: make_cell(spec, device) for kind, spec in specs.items()}
-    (times, _), foreign = measure_quietly(functools.partial(time_cells, cells, device, args),
-                                          args)
+    (times, _), foreign = measure_quietly(functools.partial(time_cells, cells, device, args), args)
     ms = {kind: statistics.median(values) for kind, values in times.items()}
-    result = {"row": row.key, "label": row.label, "peer": row.peer, "model": model,
-              "times_ms": times, "foreign_load": foreign, "ms": ms,
-              "agreement": agreement(row, {k: c.output() for k, c in cells.items()}),
-              "mem": {}}
+    result = {
+        "row": row.key,
+        "label": row.label,
+        "peer": row.peer,
+        "model": model,
+        "times_ms": times,
+        "foreign_load": foreign,
+        "ms": ms,
+        "agreement": agreement(row, {k: c.output() for k, c in cells.items()}),
+        "mem": {},
+    }
     for kind, spec in specs.items():
-        result["mem"][kind] = (None if args.no_memory
-                               else peak_memory(__file__, spec, cells[kind], device))
+        result["mem"][kind] = (
+            None if args.no_memory else peak_memory(__file__, spec, cells[kind], device)
+        )
     del cells
     gc.collect()
     return result
@@ -383,8 +452,11 @@ def verdict(result: dict) -> str:
         return "(no target)"
     ms, mem = result["ms"], result["mem"]
     ratio = ms["curvext"] / ms[result["peer"]]
-    memory_ok = (mem["curvext"] is None or mem[result["peer"]] is None
-                 or mem["curvext"] <= mem[result["peer"]])
+    memory_ok = (
+        mem["curvext"] is None
+        or mem[result["peer"]] is None
+        or mem["curvext"] <= mem[result["peer"]]
+    )
     return "meets" if ratio <= TARGET_RATIO and memory_ok else "**misses**"
 
 
@@ -392,9 +464,13 @@ def verdict(result: dict) -> str:
 # report
 # --------------------------------------------------------------------------
 def render(results, args, device, machine, source, load_start, started, elapsed) -> str:
-    memory = ("n/a (--no-memory)" if args.no_memory else
-              "torch.cuda.max_memory_allocated" if device.type == "cuda"
-              else "peak RSS in a fresh process per cell")
+    memory = (
+        "n/a (--no-memory)"
+        if args.no_memory
+        else "torch.cuda.max_memory_allocated"
+        if device.type == "cuda"
+        else "peak RSS in a fresh process per cell"
+    )
     models = sorted({r["model"] for r in results}, key=list(DESCRIPTIONS).index)
     lines = [
         f"# curvext operators vs curvlinops and laplace-torch ({device.type})",
@@ -409,8 +485,12 @@ def render(results, args, device, machine, source, load_start, started, elapsed)
         f"Run {started:%Y-%m-%d %H:%M} UTC, {elapsed:.0f} s, float32, CrossEntropyLoss: "
         f"median of at least {args.repeats} interleaved repeats after {args.warmup} "
         "warm-up run(s) each "
-        + (f"(more, up to {args.max_repeats}, while a row's timed runs took less than "
-           f"{args.min_time:g} s) " if args.min_time > 0 else "")
+        + (
+            f"(more, up to {args.max_repeats}, while a row's timed runs took less than "
+            f"{args.min_time:g} s) "
+            if args.min_time > 0
+            else ""
+        )
         + f"(column `n`). Data: {NUM_BATCHES} batches of {BATCH} (inverse rows: factors "
         f"from one batch of {BATCH}). Peak MB = extra memory of one unit over what is "
         f"allocated before it ({memory}). Target: ratio <= {TARGET_RATIO} and no more "
@@ -428,7 +508,8 @@ def render(results, args, device, machine, source, load_start, started, elapsed)
             f"| {r['model']} | {r['label']} | {peer} | {ms['curvext']:.1f} | {ms[peer]:.1f} "
             f"| {ms['curvext'] / ms[peer]:.2f} | {mb(mem['curvext'])} | {mb(mem[peer])} "
             f"| {verdict(r)} | {len(r['times_ms']['curvext'])} | {pct(r['foreign_load'])} "
-            f"| {r['agreement']} |")
+            f"| {r['agreement']} |"
+        )
     lines += [
         "",
         "Ratio < 1 means curvext is faster. Agreement: relative difference of `K V` for a "
@@ -459,10 +540,16 @@ def render(results, args, device, machine, source, load_start, started, elapsed)
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_common_arguments(parser, repeats=5)
-    parser.add_argument("--models", default="mlp,cnn", help="comma-separated: mlp,cnn "
-                        f"(the inverse rows always use {BIG_MODEL})")
-    parser.add_argument("--rows", default=",".join(r.key for r in ROWS),
-                        help="comma-separated row keys: " + ",".join(r.key for r in ROWS))
+    parser.add_argument(
+        "--models",
+        default="mlp,cnn",
+        help=f"comma-separated: mlp,cnn (the inverse rows always use {BIG_MODEL})",
+    )
+    parser.add_argument(
+        "--rows",
+        default=",".join(r.key for r in ROWS),
+        help="comma-separated row keys: " + ",".join(r.key for r in ROWS),
+    )
     args = finish_common_arguments(parser.parse_args(argv), "operators")
     args.models = [m for m in args.models.split(",") if m]
     unknown = [k for k in args.rows.split(",") if k and k not in ROWS_BY_KEY]
@@ -489,15 +576,18 @@ def main(argv=None):
             result = measure(row, model, device, args)
             results.append(result)
             ms, mem = result["ms"], result["mem"]
-            print(f"{model:5s} {row.key:20s} x{len(result['times_ms']['curvext']):<3d}"
-                  f"curvext {ms['curvext']:9.1f} ms  {row.peer} {ms[row.peer]:9.1f} ms  "
-                  f"ratio {ms['curvext'] / ms[row.peer]:.2f}  mem {mb(mem['curvext'])} / "
-                  f"{mb(mem[row.peer])} MB  {verdict(result)}  agreement "
-                  f"{result['agreement']}  other load {pct(result['foreign_load'])}",
-                  flush=True)
+            print(
+                f"{model:5s} {row.key:20s} x{len(result['times_ms']['curvext']):<3d}"
+                f"curvext {ms['curvext']:9.1f} ms  {row.peer} {ms[row.peer]:9.1f} ms  "
+                f"ratio {ms['curvext'] / ms[row.peer]:.2f}  mem {mb(mem['curvext'])} / "
+                f"{mb(mem[row.peer])} MB  {verdict(result)}  agreement "
+                f"{result['agreement']}  other load {pct(result['foreign_load'])}",
+                flush=True,
+            )
 
-    report = render(results, args, device, machine, source, load_start, started,
-                    time.perf_counter() - clock)
+    report = render(
+        results, args, device, machine, source, load_start, started, time.perf_counter() - clock
+    )
     raw = {"machine": machine, "source": source, "args": vars(args), "results": results}
     write_report(report, raw, args.out)
 

@@ -65,9 +65,7 @@ class backpack:  # noqa: N801 - lower case like BackPACK's context, users know i
         torch.Size([2, 3])
     """
 
-    def __init__(
-        self, *extensions: Extension, max_columns: Optional[int] = None, debug=False
-    ):
+    def __init__(self, *extensions: Extension, max_columns: Optional[int] = None, debug=False):
         for ext in extensions:
             if isinstance(ext, type):
                 raise TypeError(

@@ -96,10 +96,12 @@ def resolve_ranks(distributed, owner: str) -> Optional[Ranks]:
     Example:
         >>> resolve_ranks(None, "f") is None, resolve_ranks(False, "f") is None
         (True, True)
-        >>> resolve_ranks(True, "f")
+        >>> resolve_ranks(True, "f")  # doctest: +NORMALIZE_WHITESPACE
         Traceback (most recent call last):
         ...
-        ValueError: f: distributed=True, but no torch.distributed process group is initialised; call torch.distributed.init_process_group(...) on every rank first (e.g. under torchrun), or pass distributed=None or False.
+        ValueError: f: distributed=True, but no torch.distributed process group is
+        initialised; call torch.distributed.init_process_group(...) on every rank
+        first (e.g. under torchrun), or pass distributed=None or False.
     """
     import torch.distributed as dist
 
@@ -107,13 +109,10 @@ def resolve_ranks(distributed, owner: str) -> Optional[Ranks]:
         return None
     # new_group returns NON_GROUP_MEMBER on the ranks it leaves out
     outside = dist.is_available() and distributed is dist.GroupMember.NON_GROUP_MEMBER
-    is_group = outside or (
-        dist.is_available() and isinstance(distributed, dist.ProcessGroup)
-    )
+    is_group = outside or (dist.is_available() and isinstance(distributed, dist.ProcessGroup))
     if distributed is not None and distributed is not True and not is_group:
         raise TypeError(
-            f"{owner}: distributed must be {DISTRIBUTED_CHOICES}, got "
-            f"{type(distributed).__name__}."
+            f"{owner}: distributed must be {DISTRIBUTED_CHOICES}, got {type(distributed).__name__}."
         )
     if not is_initialized():
         if distributed is None:
@@ -184,8 +183,10 @@ def fingerprint(tensors: Sequence[Tensor]) -> Tensor:
         offset += rows
     device = tensors[0].device if tensors else "cpu"
     return torch.stack(
-        [torch.as_tensor(value, dtype=torch.float64, device=device),
-         torch.as_tensor(squared_norm, dtype=torch.float64, device=device).sqrt()]
+        [
+            torch.as_tensor(value, dtype=torch.float64, device=device),
+            torch.as_tensor(squared_norm, dtype=torch.float64, device=device).sqrt(),
+        ]
     )
 
 
@@ -230,8 +231,10 @@ def all_reduce_sum(
     dtype = _buffer_dtype(tensors)
     length = sum(t.numel() for t in tensors)
     row = torch.cat(
-        [torch.tensor([float(length)], dtype=torch.float64, device=device),
-         rank_values.detach().to(device, torch.float64).reshape(-1)]
+        [
+            torch.tensor([float(length)], dtype=torch.float64, device=device),
+            rank_values.detach().to(device, torch.float64).reshape(-1),
+        ]
     )
     # two pieces per value: exact for float32 buffers up to ~2^48
     high = row.to(dtype)
@@ -252,9 +255,7 @@ def all_reduce_sum(
         )
     sums, start = [], table_size
     for tensor in tensors:
-        sums.append(
-            buffer[start : start + tensor.numel()].reshape(tensor.shape).to(tensor.dtype)
-        )
+        sums.append(buffer[start : start + tensor.numel()].reshape(tensor.shape).to(tensor.dtype))
         start += tensor.numel()
     return sums, values[:, 1:]
 
@@ -279,9 +280,7 @@ def broadcast(tensors: Sequence[Tensor], ranks: Ranks, source: int = 0) -> List[
     return results
 
 
-def raise_on_failure(
-    failed: Sequence[float], failure: Optional[BaseException], owner: str
-) -> None:
+def raise_on_failure(failed: Sequence[float], failure: Optional[BaseException], owner: str) -> None:
     """Re-raise this rank's ``failure``, or raise because another rank failed.
 
     ``failed`` holds one flag per rank (read from :func:`all_reduce_sum`'s

@@ -30,10 +30,10 @@ from torch import Tensor, nn
 from torch.autograd.graph import GradientEdge, get_gradient_edge
 
 from curvext.context import active_extensions, current_run_log, max_columns_per_backward
-from curvext.extend import EXTENDED_TREE
-from curvext.extensions.base import Extension, RunInfo, sum_partials
-from curvext.losses import LossRule, loss_rule
 from curvext.coverage import assign
+from curvext.extend import EXTENDED_TREE
+from curvext.extensions.base import ColumnSet, Extension, RunInfo, sum_partials
+from curvext.losses import LossRule, loss_rule
 from curvext.modules.base import slice_columns
 from curvext.modules.generic import note_once
 from curvext.recording import ModuleCall, collect_calls, flattened_samples
@@ -142,16 +142,8 @@ def _check_sample_major(calls: List[ModuleCall], rows: int, samples: int) -> Non
             )
 
 
-def _column_sizes(sets: List[tuple], loss: LossRule) -> List[int]:
-    sizes = []
-    for key in sets:
-        if key[0] == "exact":
-            sizes.append(loss.num_exact_columns)
-        elif key[0] == "mc":
-            sizes.append(key[1])
-        else:
-            sizes.append(1)
-    return sizes
+def _column_sizes(sets: List[ColumnSet], loss: LossRule) -> List[int]:
+    return [key.size(loss) for key in sets]
 
 
 def _chunk_size(
@@ -162,7 +154,7 @@ def _chunk_size(
         return requested
     # an extension may cap the columns per backward (``columns_per_backward``):
     # the data-set passes of KFAC/EKFAC take one column at a time
-    caps = [getattr(ext, "columns_per_backward", None) for ext in extensions]
+    caps = [ext.columns_per_backward for ext in extensions]
     caps = [cap for cap in caps if cap is not None]
     if caps:
         return max(1, min(total, *caps))
@@ -241,8 +233,11 @@ def _run(edge, loss, calls, consumers, grad, extensions):
                     elif slot in partials:
                         key = (id(partials[slot]), id(partial))
                         if key not in sums:
-                            sums[key] = (partials[slot], partial,
-                                         sum_partials(partials[slot], partial))
+                            sums[key] = (
+                                partials[slot],
+                                partial,
+                                sum_partials(partials[slot], partial),
+                            )
                         partials[slot] = sums[key][2]
                     else:
                         partials[slot] = partial
@@ -331,7 +326,7 @@ def _overlaps(offsets: List[int], start: int, stop: int) -> List[Tuple[int, int,
     return pieces
 
 
-def _draw_mc_columns(sets: List[tuple], loss: LossRule) -> Dict[tuple, Tensor]:
+def _draw_mc_columns(sets: List[ColumnSet], loss: LossRule) -> Dict[ColumnSet, Tensor]:
     """MC columns of every ``("mc", M)`` set.
 
     One seed is drawn from the global CPU generator per backward pass, so
@@ -340,15 +335,15 @@ def _draw_mc_columns(sets: List[tuple], loss: LossRule) -> Dict[tuple, Tensor]:
     samples or the batch size. Each set gets its own generator seeded from
     it, so an extension's samples do not depend on which others are active.
     """
-    mc_sets = [key for key in sets if key[0] == "mc"]
+    mc_sets = [key for key in sets if key.kind == "mc"]
     if not mc_sets:
         return {}
     seed = int(torch.randint(0, 2**62, (1,)).item())
     columns = {}
     for key in mc_sets:
         generator = torch.Generator(device=loss.input.device)
-        generator.manual_seed(seed + key[1])
-        columns[key] = loss.mc_columns(key[1], generator)
+        generator.manual_seed(seed + key.samples)
+        columns[key] = loss.mc_columns(key.samples, generator)
     return columns
 
 
@@ -362,9 +357,9 @@ def _columns(sets, offsets, pieces, loss, mc_columns, grad) -> Tensor:
     for set_index, lo, hi in pieces:
         key = sets[set_index]
         lo, hi = lo - offsets[set_index], hi - offsets[set_index]
-        if key[0] == "exact":
+        if key.kind == "exact":
             columns.append(loss.exact_columns(lo, hi))
-        elif key[0] == "mc":
+        elif key.kind == "mc":
             columns.append(mc_columns[key][lo:hi])
         else:
             columns.append(grad.unsqueeze(0))

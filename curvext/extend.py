@@ -113,9 +113,7 @@ def extend(module: nn.Module) -> nn.Module:
 def couples_samples(module: nn.Module) -> bool:
     """Whether ``module`` mixes the samples of a batch (BatchNorm in train
     mode, or without running statistics)."""
-    return isinstance(module, _BatchNorm) and (
-        module.training or not module.track_running_stats
-    )
+    return isinstance(module, _BatchNorm) and (module.training or not module.track_running_stats)
 
 
 def _record_call(module: nn.Module, args, kwargs, output):
@@ -144,9 +142,7 @@ def _record_call(module: nn.Module, args, kwargs, output):
     outputs, positions = graph_outputs(output)
     if not outputs:
         return None
-    call = ModuleCall(
-        module, detach_tree(args), detach_tree(kwargs), couples_samples=coupled
-    )
+    call = ModuleCall(module, detach_tree(args), detach_tree(kwargs), couples_samples=coupled)
     _how_it_ran(call, raw_inputs)
     attach(call, graph_inputs((args, kwargs)), outputs, positions)
     return output

@@ -60,8 +60,10 @@ class LossRule:
                 f"{tuple(loss_input.shape)}); curvature of zero samples is not "
                 "defined. Skip empty batches before the forward pass."
             )
-        if isinstance(target, Tensor) and target.is_floating_point() and not bool(
-            torch.isfinite(target).all()
+        if (
+            isinstance(target, Tensor)
+            and target.is_floating_point()
+            and not bool(torch.isfinite(target).all())
         ):
             raise ValueError(
                 f"The target of {self.name} contains NaN or Inf values; the loss "
@@ -98,9 +100,7 @@ class LossRule:
         raise NotImplementedError
 
 
-def _unit_columns(
-    scale: Tensor, start: int, stop: int
-) -> Tensor:
+def _unit_columns(scale: Tensor, start: int, stop: int) -> Tensor:
     """Columns ``start:stop`` of ``diag(scale)`` per sample, for ``scale [N, D]``.
 
     Returns ``[stop - start, N, D]`` where column ``j`` is ``scale[:, j] e_j``.
@@ -176,9 +176,7 @@ class BCEWithLogitsLossRule(_EntrywiseLossRule):
         if weight is not None:
             self.label_weight = self.label_weight * weight
         if module.pos_weight is not None:
-            self.label_weight = self.label_weight * (
-                module.pos_weight * target + 1 - target
-            )
+            self.label_weight = self.label_weight * (module.pos_weight * target + 1 - target)
         self.prob = torch.sigmoid(loss_input)
 
     def entry_hessian(self):
@@ -236,9 +234,7 @@ class CrossEntropyLossRule(LossRule):
             if smoothing > 0:
                 # the smoothing term sum_c w_c (-log p_c) / C has Hessian
                 # mean(w) (diag(p) - pp^T) at every non-ignored position
-                target_weight = (
-                    (1 - smoothing) * target_weight + smoothing * weight.mean() * valid
-                )
+                target_weight = (1 - smoothing) * target_weight + smoothing * weight.mean() * valid
             self.position_weight = target_weight
         self.prob = loss_input.softmax(1)
 
@@ -300,7 +296,7 @@ class CrossEntropyLossRule(LossRule):
         labels = torch.multinomial(prob, mc_samples, replacement=True, generator=generator)
         unit = torch.nn.functional.one_hot(labels.T, num_classes).to(prob.dtype)
         columns = prob.unsqueeze(0) - unit  # [M, N*T, C]
-        scale = (self.normalization * self.position_weight.reshape(-1, 1) / mc_samples)
+        scale = self.normalization * self.position_weight.reshape(-1, 1) / mc_samples
         columns = columns * scale.sqrt()
         moved_shape = (mc_samples, self.input.shape[0], *self.input.shape[2:], num_classes)
         return columns.reshape(moved_shape).movedim(-1, 2)
@@ -391,8 +387,7 @@ def loss_rule(
     if rule_class is None:
         supported = ", ".join(cls.__name__ for cls in SUPPORTED_LOSSES)
         raise NotImplementedError(
-            f"curvext does not support the loss {type(module).__name__}. "
-            f"Supported: {supported}."
+            f"curvext does not support the loss {type(module).__name__}. Supported: {supported}."
         )
     if num_samples is not None:
         return SequenceLossRule(rule_class, module, loss_input, target, num_samples)

@@ -11,7 +11,6 @@ walking that loss's graph (:func:`collect_calls`), never a global tape.
 from __future__ import annotations
 
 import copy
-
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Set, Tuple
 
@@ -146,9 +145,7 @@ def graph_inputs(inputs) -> List[Tensor]:
     return [t for t in leaves if isinstance(t, Tensor) and t.requires_grad]
 
 
-def attach(
-    call: ModuleCall, inputs: List[Tensor], outputs: List[Tensor], positions: List[int]
-):
+def attach(call: ModuleCall, inputs: List[Tensor], outputs: List[Tensor], positions: List[int]):
     """Store ``call`` on the autograd nodes that produced ``outputs``."""
     call.output_positions = list(positions)
     output_edges = [get_gradient_edge(tensor) for tensor in outputs]
@@ -232,18 +229,17 @@ def flattened_samples(edge: GradientEdge, loss_input: Tensor) -> Optional[int]:
         loss_input: The loss input ``[R, ...]`` (detached).
     """
     rows = loss_input.shape[0] if loss_input.dim() > 0 else 0
-    node, chain, casts = edge.node, 0, False
+    source, chain, casts = edge, 0, False
     while (
-        node is not None
-        and type(node).__name__ in _MOVING_NODES
-        and not _is_unflattened_output(GradientEdge(node, edge.output_nr if chain == 0 else nr), rows)
+        source.node is not None
+        and type(source.node).__name__ in _MOVING_NODES
+        and not _is_unflattened_output(source, rows)
     ):
-        following = [(n, nr) for n, nr in node.next_functions if n is not None]
+        following = [(n, nr) for n, nr in source.node.next_functions if n is not None]
         if len(following) != 1:
             return None
-        casts = casts or type(node).__name__ == "ToCopyBackward0"
-        (node, nr), chain = following[0], chain + 1
-        source = GradientEdge(node, nr)
+        casts = casts or type(source.node).__name__ == "ToCopyBackward0"
+        source, chain = GradientEdge(*following[0]), chain + 1
     if chain == 0 or rows == 0:
         return None
     # a cast may lead to bfloat16, exact for integers up to 256 only

@@ -94,9 +94,10 @@ def main():
         )
     total = sum(p.ggn_diag.sum() for p in model.parameters())
     print(f"\ntrace of the GGN: {total:.4f} (sum of the GGN diagonal)")
-    print("per-sample gradients sum to the gradient:", all(
-        torch.allclose(p.grad_batch.sum(0), p.grad, atol=1e-6) for p in model.parameters()
-    ))
+    print(
+        "per-sample gradients sum to the gradient:",
+        all(torch.allclose(p.grad_batch.sum(0), p.grad, atol=1e-6) for p in model.parameters()),
+    )
 
 
 if __name__ == "__main__":

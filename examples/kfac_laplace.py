@@ -108,7 +108,9 @@ def expected_calibration_error(probs, y, bins=10):
     for low, high in zip(edges[:-1], edges[1:]):
         inside = (confidence > low) & (confidence <= high)
         if inside.any():
-            error += inside.float().mean() * (correct[inside].mean() - confidence[inside].mean()).abs()
+            error += (
+                inside.float().mean() * (correct[inside].mean() - confidence[inside].mean()).abs()
+            )
     return float(error)
 
 
@@ -173,8 +175,11 @@ def laplace_torch_backend(model, X, y, test_X, test_y):
 
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(X, y), batch_size=128)
     la = Laplace(
-        model, "classification", subset_of_weights="all",
-        hessian_structure="kron", backend=CurvextGGN,
+        model,
+        "classification",
+        subset_of_weights="all",
+        hessian_structure="kron",
+        backend=CurvextGGN,
     )
     la.fit(loader)
     la.optimize_prior_precision(method="marglik")

@@ -50,7 +50,8 @@ def make_model() -> nn.Module:
 
 
 def train(model, X, y, steps=300, weight_decay=1e-3, seed=0):
-    """Full-batch L-BFGS on the mean cross-entropy plus ``weight_decay/2 ‖θ‖²`` (a near-exact minimiser)."""
+    """Full-batch L-BFGS on the mean cross-entropy plus ``weight_decay/2 ‖θ‖²`` (a near-exact
+    minimiser)."""
     torch.manual_seed(seed)
     loss_fn = nn.CrossEntropyLoss()
     optimizer = torch.optim.LBFGS(model.parameters(), max_iter=steps, line_search_fn="strong_wolfe")
@@ -97,13 +98,17 @@ def newton_cg_step(model, loss_fn, batches, damping=1e-3):
 
 
 def spectrum(model, loss_fn, batches, plot_path):
-    """Spectral density, top eigenvalues and trace of the data-set Hessian; plot to ``plot_path``."""
+    """Spectral density, top eigenvalues and trace of the data-set Hessian; plot to
+    ``plot_path``."""
     H = HessianOperator(model, loss_fn, list(model.parameters()), batches)
     generator = torch.Generator().manual_seed(0)
     grid, density = lanczos_spectrum(H, ncv=60, num_repeats=2, generator=generator)
     top_values, _ = top_eigenpairs(H, k=5, generator=torch.Generator().manual_seed(0))
     trace = hutchpp_trace(H, num_matvecs=60, generator=torch.Generator().manual_seed(0))
-    print(f"Hessian: top eigenvalues {[round(v, 3) for v in top_values.tolist()]}, trace ≈ {trace:.2f}")
+    print(
+        f"Hessian: top eigenvalues {[round(v, 3) for v in top_values.tolist()]}, "
+        f"trace ≈ {trace:.2f}"
+    )
     try:
         import matplotlib
 
@@ -128,7 +133,8 @@ def spectrum(model, loss_fn, batches, plot_path):
 
 
 def influence(model, loss_fn, X, y, test_x, test_y, weight_decay=1e-3, remove=20):
-    """Influence of every training point on the test loss; checked by retraining without the top ones."""
+    """Influence of every training point on the test loss; checked by retraining without the
+    top ones."""
     batches = list(zip(X.split(500), y.split(500)))
     params = list(model.parameters())
     # the training objective is mean CE + weight_decay/2 ‖θ‖²: its GGN is G + weight_decay·I,
@@ -141,12 +147,16 @@ def influence(model, loss_fn, X, y, test_x, test_y, weight_decay=1e-3, remove=20
     extended, sum_loss = extend(copy.deepcopy(model)), extend(nn.CrossEntropyLoss(reduction="sum"))
     with backpack(BatchGrad()):
         sum_loss(extended(X), y).backward()
-    per_sample = torch.cat([p.grad_batch.flatten(1) for p in extended.parameters()], dim=1)  # [N, P]
-    # removing z_i from a mean over N changes θ by ≈ (1/N) H⁻¹ ∇ℓ_i, the test loss by ≈ ∇ℓ_testᵀ that
+    per_sample = torch.cat(
+        [p.grad_batch.flatten(1) for p in extended.parameters()], dim=1
+    )  # [N, P]
+    # removing z_i from a mean over N changes θ by ≈ (1/N) H⁻¹ ∇ℓ_i, the test loss by
+    # ≈ ∇ℓ_testᵀ that
     predicted_change = per_sample @ s_test / len(X)
     helpful = predicted_change.argsort(descending=True)[:remove]  # removing them hurts most
     print(
-        f"test point (label {test_y.item()}): the {remove} most helpful training points have labels "
+        f"test point (label {test_y.item()}): the {remove} most helpful training points "
+        "have labels "
         f"{y[helpful].tolist()}"
     )
 

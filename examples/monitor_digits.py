@@ -45,8 +45,9 @@ def main(argv=None):
     y = torch.tensor(digits.target)
     train_X, train_y, test_X, test_y = X[:1500], y[:1500], X[1500:], y[1500:]
 
-    model = extend(nn.Sequential(nn.Linear(64, 64), nn.Tanh(), nn.Linear(64, 32),
-                                 nn.Tanh(), nn.Linear(32, 10)))
+    model = extend(
+        nn.Sequential(nn.Linear(64, 64), nn.Tanh(), nn.Linear(64, 32), nn.Tanh(), nn.Linear(32, 10))
+    )
     loss_fn = extend(nn.CrossEntropyLoss())
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr)
     # exact GGN: a Gram matrix of N·(C−1) = 576 rows per logged batch of 64
@@ -64,12 +65,16 @@ def main(argv=None):
         with torch.no_grad():
             accuracy = (model(test_X).argmax(1) == test_y).float().mean().item()
         last = logger.records[-1]
-        print(f"epoch {epoch}: loss {loss.item():.3f}, test accuracy {accuracy:.3f}, "
-              f"λ_max {last['top_eigvals'][0]:.3f} (2/lr = {2 / args.lr:.1f}), "
-              f"trace {last['trace']:.2f}, noise scale {last['noise_scale']:.0f}")
+        print(
+            f"epoch {epoch}: loss {loss.item():.3f}, test accuracy {accuracy:.3f}, "
+            f"λ_max {last['top_eigvals'][0]:.3f} (2/lr = {2 / args.lr:.1f}), "
+            f"trace {last['trace']:.2f}, noise scale {last['noise_scale']:.0f}"
+        )
     logger.close()
-    print(f"{logger.num_steps} steps, {len(logger.records)} logged, "
-          f"{time.perf_counter() - start:.1f} s; records in {log_path}")
+    print(
+        f"{logger.num_steps} steps, {len(logger.records)} logged, "
+        f"{time.perf_counter() - start:.1f} s; records in {log_path}"
+    )
     del records
 
     try:

@@ -2,7 +2,7 @@
 
 Every model returns the loss input directly (``loss_fn(model(X), y)``), is
 small (dense ``[P, P]`` references stay cheap), float64, and exercises one or
-more of the traps of ARCHITECTURE.md: in-place ops after a layer, residual
+more of the engine's known traps: in-place ops after a layer, residual
 adds, weight tying, positions (``[N, T, D]`` inputs, convolutions, ``[N, C, T]``
 cross-entropy), eval-mode normalisation, parameter-free code between layers.
 """
@@ -255,9 +255,7 @@ def conv1d_model():
 def conv3d_model():
     return randomize_norms(
         nn.Sequential(
-            nn.Conv3d(
-                2, 3, 3, padding="same", dilation=(1, 2, 1), padding_mode="replicate"
-            ),
+            nn.Conv3d(2, 3, 3, padding="same", dilation=(1, 2, 1), padding_mode="replicate"),
             nn.BatchNorm3d(3),
             nn.ReLU(inplace=True),
             nn.Conv3d(3, 2, 2, stride=2, bias=False),
@@ -420,9 +418,7 @@ CASES = [
     ),
     Case(
         "embedding_padding_idx",
-        lambda: nn.Sequential(
-            nn.Embedding(6, 3, padding_idx=0), nn.Flatten(), nn.Linear(12, 3)
-        ),
+        lambda: nn.Sequential(nn.Embedding(6, 3, padding_idx=0), nn.Flatten(), nn.Linear(12, 3)),
         nn.CrossEntropyLoss,
         lambda N: (
             torch.randint(0, 6, (N, 4)).index_fill_(1, torch.tensor([0]), 0),
@@ -434,9 +430,7 @@ CASES = [
     Case(
         "batchnorm1d",
         lambda: randomize_norms(
-            nn.Sequential(
-                nn.Linear(5, 6), nn.BatchNorm1d(6), nn.Tanh(), nn.Linear(6, 3)
-            )
+            nn.Sequential(nn.Linear(5, 6), nn.BatchNorm1d(6), nn.Tanh(), nn.Linear(6, 3))
         ),
         lambda: nn.MSELoss(reduction="sum"),
         regression((5,), (3,)),
@@ -744,9 +738,7 @@ def layer_groups(model):
     return groups
 
 
-def assert_close(
-    actual: Tensor, expected: Tensor, rtol: float = 1e-7, atol: float = 1e-10, msg=""
-):
+def assert_close(actual: Tensor, expected: Tensor, rtol: float = 1e-7, atol: float = 1e-10, msg=""):
     """``torch.testing.assert_close`` with an ``atol`` relative to the scale."""
     assert actual.shape == expected.shape, (
         f"{msg}: shape {tuple(actual.shape)} != expected {tuple(expected.shape)}"

@@ -4,7 +4,7 @@
   with tight tolerances, which only float64 supports.
 * vmap's slow fallback (an op without a batching rule inside the batched
   backward) is an error, so that performance regressions are seen
-  (ARCHITECTURE.md §2, "Known traps").
+  (a known trap of the batched backward).
 * one intra-op thread per process: the suite runs under ``pytest -n 2`` and
   the tensors are tiny, so extra threads only cost synchronisation.
 """
@@ -17,9 +17,7 @@ torch.set_num_threads(1)
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    config.addinivalue_line(
-        "filterwarnings", "error:There is a performance drop:UserWarning"
-    )
+    config.addinivalue_line("filterwarnings", "error:There is a performance drop:UserWarning")
     config.addinivalue_line(
         "markers", "slow: a longer statistical test (still part of the default run)"
     )

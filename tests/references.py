@@ -43,11 +43,7 @@ CONV_TRANSPOSE_TYPES = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose
 
 def trainable_params(model: nn.Module) -> dict[str, Tensor]:
     """Detached trainable parameters, in ``named_parameters`` order."""
-    return {
-        name: param.detach()
-        for name, param in model.named_parameters()
-        if param.requires_grad
-    }
+    return {name: param.detach() for name, param in model.named_parameters() if param.requires_grad}
 
 
 class DenseReference:
@@ -73,18 +69,14 @@ class DenseReference:
         num_outputs = output.numel()
         self.outputs_per_sample = num_outputs // self.N
         jacobians = jacrev(forward)(self.params)
-        self.jacobians = {
-            name: jacobians[name].reshape(num_outputs, -1) for name in self.names
-        }
+        self.jacobians = {name: jacobians[name].reshape(num_outputs, -1) for name in self.names}
 
         def loss_of_output(out: Tensor) -> Tensor:
             return loss_fn(out, y)
 
         self.loss = loss_of_output(output).detach()
         self.loss_grad = grad(loss_of_output)(output).reshape(num_outputs)
-        self.loss_hessian = hessian(loss_of_output)(output).reshape(
-            num_outputs, num_outputs
-        )
+        self.loss_hessian = hessian(loss_of_output)(output).reshape(num_outputs, num_outputs)
         blocks = self.loss_hessian.reshape(
             self.N, self.outputs_per_sample, self.N, self.outputs_per_sample
         )
@@ -160,9 +152,7 @@ def loss_scaling(loss_fn: nn.Module, output: Tensor, y: Tensor) -> float:
     return (loss_fn(output, y) / value_sum).item()
 
 
-def module_call(
-    model: nn.Module, X: Tensor, module: nn.Module
-) -> tuple[Tensor, Tensor]:
+def module_call(model: nn.Module, X: Tensor, module: nn.Module) -> tuple[Tensor, Tensor]:
     """Input and output of the single call of ``module`` in ``model(X)``."""
     calls = []
     handle = module.register_forward_hook(
@@ -222,15 +212,11 @@ def layer_inputs(module: nn.Module, layer_input: Tensor) -> Tensor:
         return layer_input.reshape(N, -1, layer_input.shape[-1])
     if isinstance(module, nn.Embedding):
         one_hot = nn.functional.one_hot(layer_input, module.num_embeddings)
-        return one_hot.to(torch.get_default_dtype()).reshape(
-            N, -1, module.num_embeddings
-        )
+        return one_hot.to(torch.get_default_dtype()).reshape(N, -1, module.num_embeddings)
     if isinstance(module, CONV_TYPES):
         assert module.groups == 1, "reference only for groups=1"
         features = module.in_channels * math.prod(module.kernel_size)
-        identity = torch.eye(features).reshape(
-            features, module.in_channels, *module.kernel_size
-        )
+        identity = torch.eye(features).reshape(features, module.in_channels, *module.kernel_size)
         # a convolution with identity filters (same stride, padding,
         # padding_mode, dilation) extracts the patches in weight.flatten(1) order
         patches = module._conv_forward(layer_input, identity, None)
@@ -249,9 +235,7 @@ def _overlap_add(module: nn.Module, pre_output: Tensor) -> Tensor:
     convolution with identity filters.
     """
     features = module.out_channels * math.prod(module.kernel_size)
-    identity = torch.eye(features).reshape(
-        features, module.out_channels, *module.kernel_size
-    )
+    identity = torch.eye(features).reshape(features, module.out_channels, *module.kernel_size)
     conv_transpose = {
         1: nn.functional.conv_transpose1d,
         2: nn.functional.conv_transpose2d,
@@ -326,9 +310,7 @@ def kfac_reference(
     loss_hessian = hessian(lambda out: loss_fn(out, y))(output).reshape(F, F)
     loss_grad = grad(lambda out: loss_fn(out, y))(output).flatten()
     scaling = loss_scaling(loss_fn, output, y)
-    J_out = output_jacobian_wrt_module_output(
-        model, X, module, layer_output.shape
-    ).reshape(F, -1)
+    J_out = output_jacobian_wrt_module_output(model, X, module, layer_output.shape).reshape(F, -1)
     channels_first = isinstance(module, CONV_TYPES + CONV_TRANSPOSE_TYPES)
     out_index = _positions_last_index(channels_first, layer_output.shape)
 

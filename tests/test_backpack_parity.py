@@ -36,9 +36,7 @@ from tests.cases import assert_close, run_curvext, trainable
 from tests.references import kron
 
 # BackPACK's module hooks fire this when the input needs no gradient
-pytestmark = pytest.mark.filterwarnings(
-    "ignore:Full backward hook is firing:UserWarning"
-)
+pytestmark = pytest.mark.filterwarnings("ignore:Full backward hook is firing:UserWarning")
 
 
 def bp_mlp(out: int = 3):
@@ -105,9 +103,7 @@ def both(setup, bp_extension, curvext_extension, seed=None):
     theirs = run_backpack(model, loss_fn, X, y, bp_extension)
     if seed is not None:
         torch.manual_seed(seed)
-    ours = run_curvext(
-        copy.deepcopy(model), copy.deepcopy(loss_fn), X, y, curvext_extension
-    )
+    ours = run_curvext(copy.deepcopy(model), copy.deepcopy(loss_fn), X, y, curvext_extension)
     return ours, theirs
 
 
@@ -211,9 +207,7 @@ def test_kflr_parity(setup):
             their_G, their_A = their_modules[name].weight.kflr
             assert_close(reduce.weight.kfac[0], their_G, msg=f"{name} G")
             assert_close(expand.weight.kfac[1] * T, their_A, msg=f"{name} A")
-            assert_close(
-                reduce.bias.kfac[0], their_modules[name].bias.kflr[0], msg=name
-            )
+            assert_close(reduce.bias.kfac[0], their_modules[name].bias.kflr[0], msg=name)
 
 
 # ---------------------------------------------------------------------------
@@ -227,9 +221,7 @@ def assert_same_expectation(ours: list, theirs: list, label: str):
     ours = torch.stack([o.flatten() for o in ours])
     theirs = torch.stack([t.flatten() for t in theirs])
     difference = (ours.mean(0) - theirs.mean(0)).norm()
-    standard_error = (
-        ours.var(0).sum() / len(ours) + theirs.var(0).sum() / len(theirs)
-    ).sqrt()
+    standard_error = (ours.var(0).sum() / len(ours) + theirs.var(0).sum() / len(theirs)).sqrt()
     scale = theirs.mean(0).norm()
     assert difference <= 5 * standard_error + 1e-12 * scale, label
     assert difference <= 0.05 * scale, label
@@ -265,12 +257,8 @@ def test_mc_parity_in_expectation(setup, pair):
     for seed in SEEDS:
         our_model, their_model = both(setup, make_bp(), make_cx(), seed=seed)
         for name, our_param, their_param in paired(our_model, their_model):
-            ours.setdefault(name, []).append(
-                transform(getattr(our_param, cx_attribute))
-            )
-            theirs.setdefault(name, []).append(
-                transform(getattr(their_param, bp_attribute))
-            )
+            ours.setdefault(name, []).append(transform(getattr(our_param, cx_attribute)))
+            theirs.setdefault(name, []).append(transform(getattr(their_param, bp_attribute)))
     for name, our_values in ours.items():
         assert_same_expectation(our_values, theirs[name], name)
 

@@ -85,9 +85,7 @@ def _checks(rank: int) -> dict:
     for kind, operator in OPERATORS.items():
         A = operator(model, loss_fn, params, shard, num_data=len(X))
         results[f"{kind} @ V"] = A @ V
-    results["mc fisher @ V"] = (
-        GGNOperator(model, loss_fn, params, shard, mc_samples=MC_SAMPLES) @ V
-    )
+    results["mc fisher @ V"] = GGNOperator(model, loss_fn, params, shard, mc_samples=MC_SAMPLES) @ V
     G = GGNOperator(model, loss_fn, params, shard)
     results["trace"] = hutchinson_trace(
         G, num_matvecs=4, generator=torch.Generator().manual_seed(1)
@@ -97,25 +95,19 @@ def _checks(rank: int) -> dict:
     results["ggn on a group @ V"] = (
         GGNOperator(model, loss_fn, params, shard, distributed=group) @ V
     )
-    results["local ggn @ V"] = (
-        GGNOperator(model, loss_fn, params, shard, distributed=False) @ V
-    )
+    results["local ggn @ V"] = GGNOperator(model, loss_fn, params, shard, distributed=False) @ V
     results["kron"] = KronOperator.from_data(model, loss_fn, shard).to_dense()
     results["diagonal"] = DiagonalOperator.from_data(model, loss_fn, shard).diag()
     results["ekfac"] = EKFACOperator.from_data(model, loss_fn, shard).to_dense()
     # rank 1 without any batch
     results["empty: ggn @ V"] = GGNOperator(model, loss_fn, params, empty_shard) @ V
     results["empty: kron"] = KronOperator.from_data(model, loss_fn, empty_shard).to_dense()
-    results["empty: ekfac"] = EKFACOperator.from_data(
-        model, loss_fn, empty_shard
-    ).to_dense()
+    results["empty: ekfac"] = EKFACOperator.from_data(model, loss_fn, empty_shard).to_dense()
 
     # refusals, on both ranks in step
     errors = results["errors"] = {}
     errors["different probes"] = _error_of(
-        lambda: hutchinson_trace(
-            G, num_matvecs=2, generator=torch.Generator().manual_seed(rank)
-        )
+        lambda: hutchinson_trace(G, num_matvecs=2, generator=torch.Generator().manual_seed(rank))
     )
     other = make_problem()[0]
     if rank == 1:
@@ -128,9 +120,7 @@ def _checks(rank: int) -> dict:
         lambda: DiagonalOperator.from_data(other, loss_fn, shard)
     )
     broken = shard if rank == 0 else [3.0]
-    errors["one rank fails"] = _error_of(
-        lambda: GGNOperator(model, loss_fn, params, broken)
-    )
+    errors["one rank fails"] = _error_of(lambda: GGNOperator(model, loss_fn, params, broken))
     errors["one rank fails, from_data"] = _error_of(
         lambda: KronOperator.from_data(model, loss_fn, broken)
     )
@@ -138,9 +128,7 @@ def _checks(rank: int) -> dict:
     errors["one rank passes an iterator to EKFAC"] = _error_of(
         lambda: EKFACOperator.from_data(model, loss_fn, one_shot)
     )
-    errors["empty everywhere"] = _error_of(
-        lambda: GGNOperator(model, loss_fn, params, [])
-    )
+    errors["empty everywhere"] = _error_of(lambda: GGNOperator(model, loss_fn, params, []))
     errors["empty everywhere, from_data"] = _error_of(
         lambda: KronOperator.from_data(model, loss_fn, [])
     )
@@ -285,9 +273,7 @@ def check_identical_results(runs, problem):
 def check_estimator_and_cg(runs, problem):
     model, loss_fn, X, y, V = problem
     G = DenseReference(model, loss_fn, X, y).ggn()
-    expected_trace = hutchinson_trace(
-        G, num_matvecs=4, generator=torch.Generator().manual_seed(1)
-    )
+    expected_trace = hutchinson_trace(G, num_matvecs=4, generator=torch.Generator().manual_seed(1))
     expected_solution = torch.linalg.solve(G + DAMPING * torch.eye(len(G)), V[:, 0])
     for rank, result in enumerate(runs):
         torch.testing.assert_close(result["trace"], expected_trace, msg=f"rank {rank}")
@@ -440,8 +426,11 @@ def test_fingerprints_tell_apart_a_float32_bias_offset_and_different_probes():
     bias = torch.randn(1024, generator=generator) / 32
     same = fingerprint([weight, bias])
     shifted = fingerprint([weight, bias + 0.01])
-    for other, expected in ((same, []), (fingerprint([weight.clone(), bias.clone()]), []),
-                            (shifted, [1])):
+    for other, expected in (
+        (same, []),
+        (fingerprint([weight.clone(), bias.clone()]), []),
+        (shifted, [1]),
+    ):
         values, bounds = torch.stack([same, other]).T.tolist()
         assert disagreeing_ranks(values, bounds, torch.float32) == expected
     probes = [torch.randn(1_000_000, 10, generator=generator) for _ in range(2)]
@@ -454,9 +443,7 @@ def test_fingerprints_tell_apart_a_float32_bias_offset_and_different_probes():
 
 def test_a_distributed_data_parallel_model_is_refused(tmp_path):
     # a one-rank gloo group is enough to build the wrapper
-    dist.init_process_group(
-        "gloo", init_method=f"file://{tmp_path / 'init'}", rank=0, world_size=1
-    )
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'init'}", rank=0, world_size=1)
     try:
         model, loss_fn, X, y = make_problem()
         wrapped = torch.nn.parallel.DistributedDataParallel(model)

@@ -41,7 +41,10 @@ def sequence(reduction="mean"):
 def cnn(reduction="mean"):
     """Conv2d (positions), a grouped Conv2d (per-sample path), Linear."""
     model = nn.Sequential(
-        nn.Conv2d(2, 4, 3), nn.ReLU(), nn.Conv2d(4, 4, 2, groups=2), nn.Flatten(),
+        nn.Conv2d(2, 4, 3),
+        nn.ReLU(),
+        nn.Conv2d(4, 4, 2, groups=2),
+        nn.Flatten(),
         nn.Linear(4 * 3 * 3, 3),
     )
     X, y = torch.randn(10, 2, 6, 6), torch.randint(0, 3, (10,))
@@ -81,9 +84,7 @@ def dense_ekfac(model, loss_fn, X, y, fisher_type, kfac_approx):
         else:
             vectors = p.grad_batch.flatten(1)
             block = vectors.T @ vectors / normalization
-        basis = functools.reduce(
-            torch.kron, [torch.linalg.eigh(f).eigenvectors for f in p.kfac]
-        )
+        basis = functools.reduce(torch.kron, [torch.linalg.eigh(f).eigenvectors for f in p.kfac])
         corrections = (basis.T @ block @ basis).diagonal()
         blocks.append(basis @ torch.diag(corrections) @ basis.T)
         del p.kfac, p.grad
@@ -143,9 +144,7 @@ def test_one_factor_blocks_are_exact():
     vectors = bias.sqrt_ggn.flatten(0, 1)
     blocks = E.to_dense().split([p.numel() for p in model.parameters()])
     position = sum(p.numel() for p in model.parameters()) - bias.numel()
-    torch.testing.assert_close(
-        blocks[-1][:, position:], vectors.T @ vectors, rtol=1e-9, atol=1e-11
-    )
+    torch.testing.assert_close(blocks[-1][:, position:], vectors.T @ vectors, rtol=1e-9, atol=1e-11)
 
 
 @pytest.mark.parametrize("damping", [1e-3, 1.0])

@@ -209,9 +209,7 @@ def test_task_plus_regulariser():
     for name, param in trainable(model).items():
         assert_close(param.grad_batch.sum(0), param.grad, msg=name)
         assert_close(param.grad, total_reference.gradient(name), msg=name)
-        assert_close(
-            param.grad_batch, total_reference.per_sample_grads(name), msg=name
-        )
+        assert_close(param.grad_batch, total_reference.per_sample_grads(name), msg=name)
 
 
 # ---------------------------------------------------------------------------
@@ -339,9 +337,7 @@ def autocast_cnn() -> nn.Module:
 
 
 def autocast_mlp() -> nn.Module:
-    return nn.Sequential(
-        nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 4), nn.Sigmoid(), nn.Linear(4, 3)
-    )
+    return nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 4), nn.Sigmoid(), nn.Linear(4, 3))
 
 
 AUTOCAST_MODELS = {"mlp": (autocast_mlp, (5,)), "cnn": (autocast_cnn, (2, 4, 4))}

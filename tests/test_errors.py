@@ -1,4 +1,4 @@
-"""Errors: each names the module or argument at fault (ARCHITECTURE.md §4)."""
+"""Errors: each names the module or argument at fault (the convention users rely on)."""
 
 import pytest
 import torch
@@ -26,9 +26,7 @@ SECOND_ORDER = {
 
 def bn_train_model():
     torch.manual_seed(0)
-    model = nn.Sequential(
-        nn.Linear(4, 5), nn.BatchNorm1d(5), nn.Tanh(), nn.Linear(5, 3)
-    )
+    model = nn.Sequential(nn.Linear(4, 5), nn.BatchNorm1d(5), nn.Tanh(), nn.Linear(5, 3))
     return model.train()
 
 
@@ -36,9 +34,7 @@ def bn_train_model():
 def test_batchnorm_train_mode_refused(make_extension):
     model, loss_fn = bn_train_model(), nn.CrossEntropyLoss()
     X, y = torch.randn(6, 4), torch.randint(0, 3, (6,))
-    with pytest.raises(
-        (ValueError, RuntimeError, NotImplementedError), match="BatchNorm"
-    ):
+    with pytest.raises((ValueError, RuntimeError, NotImplementedError), match="BatchNorm"):
         run_curvext(model, loss_fn, X, y, make_extension())
 
 

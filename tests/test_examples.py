@@ -21,7 +21,10 @@ pytest.importorskip("sklearn", reason="the examples need scikit-learn (test extr
 def run_example(name: str, *args: str, cwd) -> str:
     completed = subprocess.run(
         [sys.executable, "-W", "ignore", str(EXAMPLES / name), *args],
-        capture_output=True, text=True, timeout=600, cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=cwd,
     )
     assert completed.returncode == 0, completed.stderr[-3000:]
     return completed.stdout
@@ -31,7 +34,9 @@ def test_kfac_laplace_example_matches_laplace_torch(tmp_path):
     pytest.importorskip("laplace")
     output = run_example("kfac_laplace.py", cwd=tmp_path)
     ours = re.search(r"Laplace evidence: τ = ([\d.]+) \(log evidence (-?[\d.]+)\)", output)
-    theirs = re.search(r"CurvextGGN: τ = ([\d.]+) \(log evidence (-?[\d.]+)\), test NLL ([\d.]+)", output)
+    theirs = re.search(
+        r"CurvextGGN: τ = ([\d.]+) \(log evidence (-?[\d.]+)\), test NLL ([\d.]+)", output
+    )
     assert ours and theirs, output
     # both maximise the same evidence over τ (3 significant digits printed)
     assert float(ours[1]) == pytest.approx(float(theirs[1]), rel=1e-2)

@@ -41,7 +41,10 @@ def spd_matrix(dim, low=1.0, high=3.0):
 def quadratic_case():
     A = spd_matrix(5)
     b = torch.randn(5)
-    func = lambda w, shift: 0.5 * w @ A @ w - b @ w + (shift * w).sum() ** 2
+
+    def func(w, shift):
+        return 0.5 * w @ A @ w - b @ w + (shift * w).sum() ** 2
+
     x = (torch.randn(5), torch.randn(5))
     return func, x
 
@@ -90,10 +93,15 @@ def test_ihvp_explicit_and_cg_exact(case):
     if torch.linalg.eigvalsh(H).min() > 0:
         for result in (
             ihvp_cg(func, max_iter=dim, tol=1e-12, regularization=regularization)(x, vectors),
-            ihvp_at_x_cg(func, *x, max_iter=dim, tol=1e-12, mode="rev-fwd",
-                         regularization=regularization)(vectors[0]),
+            ihvp_at_x_cg(
+                func, *x, max_iter=dim, tol=1e-12, mode="rev-fwd", regularization=regularization
+            )(vectors[0]),
         ):
-            assert torch.allclose(result, expected[: result.reshape(-1, dim).shape[0]].reshape(result.shape), atol=1e-8)
+            assert torch.allclose(
+                result,
+                expected[: result.reshape(-1, dim).shape[0]].reshape(result.shape),
+                atol=1e-8,
+            )
     assert torch.allclose(ihvp_explicit(func, regularization=regularization)(x, vectors), expected)
     single = ihvp_at_x_explicit(func, *x, regularization=regularization)(vectors[1])
     assert single.shape == (dim,) and torch.allclose(single, expected[1])
@@ -111,7 +119,9 @@ def test_ihvp_cg_mlp_positive_definite():
 
 
 def test_ihvp_cg_rejects_indefinite_hessian():
-    func = lambda w: w[0] ** 2 - w[1] ** 2
+    def func(w):
+        return w[0] ** 2 - w[1] ** 2
+
     with pytest.raises(ValueError, match="not positive definite"):
         ihvp_at_x_cg(func, torch.zeros(2), max_iter=2)(torch.ones(2))
 
@@ -122,8 +132,9 @@ def test_ihvp_arnoldi_exact_with_full_krylov_space(norm_constant):
     H = dense(func, x) + 0.2 * torch.eye(5)
     v = torch.randn(3, 5)
     expected = torch.linalg.solve(H, v.T).T
-    result = ihvp_arnoldi(func, max_iter=6, top_k=5, norm_constant=norm_constant,
-                          regularization=0.2)(x, v)
+    result = ihvp_arnoldi(
+        func, max_iter=6, top_k=5, norm_constant=norm_constant, regularization=0.2
+    )(x, v)
     assert torch.allclose(result, expected, atol=1e-8)
 
 
@@ -145,12 +156,16 @@ def regression_case():
     features = features @ torch.linalg.inv(torch.linalg.cholesky(features.T @ features / 64)).T
     features = features @ torch.linalg.cholesky(spd_matrix(4)).T
     targets = torch.randn(64)
-    func = lambda w, a, y: 0.5 * ((a @ w - y) ** 2).mean() + 0.05 * (w**2).sum()
+
+    def func(w, a, y):
+        return 0.5 * ((a @ w - y) ** 2).mean() + 0.05 * (w**2).sum()
+
     return func, (torch.randn(4), features, targets)
 
 
 def test_ihvp_lissa_full_batch_is_the_neumann_series():
-    """Full batches make LiSSA deterministic: the error contracts by rho = max|1 - lambda/s| per step."""
+    """Full batches make LiSSA deterministic: the error contracts by rho = max|1 - lambda/s|
+    per step."""
     func, x = regression_case()
     H = dense(func, x)
     eigenvalues = torch.linalg.eigvalsh(H)
@@ -175,8 +190,15 @@ def test_ihvp_lissa_stochastic_converges():
     H = dense(func, x)
     v = torch.randn(4)
     expected = torch.linalg.solve(H, v)
-    ihvp = ihvp_at_x_lissa(func, *x, batch_size=32, num_repeat=10, recursion_depth=30,
-                           scaling=torch.linalg.eigvalsh(H).max().item(), mode="rev-fwd")
+    ihvp = ihvp_at_x_lissa(
+        func,
+        *x,
+        batch_size=32,
+        num_repeat=10,
+        recursion_depth=30,
+        scaling=torch.linalg.eigvalsh(H).max().item(),
+        mode="rev-fwd",
+    )
     result = ihvp(v)
     assert (result - expected).norm() / expected.norm() < 0.15
 
@@ -187,8 +209,9 @@ def test_ihvp_lissa_damping_fixed_point():
     v = torch.randn(4)
     scaling, damping = 5.0, 0.1
     expected = torch.linalg.solve(H + scaling * damping * torch.eye(4), v)
-    result = ihvp_lissa(func, batch_size=64, recursion_depth=300, damping=damping,
-                        scaling=scaling)(x, v)
+    result = ihvp_lissa(func, batch_size=64, recursion_depth=300, damping=damping, scaling=scaling)(
+        x, v
+    )
     assert torch.allclose(result, expected, atol=1e-8)
 
 
@@ -209,7 +232,10 @@ def test_bad_mode(factory):
 
 def test_non_square_use():
     matrix_arg = torch.ones(2, 3)
-    func = lambda w: (w**2).sum()
+
+    def func(w):
+        return (w**2).sum()
+
     with pytest.raises(ValueError, match=r"square \[D, D\].*got shape \[2, 3\]"):
         ihvp_at_x_explicit(func, matrix_arg)
     with pytest.raises(ValueError, match=r"square \[D, D\].*got shape \[2, 3\]"):

@@ -79,7 +79,8 @@ def dense(func, x, argnums=0, regularization=0.0):
 
 
 def positive_shift(H, margin=0.5):
-    """A regularization making ``H + shift I`` positive definite with smallest eigenvalue ``margin``."""
+    """A regularization making ``H + shift I`` positive definite with smallest eigenvalue
+    ``margin``."""
     return max(0.0, margin - torch.linalg.eigvalsh(H).min().item())
 
 
@@ -92,14 +93,10 @@ def test_hvp(case, mode):
         v = torch.randn(x[argnums].shape[0])
         for regularization in (0.0, 0.3):
             expected = dattri.hvp(func, argnums, mode, regularization)(x, v)
-            assert torch.allclose(
-                curvext.hvp(func, argnums, mode, regularization)(x, v), expected
-            )
+            assert torch.allclose(curvext.hvp(func, argnums, mode, regularization)(x, v), expected)
             at_x = dattri.hvp_at_x(func, x, argnums, mode, regularization)(v)
             assert torch.allclose(at_x, expected)
-            assert torch.allclose(
-                curvext.hvp_at_x(func, x, argnums, mode, regularization)(v), at_x
-            )
+            assert torch.allclose(curvext.hvp_at_x(func, x, argnums, mode, regularization)(v), at_x)
 
 
 @pytest.mark.parametrize("mode", ["rev-rev", "rev-fwd"])
@@ -201,7 +198,11 @@ def test_ihvp_arnoldi_stops_at_an_invariant_krylov_space():
     eigenvalues = torch.linalg.eigvalsh(H)
     at_shift = (eigenvalues - 0.2).abs() < 1e-12  # the null space, shifted by 0.2
     assert at_shift.sum() == 4
-    distinct = torch.cat([eigenvalues[~at_shift], torch.tensor([0.2], dtype=eigenvalues.dtype)]).sort().values
+    distinct = (
+        torch.cat([eigenvalues[~at_shift], torch.tensor([0.2], dtype=eigenvalues.dtype)])
+        .sort()
+        .values
+    )
     assert len(distinct) == 24
     ihvp = curvext.ihvp_at_x_arnoldi(func, *x, max_iter=28, top_k=27, regularization=0.2)
     assert torch.allclose(ihvp.eigenvalues.sort().values, distinct, atol=1e-8)
@@ -214,11 +215,13 @@ def test_ihvp_arnoldi_norm_constant():
     vectors = torch.randn(3, 5)
     exact = torch.linalg.solve(A, vectors.T).T
     torch.manual_seed(1)
-    result = curvext.ihvp_at_x_arnoldi(func, *x, max_iter=6, top_k=5, norm_constant=10.0,
-                                       regularization=0.2)(vectors)
+    result = curvext.ihvp_at_x_arnoldi(
+        func, *x, max_iter=6, top_k=5, norm_constant=10.0, regularization=0.2
+    )(vectors)
     torch.manual_seed(1)
-    reference = dattri.ihvp_at_x_arnoldi(func, *x, max_iter=6, top_k=5, norm_constant=10.0,
-                                         regularization=0.2)(vectors)
+    reference = dattri.ihvp_at_x_arnoldi(
+        func, *x, max_iter=6, top_k=5, norm_constant=10.0, regularization=0.2
+    )(vectors)
     assert torch.allclose(result, exact, atol=1e-8)
     ratio = (reference.norm() / exact.norm()).item()
     assert 50 < ratio < 200  # ~ norm_constant**2 = 100: a dattri quirk, not matched
@@ -229,8 +232,9 @@ def test_ihvp_lissa_same_batches(mode):
     """One vector, same seed: both draw the same mini-batches and agree step for step."""
     func, x = regression_case()
     v = torch.randn(4)
-    options = dict(batch_size=8, num_repeat=2, recursion_depth=40, damping=0.1, scaling=5.0,
-                   mode=mode)
+    options = dict(
+        batch_size=8, num_repeat=2, recursion_depth=40, damping=0.1, scaling=5.0, mode=mode
+    )
     torch.manual_seed(3)
     expected = dattri.ihvp_lissa(func, **options)(x, v, in_dims=(None, 0, 0))
     torch.manual_seed(3)
@@ -242,7 +246,8 @@ def test_ihvp_lissa_same_batches(mode):
 
 
 def test_ihvp_lissa_full_batches_several_vectors():
-    """Full batches: LiSSA is deterministic, so several vectors agree too (and with the dense fixed point)."""
+    """Full batches: LiSSA is deterministic, so several vectors agree too (and with the dense
+    fixed point)."""
     func, x = regression_case()
     vectors = torch.randn(3, 4)
     options = dict(batch_size=64, recursion_depth=300, damping=0.1, scaling=5.0)
@@ -260,8 +265,9 @@ def test_dattri_ihvp_at_x_lissa_swaps_batch_size_and_num_repeat():
     v = torch.randn(4)
     options = dict(recursion_depth=30, scaling=5.0)
     torch.manual_seed(4)
-    swapped = dattri.ihvp_at_x_lissa(func, *x, in_dims=(None, 0, 0), batch_size=1,
-                                     num_repeat=8, **options)(v)
+    swapped = dattri.ihvp_at_x_lissa(
+        func, *x, in_dims=(None, 0, 0), batch_size=1, num_repeat=8, **options
+    )(v)
     torch.manual_seed(4)
     result = curvext.ihvp_at_x_lissa(func, *x, batch_size=8, num_repeat=1, **options)(v)
     assert torch.allclose(result, swapped.reshape(v.shape))

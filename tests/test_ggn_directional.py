@@ -94,8 +94,7 @@ def test_full_ggn(case):
     assert gammas.shape == lambdas.shape == (reference.N, TOP_K)
     assert all(p.ggn_gammas is gammas and p.ggn_lambdas is lambdas for p in params)
     assert {id(p) for p in params} == {id(p) for p in trainable(model).values()}
-    check_group(gammas, lambdas, reference, names_of(model, params), ext.eigenvalues(0),
-                case.name)
+    check_group(gammas, lambdas, reference, names_of(model, params), ext.eigenvalues(0), case.name)
 
 
 @pytest.mark.parametrize("case_name", ["mlp_ce", "residual_cnn"])
@@ -113,8 +112,14 @@ def test_layer_blocks_and_criterion(case_name):
         gammas, lambdas = ext.result(index)
         assert gammas.shape[1] == 2
         assert all(p.ggn_gammas is gammas for p in group)
-        check_group(gammas, lambdas, reference, names_of(model, group),
-                    ext.eigenvalues(index), f"group {index}")
+        check_group(
+            gammas,
+            lambdas,
+            reference,
+            names_of(model, group),
+            ext.eigenvalues(index),
+            f"group {index}",
+        )
 
 
 def test_chunked_columns():
@@ -128,8 +133,7 @@ def test_chunked_columns():
     with backpack(ext, max_columns=1):
         loss.backward()
     gammas, lambdas = ext.result(0)
-    check_group(gammas, lambdas, reference, names_of(model, ext.params(0)),
-                ext.eigenvalues(0))
+    check_group(gammas, lambdas, reference, names_of(model, ext.params(0)), ext.eigenvalues(0))
 
 
 def test_mc_samples():
@@ -171,8 +175,7 @@ def test_subsampling():
     case = CASES_BY_NAME["mlp_ce"]
     reference = dense_reference(case.name, batch_size=6)
     model, loss_fn, X, y = case.build(6)
-    ext = GGNDirectionalDerivatives(top_k=TOP_K, subsampling_ggn=SUB_GGN,
-                                    subsampling_grad=SUB_GRAD)
+    ext = GGNDirectionalDerivatives(top_k=TOP_K, subsampling_ggn=SUB_GGN, subsampling_grad=SUB_GRAD)
     run_curvext(model, loss_fn, X, y, ext)
     names = names_of(model, ext.params(0))
     evals, _, expected_gammas, expected_lambdas = subsampled_reference(reference, names, TOP_K)
@@ -237,8 +240,9 @@ def test_damped_newton_subsampled():
     case = CASES_BY_NAME["mlp_ce"]
     reference = dense_reference(case.name, batch_size=6)
     model, loss_fn, X, y = case.build(6)
-    ext = DampedNewtonStep(damping=0.01, top_k=TOP_K, subsampling_ggn=SUB_GGN,
-                           subsampling_grad=SUB_GRAD)
+    ext = DampedNewtonStep(
+        damping=0.01, top_k=TOP_K, subsampling_ggn=SUB_GGN, subsampling_grad=SUB_GRAD
+    )
     run_curvext(model, loss_fn, X, y, ext)
     names = names_of(model, ext.params(0))
     _, directions, gammas, lambdas = subsampled_reference(reference, names, TOP_K)
@@ -250,7 +254,7 @@ def test_infinite_damping_drops_directions():
     case = CASES_BY_NAME["mlp_ce"]
     reference = dense_reference(case.name)
     ext = DampedNewtonStep(
-        damping=lambda evals, g, l: torch.tensor([math.inf, 0.0, math.inf]), top_k=TOP_K
+        damping=lambda evals, g, lam: torch.tensor([math.inf, 0.0, math.inf]), top_k=TOP_K
     )
     model = run_case(case, ext)
     names = names_of(model, ext.params(0))
@@ -263,8 +267,9 @@ def test_unused_parameter_gets_zero_step():
     case = CASES_BY_NAME["mlp_ce"]
     model, loss_fn, X, y = case.build()
     unused = torch.nn.Parameter(torch.randn(3, dtype=torch.float64))
-    ext = DampedNewtonStep(damping=1.0, param_groups=[
-        {"params": list(model.parameters()) + [unused]}])
+    ext = DampedNewtonStep(
+        damping=1.0, param_groups=[{"params": list(model.parameters()) + [unused]}]
+    )
     run_curvext(model, loss_fn, X, y, ext)
     assert torch.equal(unused.damped_newton_step, torch.zeros(3, dtype=torch.float64))
 
@@ -318,7 +323,7 @@ def test_invalid_constant_damping(damping, error, match):
     ],
 )
 def test_invalid_damping_callable(returned, error, match):
-    ext = DampedNewtonStep(damping=lambda evals, g, l: returned(evals), top_k=TOP_K)
+    ext = DampedNewtonStep(damping=lambda evals, g, lam: returned(evals), top_k=TOP_K)
     with pytest.raises(error, match=match):
         run_case(CASES_BY_NAME["mlp_ce"], ext)
 

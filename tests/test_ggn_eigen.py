@@ -182,7 +182,7 @@ def test_mc_samples(case):
     dense, scale = assert_eigenpairs(evals, evecs, mc_ggn, "mc")
     assert_all_nonzero(evals, dense, scale, "mc")
     exact = torch.linalg.eigvalsh(dense_reference(case.name).ggn(list(params)))
-    assert not torch.allclose(dense[-len(evals):], exact[-len(evals):]), "not an estimate"
+    assert not torch.allclose(dense[-len(evals) :], exact[-len(evals) :]), "not an estimate"
 
 
 def grouped_single_position_model():
@@ -270,9 +270,7 @@ def test_parameter_in_two_groups():
 def test_group_without_trainable_parameter():
     layer, frozen = nn.Linear(2, 2), nn.Linear(2, 2).requires_grad_(False)
     with pytest.raises(ValueError, match=r"param_groups\[1\].*requires grad"):
-        GGNEigen(
-            param_groups=[{"params": layer.parameters()}, {"params": frozen.parameters()}]
-        )
+        GGNEigen(param_groups=[{"params": layer.parameters()}, {"params": frozen.parameters()}])
 
 
 def test_non_finite_eigenvalues_name_the_group():

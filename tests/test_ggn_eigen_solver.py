@@ -111,7 +111,9 @@ def test_ggn_eigen_on_the_lapack_path(monkeypatch):
     ext = GGNEigen(eigenvectors=False)
     run_curvext(model, loss_fn, X, y, ext)
     evals_only = ext.result(0)[0]  # against the dense GGN, not the path above
-    dense, scale = assert_eigenpairs(evals_only, None, reference.ggn(list(trainable(model))), "eigenvalues only")
+    dense, scale = assert_eigenpairs(
+        evals_only, None, reference.ggn(list(trainable(model))), "eigenvalues only"
+    )
     assert_all_nonzero(evals_only, dense, scale)
     assert calls and all(calls)
 

@@ -185,9 +185,7 @@ class PositionTableModel(nn.Module):
 class EncoderModel(nn.Module):
     def __init__(self):
         super().__init__()
-        self.encoder = nn.TransformerEncoderLayer(
-            D, 2, 8, dropout=0.25, batch_first=True
-        )
+        self.encoder = nn.TransformerEncoderLayer(D, 2, 8, dropout=0.25, batch_first=True)
         self.head = nn.Linear(D, C)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -246,7 +244,9 @@ def pruned_cnn() -> nn.Module:
 
 def parametrized(kind: str) -> Callable[[], nn.Module]:
     def make() -> nn.Module:
-        model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, C))
+        model = nn.Sequential(
+            nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, C)
+        )
         if kind == "weight_norm":
             parametrizations.weight_norm(model[0])
         elif kind == "spectral_norm":
@@ -294,7 +294,11 @@ def classes(shape):
 
 def one_output(binary: bool):
     def make(n):
-        y = torch.randint(0, 2, (n, 1)).to(torch.get_default_dtype()) if binary else torch.randn(n, 1)
+        y = (
+            torch.randint(0, 2, (n, 1)).to(torch.get_default_dtype())
+            if binary
+            else torch.randn(n, 1)
+        )
         return torch.randn(n, 3), y
 
     return make
@@ -496,7 +500,11 @@ def test_pruned_module_keeps_its_weight_attribute():
 @pytest.mark.parametrize("backend", ["aot_eager"])
 def test_compiled_model(backend):
     model, loss_fn, reference_loss, X, y = build(
-        Hostile("compiled", lambda: nn.Sequential(nn.Linear(3, 4), FunctionalPReLU(), nn.Linear(4, C)), classes((3,)))
+        Hostile(
+            "compiled",
+            lambda: nn.Sequential(nn.Linear(3, 4), FunctionalPReLU(), nn.Linear(4, C)),
+            classes((3,)),
+        )
     )
     compiled = torch.compile(model, backend=backend)
     reference, params, _, _ = run_and_reference(
@@ -533,7 +541,9 @@ def test_random_module_called_twice_is_refused_naming_it():
     model = extend(nn.Sequential(block, block, nn.Linear(3, C)))
     loss_fn = extend(nn.CrossEntropyLoss())
     loss = loss_fn(model(torch.randn(N, 3)), torch.randint(0, C, (N,)))
-    with pytest.raises(RuntimeError, match=r"(?s)TwiceDropout.*random numbers.*called 2 times.*eval"):
+    with pytest.raises(
+        RuntimeError, match=r"(?s)TwiceDropout.*random numbers.*called 2 times.*eval"
+    ):
         with backpack(BatchGrad()):
             loss.backward()
 
@@ -560,7 +570,10 @@ def test_empty_batch_is_refused():
 @pytest.mark.parametrize(
     "loss_fn, target",
     [
-        (nn.BCEWithLogitsLoss(pos_weight=torch.full((C,), 2.0)), torch.tensor([[0.0, 1.0, float("nan")]] * N)),
+        (
+            nn.BCEWithLogitsLoss(pos_weight=torch.full((C,), 2.0)),
+            torch.tensor([[0.0, 1.0, float("nan")]] * N),
+        ),
         (nn.CrossEntropyLoss(), torch.tensor([[0.5, float("nan"), 0.5]] * N)),
     ],
     ids=["bce_pos_weight", "cross_entropy_probabilities"],
@@ -635,7 +648,6 @@ def test_dense_kfac_factor_above_the_budget_is_refused_naming_the_parameter(monk
     with pytest.raises(ValueError, match=match):
         with backpack(KFAC(kfac_approx="reduce")):
             loss.backward()
-
 
 
 def test_global_module_hooks_keep_the_fast_rules():

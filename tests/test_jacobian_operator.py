@@ -29,9 +29,7 @@ def make_mlp():
 def make_cnn():
     """Multi-dimensional predictions ``S = (2, 4, 4)``; ``P = 38 < N·C = 320``."""
     torch.manual_seed(1)
-    model = nn.Sequential(
-        nn.Conv2d(1, 2, 3, padding=1), nn.Tanh(), nn.Conv2d(2, 2, 2)
-    )
+    model = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.Tanh(), nn.Conv2d(2, 2, 2))
     return model, torch.randn(sum(SPLITS), 1, 5, 5)
 
 
@@ -83,9 +81,7 @@ def test_products_all_forms(problem):
     torch.testing.assert_close(J @ V, reference @ V, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(J @ V[:, 0], reference @ V[:, 0], rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(J.T @ W, reference.T @ W, rtol=1e-10, atol=1e-12)
-    torch.testing.assert_close(
-        J.T @ W[:, 0], reference.T @ W[:, 0], rtol=1e-10, atol=1e-12
-    )
+    torch.testing.assert_close(J.T @ W[:, 0], reference.T @ W[:, 0], rtol=1e-10, atol=1e-12)
     # list forms: parameter-shaped in, one [N, *S] tensor out, and back
     params = list(model.parameters())
     numels = [p.numel() for p in params]
@@ -121,9 +117,7 @@ def test_transposed_constructor_and_scipy(problem):
     numpy.testing.assert_allclose(scipy_J.rmatvec(w), dense.T @ w, **close)
     V = rng.standard_normal((reference.shape[1], 2))
     numpy.testing.assert_allclose(scipy_J @ V, dense @ V, rtol=1e-10, atol=1e-12)
-    numpy.testing.assert_allclose(
-        JT.to_scipy().matvec(w), dense.T @ w, rtol=1e-10, atol=1e-12
-    )
+    numpy.testing.assert_allclose(JT.to_scipy().matvec(w), dense.T @ w, rtol=1e-10, atol=1e-12)
 
 
 def test_parameter_subset_order_dict_and_function():
@@ -156,9 +150,7 @@ def test_function_model_with_scalar_parameter():
 
     J = JacobianOperator(function, params, batches_of(X))
     columns = jacrev(function)(params, X)  # {name: [N, 2, *p.shape]}
-    reference = torch.cat(
-        [columns["scale"].reshape(-1, 1), columns["weight"].reshape(-1, 6)], 1
-    )
+    reference = torch.cat([columns["scale"].reshape(-1, 1), columns["weight"].reshape(-1, 6)], 1)
     torch.testing.assert_close(J.to_dense(), reference, rtol=1e-10, atol=1e-12)
     W = torch.randn(J.shape[0], 2)
     torch.testing.assert_close(J.T @ W, reference.T @ W, rtol=1e-10, atol=1e-12)
@@ -233,13 +225,15 @@ def test_wrong_operand_shapes(mlp_operator):
     model, X, J = mlp_operator
     rows, columns = J.shape  # 20, 26
     with pytest.raises(
-        ValueError, match=rf"JacobianOperator @ x: expected x of shape \[{columns}\] "
-        rf"or \[{columns}, M\], got \[{rows}\]"
+        ValueError,
+        match=rf"JacobianOperator @ x: expected x of shape \[{columns}\] "
+        rf"or \[{columns}, M\], got \[{rows}\]",
     ):
         J @ torch.ones(rows)
     with pytest.raises(
-        ValueError, match=rf"TransposedJacobianOperator @ x: expected x of shape "
-        rf"\[{rows}\] or \[{rows}, M\], got \[{columns}, 2\]"
+        ValueError,
+        match=rf"TransposedJacobianOperator @ x: expected x of shape "
+        rf"\[{rows}\] or \[{rows}, M\], got \[{columns}, 2\]",
     ):
         J.T @ torch.ones(columns, 2)
     with pytest.raises(ValueError, match=r"shaped like the parameters, \[\(4, 3\), \(4,\)"):

@@ -76,12 +76,11 @@ def test_factors_match_reference(case, fisher_type, kfac_approx):
                 f"{label}: {len(factors)} factors, expected {len(expected_factors)} "
                 f"with shapes {[tuple(f.shape) for f in expected_factors]}"
             )
-            for i, (factor, expected_factor) in enumerate(
-                zip(factors, expected_factors)
-            ):
+            for i, (factor, expected_factor) in enumerate(zip(factors, expected_factors)):
                 if factor.dim() == 1:  # stored as its diagonal: the rest must be 0
                     assert_close(
-                        expected_factor, torch.diag(expected_factor.diagonal()),
+                        expected_factor,
+                        torch.diag(expected_factor.diagonal()),
                         msg=f"{label} factor {i} is diagonal",
                     )
                 assert_close(dense_factor(factor), expected_factor, msg=f"{label} factor {i}")
@@ -129,16 +128,12 @@ def test_embedding_padding_row_has_no_curvature(fisher_type, kfac_approx):
     embedding = model[0]
     rows = embedding.weight.shape[0]
     dim = embedding.weight.shape[1]
-    padding_entries = slice(
-        embedding.padding_idx * dim, (embedding.padding_idx + 1) * dim
-    )
+    padding_entries = slice(embedding.padding_idx * dim, (embedding.padding_idx + 1) * dim)
     exact_block = reference.block("0.weight")
     assert exact_block[padding_entries].abs().max() == 0  # the premise
     approximation = kron(embedding.weight.kfac)
     assert approximation.shape == (rows * dim, rows * dim)
-    assert_close(
-        approximation[padding_entries], torch.zeros_like(approximation[padding_entries])
-    )
+    assert_close(approximation[padding_entries], torch.zeros_like(approximation[padding_entries]))
 
 
 # Modules for which the factorisation convention is not pinned down: a clear

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from curvext.operators import KronDecomposed, KronEigenOperator, KronOperator
-from tests.test_operators import kron, random_kron_params, random_spd
+from tests.test_operators import kron, random_kron_params
 
 
 def assert_close(actual, expected):
@@ -118,6 +118,7 @@ def test_laplace_torch_parity():
         decomposed = kron.decompose()
         deltas = deltas.expand(len(decomposed)).clone()
         return TheirKronDecomposed(decomposed.eigenvectors, decomposed.eigenvalues, deltas, damping)
+
     params = random_kron_params()
     K = KronOperator.from_params(params)
     torch.manual_seed(1)
@@ -135,7 +136,9 @@ def test_laplace_torch_parity():
         # laplace-torch's Kron * c spreads c over the factors, as decompose() does
         assert_close(
             ((2.0 * K).decompose(damping=damping) + 0.3).to_matrix(),
-            theirs_with(Kron([list(p.kfac) for p in params]) * 2.0, torch.tensor(0.3), damping).to_matrix(),
+            theirs_with(
+                Kron([list(p.kfac) for p in params]) * 2.0, torch.tensor(0.3), damping
+            ).to_matrix(),
         )
 
 
@@ -143,31 +146,63 @@ def test_bad_input():
     params = random_kron_params()
     K = KronOperator.from_params(params)
     decomposed = K.decompose()
-    with pytest.raises(ValueError, match=r"deltas must be a scalar or have one entry per block \(3\), got shape \[2\]"):
+    with pytest.raises(
+        ValueError,
+        match=r"deltas must be a scalar or have one entry per block \(3\), got shape \[2\]",
+    ):
         decomposed + torch.ones(2)
-    with pytest.raises(ValueError, match=r"deltas must be a scalar or have one entry per block \(3\), got shape \[3, 1\]"):
-        KronDecomposed(params, decomposed.eigenvectors, decomposed.factor_eigenvalues, torch.ones(3, 1))
+    with pytest.raises(
+        ValueError,
+        match=r"deltas must be a scalar or have one entry per block \(3\), got shape \[3, 1\]",
+    ):
+        KronDecomposed(
+            params, decomposed.eigenvectors, decomposed.factor_eigenvalues, torch.ones(3, 1)
+        )
     with pytest.raises(ValueError, match="deltas must be finite"):
         decomposed + torch.tensor([1.0, torch.inf, 1.0])
     with pytest.raises(ValueError, match=r"KronDecomposed\(damping=True\): deltas must be >= 0"):
         K.decompose(damping=True) + torch.tensor(-0.1)
-    with pytest.raises(ValueError, match=r"damping=True\) \* -2.0: the damped form needs a positive factor"):
+    with pytest.raises(
+        ValueError, match=r"damping=True\) \* -2.0: the damped form needs a positive factor"
+    ):
         -2.0 * K.decompose(damping=True)
-    with pytest.raises(ValueError, match=r"decompose\(damping=True\): block 0 \(parameter shape \(2, 3\)\) has an identity term"):
+    with pytest.raises(
+        ValueError,
+        match=(
+            r"decompose\(damping=True\): block 0 \(parameter shape \(2, 3\)\) "
+            r"has an identity term"
+        ),
+    ):
         (K + 0.1).decompose(damping=True)
-    with pytest.raises(ValueError, match=r"bmm: expected W of shape \[batch, classes, 12\], got \[2, 3, 11\]"):
+    with pytest.raises(
+        ValueError, match=r"bmm: expected W of shape \[batch, classes, 12\], got \[2, 3, 11\]"
+    ):
         decomposed.bmm(torch.ones(2, 3, 11))
-    with pytest.raises(ValueError, match=r"inv_square_form: expected W of shape \[batch, classes, 12\], got \[12\]"):
+    with pytest.raises(
+        ValueError, match=r"inv_square_form: expected W of shape \[batch, classes, 12\], got \[12\]"
+    ):
         decomposed.inv_square_form(torch.ones(12))
     with pytest.raises(ValueError, match="Cannot add two KronDecomposed operators"):
         decomposed + K.decompose()
-    with pytest.raises(ValueError, match=r"block 0 has eigenvectors \[\(2, 2\), \(3, 3\)\] for eigenvalues \[\(2,\), \(2,\)\]"):
-        KronDecomposed(params, decomposed.eigenvectors, [[torch.ones(2), torch.ones(2)], *decomposed.factor_eigenvalues[1:]])
-    with pytest.raises(ValueError, match=r"one list of factor eigenvectors .* \(3 parameters\), got 2 and 3"):
+    with pytest.raises(
+        ValueError,
+        match=r"block 0 has eigenvectors \[\(2, 2\), \(3, 3\)\] for eigenvalues \[\(2,\), \(2,\)\]",
+    ):
+        KronDecomposed(
+            params,
+            decomposed.eigenvectors,
+            [[torch.ones(2), torch.ones(2)], *decomposed.factor_eigenvalues[1:]],
+        )
+    with pytest.raises(
+        ValueError, match=r"one list of factor eigenvectors .* \(3 parameters\), got 2 and 3"
+    ):
         KronDecomposed(params, decomposed.eigenvectors[:2], decomposed.factor_eigenvalues)
     params[2].kfac = [torch.zeros(4, 4)]
     singular = KronOperator.from_params(params).decompose()
-    with pytest.raises(ValueError, match=r"KronDecomposed\(-1.0\): block 2's spectrum has a zero entry \(singular\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"KronDecomposed\(-1.0\): block 2's spectrum has a zero entry \(singular\)",
+    ):
         singular.bmm(torch.ones(1, 1, 12))
     with pytest.raises(ValueError, match="negative entry"):
         (singular - 1.0).diag(exponent=0.5)

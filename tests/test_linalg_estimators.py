@@ -102,12 +102,8 @@ def test_operator_and_tensor_agree(name, case):
     """The adapter: a curvext operator and its dense matrix give the same estimate."""
     estimator, _, num_matvecs = ESTIMATORS[name]
     operator, dense = CASES[case]()
-    from_operator = estimator(
-        operator, num_matvecs, generator=torch.Generator().manual_seed(1)
-    )
-    from_dense = estimator(
-        dense, num_matvecs, generator=torch.Generator().manual_seed(1)
-    )
+    from_operator = estimator(operator, num_matvecs, generator=torch.Generator().manual_seed(1))
+    from_dense = estimator(dense, num_matvecs, generator=torch.Generator().manual_seed(1))
     assert torch.allclose(from_operator, from_dense, atol=1e-10)
 
 
@@ -128,9 +124,7 @@ def test_hutchpp_exact_when_basis_spans_the_space():
 
 @pytest.mark.parametrize("distribution", DISTRIBUTIONS)
 @pytest.mark.parametrize("num_probes, rank", [(2, 1), (4, 3), (5, 2), (DIM, DIM - 1)])
-def test_xtrace_and_xdiag_exact_below_the_number_of_probes(
-    num_probes, rank, distribution
-):
+def test_xtrace_and_xdiag_exact_below_the_number_of_probes(num_probes, rank, distribution):
     """Exact when rank(A) < m, including the numerically singular R (rank < m - 1)."""
     dense = low_rank(rank)
     generator = torch.Generator().manual_seed(0)
@@ -152,9 +146,7 @@ def test_hutchpp_and_xtrace_beat_hutchinson_on_a_decaying_spectrum():
     generator = torch.Generator().manual_seed(0)
 
     def error(estimator):
-        runs = torch.stack(
-            [estimator(dense, 12, generator=generator) for _ in range(50)]
-        )
+        runs = torch.stack([estimator(dense, 12, generator=generator) for _ in range(50)])
         return (runs - dense.trace()).square().mean()
 
     assert error(hutchpp_trace) < error(hutchinson_trace)

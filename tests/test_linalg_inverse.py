@@ -86,9 +86,7 @@ def test_cg_info():
 def test_cg_not_converged_warns_and_reports():
     A = ill_conditioned_spd()
     A_inv = CGInverse(A, tol=1e-12, max_iter=2)
-    with pytest.warns(
-        RuntimeWarning, match=r"did not converge to tol=1e-12 in max_iter=2"
-    ):
+    with pytest.warns(RuntimeWarning, match=r"did not converge to tol=1e-12 in max_iter=2"):
         A_inv @ torch.randn(DIM, 2)
     assert A_inv.info.iterations == 2
     assert not A_inv.info.converged.any()
@@ -98,9 +96,7 @@ def test_cg_refuses_indefinite():
     torch.manual_seed(2)
     basis, _ = torch.linalg.qr(torch.randn(DIM, DIM))
     A = basis @ torch.diag(torch.linspace(-1.0, 2.0, DIM)) @ basis.T
-    with pytest.raises(
-        ValueError, match=r"A is not positive definite: p\^T A p = .* <= 0"
-    ):
+    with pytest.raises(ValueError, match=r"A is not positive definite: p\^T A p = .* <= 0"):
         CGInverse(A, max_iter=1000) @ torch.randn(DIM, 3)
 
 
@@ -151,9 +147,7 @@ def test_cg_argument_errors(kwargs, error, message):
 
 
 def test_inverse_operand_errors():
-    with pytest.raises(
-        ValueError, match=r"CGInverse: A must be a square \[P, P\] operator"
-    ):
+    with pytest.raises(ValueError, match=r"CGInverse: A must be a square \[P, P\] operator"):
         CGInverse(torch.zeros(2, 3))
     with pytest.raises(
         ValueError,
@@ -204,9 +198,7 @@ def test_neumann_warns_when_diverging(make_A, scale):
     A = make_A()
     if scale is None:
         scale = 3 / torch.linalg.eigvalsh(A).max().item()
-    with pytest.warns(
-        UserWarning, match=r"NeumannInverse: the series does not converge: .* >= 1"
-    ):
+    with pytest.warns(UserWarning, match=r"NeumannInverse: the series does not converge: .* >= 1"):
         A_inv = NeumannInverse(A, scale=scale, num_terms=10)
     assert A_inv.spectral_radius_estimate >= 1
 
@@ -214,9 +206,7 @@ def test_neumann_warns_when_diverging(make_A, scale):
 def test_neumann_check_can_be_skipped():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        A_inv = NeumannInverse(
-            -torch.eye(3), scale=1.0, num_terms=3, power_iterations=0
-        )
+        A_inv = NeumannInverse(-torch.eye(3), scale=1.0, num_terms=3, power_iterations=0)
     assert A_inv.spectral_radius_estimate is None
 
 

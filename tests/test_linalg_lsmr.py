@@ -60,9 +60,7 @@ def test_nonsymmetric_and_transpose():
     rhs = torch.randn(DIM, 3)
     inverse = LSMRInverse(A, **TIGHT)
     torch.testing.assert_close(inverse @ rhs, torch.linalg.solve(A, rhs), rtol=1e-8, atol=1e-9)
-    torch.testing.assert_close(
-        inverse.T @ rhs, torch.linalg.solve(A.T, rhs), rtol=1e-8, atol=1e-9
-    )
+    torch.testing.assert_close(inverse.T @ rhs, torch.linalg.solve(A.T, rhs), rtol=1e-8, atol=1e-9)
 
 
 def test_singular_gives_minimum_norm_least_squares():
@@ -88,9 +86,7 @@ def test_on_a_kron_operator():
     op, dense = case_kron_random()
     rhs = torch.randn(dense.shape[0], 3)
     solution = LSMRInverse(op, maxiter=200, **TIGHT) @ rhs
-    torch.testing.assert_close(
-        solution, torch.linalg.solve(dense, rhs), rtol=1e-7, atol=1e-8
-    )
+    torch.testing.assert_close(solution, torch.linalg.solve(dense, rhs), rtol=1e-7, atol=1e-8)
     damped = LSMRInverse(op + 0.05, **TIGHT) @ rhs[:, 0]
     torch.testing.assert_close(
         damped,
@@ -124,9 +120,7 @@ def test_on_a_singular_ggn_operator():
     assert torch.linalg.matrix_rank(dense).item() == 8
     rhs = torch.randn(12, 2)
     solution = LSMRInverse(G, maxiter=100, **TIGHT) @ rhs
-    torch.testing.assert_close(
-        solution, torch.linalg.pinv(dense) @ rhs, rtol=1e-6, atol=1e-7
-    )
+    torch.testing.assert_close(solution, torch.linalg.pinv(dense) @ rhs, rtol=1e-6, atol=1e-7)
 
 
 def test_float32_operator_keeps_its_dtype():

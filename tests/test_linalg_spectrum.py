@@ -211,13 +211,14 @@ def test_spectrum_of_a_multiple_of_the_identity():
 @pytest.mark.parametrize("largest", [True, False])
 def test_top_eigenpairs_match_eigh(method, largest):
     eigenvalues = torch.cat(
-        [torch.linspace(-3.0, 1.0, 45, dtype=DTYPE), torch.tensor([4.0, 6.0, 9.0, 13.0, 20.0], dtype=DTYPE)]
+        [
+            torch.linspace(-3.0, 1.0, 45, dtype=DTYPE),
+            torch.tensor([4.0, 6.0, 9.0, 13.0, 20.0], dtype=DTYPE),
+        ]
     )
     A = symmetric_with_eigenvalues(eigenvalues, seed=3)
     k = 3
-    values, vectors = top_eigenpairs(
-        A, k, method=method, largest=largest, generator=generator()
-    )
+    values, vectors = top_eigenpairs(A, k, method=method, largest=largest, generator=generator())
     dense_values, dense_vectors = torch.linalg.eigh(A)
     order = torch.arange(50 - 1, 50 - 1 - k, -1) if largest else torch.arange(k)
     assert torch.allclose(values, dense_values[order], atol=1e-7, rtol=0)
@@ -274,7 +275,9 @@ def test_submatrix_matches_dense_slicing():
     assert torch.allclose(block @ x, dense_block @ x)
     assert torch.allclose(block @ X, dense_block @ X)
     assert torch.allclose(block.T.to_dense(), dense_block.T)
-    assert torch.allclose(block.T @ torch.ones(4, dtype=DTYPE), dense_block.T @ torch.ones(4, dtype=DTYPE))
+    assert torch.allclose(
+        block.T @ torch.ones(4, dtype=DTYPE), dense_block.T @ torch.ones(4, dtype=DTYPE)
+    )
 
 
 def test_submatrix_of_a_curvext_operator_and_index_tensors():

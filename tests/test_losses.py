@@ -69,12 +69,8 @@ def kfac_checker(fisher_type):
             for param_name, expected_factors in expected.items():
                 factors = getattr(modules[module_name], param_name).kfac
                 assert len(factors) == len(expected_factors)
-                for i, (factor, expected_factor) in enumerate(
-                    zip(factors, expected_factors)
-                ):
-                    assert_close(
-                        factor, expected_factor, msg=f"{module_name}.{param_name} [{i}]"
-                    )
+                for i, (factor, expected_factor) in enumerate(zip(factors, expected_factors)):
+                    assert_close(factor, expected_factor, msg=f"{module_name}.{param_name} [{i}]")
 
     return check
 

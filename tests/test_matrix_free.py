@@ -135,9 +135,7 @@ def test_convolutional_model_in_column_chunks(kind, loss, num_columns):
     count against the dense reference, for CE and the mean MSELoss."""
     torch.manual_seed(0)
     num_outputs = 2 if loss == "mse" else 3
-    model = nn.Sequential(
-        nn.Conv1d(2, 3, 3), nn.Tanh(), nn.Flatten(), nn.Linear(12, num_outputs)
-    )
+    model = nn.Sequential(nn.Conv1d(2, 3, 3), nn.Tanh(), nn.Flatten(), nn.Linear(12, num_outputs))
     X = torch.randn(10, 2, 6)
     if loss == "mse":
         loss_fn, y = nn.MSELoss(), torch.randn(10, 2)
@@ -180,9 +178,7 @@ def test_arithmetic_and_inverse():
     with pytest.raises(ValueError, match="same structure"):
         G + HessianOperator(model, loss_fn, params, data)
     solution = G.inverse(damping=0.5, tol=1e-12, max_iter=200) @ v
-    torch.testing.assert_close(
-        solution, torch.linalg.solve(reference + 0.5 * identity, v)
-    )
+    torch.testing.assert_close(solution, torch.linalg.solve(reference + 0.5 * identity, v))
 
 
 def test_mc_fisher_is_fixed_and_close_to_ggn():
@@ -204,7 +200,10 @@ def test_nondeterministic_model_is_detected():
         GGNOperator(model, nn.MSELoss(), list(model.parameters()), batches_of(X, y))
     # switched off, products run (each pass with its own dropout masks)
     op = HessianOperator(
-        model, nn.MSELoss(), list(model.parameters()), batches_of(X, y),
+        model,
+        nn.MSELoss(),
+        list(model.parameters()),
+        batches_of(X, y),
         check_deterministic=False,
     )
     assert (op @ torch.ones(op.shape[0])).shape == (op.shape[0],)

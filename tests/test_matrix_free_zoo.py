@@ -1,4 +1,5 @@
-"""``GGNOperator``, ``HessianOperator`` and ``EFOperator`` products on every model and loss of the zoo.
+"""``GGNOperator``, ``HessianOperator`` and ``EFOperator`` products on every model and loss of
+the zoo.
 
 The products take different routes by shape: one column through a
 dual-number forward pass (GGN) or a plain backward of the gradient
@@ -26,8 +27,8 @@ import pytest
 import torch
 from torch.func import functional_call, jacrev
 
-from tests.cases import CASES, LOSS_CASES, dense_reference
 from curvext.operators import EFOperator, GGNOperator, HessianOperator, JacobianOperator
+from tests.cases import CASES, LOSS_CASES, dense_reference
 
 ZOO = CASES + LOSS_CASES
 
@@ -57,14 +58,15 @@ def _loss_hessian(model, loss_fn, X, y, named, step=1e-5):
             values[name] = block.view_as(param).requires_grad_()
         loss = loss_fn(functional_call(model, values, (X,)), y)
         grads = torch.autograd.grad(loss, list(values.values()), allow_unused=True)
-        return torch.cat([
-            torch.zeros(v.numel()) if g is None else g.flatten()
-            for g, v in zip(grads, values.values())
-        ])
+        return torch.cat(
+            [
+                torch.zeros(v.numel()) if g is None else g.flatten()
+                for g, v in zip(grads, values.values())
+            ]
+        )
 
     basis = torch.eye(len(flat))
-    columns = [(gradient(flat + step * e) - gradient(flat - step * e)) / (2 * step)
-               for e in basis]
+    columns = [(gradient(flat + step * e) - gradient(flat - step * e)) / (2 * step) for e in basis]
     return torch.stack(columns, 1)
 
 

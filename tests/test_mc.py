@@ -75,9 +75,7 @@ def assert_unbiased(estimates: list[torch.Tensor], exact: torch.Tensor, label=""
         f"{label}: error {error:.3e} > {Z} x standard error {standard_error:.3e} "
         f"(|exact| = {scale:.3e}): biased"
     )
-    assert error <= REL_TOL * scale, (
-        f"{label}: relative error {error / scale:.3f} > {REL_TOL}"
-    )
+    assert error <= REL_TOL * scale, f"{label}: relative error {error / scale:.3f} > {REL_TOL}"
 
 
 def mc_runs(case, make_extension, read):
@@ -105,9 +103,7 @@ def test_ggn_diag_mc_unbiased(case):
     estimates = mc_runs(
         case,
         lambda: GGNDiag(mc_samples=MC_SAMPLES),
-        lambda model: torch.cat(
-            [p.ggn_diag.flatten() for p in trainable(model).values()]
-        ),
+        lambda model: torch.cat([p.ggn_diag.flatten() for p in trainable(model).values()]),
     )
     if estimates is not None:
         exact = torch.cat([reference.diag(name).flatten() for name in reference.names])
@@ -136,9 +132,7 @@ def sqrt_ggn_matrix(model):
     params = trainable(model).values()
     for param in params:
         assert param.sqrt_ggn.shape[0] == MC_SAMPLES, "K must equal mc_samples"
-    V = torch.cat(
-        [p.sqrt_ggn.reshape(MC_SAMPLES * p.sqrt_ggn.shape[1], -1) for p in params], 1
-    )
+    V = torch.cat([p.sqrt_ggn.reshape(MC_SAMPLES * p.sqrt_ggn.shape[1], -1) for p in params], 1)
     return V.T @ V
 
 
@@ -222,10 +216,7 @@ def test_reproducible_under_manual_seed(case_name, make_extension, attribute):
         torch.manual_seed(seed)
         model = run_case(case, make_extension())
         values = [getattr(p, attribute) for p in trainable(model).values()]
-        return [
-            torch.cat([f.flatten() for f in v]) if isinstance(v, list) else v
-            for v in values
-        ]
+        return [torch.cat([f.flatten() for f in v]) if isinstance(v, list) else v for v in values]
 
     first, again, other = results(3), results(3), results(4)
     for a, b in zip(first, again):
@@ -241,7 +232,5 @@ def test_single_mc_sample_is_rank_one_per_sample(case_name):
     case = CASES_BY_NAME[case_name]
     model = run_case(case, SqrtGGN(mc_samples=1))
     params = trainable(model).values()
-    columns = torch.cat(
-        [p.sqrt_ggn.reshape(*p.sqrt_ggn.shape[:2], -1) for p in params], 2
-    )
+    columns = torch.cat([p.sqrt_ggn.reshape(*p.sqrt_ggn.shape[:2], -1) for p in params], 2)
     assert columns.shape[0] == 1

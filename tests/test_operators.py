@@ -38,14 +38,10 @@ def eye_like(dense):
 def engine_model():
     """Linear (two factors), LayerNorm (one factor each), Linear; type-2 KFAC etc."""
     torch.manual_seed(1)
-    model = extend(
-        nn.Sequential(nn.Linear(3, 4), nn.LayerNorm(4), nn.Tanh(), nn.Linear(4, 3))
-    )
+    model = extend(nn.Sequential(nn.Linear(3, 4), nn.LayerNorm(4), nn.Tanh(), nn.Linear(4, 3)))
     loss_fn = extend(nn.CrossEntropyLoss())
     X, y = torch.randn(7, 3), torch.randint(0, 3, (7,))
-    with backpack(
-        GGNDiag(), BatchGGNDiag(), SumGradSquared(), KFAC(fisher_type="type-2")
-    ):
+    with backpack(GGNDiag(), BatchGGNDiag(), SumGradSquared(), KFAC(fisher_type="type-2")):
         loss_fn(model(X), y).backward()
     return model
 
@@ -78,9 +74,7 @@ def dense_diag_reference(params, attribute):
 def case_diag(attribute):
     model = engine_model()
     params = list(model.parameters())
-    return DiagonalOperator.from_params(params, attribute), dense_diag_reference(
-        params, attribute
-    )
+    return DiagonalOperator.from_params(params, attribute), dense_diag_reference(params, attribute)
 
 
 def case_diag_random():
@@ -175,8 +169,7 @@ def test_matmul_vector_matrix_and_list(case):
     assert_close(op @ matrix, dense @ matrix)
     assert_close(op @ matrix[:, :1], dense @ matrix[:, :1])
     as_list = [
-        v.reshape(p.shape)
-        for v, p in zip(vector.split([p.numel() for p in op.params]), op.params)
+        v.reshape(p.shape) for v, p in zip(vector.split([p.numel() for p in op.params]), op.params)
     ]
     result = op @ as_list
     assert isinstance(result, list)
@@ -203,9 +196,7 @@ def test_logdet_det_damped(case):
     op, dense = case
     damped = dense + 0.5 * eye_like(dense)
     assert_close((op + 0.5).logdet(), torch.linalg.slogdet(damped).logabsdet)
-    torch.testing.assert_close(
-        (op + 0.5).det(), torch.linalg.det(damped), rtol=1e-8, atol=0
-    )
+    torch.testing.assert_close((op + 0.5).det(), torch.linalg.det(damped), rtol=1e-8, atol=0)
 
 
 @pytest.mark.parametrize("name", POSITIVE_DEFINITE)
@@ -253,9 +244,7 @@ def test_scalar_arithmetic(case):
         assert type(result) is type(op), name
         assert_close(result @ identity, reference, msg=name)
         assert_close(result.diag(), reference.diagonal(), msg=name)
-        assert_close(
-            result.frobenius_norm(), torch.linalg.matrix_norm(reference), msg=name
-        )
+        assert_close(result.frobenius_norm(), torch.linalg.matrix_norm(reference), msg=name)
 
 
 def test_sum_with_same_structure(case):
@@ -286,11 +275,7 @@ def test_kron_sum_with_one_differing_factor_per_block():
     dense_second = torch.block_diag(torch.kron(G, A2), G_bias, F2)
     result = 2 * first + (second + 0.5)
     assert isinstance(result, KronOperator)
-    expected = (
-        2 * dense_kron_reference(params)
-        + dense_second
-        + 0.5 * torch.eye(first.shape[0])
-    )
+    expected = 2 * dense_kron_reference(params) + dense_second + 0.5 * torch.eye(first.shape[0])
     assert_close(result @ torch.eye(first.shape[0]), expected)
     assert_close(result.logdet(), torch.linalg.slogdet(expected).logabsdet)
 
@@ -329,9 +314,7 @@ def factor_dampings_reference(factors, damping, heuristic, min_damping):
     """π-damping of Martens & Grosse (2015, §6.3), written out for [G, A] and [F] blocks."""
     if heuristic and len(factors) == 2:
         first, second = factors
-        pi = math.sqrt(
-            (first.trace() / first.shape[0]) / (second.trace() / second.shape[0])
-        )
+        pi = math.sqrt((first.trace() / first.shape[0]) / (second.trace() / second.shape[0]))
         root = math.sqrt(damping)
         return [max(pi * root, min_damping), max(root / pi, min_damping)]
     return [damping] * len(factors)
@@ -341,9 +324,7 @@ def damped_kron_reference(params, damping, heuristic=False, min_damping=1e-8):
     blocks = []
     for p in params:
         dampings = factor_dampings_reference(p.kfac, damping, heuristic, min_damping)
-        blocks.append(
-            kron([f + d * torch.eye(f.shape[0]) for f, d in zip(p.kfac, dampings)])
-        )
+        blocks.append(kron([f + d * torch.eye(f.shape[0]) for f, d in zip(p.kfac, dampings)]))
     return torch.block_diag(*blocks)
 
 
@@ -368,9 +349,7 @@ def test_kron_inverse_factorwise(builder, damping, heuristic, min_damping):
     params = KRON_BUILDERS[builder]()
     op = KronOperator.from_params(params)
     damped = damped_kron_reference(params, damping, heuristic, min_damping)
-    inverse = op.inverse(
-        damping=damping, use_heuristic_damping=heuristic, min_damping=min_damping
-    )
+    inverse = op.inverse(damping=damping, use_heuristic_damping=heuristic, min_damping=min_damping)
     assert isinstance(inverse, KronOperator)
     matrix = torch.randn(op.shape[0], 4)
     torch.testing.assert_close(
@@ -388,9 +367,7 @@ def test_heuristic_damping_is_pi_damping():
     assert not torch.allclose(heuristic.to_dense(), plain.to_dense())
 
 
-@pytest.mark.parametrize(
-    "builder, damping", [("random", 0.0), ("random", 1e-2), ("engine", 1e-2)]
-)
+@pytest.mark.parametrize("builder, damping", [("random", 0.0), ("random", 1e-2), ("engine", 1e-2)])
 def test_kron_inverse_exact(builder, damping):
     params = KRON_BUILDERS[builder]()
     op = KronOperator.from_params(params)
@@ -405,9 +382,7 @@ def test_kron_inverse_exact(builder, damping):
         inverse.diag(), torch.linalg.inv(dense).diagonal(), rtol=1e-6, atol=1e-8
     )
     round_trip = inverse.inverse()
-    torch.testing.assert_close(
-        round_trip @ matrix, dense @ matrix, rtol=1e-6, atol=1e-8
-    )
+    torch.testing.assert_close(round_trip @ matrix, dense @ matrix, rtol=1e-6, atol=1e-8)
 
 
 def test_kron_inverse_of_shifted_operator_is_exact():
@@ -415,9 +390,7 @@ def test_kron_inverse_of_shifted_operator_is_exact():
     shifted = op + 0.3
     matrix = torch.randn(op.shape[0], 2)
     identity = eye_like(dense)
-    assert_close(
-        shifted.inverse() @ matrix, torch.linalg.solve(dense + 0.3 * identity, matrix)
-    )
+    assert_close(shifted.inverse() @ matrix, torch.linalg.solve(dense + 0.3 * identity, matrix))
     result = shifted.inverse(damping=0.2, use_exact_damping=True) @ matrix
     assert_close(result, torch.linalg.solve(dense + 0.5 * identity, matrix))
 
@@ -441,11 +414,11 @@ def test_matmul_shape_errors():
         torch.randn(P, 2, 1),
         torch.randn(2, P),
     ]:
-        with pytest.raises(
-            ValueError, match=rf"expected x of shape \[{P}\] or \[{P}, M\]"
-        ):
+        with pytest.raises(ValueError, match=rf"expected x of shape \[{P}\] or \[{P}, M\]"):
             op @ bad
-    expected = r"expected a list of 3 tensors shaped like the parameters, \[\(2, 3\), \(2,\), \(2, 2\)\]"
+    expected = (
+        r"expected a list of 3 tensors shaped like the parameters, \[\(2, 3\), \(2,\), \(2, 2\)\]"
+    )
     with pytest.raises(ValueError, match=expected):
         op @ [torch.randn(2, 3), torch.randn(2)]
     with pytest.raises(ValueError, match=expected):
@@ -466,7 +439,10 @@ def test_missing_attribute_names_parameter_and_extension(attribute, extension):
     layer = nn.Linear(3, 2)
     with pytest.raises(
         AttributeError,
-        match=rf"parameter 0 \(shape \(2, 3\)\) has no attribute '{attribute}': run {extension} inside backpack",
+        match=(
+            rf"parameter 0 \(shape \(2, 3\)\) has no attribute '{attribute}': "
+            rf"run {extension} inside backpack"
+        ),
     ):
         DiagonalOperator.from_params(layer.parameters(), attribute)
 
@@ -479,9 +455,7 @@ def test_missing_kfac_and_unknown_attribute():
         match=r"parameter 1 \(shape \(2,\)\) has no attribute 'kfac': run KFAC\(\)",
     ):
         KronOperator.from_params(layer.parameters())
-    with pytest.raises(
-        AttributeError, match="'my_curvature': no curvext extension stores it"
-    ):
+    with pytest.raises(AttributeError, match="'my_curvature': no curvext extension stores it"):
         DiagonalOperator.from_params(layer.parameters(), "my_curvature")
 
 
@@ -494,9 +468,7 @@ def test_bad_stored_shapes_and_empty_params():
     ):
         DiagonalOperator.from_params(layer.parameters())
     layer.weight.kfac, layer.bias.kfac = [torch.eye(2), torch.eye(2)], [torch.eye(2)]
-    with pytest.raises(
-        ValueError, match=r"factors of parameter 0 \(shape \(2, 3\), 6 entries\)"
-    ):
+    with pytest.raises(ValueError, match=r"factors of parameter 0 \(shape \(2, 3\), 6 entries\)"):
         KronOperator.from_params(layer.parameters())
     with pytest.raises(ValueError, match="no parameter with requires_grad=True"):
         DiagonalOperator.from_params([])
@@ -541,9 +513,7 @@ def test_singular_operators():
         D.pow(-1)
     with pytest.raises(ValueError, match="negative entry"):
         (D - 1.0).pow(0.5)
-    negative_entry = DiagonalOperator(
-        params, torch.cat([-torch.ones(1), diagonal[1:] + 1])
-    )
+    negative_entry = DiagonalOperator(params, torch.cat([-torch.ones(1), diagonal[1:] + 1]))
     with pytest.raises(ValueError, match="determinant is negative"):
         negative_entry.logdet()
     assert negative_entry.det() < 0
@@ -558,28 +528,20 @@ def test_singular_operators():
         match=r"a factor of block 2 \(parameter shape \(2, 2\)\) is singular",
     ):
         K.inverse()
-    with pytest.raises(
-        ValueError, match=r"block 2 \(parameter shape \(2, 2\)\) is singular"
-    ):
+    with pytest.raises(ValueError, match=r"block 2 \(parameter shape \(2, 2\)\) is singular"):
         K.inverse(use_exact_damping=True)
     assert_close(
         (K + 0.5).logdet(),
-        torch.linalg.slogdet(
-            dense_kron_reference(params) + 0.5 * torch.eye(K.shape[0])
-        ).logabsdet,
+        torch.linalg.slogdet(dense_kron_reference(params) + 0.5 * torch.eye(K.shape[0])).logabsdet,
     )
 
 
 def test_combining_mismatched_operators():
     diagonal, _ = case_diag_random()
     kron_op, _ = case_kron_random()
-    with pytest.raises(
-        ValueError, match="Cannot combine DiagonalOperator with KronOperator"
-    ):
+    with pytest.raises(ValueError, match="Cannot combine DiagonalOperator with KronOperator"):
         diagonal + kron_op
-    with pytest.raises(
-        ValueError, match="Cannot combine KronOperator with DiagonalOperator"
-    ):
+    with pytest.raises(ValueError, match="Cannot combine KronOperator with DiagonalOperator"):
         kron_op - diagonal
     other, _ = case_kron_random()  # same shapes, other parameter tensors
     with pytest.raises(

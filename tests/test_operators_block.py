@@ -28,7 +28,12 @@ def mixed_case():
     columns = torch.linalg.qr(torch.randn(4, 2)).Q
     eigvals = torch.tensor([2.0, 0.5])
     low_op = LowRankOperator([free], eigvals, [columns.T]) + 0.3
-    blocks = [kron([G, A]), G, torch.diag(diagonal), columns @ torch.diag(eigvals) @ columns.T + 0.3 * torch.eye(4)]
+    blocks = [
+        kron([G, A]),
+        G,
+        torch.diag(diagonal),
+        columns @ torch.diag(eigvals) @ columns.T + 0.3 * torch.eye(4),
+    ]
     params = [layer.weight, layer.bias, *norm.parameters(), free]
     return BlockDiagonalOperator([kron_op, diag_op, low_op]), torch.block_diag(*blocks), params
 
@@ -77,12 +82,13 @@ def test_inverse_blockwise():
     # options go to the blocks that take them
     heuristic = op.inverse(damping, use_heuristic_damping=True)
     vector = torch.randn(16)
-    assert_close(heuristic.blocks[0] @ vector[:8], kron_op.inverse(damping, use_heuristic_damping=True) @ vector[:8])
+    assert_close(
+        heuristic.blocks[0] @ vector[:8],
+        kron_op.inverse(damping, use_heuristic_damping=True) @ vector[:8],
+    )
     assert_close(heuristic.blocks[1].to_dense(), expected[8:12, 8:12])
     exact = op.inverse(damping, use_exact_damping=True)
-    assert_close(
-        exact.to_dense()[:6, :6], torch.linalg.inv(kron([G, A]) + damping * eye(6))
-    )
+    assert_close(exact.to_dense()[:6, :6], torch.linalg.inv(kron([G, A]) + damping * eye(6)))
 
 
 def test_interleaved_parameter_order():
@@ -97,7 +103,10 @@ def test_interleaved_parameter_order():
     matrix = torch.randn(16, 2)
     assert_close(reordered @ matrix, expected @ matrix)
     assert_close(reordered.diag(), expected.diagonal())
-    assert_close(reordered.inverse(damping=0.1, use_exact_damping=True) @ matrix, torch.linalg.solve(expected + 0.1 * torch.eye(16), matrix))
+    assert_close(
+        reordered.inverse(damping=0.1, use_exact_damping=True) @ matrix,
+        torch.linalg.solve(expected + 0.1 * torch.eye(16), matrix),
+    )
     assert_close(reordered.logdet(), torch.logdet(expected))
     assert_close((reordered + reordered).to_dense(), 2 * expected)
 
@@ -120,7 +129,13 @@ def test_engine_kfac_for_linear_and_diagonal_for_norm():
 def test_bad_input():
     op, _, params = mixed_case()
     kron_op, diag_op, low_op = op.blocks
-    with pytest.raises(ValueError, match=r"the parameter of shape \(2,\) appears in two blocks \(parameter 1 of block 0 and parameter 0 of block 1\)"):
+    with pytest.raises(
+        ValueError,
+        match=(
+            r"the parameter of shape \(2,\) appears in two blocks "
+            r"\(parameter 1 of block 0 and parameter 0 of block 1\)"
+        ),
+    ):
         BlockDiagonalOperator([kron_op, KronOperator([params[1]], [[torch.eye(2)]])])
     with pytest.raises(ValueError, match="at least one operator"):
         BlockDiagonalOperator([])
@@ -129,7 +144,9 @@ def test_bad_input():
     float32 = DiagonalOperator(diag_op.params, diag_op.diag().float())
     with pytest.raises(ValueError, match="block 1 has dtype torch.float32"):
         BlockDiagonalOperator([kron_op, float32])
-    with pytest.raises(ValueError, match=r"params must be the blocks' parameters in any order, 5 tensors"):
+    with pytest.raises(
+        ValueError, match=r"params must be the blocks' parameters in any order, 5 tensors"
+    ):
         BlockDiagonalOperator(op.blocks, params=params[:4])
     with pytest.raises(ValueError, match="no block's inverse takes use_magic"):
         op.inverse(0.1, use_magic=True)
@@ -139,7 +156,10 @@ def test_bad_input():
         BlockDiagonalOperator([diag_op, low_op - 0.3]).inverse()
     with pytest.raises(ValueError, match="split the parameters differently"):
         BlockDiagonalOperator([kron_op, diag_op]) + BlockDiagonalOperator(
-            [KronOperator([params[0]], [kron_op.factors[0]]), BlockDiagonalOperator([KronOperator([params[1]], [kron_op.factors[1]]), diag_op])]
+            [
+                KronOperator([params[0]], [kron_op.factors[0]]),
+                BlockDiagonalOperator([KronOperator([params[1]], [kron_op.factors[1]]), diag_op]),
+            ]
         )
     with pytest.raises(ValueError, match="Cannot combine BlockDiagonalOperator with KronOperator"):
         BlockDiagonalOperator([kron_op]) + kron_op

@@ -176,8 +176,13 @@ def test_heuristic_damping_of_biases_matches_curvlinops():
     params = list(model.parameters())
     K = KronOperator.from_data(model, nn.CrossEntropyLoss(), data, fisher_type="type-2")
     reference_kfac = curvlinops.KFACLinearOperator(
-        model, nn.CrossEntropyLoss(), params, data, fisher_type="type-2",
-        separate_weight_and_bias=True, check_deterministic=False,
+        model,
+        nn.CrossEntropyLoss(),
+        params,
+        data,
+        fisher_type="type-2",
+        separate_weight_and_bias=True,
+        check_deterministic=False,
     )
     reference = curvlinops.KFACInverseLinearOperator(
         reference_kfac, damping=1e-2, use_heuristic_damping=True, min_damping=1e-8
@@ -221,7 +226,9 @@ def test_kron_operator_with_a_diagonal_embedding_factor():
     shifted = K + 0.3
     torch.testing.assert_close(shifted.logdet(), torch.logdet(dense + 0.3 * torch.eye(len(dense))))
     exact = K.inverse(damping=0.3, use_exact_damping=True)
-    torch.testing.assert_close(exact @ v, torch.linalg.solve(dense + 0.3 * torch.eye(len(dense)), v))
+    torch.testing.assert_close(
+        exact @ v, torch.linalg.solve(dense + 0.3 * torch.eye(len(dense)), v)
+    )
     identity = torch.eye(K.shape[0])
     factorwise = K.inverse(damping=0.3)
     from tests.references import dense_factor
@@ -239,7 +246,9 @@ def test_kron_operator_with_a_diagonal_embedding_factor():
     )
     torch.testing.assert_close(factorwise @ identity, expected)
     decomposed = K.decompose() + 0.3
-    torch.testing.assert_close(decomposed.logdet(), torch.logdet(dense + 0.3 * torch.eye(len(dense))))
+    torch.testing.assert_close(
+        decomposed.logdet(), torch.logdet(dense + 0.3 * torch.eye(len(dense)))
+    )
     with pytest.raises(ValueError, match="singular"):  # the unseen token's row
         K.inverse()
 
@@ -275,7 +284,9 @@ def test_large_vocabulary_kfac_stays_small():
 def test_batchnorm_without_running_statistics_is_accepted():
     """No state to update: the curvature of the batched loss is defined."""
     torch.manual_seed(7)
-    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4, track_running_stats=False), nn.Linear(4, 2))
+    model = nn.Sequential(
+        nn.Linear(3, 4), nn.BatchNorm1d(4, track_running_stats=False), nn.Linear(4, 2)
+    )
     X, y = torch.randn(8, 3), torch.randint(0, 2, (8,))
     params = list(model.parameters())
     G = GGNOperator(model, nn.CrossEntropyLoss(), params, [(X, y)])

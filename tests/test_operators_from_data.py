@@ -51,9 +51,7 @@ def one_batch(model, loss_fn, X, y, extension):
 
 def assert_same_operator(actual, expected):
     assert actual.shape == expected.shape
-    torch.testing.assert_close(
-        actual.to_dense(), expected.to_dense(), rtol=1e-10, atol=1e-12
-    )
+    torch.testing.assert_close(actual.to_dense(), expected.to_dense(), rtol=1e-10, atol=1e-12)
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
@@ -117,9 +115,7 @@ def test_grad_and_stored_attributes_are_left_as_they_were():
 
 def test_monte_carlo_runs_on_every_batch():
     model, loss_fn, X, y = mlp_problem("mean")
-    K = KronOperator.from_data(
-        model, loss_fn, batches_of(X, y), fisher_type="mc", mc_samples=2
-    )
+    K = KronOperator.from_data(model, loss_fn, batches_of(X, y), fisher_type="mc", mc_samples=2)
     D = DiagonalOperator.from_data(model, loss_fn, batches_of(X, y), mc_samples=3)
     assert torch.isfinite(K.to_dense()).all() and (D.diag() >= 0).all()
 
@@ -152,9 +148,7 @@ def test_bad_batches_and_reduction():
     with pytest.raises(ValueError, match=r"batch 0 of `data` is a Tensor, not an \(X, y\)"):
         KronOperator.from_data(model, loss_fn, [X])
     with pytest.raises(ValueError, match="needs reduction='mean' or 'sum'"):
-        DiagonalOperator.from_data(
-            model, nn.CrossEntropyLoss(reduction="none"), batches_of(X, y)
-        )
+        DiagonalOperator.from_data(model, nn.CrossEntropyLoss(reduction="none"), batches_of(X, y))
     with pytest.raises(ValueError, match="fisher_type='fisher'"):
         KronOperator.from_data(model, loss_fn, batches_of(X, y), fisher_type="fisher")
 
@@ -196,8 +190,13 @@ def test_kron_one_column_per_chunk_matches_curvlinops(monkeypatch):
     params = [p for p in model.parameters() if p.requires_grad]
     K = KronOperator.from_data(model, loss_fn, data, fisher_type="type-2")
     reference = curvlinops.KFACLinearOperator(
-        model, loss_fn, params, data, fisher_type="type-2",
-        separate_weight_and_bias=True, check_deterministic=False,
+        model,
+        loss_fn,
+        params,
+        data,
+        fisher_type="type-2",
+        separate_weight_and_bias=True,
+        check_deterministic=False,
     )
     identity = torch.eye(K.shape[0], dtype=torch.float64)
     torch.testing.assert_close(K.to_dense(), reference @ identity, rtol=1e-9, atol=1e-12)

@@ -86,7 +86,9 @@ def test_arithmetic_keeps_structure():
     summed = (op + 0.3) + (other + 0.2)
     assert summed.rank == 5
     assert_close(summed.to_dense(), dense + other_dense + 0.5 * identity)
-    assert_close(summed.inverse().to_dense(), torch.linalg.inv(dense + other_dense + 0.5 * identity))
+    assert_close(
+        summed.inverse().to_dense(), torch.linalg.inv(dense + other_dense + 0.5 * identity)
+    )
     assert_close(summed.logdet(), torch.logdet(dense + other_dense + 0.5 * identity))
 
 
@@ -142,7 +144,9 @@ def test_from_ggn_eigen_one_group():
     torch.testing.assert_close(
         op.inverse(damping=1e-2).to_dense(), torch.linalg.inv(ggn + 1e-2 * identity), **tolerances
     )
-    torch.testing.assert_close((op + 1e-2).logdet(), torch.logdet(ggn + 1e-2 * identity), **tolerances)
+    torch.testing.assert_close(
+        (op + 1e-2).logdet(), torch.logdet(ggn + 1e-2 * identity), **tolerances
+    )
     torch.testing.assert_close(op.frobenius_norm(), torch.linalg.matrix_norm(ggn), **tolerances)
 
 
@@ -169,9 +173,13 @@ def test_from_ggn_eigen_interleaved_groups_give_block_diagonal():
     torch.testing.assert_close(op.diag(), expected.diagonal(), **tolerances)
     identity = torch.eye(14)
     torch.testing.assert_close(
-        op.inverse(damping=0.1) @ vector, torch.linalg.solve(expected + 0.1 * identity, vector), **tolerances
+        op.inverse(damping=0.1) @ vector,
+        torch.linalg.solve(expected + 0.1 * identity, vector),
+        **tolerances,
     )
-    torch.testing.assert_close((op + 0.1).logdet(), torch.logdet(expected + 0.1 * identity), **tolerances)
+    torch.testing.assert_close(
+        (op + 0.1).logdet(), torch.logdet(expected + 0.1 * identity), **tolerances
+    )
 
 
 # ---- bad input --------------------------------------------------------------
@@ -179,7 +187,10 @@ def test_from_ggn_eigen_interleaved_groups_give_block_diagonal():
 
 def test_missing_attributes_name_parameter_and_extension():
     model, X, y = tiny_model()
-    with pytest.raises(AttributeError, match=r"parameter 0 \(shape \(2, 3\)\) has no attribute 'ggn_eigvals': run GGNEigen\(\)"):
+    with pytest.raises(
+        AttributeError,
+        match=r"parameter 0 \(shape \(2, 3\)\) has no attribute 'ggn_eigvals': run GGNEigen\(\)",
+    ):
         LowRankOperator.from_params(model.parameters())
     run_ggn_eigen(model, X, y, GGNEigen(eigenvectors=False))
     with pytest.raises(AttributeError, match=r"'ggn_eigvecs': run GGNEigen\(eigenvectors=True\)"):
@@ -195,9 +206,18 @@ def test_bad_constructor_input():
         LowRankOperator(params, torch.ones(3, 1), eigvecs)
     with pytest.raises(ValueError, match="eigvals must be finite"):
         LowRankOperator(params, torch.tensor([1.0, torch.nan, 1.0]), eigvecs)
-    with pytest.raises(ValueError, match=r"one eigenvector tensor \[k, \*p.shape\] per parameter \(2 parameters\), got 1"):
+    with pytest.raises(
+        ValueError,
+        match=r"one eigenvector tensor \[k, \*p.shape\] per parameter \(2 parameters\), got 1",
+    ):
         LowRankOperator(params, torch.ones(3), eigvecs[:1])
-    with pytest.raises(ValueError, match=r"parameter 1 \(shape \(3,\)\) have shape \(2, 3\); expected \[k, \*p.shape\] = \(3, 3\)"):
+    with pytest.raises(
+        ValueError,
+        match=(
+            r"parameter 1 \(shape \(3,\)\) have shape \(2, 3\); "
+            r"expected \[k, \*p.shape\] = \(3, 3\)"
+        ),
+    ):
         LowRankOperator(params, torch.ones(3), [eigvecs[0], eigvecs[1][:2]])
     with pytest.raises(ValueError, match=r"expected x of shape \[9\] or \[9, M\], got \[8\]"):
         op @ torch.ones(8)
@@ -205,7 +225,9 @@ def test_bad_constructor_input():
 
 def test_singular_and_bad_damping():
     op, _ = random_case()
-    with pytest.raises(ValueError, match=r"a rank-3 operator on 9 parameters is singular; pass damping > 0"):
+    with pytest.raises(
+        ValueError, match=r"a rank-3 operator on 9 parameters is singular; pass damping > 0"
+    ):
         op.inverse()
     with pytest.raises(ValueError, match="determinant is zero"):
         op.logdet()
@@ -213,5 +235,7 @@ def test_singular_and_bad_damping():
     for damping in [-1.0, float("nan"), float("inf")]:
         with pytest.raises(ValueError, match="damping must be a finite number >= 0"):
             op.inverse(damping=damping)
-    with pytest.raises(ValueError, match="Cannot combine two LowRankOperators over different parameter lists"):
+    with pytest.raises(
+        ValueError, match="Cannot combine two LowRankOperators over different parameter lists"
+    ):
         op + random_case()[0]

@@ -83,8 +83,21 @@ class Cell(nn.Module):
 
 
 BLOCKS = [
-    "linear", "residual", "norm", "activation", "inplace_relu", "attention", "mha",
-    "conv", "tied", "generic", "generic_dropout", "pruned", "hooked", "prelu", "cell",
+    "linear",
+    "residual",
+    "norm",
+    "activation",
+    "inplace_relu",
+    "attention",
+    "mha",
+    "conv",
+    "tied",
+    "generic",
+    "generic_dropout",
+    "pruned",
+    "hooked",
+    "prelu",
+    "cell",
 ]
 LOSSES = ["ce_positions", "ce_flat", "ce_pooled", "mse", "bce"]
 
@@ -186,9 +199,7 @@ def check_seed(seed: int):
     model, loss_fn = extend(model), extend(loss_fn)
     params = [p for p in model.parameters() if p.requires_grad]
     output = model(X)
-    reference = GraphReference(
-        output, params, lambda f: reference_loss(*loss_input(model, f, y))
-    )
+    reference = GraphReference(output, params, lambda f: reference_loss(*loss_input(model, f, y)))
     used = reference.J.abs().sum(0) > 0  # parameters the loss does not reach get nothing
     with backpack(GGNDiag(), BatchGGNDiag(), BatchGrad(), SqrtGGN()):
         loss_fn(*loss_input(model, output, y)).backward()
@@ -213,7 +224,9 @@ def check_seed(seed: int):
 
 
 @pytest.mark.parametrize(
-    "first", range(0, len(SEEDS), SEEDS_PER_TEST), ids=lambda s: f"seeds{s}-{s + SEEDS_PER_TEST - 1}"
+    "first",
+    range(0, len(SEEDS), SEEDS_PER_TEST),
+    ids=lambda s: f"seeds{s}-{s + SEEDS_PER_TEST - 1}",
 )
 def test_random_models(first: int):
     for seed in range(first, first + SEEDS_PER_TEST):

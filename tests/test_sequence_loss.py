@@ -221,8 +221,13 @@ def test_kfac_factors_match_the_dense_definition(fisher_type, kfac_approx):
         loss_fn(extended(X), y.reshape(-1)).backward()
     for name in ("mlp", "qkv", "head"):
         expected = kfac_reference(
-            Flattened(model), nn.CrossEntropyLoss(), X, y.reshape(-1),
-            getattr(model, name), fisher_type, kfac_approx,
+            Flattened(model),
+            nn.CrossEntropyLoss(),
+            X,
+            y.reshape(-1),
+            getattr(model, name),
+            fisher_type,
+            kfac_approx,
         )
         layer = getattr(extended.model, name)
         for param_name, factors in expected.items():

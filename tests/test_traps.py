@@ -1,4 +1,4 @@
-"""The known traps of ARCHITECTURE.md §2 and the conventions users rely on."""
+"""The known traps of the engine (docs/design.md) and the conventions users rely on."""
 
 import copy
 import inspect
@@ -50,9 +50,7 @@ def check_against_reference(model, reference: DenseReference):
     for name, param in params.items():
         assert_close(param.ggn_diag, reference.diag(name), msg=name)
         assert_close(param.grad_batch, reference.per_sample_grads(name), msg=name)
-    columns = torch.cat(
-        [p.sqrt_ggn.reshape(*p.sqrt_ggn.shape[:2], -1) for p in params.values()], 2
-    )
+    columns = torch.cat([p.sqrt_ggn.reshape(*p.sqrt_ggn.shape[:2], -1) for p in params.values()], 2)
     per_sample = reference.per_sample_ggn(list(params))
     for n in range(reference.N):
         assert_close(columns[:, n].T @ columns[:, n], per_sample[n], msg=f"sample {n}")
@@ -167,9 +165,7 @@ def test_grad_identical_to_pytorch(case):
         if plain_param.grad is None:
             assert param.grad is None, name
         else:
-            torch.testing.assert_close(
-                param.grad, plain_param.grad, rtol=0, atol=0, msg=name
-            )
+            torch.testing.assert_close(param.grad, plain_param.grad, rtol=0, atol=0, msg=name)
 
 
 def test_extended_model_outside_context_is_plain_pytorch():

@@ -72,12 +72,8 @@ def check_against_reference(model, reference, generic_names=(), prefix=""):
     params = trainable(model)
     for name, param in params.items():
         assert_close(param.ggn_diag, reference.diag(prefix + name), msg=name)
-        assert_close(
-            param.grad_batch, reference.per_sample_grads(prefix + name), msg=name
-        )
-    columns = torch.cat(
-        [p.sqrt_ggn.reshape(*p.sqrt_ggn.shape[:2], -1) for p in params.values()], 2
-    )
+        assert_close(param.grad_batch, reference.per_sample_grads(prefix + name), msg=name)
+    columns = torch.cat([p.sqrt_ggn.reshape(*p.sqrt_ggn.shape[:2], -1) for p in params.values()], 2)
     per_sample = reference.per_sample_ggn([prefix + name for name in params])
     for n in range(reference.N):
         assert_close(columns[:, n].T @ columns[:, n], per_sample[n], msg=f"sample {n}")
@@ -104,9 +100,7 @@ def run_and_check(make_model, make_data, loss_fn=None, generic_prefixes=()):
     assert generic_names or not generic_prefixes
     check_against_reference(model, reference, generic_names)
     for (name, param), plain_param in zip(model.named_parameters(), plain.parameters()):
-        torch.testing.assert_close(
-            param.grad, plain_param.grad, rtol=0, atol=0, msg=name
-        )
+        torch.testing.assert_close(param.grad, plain_param.grad, rtol=0, atol=0, msg=name)
     return model
 
 
@@ -305,9 +299,7 @@ RNN_TYPES = {"lstm": nn.LSTM, "gru": nn.GRU}
 
 @pytest.mark.filterwarnings(NOTE)
 @pytest.mark.parametrize("initial_state", [False, True], ids=["zero_state", "h0"])
-@pytest.mark.parametrize(
-    "batch_first", [True, False], ids=["batch_first", "time_major"]
-)
+@pytest.mark.parametrize("batch_first", [True, False], ids=["batch_first", "time_major"])
 @pytest.mark.parametrize("rnn", RNN_TYPES)
 def test_recurrent(rnn, batch_first, initial_state):
     run_and_check(

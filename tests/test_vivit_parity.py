@@ -40,7 +40,10 @@ def test_top_eigenvalues_match_vivit(monkeypatch, reduction):
     theirs = bp.extend(copy.deepcopy(base))
     their_loss_fn = bp.extend(nn.CrossEntropyLoss(reduction=reduction))
     computation = vivit_eigh.EighComputation()
-    group = {"params": list(theirs.parameters()), "criterion": lambda evals: list(range(len(evals) - 5, len(evals)))}
+    group = {
+        "params": list(theirs.parameters()),
+        "criterion": lambda evals: list(range(len(evals) - 5, len(evals))),
+    }
     with bp.backpack(
         computation.get_extension(),
         extension_hook=computation.get_extension_hook([group]),

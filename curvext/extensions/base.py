@@ -19,9 +19,37 @@ from torch import Tensor
 
 from curvext.modules.base import ModuleRule
 
-#: Column-set keys: ("exact",) exact loss-Hessian square root,
-#: ("mc", M) M Monte-Carlo samples, ("grad",) the loss gradient.
-ColumnSet = Tuple
+
+@dataclass(frozen=True)
+class ColumnSet:
+    """Which loss-input columns an extension reduces.
+
+    Attributes:
+        kind: ``"exact"`` (the exact square root of the loss Hessian, ``K`` =
+            the loss rule's ``num_exact_columns``), ``"mc"`` (``samples``
+            Monte-Carlo columns) or ``"grad"`` (the loss gradient, one column).
+        samples: ``M`` for ``"mc"``; 0 otherwise.
+    """
+
+    kind: str
+    samples: int = 0
+
+    def size(self, loss) -> int:
+        """Number of columns ``K`` of this set for the loss rule ``loss``."""
+        if self.kind == "exact":
+            return loss.num_exact_columns
+        return self.samples if self.kind == "mc" else 1
+
+
+#: The exact square root of the loss Hessian.
+EXACT = ColumnSet("exact")
+#: The gradient of the loss w.r.t. its input (first-order extensions).
+GRADIENT = ColumnSet("grad")
+
+
+def monte_carlo(samples: int) -> ColumnSet:
+    """``samples`` Monte-Carlo columns (sampled labels of the predictive distribution)."""
+    return ColumnSet("mc", samples)
 
 
 @dataclass
@@ -50,7 +78,7 @@ def check_mc_samples(owner: str, mc_samples: Any, minimum: int = 0) -> int:
 
 def ggn_columns(mc_samples: int) -> ColumnSet:
     """Column set of the exact GGN (0) or of its MC estimate (``M > 0``)."""
-    return ("exact",) if mc_samples == 0 else ("mc", mc_samples)
+    return EXACT if mc_samples == 0 else monte_carlo(mc_samples)
 
 
 class Extension:
@@ -64,6 +92,10 @@ class Extension:
 
     savefield: str = ""
     combine: str = "sum"
+    #: Most columns the engine may backpropagate at once for this extension
+    #: (``None``: the engine's byte budget decides); the data-set passes of
+    #: KFAC/EKFAC set one column.
+    columns_per_backward: Optional[int] = None
 
     def column_set(self) -> Optional[ColumnSet]:
         """The columns this extension reduces, or ``None`` if it needs none."""
@@ -114,4 +146,4 @@ def sum_partials(first, second):
     return first + second
 
 
-__all__ = ["Extension", "RunInfo", "ColumnSet"]
+__all__ = ["Extension", "RunInfo", "ColumnSet", "EXACT", "GRADIENT", "monte_carlo"]

@@ -8,12 +8,12 @@ column "loss gradient".
 
 from __future__ import annotations
 
-from curvext.extensions.base import Extension
+from curvext.extensions.base import GRADIENT, Extension
 
 
 class _FirstOrder(Extension):
     def column_set(self):
-        return ("grad",)
+        return GRADIENT
 
 
 class BatchGrad(_FirstOrder):

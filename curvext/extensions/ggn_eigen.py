@@ -210,9 +210,7 @@ class GGNEigen(Extension):
         self._groups, self._results = groups, []
         for index, group in enumerate(groups):
             group_pieces = [pieces.get(id(param)) for param in group]
-            self._results.append(
-                self._group_result(index, group, group_pieces, num_columns, info)
-            )
+            self._results.append(self._group_result(index, group, group_pieces, num_columns, info))
 
     def _group_result(
         self,
@@ -489,17 +487,13 @@ def _check_param_groups(param_groups, owner: str = "GGNEigen") -> Optional[List[
     """The groups' parameters that require grad; errors name the group."""
     if param_groups is None:
         return None
-    if isinstance(param_groups, (Tensor, dict)) or not isinstance(
-        param_groups, (list, tuple)
-    ):
+    if isinstance(param_groups, (Tensor, dict)) or not isinstance(param_groups, (list, tuple)):
         raise TypeError(
             f"{owner}(param_groups=...) must be a list of dicts with a 'params' "
             f"entry, as for a torch optimizer; got {type(param_groups).__name__}."
         )
     if not param_groups:
-        raise ValueError(
-            f"{owner}(param_groups=[]) has no group; pass None for the full GGN."
-        )
+        raise ValueError(f"{owner}(param_groups=[]) has no group; pass None for the full GGN.")
     groups, seen = [], {}
     for index, group in enumerate(param_groups):
         if not isinstance(group, dict) or "params" not in group:

@@ -39,7 +39,7 @@ from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tu
 import torch
 from torch import Tensor
 
-from curvext.extensions.base import RunInfo, ggn_columns
+from curvext.extensions.base import GRADIENT, RunInfo, ggn_columns
 from curvext.extensions.ggn_eigen import (
     GGNEigen,
     _group_dtype,
@@ -136,7 +136,7 @@ class GGNDirectionalDerivatives(GGNEigen):
 
     def column_sets(self):
         # the loss gradient is one more column of the same backward pass
-        return (ggn_columns(self.mc_samples), ("grad",))
+        return (ggn_columns(self.mc_samples), GRADIENT)
 
     def finalize(self, rule, name, partial, info):
         if partial is None or any(part is None for part in partial):
@@ -354,8 +354,7 @@ def _check_subsampling(owner: str, argument: str, indices) -> Optional[List[int]
         )
     if len(set(indices)) != len(indices):
         raise ValueError(
-            f"{owner}({argument}={indices}) holds an index twice; each sample may be "
-            "selected once."
+            f"{owner}({argument}={indices}) holds an index twice; each sample may be selected once."
         )
     return indices
 

@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import torch
 
-from curvext.extensions.base import Extension, check_mc_samples
+from curvext.extensions.base import EXACT, GRADIENT, Extension, check_mc_samples, monte_carlo
 from curvext.modules.factored import KFAC_APPROXIMATIONS
 
 FISHER_TYPES = ("mc", "type-2", "empirical", "forward-only")
@@ -78,18 +78,14 @@ class KFAC(Extension):
 
     savefield = "kfac"
 
-    def __init__(
-        self, fisher_type: str = "mc", mc_samples: int = 1, kfac_approx: str = "expand"
-    ):
+    def __init__(self, fisher_type: str = "mc", mc_samples: int = 1, kfac_approx: str = "expand"):
         if fisher_type not in FISHER_TYPES:
             raise ValueError(
-                f"KFAC(fisher_type={fisher_type!r}) is unknown; use one of "
-                f"{FISHER_TYPES}."
+                f"KFAC(fisher_type={fisher_type!r}) is unknown; use one of {FISHER_TYPES}."
             )
         if kfac_approx not in KFAC_APPROXIMATIONS:
             raise ValueError(
-                f"KFAC(kfac_approx={kfac_approx!r}) is unknown; use one of "
-                f"{KFAC_APPROXIMATIONS}."
+                f"KFAC(kfac_approx={kfac_approx!r}) is unknown; use one of {KFAC_APPROXIMATIONS}."
             )
         minimum = 1 if fisher_type == "mc" else 0
         self.fisher_type = fisher_type
@@ -98,9 +94,9 @@ class KFAC(Extension):
 
     def column_set(self):
         return {
-            "mc": ("mc", self.mc_samples),
-            "type-2": ("exact",),
-            "empirical": ("grad",),
+            "mc": monte_carlo(self.mc_samples),
+            "type-2": EXACT,
+            "empirical": GRADIENT,
             "forward-only": None,
         }[self.fisher_type]
 

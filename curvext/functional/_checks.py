@@ -59,10 +59,12 @@ def flat_dim(x: Tuple[Tensor, ...], argnums: int, owner: str) -> int:
 
     Example:
         >>> import torch
-        >>> flat_dim((torch.zeros(2, 3),), 0, "ihvp_cg")
+        >>> flat_dim((torch.zeros(2, 3),), 0, "ihvp_cg")  # doctest: +NORMALIZE_WHITESPACE
         Traceback (most recent call last):
         ...
-        ValueError: ihvp_cg: the Hessian w.r.t. x[0] must be a square [D, D] matrix, so x[0] must be a vector [D], got shape [2, 3]; pass the flattened argument (e.g. torch.func's ravel of the parameters).
+        ValueError: ihvp_cg: the Hessian w.r.t. x[0] must be a square [D, D] matrix,
+        so x[0] must be a vector [D], got shape [2, 3]; pass the flattened argument
+        (e.g. torch.func's ravel of the parameters).
     """
     argument = x[argnums]
     if argument.ndim != 1:

@@ -59,9 +59,15 @@ def ihvp_arnoldi(
 
     def ihvp_func(x, v: Tensor) -> Tensor:
         return ihvp_at_x_arnoldi(
-            func, *as_arguments(x, "ihvp_arnoldi"), argnums=argnums,
-            max_iter=max_iter, top_k=top_k, norm_constant=norm_constant, tol=tol,
-            mode=mode, regularization=regularization,
+            func,
+            *as_arguments(x, "ihvp_arnoldi"),
+            argnums=argnums,
+            max_iter=max_iter,
+            top_k=top_k,
+            norm_constant=norm_constant,
+            tol=tol,
+            mode=mode,
+            regularization=regularization,
         )(v)
 
     return ihvp_func
@@ -78,7 +84,8 @@ def ihvp_at_x_arnoldi(
     mode: str = "rev-fwd",
     regularization: float = 0.0,
 ) -> Callable:
-    r""":math:`(\nabla^2_\theta f(x) + \lambda I)^{-1} v` in the top Arnoldi eigenspace at fixed ``x``.
+    r""":math:`(\nabla^2_\theta f(x) + \lambda I)^{-1} v` in the top Arnoldi eigenspace at
+    fixed ``x``.
 
     The iteration runs once, when this function is called (from a random
     start drawn with the global generator); the returned function only

@@ -48,8 +48,13 @@ def ihvp_cg(
 
     def ihvp_func(x, v: Tensor) -> Tensor:
         return ihvp_at_x_cg(
-            func, *as_arguments(x, "ihvp_cg"), argnums=argnums, max_iter=max_iter,
-            tol=tol, mode=mode, regularization=regularization,
+            func,
+            *as_arguments(x, "ihvp_cg"),
+            argnums=argnums,
+            max_iter=max_iter,
+            tol=tol,
+            mode=mode,
+            regularization=regularization,
         )(v)
 
     return ihvp_func
@@ -97,9 +102,7 @@ def ihvp_at_x_cg(
         >>> ihvp(torch.ones(2, 3, dtype=torch.float64))[0].round(decimals=6).tolist()
         [1.0, 0.5, 0.333333]
     """
-    operator = HessianVectorOperator(
-        func, x, argnums, mode, regularization, owner="ihvp_at_x_cg"
-    )
+    operator = HessianVectorOperator(func, x, argnums, mode, regularization, owner="ihvp_at_x_cg")
     inverse = CGInverse(operator, tol=tol, max_iter=max_iter)
 
     def ihvp_func(v: Tensor) -> Tensor:

@@ -19,9 +19,7 @@ from torch.func import hessian
 from curvext.functional._checks import as_arguments, as_rows, check_argnums, flat_dim
 
 
-def ihvp_explicit(
-    func: Callable, argnums: int = 0, regularization: float = 0.0
-) -> Callable:
+def ihvp_explicit(func: Callable, argnums: int = 0, regularization: float = 0.0) -> Callable:
     r"""The exact :math:`(\nabla^2_\theta f(x) + \lambda I)^{-1} v` by a dense solve.
 
     dattri's ``ihvp_explicit``. The returned function takes ``x`` (the tuple
@@ -49,7 +47,9 @@ def ihvp_explicit(
 
     def ihvp_func(x, v: Tensor) -> Tensor:
         return ihvp_at_x_explicit(
-            func, *as_arguments(x, "ihvp_explicit"), argnums=argnums,
+            func,
+            *as_arguments(x, "ihvp_explicit"),
+            argnums=argnums,
             regularization=regularization,
         )(v)
 

@@ -103,7 +103,8 @@ def hvp_at_x(
     mode: str = "rev-rev",
     regularization: float = 0.0,
 ) -> Callable:
-    r"""The Hessian-vector product at a fixed point: :math:`v \mapsto \nabla^2_\theta f(x) v + \lambda v`.
+    r"""The Hessian-vector product at a fixed point:
+    :math:`v \mapsto \nabla^2_\theta f(x) v + \lambda v`.
 
     dattri's ``hvp_at_x``: with ``"rev-rev"`` the gradient is linearised once
     at ``x`` and every call only runs the backward pass of that linearisation.

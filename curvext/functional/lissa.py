@@ -163,8 +163,15 @@ def ihvp_at_x_lissa(
         [0.25, 0.25]
     """
     solver = ihvp_lissa(
-        func, argnums, batch_size, num_repeat, recursion_depth, damping, scaling,
-        collate_fn, mode,
+        func,
+        argnums,
+        batch_size,
+        num_repeat,
+        recursion_depth,
+        damping,
+        scaling,
+        collate_fn,
+        mode,
     )
     return lambda v: solver(x, v, in_dims=in_dims)
 

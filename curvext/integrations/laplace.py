@@ -193,9 +193,7 @@ class _CurvextInterface:
 
     def selected_output_jacobians(self, x, outputs: Tensor, enable_backprop: bool = False):
         with disable():
-            return super().selected_output_jacobians(
-                x, outputs, enable_backprop=enable_backprop
-            )
+            return super().selected_output_jacobians(x, outputs, enable_backprop=enable_backprop)
 
 
 class CurvextGGN(_CurvextInterface, GGNInterface):
@@ -283,10 +281,7 @@ class CurvextGGN(_CurvextInterface, GGNInterface):
         loss, params = self._run(x, y, extension)
         # [K, M, *p.shape] per parameter -> [K·M, P]
         columns = torch.cat(
-            [
-                s.detach().flatten(0, 1).flatten(1)
-                for s in self._take(params, extension.savefield)
-            ],
+            [s.detach().flatten(0, 1).flatten(1) for s in self._take(params, extension.savefield)],
             dim=1,
         )
         columns = self._select(columns)
@@ -315,9 +310,7 @@ class CurvextEF(_CurvextInterface, EFInterface):
         dict_key_x: str = "input_ids",
         dict_key_y: str = "labels",
     ) -> None:
-        super().__init__(
-            model, likelihood, last_layer, subnetwork_indices, dict_key_x, dict_key_y
-        )
+        super().__init__(model, likelihood, last_layer, subnetwork_indices, dict_key_x, dict_key_y)
         self._extend()
 
     def diag(self, x: Tensor, y: Tensor, **kwargs: Any) -> Tuple[Tensor, Tensor]:

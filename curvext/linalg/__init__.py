@@ -7,8 +7,10 @@ a dense ``torch.Tensor`` ``[P, P]``, or any object with ``.shape == (P, P)``,
 * :mod:`~curvext.linalg.trace`: :func:`hutchinson_trace`, :func:`hutchpp_trace`, :func:`xtrace`;
 * :mod:`~curvext.linalg.diagonal`: :func:`hutchinson_diag`, :func:`xdiag`;
 * :mod:`~curvext.linalg.norm`: :func:`hutchinson_squared_fro`;
-* :mod:`~curvext.linalg.inverse`: :class:`CGInverse`, :class:`LSMRInverse`, :class:`NeumannInverse`;
-* :mod:`~curvext.linalg.spectrum`: :func:`lanczos_spectrum`, :func:`lanczos_log_spectrum`, :class:`LanczosSpectrum`;
+* :mod:`~curvext.linalg.inverse`: :class:`CGInverse`, :class:`LSMRInverse`,
+  :class:`NeumannInverse`;
+* :mod:`~curvext.linalg.spectrum`: :func:`lanczos_spectrum`, :func:`lanczos_log_spectrum`,
+  :class:`LanczosSpectrum`;
 * :mod:`~curvext.linalg.eigen`: :func:`top_eigenpairs`.
 
 >>> import torch

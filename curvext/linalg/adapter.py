@@ -82,15 +82,7 @@ def as_matrix(operand: Tensor, dim: int, owner: str) -> Tensor:
         >>> as_matrix(torch.ones(4), 4, "f").shape
         torch.Size([4, 1])
     """
-    if (
-        isinstance(operand, Tensor)
-        and operand.ndim in (1, 2)
-        and operand.shape[0] == dim
-    ):
+    if isinstance(operand, Tensor) and operand.ndim in (1, 2) and operand.shape[0] == dim:
         return operand.reshape(dim, -1)
-    shape = (
-        list(operand.shape) if isinstance(operand, Tensor) else type(operand).__name__
-    )
-    raise ValueError(
-        f"{owner} @ x: expected x of shape [{dim}] or [{dim}, M], got {shape}."
-    )
+    shape = list(operand.shape) if isinstance(operand, Tensor) else type(operand).__name__
+    raise ValueError(f"{owner} @ x: expected x of shape [{dim}] or [{dim}, M], got {shape}.")

@@ -42,9 +42,7 @@ def assert_is_square(A, owner: str) -> int:
         )
     shape = tuple(shape)
     if len(shape) != 2 or shape[0] != shape[1]:
-        raise ValueError(
-            f"{owner}: A must be a square [P, P] operator, got shape {shape}."
-        )
+        raise ValueError(f"{owner}: A must be a square [P, P] operator, got shape {shape}.")
     return int(shape[0])
 
 
@@ -60,14 +58,8 @@ def assert_positive_int(value, what: str, owner: str, minimum: int = 1) -> int:
         ...
         ValueError: hutchinson_trace: num_matvecs must be an integer >= 1, got 0.
     """
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, numbers.Integral)
-        or value < minimum
-    ):
-        raise ValueError(
-            f"{owner}: {what} must be an integer >= {minimum}, got {value!r}."
-        )
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+        raise ValueError(f"{owner}: {what} must be an integer >= {minimum}, got {value!r}.")
     return int(value)
 
 
@@ -94,13 +86,9 @@ def assert_num_matvecs(
         ValueError: hutchpp_trace: num_matvecs must be at least 3, got 2.
     """
     if isinstance(num_matvecs, bool) or not isinstance(num_matvecs, numbers.Integral):
-        raise ValueError(
-            f"{owner}: num_matvecs must be an integer, got {num_matvecs!r}."
-        )
+        raise ValueError(f"{owner}: num_matvecs must be an integer, got {num_matvecs!r}.")
     if num_matvecs < minimum:
-        raise ValueError(
-            f"{owner}: num_matvecs must be at least {minimum}, got {num_matvecs}."
-        )
+        raise ValueError(f"{owner}: num_matvecs must be at least {minimum}, got {num_matvecs}.")
     if num_matvecs % multiple_of:
         raise ValueError(
             f"{owner}: num_matvecs must be a multiple of {multiple_of}, got "

@@ -21,7 +21,8 @@ EIGEN_METHODS = ("lanczos", "lobpcg")
 
 
 def _orthogonalize(vectors: Tensor, basis: Tensor) -> Tensor:
-    """``vectors`` ``[R, P]`` minus their projections onto the rows of ``basis`` ``[R, m, P]``, twice.
+    """``vectors`` ``[R, P]`` minus their projections onto the rows of ``basis`` ``[R, m, P]``,
+    twice.
 
     Twice is enough (Giraud et al., 2005: "twice is enough" for classical
     Gram–Schmidt) to keep the Lanczos basis orthonormal to working precision.
@@ -36,7 +37,8 @@ def _orthogonalize(vectors: Tensor, basis: Tensor) -> Tensor:
 
 
 def _row_dots(first: Tensor, second: Tensor) -> Tensor:
-    """``[R]``: the dot products of the rows of ``first`` and ``second`` ``[R, P]``, no ``[R, P]`` product."""
+    """``[R]``: the dot products of the rows of ``first`` and ``second`` ``[R, P]``, no
+    ``[R, P]`` product."""
     return torch.bmm(first.unsqueeze(1), second.unsqueeze(2)).reshape(-1)
 
 
@@ -98,9 +100,7 @@ def lanczos(
         )
     if not isinstance(start, Tensor) or start.ndim not in (1, 2) or start.shape[0] != dim:
         shape = list(start.shape) if isinstance(start, Tensor) else type(start).__name__
-        raise ValueError(
-            f"{owner}: start must have shape [{dim}] or [{dim}, R], got {shape}."
-        )
+        raise ValueError(f"{owner}: start must have shape [{dim}] or [{dim}, R], got {shape}.")
     vectors = start.reshape(dim, -1).to(A.dtype).T.clone()  # [R, P]
     norms = vectors.norm(dim=1)
     if (norms == 0).any():
@@ -127,7 +127,10 @@ def lanczos(
         invariant = beta <= tiny * operator_norm
         if invariant.any():
             fresh = torch.randn(
-                int(invariant.sum()), dim, generator=generator, dtype=A.dtype,
+                int(invariant.sum()),
+                dim,
+                generator=generator,
+                dtype=A.dtype,
                 device=A.device,
             )
             fresh = _orthogonalize(fresh, basis[invariant, : step + 1])
@@ -146,7 +149,8 @@ def tridiagonal_eigh(alphas: Tensor, betas: Tensor) -> Tuple[Tensor, Tensor]:
 
 
 def _select(values: Tensor, k: int, largest: bool) -> Tensor:
-    """The indices of the ``k`` largest (or smallest) ``values``, in descending (ascending) order."""
+    """The indices of the ``k`` largest (or smallest) ``values``, in descending (ascending)
+    order."""
     return torch.sort(values, descending=largest).indices[:k]
 
 
@@ -168,7 +172,8 @@ def _lanczos_eigenpairs(
 def _lobpcg_eigenpairs(
     A: SquareOperator, k: int, largest: bool, tol: float, max_iter: int, generator
 ) -> Tuple[Tensor, Tensor, bool]:
-    r"""Block LOBPCG (Knyazev, 2001) with Rayleigh–Ritz on :math:`[\mathbf{X}, \mathbf{R}, \mathbf{P}]`.
+    r"""Block LOBPCG (Knyazev, 2001) with Rayleigh–Ritz on
+    :math:`[\mathbf{X}, \mathbf{R}, \mathbf{P}]`.
 
     The trial space is orthonormalised by a Householder QR, whose ``Q`` stays
     orthonormal even when the block is rank-deficient near convergence.
@@ -193,9 +198,7 @@ def _lobpcg_eigenpairs(
         blocks = [X, residuals] if directions is None else [X, residuals, directions]
         trial = torch.linalg.qr(torch.cat(blocks, dim=1)).Q
         projected = trial.T @ (A @ trial)
-        trial_values, trial_vectors = torch.linalg.eigh(
-            sign * (projected + projected.T) / 2
-        )
+        trial_values, trial_vectors = torch.linalg.eigh(sign * (projected + projected.T) / 2)
         top = trial_vectors[:, -k:].flip(1)
         new_X = trial @ top
         # The new search directions: the part of the update outside span(X).
@@ -270,23 +273,15 @@ def top_eigenpairs(
     A = as_square_operator(A, owner)
     k = assert_positive_int(k, "k", owner)
     if method not in EIGEN_METHODS:
-        raise ValueError(
-            f"{owner}: method must be 'lanczos' or 'lobpcg', got {method!r}."
-        )
+        raise ValueError(f"{owner}: method must be 'lanczos' or 'lobpcg', got {method!r}.")
     if k > A.dim:
-        raise ValueError(
-            f"{owner}: k must be at most the dimension {A.dim} of A, got {k}."
-        )
+        raise ValueError(f"{owner}: k must be at most the dimension {A.dim} of A, got {k}.")
     if method == "lobpcg" and 3 * k > A.dim:
         raise ValueError(
             f"{owner}: LOBPCG needs 3k <= P (its trial space has 3k vectors), got "
             f"k={k} for P={A.dim}; use method='lanczos' or a smaller k."
         )
-    tol = (
-        torch.finfo(A.dtype).eps ** 0.5
-        if tol is None
-        else check_positive(tol, "tol", owner)
-    )
+    tol = torch.finfo(A.dtype).eps ** 0.5 if tol is None else check_positive(tol, "tol", owner)
     if method == "lanczos":
         max_iter = (
             min(A.dim, max(2 * k + 60, 10 * k))
@@ -300,9 +295,7 @@ def top_eigenpairs(
             )
         solve = _lanczos_eigenpairs
     else:
-        max_iter = 200 if max_iter is None else assert_positive_int(
-            max_iter, "max_iter", owner
-        )
+        max_iter = 200 if max_iter is None else assert_positive_int(max_iter, "max_iter", owner)
         solve = _lobpcg_eigenpairs
     with torch.no_grad():
         values, vectors, converged = solve(A, k, largest, tol, max_iter, generator)

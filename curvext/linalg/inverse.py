@@ -113,9 +113,7 @@ class CGInverse:
         )
         self._preconditioner = None
         if preconditioner is not None:
-            self._preconditioner = as_square_operator(
-                preconditioner, f"{owner} preconditioner"
-            )
+            self._preconditioner = as_square_operator(preconditioner, f"{owner} preconditioner")
             if self._preconditioner.dim != self._A.dim:
                 raise ValueError(
                     f"{owner}: the preconditioner has shape "
@@ -130,11 +128,7 @@ class CGInverse:
         self.info: Optional[CGInfo] = None
 
     def _precondition(self, residuals: Tensor) -> Tensor:
-        return (
-            residuals
-            if self._preconditioner is None
-            else self._preconditioner @ residuals
-        )
+        return residuals if self._preconditioner is None else self._preconditioner @ residuals
 
     def __matmul__(self, rhs: Tensor) -> Tensor:
         """``A^{-1} @ rhs`` for ``rhs`` ``[P]`` or ``[P, M]``; sets :attr:`info`.
@@ -246,9 +240,7 @@ class CGInverse:
             )
 
     def __repr__(self) -> str:
-        return (
-            f"CGInverse(shape={self.shape}, tol={self.tol:g}, max_iter={self.max_iter})"
-        )
+        return f"CGInverse(shape={self.shape}, tol={self.tol:g}, max_iter={self.max_iter})"
 
 
 class NeumannInverse:
@@ -319,9 +311,7 @@ class NeumannInverse:
         )
         self.spectral_radius_estimate = None
         if power_iterations:
-            self.spectral_radius_estimate = self._spectral_radius(
-                power_iterations, generator
-            )
+            self.spectral_radius_estimate = self._spectral_radius(power_iterations, generator)
             if self.spectral_radius_estimate >= 1:
                 warnings.warn(
                     f"NeumannInverse: the series does not converge: the spectral "
@@ -368,8 +358,7 @@ class NeumannInverse:
 
     def __repr__(self) -> str:
         return (
-            f"NeumannInverse(shape={self.shape}, scale={self.scale:g}, "
-            f"num_terms={self.num_terms})"
+            f"NeumannInverse(shape={self.shape}, scale={self.scale:g}, num_terms={self.num_terms})"
         )
 
 
@@ -515,9 +504,7 @@ class LSMRInverse:
         self.damp = check_damping(damp, f"{owner}: damp")
         self.conlim = check_damping(conlim, f"{owner}: conlim")
         self.maxiter = (
-            10 * self._A.dim
-            if maxiter is None
-            else assert_positive_int(maxiter, "maxiter", owner)
+            10 * self._A.dim if maxiter is None else assert_positive_int(maxiter, "maxiter", owner)
         )
         self.shape, self.dtype, self.device = (
             (self._A.dim,) * 2,
@@ -590,9 +577,7 @@ class LSMRInverse:
             converged=converged,
         )
         if not converged.all():
-            reasons = sorted(
-                {_LSMR_REASONS[int(reason)] for reason in stop_reasons[~converged]}
-            )
+            reasons = sorted({_LSMR_REASONS[int(reason)] for reason in stop_reasons[~converged]})
             warnings.warn(
                 f"LSMRInverse: {int((~converged).sum())} of {len(results)} right-hand "
                 f"sides stopped before the tolerances were met: {'; '.join(reasons)} "

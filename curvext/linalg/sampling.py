@@ -47,7 +47,8 @@ def random_vectors(
 
 
 def column_dots(first: Tensor, second: Tensor) -> Tensor:
-    r"""``[k]``: :math:`\mathbf{a}_j^\top \mathbf{b}_j` for the columns of ``first`` and ``second`` ``[P, k]``.
+    r"""``[k]``: :math:`\mathbf{a}_j^\top \mathbf{b}_j` for the columns of ``first`` and
+    ``second`` ``[P, k]``.
 
     ``(first * second).sum(0)`` without the ``[P, k]`` product.
 
@@ -63,7 +64,8 @@ def column_dots(first: Tensor, second: Tensor) -> Tensor:
 
 
 def sum_column_products(first: Tensor, second: Tensor) -> Tensor:
-    r"""``[P]``: :math:`\sum_j \mathbf{a}_j \odot \mathbf{b}_j` for ``first`` and ``second`` ``[P, k]``.
+    r"""``[P]``: :math:`\sum_j \mathbf{a}_j \odot \mathbf{b}_j` for ``first`` and
+    ``second`` ``[P, k]``.
 
     ``(first * second).sum(1)`` without the ``[P, k]`` product.
 
@@ -73,7 +75,8 @@ def sum_column_products(first: Tensor, second: Tensor) -> Tensor:
         [5.0, 25.0]
     """
     total = torch.zeros(
-        first.shape[0], dtype=torch.promote_types(first.dtype, second.dtype),
+        first.shape[0],
+        dtype=torch.promote_types(first.dtype, second.dtype),
         device=first.device,
     )
     for a, b in zip(first.unbind(1), second.unbind(1)):

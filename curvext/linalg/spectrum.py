@@ -57,8 +57,10 @@ def _check_kappa(kappa, owner: str) -> float:
 
 
 def _check_margin(margin, owner: str) -> float:
-    if isinstance(margin, bool) or not isinstance(margin, numbers.Real) or not (
-        math.isfinite(margin) and margin >= 0
+    if (
+        isinstance(margin, bool)
+        or not isinstance(margin, numbers.Real)
+        or not (math.isfinite(margin) and margin >= 0)
     ):
         raise ValueError(f"{owner}: margin must be a finite number >= 0, got {margin!r}.")
     return float(margin)
@@ -74,9 +76,7 @@ def _check_boundaries(boundaries, owner: str) -> Tuple[Optional[float], Optional
         )
     low, high = (None if b is None else float(b) for b in boundaries)
     if low is not None and high is not None and not low < high:
-        raise ValueError(
-            f"{owner}: boundaries must satisfy low < high, got {tuple(boundaries)}."
-        )
+        raise ValueError(f"{owner}: boundaries must satisfy low < high, got {tuple(boundaries)}.")
     return low, high
 
 
@@ -94,9 +94,7 @@ def _widen_if_degenerate(low: float, high: float, dtype: torch.dtype) -> Tuple[f
     return centre - half_window, centre + half_window
 
 
-def _gaussian_bumps(
-    points: Tensor, nodes: Tensor, weights: Tensor, sigma: float
-) -> Tensor:
+def _gaussian_bumps(points: Tensor, nodes: Tensor, weights: Tensor, sigma: float) -> Tensor:
     """``sum_i weights_i N(points; nodes_i, sigma^2)`` averaged over the leading axis."""
     standardised = (points[None, None, :] - nodes[:, :, None]) / sigma
     bumps = torch.exp(-0.5 * standardised**2) / (sigma * math.sqrt(2 * math.pi))
@@ -104,7 +102,8 @@ def _gaussian_bumps(
 
 
 class LanczosSpectrum:
-    r"""Cached Lanczos runs of a symmetric ``A`` for spectral densities of ``A`` and ``log(|A| + εI)``.
+    r"""Cached Lanczos runs of a symmetric ``A`` for spectral densities of ``A`` and
+    ``log(|A| + εI)``.
 
     The ``num_repeats`` Lanczos runs (``ncv`` steps each, from independent
     Gaussian start vectors) happen once, at construction; :meth:`density` and
@@ -150,14 +149,10 @@ class LanczosSpectrum:
         A = as_square_operator(A, owner)
         ncv = assert_positive_int(ncv, "ncv", owner, minimum=2)
         if ncv > A.dim:
-            raise ValueError(
-                f"{owner}: ncv must be at most the dimension {A.dim} of A, got {ncv}."
-            )
+            raise ValueError(f"{owner}: ncv must be at most the dimension {A.dim} of A, got {ncv}.")
         num_repeats = assert_positive_int(num_repeats, "num_repeats", owner)
         self.ncv, self.num_repeats, self.dtype = ncv, num_repeats, A.dtype
-        start = torch.randn(
-            A.dim, num_repeats, generator=generator, dtype=A.dtype, device=A.device
-        )
+        start = torch.randn(A.dim, num_repeats, generator=generator, dtype=A.dtype, device=A.device)
         with torch.no_grad():
             alphas, betas, _ = lanczos(A, start, ncv, generator)
             self.nodes, eigenvectors = tridiagonal_eigh(alphas, betas)
@@ -207,9 +202,7 @@ class LanczosSpectrum:
         low, high = self._interval(*_check_boundaries(boundaries, owner), margin)
         grid = torch.linspace(low, high, num_points, dtype=self.dtype, device=self.nodes.device)
         half_width = (high - low) / 2
-        density = _gaussian_bumps(
-            grid, self.nodes, self.weights, self._sigma(kappa) * half_width
-        )
+        density = _gaussian_bumps(grid, self.nodes, self.weights, self._sigma(kappa) * half_width)
         return grid, density
 
     def log_density(
@@ -220,7 +213,8 @@ class LanczosSpectrum:
         margin: float = 0.05,
         epsilon: float = 1e-5,
     ) -> Tuple[Tensor, Tensor]:
-        r"""The eigenvalue density of :math:`|\mathbf{A}| + \epsilon\mathbf{I}`, smoothed in log space.
+        r"""The eigenvalue density of :math:`|\mathbf{A}| + \epsilon\mathbf{I}`, smoothed in log
+        space.
 
         The nodes become :math:`\log(|\theta_i| + \epsilon)` and are widened by
         Gaussians there (Papyan, 2020, Section C.7), which resolves spectra
@@ -325,7 +319,8 @@ def lanczos_log_spectrum(
     epsilon: float = 1e-5,
     generator: Optional[torch.Generator] = None,
 ) -> Tuple[Tensor, Tensor]:
-    r"""The eigenvalue density of :math:`\log(|\mathbf{A}| + \epsilon\mathbf{I})` (Papyan, 2020, C.7).
+    r"""The eigenvalue density of :math:`\log(|\mathbf{A}| + \epsilon\mathbf{I})` (Papyan,
+    2020, C.7).
 
     ``LanczosSpectrum(A, ncv, num_repeats, generator).log_density(num_points,
     kappa, boundaries, margin, epsilon)``: a log-spaced grid in the units of

@@ -268,7 +268,4 @@ def slice_columns(call_grads, start: int, stop: int):
 
 def own_trainable(module: nn.Module) -> List[str]:
     """Names of the trainable parameters ``module`` owns directly."""
-    return [
-        name for name, p in module._parameters.items() if p is not None and p.requires_grad
-    ]
-
+    return [name for name, p in module._parameters.items() if p is not None and p.requires_grad]

@@ -114,7 +114,10 @@ class EmbeddingRule(ModuleRule):
             counts.index_add_(0, indices.flatten(), present.flatten())
             return counts / indices.numel()
         check_dense_factor(
-            self.module, name, rows, weight.dtype,
+            self.module,
+            name,
+            rows,
+            weight.dtype,
             "a reduce input factor over the vocabulary (means of one-hot rows)",
         )
         one_hot = torch.nn.functional.one_hot(indices, rows).to(weight.dtype)

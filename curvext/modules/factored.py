@@ -139,7 +139,9 @@ class FactoredRule(ModuleRule):
         sees the same columns (one pass over the columns for both).
         """
         squared = self._shared(
-            "squares", name, grads,
+            "squares",
+            name,
+            grads,
             lambda: sum_of_squares(self.grad_factor(name, grads)[..., 0]),
         )
         if name == "bias":
@@ -198,7 +200,9 @@ class FactoredRule(ModuleRule):
                 diag = torch.einsum(f"ngo,ngi->{side}", grad_squares, input_squares)
             return self._to_param(name, diag, 0)
         if name == "bias":
-            return self._to_param(name, sum_of_squares(self.grad_factor(name, grads).sum(-1)).sum(0), 0)
+            return self._to_param(
+                name, sum_of_squares(self.grad_factor(name, grads).sum(-1)).sum(0), 0
+            )
         return self._to_param(name, self._column_loop(name, grads).sum(0), 0)
 
     def batch_diag(self, name, grads):
@@ -324,7 +328,9 @@ class FactoredRule(ModuleRule):
     def kfac_grad_factor(self, name, grads, approx):
         outer = self.grad_first or name == "bias"
         return self._shared(
-            f"kfac-{approx}-{outer}", name, grads,
+            f"kfac-{approx}-{outer}",
+            name,
+            grads,
             lambda: self._grad_gram(self.grad_factor(name, grads), approx, outer),
         )
 

@@ -131,8 +131,7 @@ class GenericRule(ModuleRule):
     def input_axes(self, call, leaves) -> List[Optional[int]]:
         """Sample axis of each flattened input (``None``: shared by all samples)."""
         return [
-            self.batch_axis(leaf.shape) if isinstance(leaf, Tensor) else None
-            for leaf in leaves
+            self.batch_axis(leaf.shape) if isinstance(leaf, Tensor) else None for leaf in leaves
         ]
 
     def axis_readings(self, call, leaves) -> Iterator[List[Optional[int]]]:
@@ -234,7 +233,9 @@ class GenericRule(ModuleRule):
         )
         if [o.shape for o in outputs] != [c.shape for c in combined]:
             return None, draws_random
-        vectors = torch.autograd.grad(outputs, list(trainable.values()), combined, allow_unused=True)
+        vectors = torch.autograd.grad(
+            outputs, list(trainable.values()), combined, allow_unused=True
+        )
         return {
             name: torch.zeros_like(p) if v is None else v
             for (name, p), v in zip(trainable.items(), vectors)
@@ -243,7 +244,7 @@ class GenericRule(ModuleRule):
     def _rerun_per_sample(self, params, rerun: _Rerun, in_axes) -> Optional[Dict[str, Tensor]]:
         """Per-sample vectors by re-running the module per sample with the
         given input axes, or ``None`` if that fails or returns wrong shapes."""
-        out_axes, spec = rerun.out_axes, rerun.spec
+        out_axes = rerun.out_axes
 
         def forward(sample_params, sample_leaves):
             full = [
@@ -401,9 +402,7 @@ def _agrees(per_sample: Dict[str, Tensor], batch_vectors: Dict[str, Tensor], wei
         combined = combined.reshape(combined.shape[0], -1)
         total = batch_vectors[name].reshape(-1).to(combined.dtype)
         error = torch.linalg.vector_norm(combined.sum(0) - total)
-        scale = torch.linalg.vector_norm(combined, dim=1).sum() + torch.linalg.vector_norm(
-            total
-        )
+        scale = torch.linalg.vector_norm(combined, dim=1).sum() + torch.linalg.vector_norm(total)
         if not bool(error <= verification_tolerance(vectors.dtype, vectors.device) * scale):
             return False
     return True

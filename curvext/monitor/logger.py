@@ -226,7 +226,9 @@ class EigenLogger:
 
     def _write(self, record: Dict[str, Any]) -> None:
         if self._writer is not None:
-            suffix = "" if record["group"] == 0 and _single_group(self) else f"/group{record['group']}"
+            suffix = (
+                "" if record["group"] == 0 and _single_group(self) else f"/group{record['group']}"
+            )
             scalars = {f"ggn/trace{suffix}": record["trace"], f"ggn/rank{suffix}": record["rank"]}
             for i, value in enumerate(record["top_eigvals"]):
                 scalars[f"ggn/top_eigval_{i + 1}{suffix}"] = value

@@ -36,7 +36,7 @@ from typing import Dict, Iterable, List, Optional, Tuple
 import torch
 from torch import Tensor
 
-from curvext.extensions.base import Extension, RunInfo
+from curvext.extensions.base import GRADIENT, Extension, RunInfo
 
 
 class GradientNoise(Extension):
@@ -71,7 +71,7 @@ class GradientNoise(Extension):
         self._batch_size: Optional[int] = None
 
     def column_set(self):
-        return ("grad",)
+        return GRADIENT
 
     def reduce(self, rule, name, grads):
         # the statistics of a set of parameters need only two sums per

@@ -9,13 +9,13 @@ invert and measure.
 """
 
 from curvext.operators.base import CurvatureOperator, check_damping
-from curvext.operators.diagonal import DiagonalOperator
 from curvext.operators.block import BlockDiagonalOperator
+from curvext.operators.diagonal import DiagonalOperator
+from curvext.operators.ekfac import EKFACOperator
+from curvext.operators.jacobian import JacobianOperator, TransposedJacobianOperator
 from curvext.operators.kron import KronDecomposed, KronEigenOperator, KronOperator
 from curvext.operators.lowrank import LowRankOperator
 from curvext.operators.matrix_free import EFOperator, GGNOperator, HessianOperator
-from curvext.operators.ekfac import EKFACOperator
-from curvext.operators.jacobian import JacobianOperator, TransposedJacobianOperator
 from curvext.operators.submatrix import Submatrix
 
 __all__ = [

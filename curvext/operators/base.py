@@ -108,9 +108,7 @@ def _extension_storing(attribute: str) -> str:
     return " or ".join(sorted(names))
 
 
-def stored(
-    param: Tensor, index: int, attribute: str, owner: str, extension: str = ""
-):
+def stored(param: Tensor, index: int, attribute: str, owner: str, extension: str = ""):
     """``param.<attribute>``, or an error naming the parameter and the extension to run.
 
     ``extension`` names the extension to run (e.g. ``"GGNEigen(eigenvectors=True)"``)
@@ -122,9 +120,11 @@ def stored(
 
     Example:
         >>> stored(torch.nn.Parameter(torch.zeros(2)), 0, "ggn_diag", "Op")
+        ... # doctest: +NORMALIZE_WHITESPACE
         Traceback (most recent call last):
         ...
-        AttributeError: Op: parameter 0 (shape (2,)) has no attribute 'ggn_diag': run GGNDiag() inside backpack(...) around loss.backward() first.
+        AttributeError: Op: parameter 0 (shape (2,)) has no attribute 'ggn_diag':
+        run GGNDiag() inside backpack(...) around loss.backward() first.
     """
     value = getattr(param, attribute, None)
     if value is None:
@@ -207,8 +207,7 @@ def operand_matrix(
         if other.ndim in (1, 2) and other.shape[0] == dim:
             return other.reshape(dim, -1), ("vector" if other.ndim == 1 else "matrix")
         raise ValueError(
-            f"{owner} @ x: expected x of shape [{dim}] or [{dim}, M], got "
-            f"{list(other.shape)}."
+            f"{owner} @ x: expected x of shape [{dim}] or [{dim}, M], got {list(other.shape)}."
         )
     if isinstance(other, (list, tuple)) and all(isinstance(t, Tensor) for t in other):
         if [tuple(t.shape) for t in other] != [tuple(shape) for shape in shapes]:
@@ -221,9 +220,7 @@ def operand_matrix(
     return None
 
 
-def operand_like(
-    product: Tensor, form: str, shapes: Sequence[Tuple[int, ...]]
-) -> Operand:
+def operand_like(product: Tensor, form: str, shapes: Sequence[Tuple[int, ...]]) -> Operand:
     """A product ``[D', M]`` in the ``form`` :func:`operand_matrix` read.
 
     ``shapes`` are the blocks of the product's side (total size ``D'``).
@@ -237,10 +234,7 @@ def operand_like(
     if form == "vector":
         return product.squeeze(1)
     numels = [math.prod(shape) for shape in shapes]
-    return [
-        block.reshape(shape)
-        for block, shape in zip(product.squeeze(1).split(numels), shapes)
-    ]
+    return [block.reshape(shape) for block, shape in zip(product.squeeze(1).split(numels), shapes)]
 
 
 def scipy_operator(shape, matmat, rmatmat, dtype: torch.dtype, device: torch.device):
@@ -260,8 +254,7 @@ def scipy_operator(shape, matmat, rmatmat, dtype: torch.dtype, device: torch.dev
         from scipy.sparse.linalg import LinearOperator
     except ImportError as error:  # pragma: no cover - scipy is a test extra
         raise ImportError(
-            "scipy.sparse.linalg is needed here (to_scipy(), LSMRInverse): pip "
-            "install scipy"
+            "scipy.sparse.linalg is needed here (to_scipy(), LSMRInverse): pip install scipy"
         ) from error
 
     def numpy_product(product, rows: int):
@@ -307,9 +300,7 @@ class CurvatureOperator:
         [[[3.0, 3.0]], [3.0]]
     """
 
-    def __init__(
-        self, params: Sequence[Tensor], dtype: torch.dtype, device: torch.device
-    ):
+    def __init__(self, params: Sequence[Tensor], dtype: torch.dtype, device: torch.device):
         self.params = list(params)
         self.dtype = dtype
         self.device = torch.device(device)
@@ -472,9 +463,7 @@ class CurvatureOperator:
             >>> eigsh(DiagonalOperator.from_params([p]).to_scipy(), k=1)[0].round(6)
             array([4.])
         """
-        return scipy_operator(
-            self.shape, self._matmat, self._matmat, self.dtype, self.device
-        )
+        return scipy_operator(self.shape, self._matmat, self._matmat, self.dtype, self.device)
 
     def __repr__(self) -> str:
         return (

@@ -45,8 +45,10 @@ class BlockDiagonalOperator(CurvatureOperator):
     Example:
         >>> from curvext.operators import DiagonalOperator, KronOperator
         >>> layer, norm = torch.nn.Linear(2, 2, bias=False), torch.nn.LayerNorm(2)
-        >>> K = KronOperator([layer.weight], [[torch.eye(2, dtype=torch.float64), 2 * torch.eye(2, dtype=torch.float64)]])
-        >>> D = DiagonalOperator(list(norm.parameters()), torch.tensor([1.0, 2, 3, 4], dtype=torch.float64))
+        >>> eye = torch.eye(2, dtype=torch.float64)
+        >>> K = KronOperator([layer.weight], [[eye, 2 * eye]])
+        >>> diagonal = torch.tensor([1.0, 2, 3, 4], dtype=torch.float64)
+        >>> D = DiagonalOperator(list(norm.parameters()), diagonal)
         >>> B = BlockDiagonalOperator([K, D])
         >>> B.shape, B.trace().item(), B.inverse(damping=1.0).diag()[-2:].tolist()
         ((8, 8), 18.0, [0.25, 0.2])
@@ -99,10 +101,7 @@ class BlockDiagonalOperator(CurvatureOperator):
         self._rows: Optional[Tensor] = None
         if any(a is not b for a, b in zip(params, block_params)):
             self._rows = torch.cat(
-                [
-                    torch.arange(start_of[id(p)], start_of[id(p)] + p.numel())
-                    for p in block_params
-                ]
+                [torch.arange(start_of[id(p)], start_of[id(p)] + p.numel()) for p in block_params]
             ).to(self.device)
 
     def _to_blocks(self, matrix: Tensor) -> Sequence[Tensor]:
@@ -122,10 +121,7 @@ class BlockDiagonalOperator(CurvatureOperator):
 
     def _matmat(self, matrix: Tensor) -> Tensor:
         return self._from_blocks(
-            [
-                block._matmat(piece)
-                for block, piece in zip(self.blocks, self._to_blocks(matrix))
-            ]
+            [block._matmat(piece) for block, piece in zip(self.blocks, self._to_blocks(matrix))]
         )
 
     def to_dense(self) -> Tensor:
@@ -158,8 +154,7 @@ class BlockDiagonalOperator(CurvatureOperator):
     def _add_same(self, other: "BlockDiagonalOperator") -> "BlockDiagonalOperator":
         """Block by block; the blocks must cover the same parameters in both."""
         same_split = len(self.blocks) == len(other.blocks) and all(
-            len(a.params) == len(b.params)
-            and all(x is y for x, y in zip(a.params, b.params))
+            len(a.params) == len(b.params) and all(x is y for x, y in zip(a.params, b.params))
             for a, b in zip(self.blocks, other.blocks)
         )
         if not same_split:
@@ -192,9 +187,7 @@ class BlockDiagonalOperator(CurvatureOperator):
             [0.25, 0.25, 0.25, 0.25, 0.5, 0.5]
         """
         damping = check_damping(damping)
-        accepted = [
-            set(inspect.signature(block.inverse).parameters) for block in self.blocks
-        ]
+        accepted = [set(inspect.signature(block.inverse).parameters) for block in self.blocks]
         unknown = sorted(set(options) - set().union(*accepted))
         if unknown:
             raise ValueError(

@@ -66,7 +66,6 @@ from curvext.extensions.kfac import KFAC
 from curvext.modules.factored import FactoredRule
 from curvext.operators.base import collect_params, stored
 
-
 #: Columns per batched backward in the KFAC/EKFAC passes over a data set (read
 #: by the engine as ``columns_per_backward``). Their reductions are sums of
 #: small Gram matrices, as cheap per column in one chunk as in many, and one
@@ -135,7 +134,10 @@ class _KFACForData(_ForData, KFAC):
         if self.input_sums is not None and isinstance(rule, FactoredRule) and name != "bias":
             input_sum = self.input_sums.get(id(param))
             factors = rule.kfac_factors(
-                name, output_factor, self.kfac_approx, input_sum=input_sum,
+                name,
+                output_factor,
+                self.kfac_approx,
+                input_sum=input_sum,
                 weight=info.batch_size,
             )
             if input_sum is None:
@@ -224,9 +226,7 @@ def accumulate_over_data(
             f"(curvext sums over the ranks itself, see distributed=)."
         )
     model, loss_fn = extend(model), extend(loss_fn)
-    params = collect_params(
-        model.parameters() if params is None else params, owner
-    )
+    params = collect_params(model.parameters() if params is None else params, owner)
     ranks = resolve_ranks(distributed, owner)
     show_bar = progressbar and (ranks is None or ranks.rank == 0)
     # every parameter the backward can touch, not only those read
@@ -248,8 +248,14 @@ def accumulate_over_data(
         scaled_total, samples_total, num_batches = 0.0, 0, 0
     if ranks is not None:
         totals, flags, scaled_total, samples_total, num_batches = _sum_over_ranks(
-            totals, flags, (scaled_total, samples_total, num_batches), failure,
-            params, touched, ranks, owner,
+            totals,
+            flags,
+            (scaled_total, samples_total, num_batches),
+            failure,
+            params,
+            touched,
+            ranks,
+            owner,
         )
     if num_batches == 0:
         anywhere = "" if ranks is None else f" on any of the {ranks.world_size} ranks"
@@ -321,16 +327,15 @@ def _local_sums(model, loss_fn, batches, extension, params, touched, owner):
             batch_values = []
             for position, param in enumerate(params):
                 values = stored(param, position, savefield, owner)
-                batch_values.append(
-                    [values] if isinstance(values, Tensor) else list(values)
-                )
+                batch_values.append([values] if isinstance(values, Tensor) else list(values))
                 flags[position] = extension.loss_scaled[id(param)]
             accumulated = [
                 [extension.accumulated(param, value) for value in values]
                 for param, values in zip(params, batch_values)
             ]
-            _add_batch(totals, aliases, batch_values, flags, scaled_weight, info.batch_size,
-                       accumulated)
+            _add_batch(
+                totals, aliases, batch_values, flags, scaled_weight, info.batch_size, accumulated
+            )
             # freed now, before the next batch's allocations can split their memory
             del batch_values
             for param in touched:
@@ -345,8 +350,7 @@ def _local_sums(model, loss_fn, batches, extension, params, touched, owner):
     return totals, flags, scaled_total, samples_total, num_batches
 
 
-def _add_batch(totals, aliases, batch_values, flags, scaled_weight, batch_size,
-               accumulated=None):
+def _add_batch(totals, aliases, batch_values, flags, scaled_weight, batch_size, accumulated=None):
     """Add one batch's stored tensors, weighted (see :func:`_local_sums`), to ``totals``.
 
     A tensor stored on two parameters (a weight's KFAC factor ``G`` is its
@@ -430,9 +434,9 @@ def _sum_over_ranks(totals, flags, counts, failure, params, touched, ranks, owne
     header = torch.cat(
         [
             torch.tensor(
-                [float(failure is not None), num_batches, samples_total, scaled_total,
-                 len(layout)],
-                dtype=torch.float64, device=device,
+                [float(failure is not None), num_batches, samples_total, scaled_total, len(layout)],
+                dtype=torch.float64,
+                device=device,
             ),
             fingerprint(touched),
         ]
@@ -453,8 +457,10 @@ def _sum_over_ranks(totals, flags, counts, failure, params, touched, ranks, owne
         )
     if len(with_data) < ranks.world_size:
         source = with_data[0]
-        sent = torch.tensor(layout, dtype=torch.int64, device=device) if layout else (
-            torch.zeros(lengths.pop(), dtype=torch.int64, device=device)
+        sent = (
+            torch.tensor(layout, dtype=torch.int64, device=device)
+            if layout
+            else (torch.zeros(lengths.pop(), dtype=torch.int64, device=device))
         )
         (received,) = broadcast([sent], ranks, source)
         if not num_batches:

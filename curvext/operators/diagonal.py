@@ -80,10 +80,7 @@ class DiagonalOperator(CurvatureOperator):
         entries = []
         for index, param in enumerate(params):
             value = stored(param, index, attribute, f"{cls.__name__}.from_params")
-            if (
-                tuple(value.shape[1:]) == tuple(param.shape)
-                and value.ndim == param.ndim + 1
-            ):
+            if tuple(value.shape[1:]) == tuple(param.shape) and value.ndim == param.ndim + 1:
                 value = value.sum(0)
             elif value.shape != param.shape:
                 raise ValueError(
@@ -157,8 +154,14 @@ class DiagonalOperator(CurvatureOperator):
         from curvext.operators.data import _GGNDiagForData, accumulate_over_data
 
         params, diagonals = accumulate_over_data(
-            model, loss_fn, data, _GGNDiagForData(mc_samples), params, progressbar,
-            f"{cls.__name__}.from_data", distributed,
+            model,
+            loss_fn,
+            data,
+            _GGNDiagForData(mc_samples),
+            params,
+            progressbar,
+            f"{cls.__name__}.from_data",
+            distributed,
         )
         return cls(params, torch.cat([d.reshape(-1) for (d,) in diagonals]))
 

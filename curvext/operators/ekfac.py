@@ -38,9 +38,9 @@ from typing import Dict, Iterable, List, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
+from curvext.distributed import broadcast, resolve_ranks
 from curvext.extensions.kfac import KFAC, fisher_scaled
 from curvext.modules.factored import FactoredRule, sum_of_squares
-from curvext.distributed import broadcast, resolve_ranks
 from curvext.operators.data import (
     DATA_PASS_COLUMNS,
     _ForData,
@@ -60,15 +60,14 @@ from curvext.operators.kron import (
 EKFAC_FISHER_TYPES = ("type-2", "mc", "empirical")
 
 
-def eigenvalue_corrections(
-    vectors: Tensor, eigenvectors: Sequence[Tensor]
-) -> Tensor:
+def eigenvalue_corrections(vectors: Tensor, eigenvectors: Sequence[Tensor]) -> Tensor:
     r""":math:`\sum_m ((\otimes_j Q_j)^\top v_m)^{\odot 2}`, flat, for ``vectors`` ``[M, P]``.
 
     Example:
         >>> Q = torch.linalg.qr(torch.randn(6, 6)).Q
         >>> V = torch.randn(4, 6)
-        >>> torch.allclose(eigenvalue_corrections(V, [Q]), (Q.T @ V.T @ V @ Q).diagonal(), atol=1e-5)
+        >>> expected = (Q.T @ V.T @ V @ Q).diagonal()
+        >>> torch.allclose(eigenvalue_corrections(V, [Q]), expected, atol=1e-5)
         True
     """
     rotated = kron_matmat([factor_transpose(q) for q in eigenvectors], vectors.T)
@@ -149,9 +148,7 @@ class _EKFACCorrections(_ForData, KFAC):
         self, rule: FactoredRule, name: str, grads, eigenvectors: List[Tensor]
     ) -> Tensor:
         r"""``s`` from the rotated sides ``Q_Gᵀ G`` and ``Q_Aᵀ A`` (no ``[K, N, P]``)."""
-        grad_basis, input_basis = (
-            eigenvectors if rule.grad_first else reversed(eigenvectors)
-        )
+        grad_basis, input_basis = eigenvectors if rule.grad_first else reversed(eigenvectors)
         # [K, N, d_grad, T] and [N, d_in, T] (one group)
         grad_side = rule.grad_factor(name, grads)[:, :, 0]
         input_side = self._rotated_inputs(rule, input_basis)
@@ -203,7 +200,9 @@ class EKFACOperator(KronEigenOperator):
         eigenvalues: Per block, the corrected eigenvalues, flat.
 
     Example:
-        >>> model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2))
+        >>> model = torch.nn.Sequential(
+        ...     torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2)
+        ... )
         >>> loss_fn = torch.nn.CrossEntropyLoss()
         >>> X, y = torch.randn(10, 3), torch.randint(0, 2, (10,))
         >>> E = EKFACOperator.from_data(model, loss_fn, [(X[:4], y[:4]), (X[4:], y[4:])])
@@ -287,8 +286,15 @@ class EKFACOperator(KronEigenOperator):
 
         # KronOperator.from_data's pass, with `distributed` passed on
         params, factors = accumulate_over_data(
-            model, loss_fn, data, _KFACForData(fisher_type, mc_samples, kfac_approx),
-            params, progressbar, owner, distributed, check_data=refuse_iterator,
+            model,
+            loss_fn,
+            data,
+            _KFACForData(fisher_type, mc_samples, kfac_approx),
+            params,
+            progressbar,
+            owner,
+            distributed,
+            check_data=refuse_iterator,
         )
         kron = KronOperator(params, factors)
         decompositions = {}  # a factor shared by a weight and its bias: one eigh
@@ -307,10 +313,18 @@ class EKFACOperator(KronEigenOperator):
             eigenvectors = [[next(flat) for _ in block] for block in eigenvectors]
         extension = _EKFACCorrections(
             {id(p): vectors for p, vectors in zip(params, eigenvectors)},
-            fisher_type, mc_samples, kfac_approx,
+            fisher_type,
+            mc_samples,
+            kfac_approx,
         )
         params, corrections = accumulate_over_data(
-            model, loss_fn, data, extension, params, progressbar, owner,
+            model,
+            loss_fn,
+            data,
+            extension,
+            params,
+            progressbar,
+            owner,
             distributed,
         )
         return cls(params, eigenvectors, [values for (values,) in corrections])

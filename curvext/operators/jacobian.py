@@ -57,9 +57,7 @@ Model = Union[nn.Module, Callable[[Mapping[str, Tensor], object], Tensor]]
 Params = Union[Sequence[Tensor], Mapping[str, Tensor]]
 
 
-def _named_params(
-    model: Model, params: Params, owner: str
-) -> Tuple[List[str], List[Tensor]]:
+def _named_params(model: Model, params: Params, owner: str) -> Tuple[List[str], List[Tensor]]:
     """The names under which ``model`` takes the ``params``, and the tensors.
 
     Raises:
@@ -133,9 +131,7 @@ class _DataJacobian:
         if num_data is not None and (
             isinstance(num_data, bool) or not isinstance(num_data, int) or num_data < 1
         ):
-            raise ValueError(
-                f"{owner}: num_data must be a positive int, got {num_data!r}."
-            )
+            raise ValueError(f"{owner}: num_data must be a positive int, got {num_data!r}.")
         self.model, self.data, self.owner = model, data, owner
         self.num_data, self.progressbar = num_data, progressbar
         self.dtype = self.params[0].dtype
@@ -170,11 +166,7 @@ class _DataJacobian:
         return output_of
 
     def _batches(self, what: str):
-        batches = (
-            _tqdm()(self.data, desc=f"{self.owner} {what}")
-            if self.progressbar
-            else self.data
-        )
+        batches = _tqdm()(self.data, desc=f"{self.owner} {what}") if self.progressbar else self.data
         for index, batch in enumerate(batches):
             X, _ = _unpack(batch, index, self.owner)
             yield index, X
@@ -243,9 +235,7 @@ class _DataJacobian:
         """``J @ matrix`` ``[N·C, M]`` for ``matrix`` ``[P, M]``, in one pass over ``data``."""
         tangents = tuple(
             block.T.reshape(-1, *shape)
-            for block, shape in zip(
-                matrix.detach().split(self.numels), self.param_shapes
-            )
+            for block, shape in zip(matrix.detach().split(self.numels), self.param_shapes)
         )
         # as PyTorch's backward: padding rows are constants
         tangents = zero_padding_rows(tangents, self.constant_rows)
@@ -257,9 +247,9 @@ class _DataJacobian:
             def push_forward(*tangent):
                 return jvp(output_of, primals, tangent)
 
-            output, output_tangents = vmap(
-                push_forward, out_dims=(None, 0), randomness="same"
-            )(*tangents)  # [N_b, *S], [M, N_b, *S]
+            output, output_tangents = vmap(push_forward, out_dims=(None, 0), randomness="same")(
+                *tangents
+            )  # [N_b, *S], [M, N_b, *S]
             self._record(index, output, sizes, shapes)
             products.append(output_tangents.reshape(output_tangents.shape[0], -1).T)
         self._finish_pass(sizes, shapes, pass_index)
@@ -384,9 +374,7 @@ class _JacobianSide:
                 message names the expected shapes), or ``data`` changed since
                 construction.
         """
-        operand = operand_matrix(
-            other, self._in_shapes, type(self).__name__, self._what_in
-        )
+        operand = operand_matrix(other, self._in_shapes, type(self).__name__, self._what_in)
         if operand is None:
             return NotImplemented
         matrix, form = operand
@@ -414,9 +402,7 @@ class _JacobianSide:
         by its transpose, all in torch on the operator's device and dtype (so
         ``scipy.sparse.linalg.lsmr`` and ``svds`` run on it).
         """
-        return scipy_operator(
-            self.shape, self._matmat, self.T._matmat, self.dtype, self.device
-        )
+        return scipy_operator(self.shape, self._matmat, self.T._matmat, self.dtype, self.device)
 
     def __repr__(self) -> str:
         return (
@@ -427,7 +413,8 @@ class _JacobianSide:
 
 
 class JacobianOperator(_JacobianSide):
-    r"""The Jacobian :math:`\mathbf{J}` ``[N·C, P]`` of ``model``'s predictions over ``data`` (matrix-free).
+    r"""The Jacobian :math:`\mathbf{J}` ``[N·C, P]`` of ``model``'s predictions over ``data``
+    (matrix-free).
 
     Rows: samples in the order ``data`` yields them, then the ``C`` entries of
     each sample's prediction (shape ``S``) flattened row-major; columns: the

@@ -157,7 +157,8 @@ def _eigen_slogdet(eigenvalues: Tensor) -> Tuple[Tensor, Tensor]:
 
 
 def _spread_scale(factor_values: Sequence[Tensor], scale) -> List[Tensor]:
-    """``scale * ⊗ values`` as scaled factors: ``scale^(1/k)`` each, or all on the first if negative."""
+    """``scale * ⊗ values`` as scaled factors: ``scale^(1/k)`` each, or all on the first if
+    negative."""
     if scale >= 0:
         return [values * scale ** (1.0 / len(factor_values)) for values in factor_values]
     first, *rest = factor_values
@@ -169,9 +170,7 @@ def _where(operator: CurvatureOperator, index: int) -> str:
 
 
 def _singular_error(owner: str, where: str, damping: float) -> ValueError:
-    return ValueError(
-        f"{owner}.inverse(damping={damping}): {where} is singular; pass damping > 0."
-    )
+    return ValueError(f"{owner}.inverse(damping={damping}): {where} is singular; pass damping > 0.")
 
 
 def conditioning_limit(size: int, dtype: torch.dtype, damping: float) -> float:
@@ -188,9 +187,7 @@ def conditioning_limit(size: int, dtype: torch.dtype, damping: float) -> float:
     return float(size) if damping == 0 else 2.0
 
 
-def check_conditioned(
-    values: Tensor, size: int, owner: str, where: str, damping: float
-) -> None:
+def check_conditioned(values: Tensor, size: int, owner: str, where: str, damping: float) -> None:
     r"""Raise unless a block with (damped) eigenvalues ``values`` is safely invertible.
 
     An eigenvalue below ``conditioning_limit(...) · eps · λ_max`` is rounding
@@ -262,14 +259,8 @@ class KronOperator(CurvatureOperator):
                 f"({len(params)} parameters), got {len(factors)}."
             )
         for index, (param, block) in enumerate(zip(params, factors)):
-            square = all(
-                f.ndim == 1 or (f.ndim == 2 and f.shape[0] == f.shape[1]) for f in block
-            )
-            if (
-                not block
-                or not square
-                or math.prod(f.shape[0] for f in block) != param.numel()
-            ):
+            square = all(f.ndim == 1 or (f.ndim == 2 and f.shape[0] == f.shape[1]) for f in block)
+            if not block or not square or math.prod(f.shape[0] for f in block) != param.numel():
                 raise ValueError(
                     f"KronOperator: the factors of parameter {index} (shape "
                     f"{tuple(param.shape)}, {param.numel()} entries) have shapes "
@@ -278,12 +269,8 @@ class KronOperator(CurvatureOperator):
                 )
         super().__init__(params, factors[0][0].dtype, factors[0][0].device)
         self.factors = factors
-        self.scales = (
-            [1.0] * len(params) if scales is None else [float(s) for s in scales]
-        )
-        self.shifts = (
-            [0.0] * len(params) if shifts is None else [float(s) for s in shifts]
-        )
+        self.scales = [1.0] * len(params) if scales is None else [float(s) for s in scales]
+        self.shifts = [0.0] * len(params) if shifts is None else [float(s) for s in shifts]
 
     @classmethod
     def from_params(cls, params: Iterable[Tensor]) -> "KronOperator":
@@ -312,10 +299,7 @@ class KronOperator(CurvatureOperator):
         """
         params = collect_params(params, f"{cls.__name__}.from_params")
         factors = [
-            [
-                f.detach()
-                for f in stored(p, index, "kfac", f"{cls.__name__}.from_params")
-            ]
+            [f.detach() for f in stored(p, index, "kfac", f"{cls.__name__}.from_params")]
             for index, p in enumerate(params)
         ]
         return cls(params, factors)
@@ -383,7 +367,9 @@ class KronOperator(CurvatureOperator):
             ImportError: If ``progressbar=True`` and ``tqdm`` is missing.
 
         Example:
-            >>> model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2))
+            >>> model = torch.nn.Sequential(
+            ...     torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2)
+            ... )
             >>> loss_fn = torch.nn.CrossEntropyLoss()
             >>> X, y = torch.randn(10, 3), torch.randint(0, 2, (10,))
             >>> batches = [(X[:4], y[:4]), (X[4:], y[4:])]
@@ -396,8 +382,14 @@ class KronOperator(CurvatureOperator):
 
         extension = _KFACForData(fisher_type, mc_samples, kfac_approx)
         params, factors = accumulate_over_data(
-            model, loss_fn, data, extension, params, progressbar,
-            f"{cls.__name__}.from_data", distributed,
+            model,
+            loss_fn,
+            data,
+            extension,
+            params,
+            progressbar,
+            f"{cls.__name__}.from_data",
+            distributed,
         )
         return cls(params, factors)
 
@@ -457,21 +449,15 @@ class KronOperator(CurvatureOperator):
 
     def _slogdet(self) -> Tuple[Tensor, Tensor]:
         signs, logabsdets, decompositions = [], [], {}
-        for index, (block, scale, shift) in enumerate(
-            zip(self.factors, self.scales, self.shifts)
-        ):
+        for index, (block, scale, shift) in enumerate(zip(self.factors, self.scales, self.shifts)):
             if shift != 0.0:
                 values = self._eigenvalues(index, decompositions)[1]
                 sign, logabsdet = _eigen_slogdet(values)
             else:
                 size = self._numels[index]
-                as_tensor = functools.partial(
-                    torch.tensor, dtype=self.dtype, device=self.device
-                )
+                as_tensor = functools.partial(torch.tensor, dtype=self.dtype, device=self.device)
                 sign = as_tensor(math.copysign(1.0, scale) if scale else 0.0) ** size
-                logabsdet = as_tensor(
-                    size * math.log(abs(scale)) if scale else -math.inf
-                )
+                logabsdet = as_tensor(size * math.log(abs(scale)) if scale else -math.inf)
                 for factor in block:
                     # det(A ⊗ B) = det(A)^m det(B)^n for A n×n, B m×m
                     power = size // factor.shape[0]
@@ -517,9 +503,7 @@ class KronOperator(CurvatureOperator):
                     f"Cannot add KronOperators: {_where(self, index)} has factors "
                     f"{[tuple(f.shape) for f in mine]} vs {[tuple(f.shape) for f in theirs]}."
                 )
-            differ = [
-                j for j, (a, b) in enumerate(zip(mine, theirs)) if not torch.equal(a, b)
-            ]
+            differ = [j for j, (a, b) in enumerate(zip(mine, theirs)) if not torch.equal(a, b)]
             s_mine, s_theirs = self.scales[index], other.scales[index]
             if not differ:
                 factors.append(list(mine))
@@ -642,9 +626,7 @@ class KronOperator(CurvatureOperator):
                 "use_exact_damping, not both."
             )
         shifted = any(s != 0.0 for s in self.shifts)
-        if shifted and (
-            use_heuristic_damping or (damping > 0 and not use_exact_damping)
-        ):
+        if shifted and (use_heuristic_damping or (damping > 0 and not use_exact_damping)):
             raise ValueError(
                 "KronOperator.inverse: this operator has an identity term (K + σ), "
                 "so it is not a Kronecker product and factor-wise damping is "
@@ -655,9 +637,7 @@ class KronOperator(CurvatureOperator):
             return self._exact_inverse(damping)
         inverses, cache = [], {}
         for index in range(len(self.params)):
-            dampings = self._factor_dampings(
-                index, damping, use_heuristic_damping, min_damping
-            )
+            dampings = self._factor_dampings(index, damping, use_heuristic_damping, min_damping)
             inverses.append(
                 [
                     _cached(
@@ -666,9 +646,7 @@ class KronOperator(CurvatureOperator):
                         lambda f, d=factor_damping: self._inverse_factor(f, d, index),
                         factor_damping,
                     )
-                    for factor, factor_damping in zip(
-                        self._scaled_factors(index), dampings
-                    )
+                    for factor, factor_damping in zip(self._scaled_factors(index), dampings)
                 ]
             )
         return KronOperator(self.params, inverses)
@@ -690,17 +668,18 @@ class KronOperator(CurvatureOperator):
         limit = conditioning_limit(size, factor.dtype, damping) * torch.finfo(factor.dtype).eps
         if damping <= limit * abs(trace) or trace < 0:
             check_conditioned(
-                torch.linalg.eigvalsh(damped), size, "KronOperator",
-                f"a factor of {_where(self, index)}", damping,
+                torch.linalg.eigvalsh(damped),
+                size,
+                "KronOperator",
+                f"a factor of {_where(self, index)}",
+                damping,
             )
         cholesky, info = torch.linalg.cholesky_ex(damped)
         if info.item() == 0:
             return torch.cholesky_inverse(cholesky)
         inverse, info = torch.linalg.inv_ex(damped)
         if info.item() != 0:
-            raise _singular_error(
-                "KronOperator", f"a factor of {_where(self, index)}", damping
-            )
+            raise _singular_error("KronOperator", f"a factor of {_where(self, index)}", damping)
         return inverse
 
     def decompose(self, damping: bool = False) -> "KronDecomposed":
@@ -791,9 +770,7 @@ class KronEigenOperator(CurvatureOperator):
                 f"eigenvalue vector per parameter ({len(params)} parameters), got "
                 f"{len(eigenvectors)} and {len(eigenvalues)}."
             )
-        for index, (param, vectors, values) in enumerate(
-            zip(params, eigenvectors, eigenvalues)
-        ):
+        for index, (param, vectors, values) in enumerate(zip(params, eigenvectors, eigenvalues)):
             size = math.prod(q.shape[0] for q in vectors)
             if size != param.numel() or values.shape != (param.numel(),):
                 raise ValueError(
@@ -825,9 +802,7 @@ class KronEigenOperator(CurvatureOperator):
         # diag(Q Λ Qᵀ)_a = Σ_m Q_am² λ_m, and (⊗Q)∘(⊗Q) = ⊗(Q∘Q)
         return torch.cat(
             [
-                kron_matmat([q.square() for q in vectors], values.unsqueeze(1)).squeeze(
-                    1
-                )
+                kron_matmat([q.square() for q in vectors], values.unsqueeze(1)).squeeze(1)
                 for vectors, values in zip(self.eigenvectors, self.eigenvalues)
             ]
         )
@@ -848,9 +823,7 @@ class KronEigenOperator(CurvatureOperator):
         return self._with_eigenvalues([v * value for v in self.eigenvalues])
 
     def _add_same(self, other: "KronEigenOperator") -> "KronEigenOperator":
-        for index, (mine, theirs) in enumerate(
-            zip(self.eigenvectors, other.eigenvectors)
-        ):
+        for index, (mine, theirs) in enumerate(zip(self.eigenvectors, other.eigenvectors)):
             same = len(mine) == len(theirs) and all(
                 a.shape == b.shape and torch.equal(a, b) for a, b in zip(mine, theirs)
             )
@@ -860,9 +833,7 @@ class KronEigenOperator(CurvatureOperator):
                     f"different eigenbasis in each; the sum is only structured in a "
                     f"shared basis."
                 )
-        return self._with_eigenvalues(
-            [a + b for a, b in zip(self.eigenvalues, other.eigenvalues)]
-        )
+        return self._with_eigenvalues([a + b for a, b in zip(self.eigenvalues, other.eigenvalues)])
 
     def inverse(self, damping: float = 0.0) -> "KronEigenOperator":
         r""":math:`\bigoplus_i Q_i (\Lambda_i + \delta I)^{-1} Q_i^\top`.
@@ -960,13 +931,14 @@ class KronDecomposed(KronEigenOperator):
             )
         for index, (vectors, values) in enumerate(zip(eigenvectors, eigenvalues)):
             fits = len(vectors) == len(values) and all(
-                tuple(q.shape) in ((len(l), len(l)), (len(l),)) for q, l in zip(vectors, values)
+                tuple(q.shape) in ((len(lam), len(lam)), (len(lam),))
+                for q, lam in zip(vectors, values)
             )
             if not fits:
                 raise ValueError(
                     f"KronDecomposed: block {index} has eigenvectors "
                     f"{[tuple(q.shape) for q in vectors]} for eigenvalues "
-                    f"{[tuple(l.shape) for l in values]}; expected one square "
+                    f"{[tuple(lam.shape) for lam in values]}; expected one square "
                     f"[n, n] (or [n], a diagonal basis) per flat [n]."
                 )
         reference = eigenvectors[0][0] if eigenvectors and eigenvectors[0] else None
@@ -1004,7 +976,7 @@ class KronDecomposed(KronEigenOperator):
         for values, delta in zip(self.factor_eigenvalues, self.deltas):
             if self.damping:
                 root = delta ** (1.0 / len(values))
-                blocks.append(dense_kron([l + root for l in values]))
+                blocks.append(dense_kron([lam + root for lam in values]))
             else:
                 blocks.append(dense_kron(values) + delta)
         return blocks
@@ -1048,8 +1020,7 @@ class KronDecomposed(KronEigenOperator):
     def _scale(self, value: float) -> "KronDecomposed":
         if self.damping and value <= 0:
             raise ValueError(
-                f"KronDecomposed(damping=True) * {value}: the damped form needs a "
-                f"positive factor."
+                f"KronDecomposed(damping=True) * {value}: the damped form needs a positive factor."
             )
         return self._with(
             eigenvalues=[_spread_scale(v, value) for v in self.factor_eigenvalues],
@@ -1070,7 +1041,7 @@ class KronDecomposed(KronEigenOperator):
         """Detach the deltas (and the factors) from autograd, in place; returns ``self``."""
         self.deltas = self.deltas.detach()
         self.factor_eigenvalues = [
-            [l.detach() for l in values] for values in self.factor_eigenvalues
+            [lam.detach() for lam in values] for values in self.factor_eigenvalues
         ]
         self.eigenvectors = [[q.detach() for q in qs] for qs in self.eigenvectors]
         self.eigenvalues = self._block_eigenvalues()
@@ -1105,7 +1076,8 @@ class KronDecomposed(KronEigenOperator):
         return self._powered(exponent)._matmat(rows).T.reshape(W.shape)
 
     def inv_square_form(self, W: Tensor) -> Tensor:
-        r""":math:`W B^{-1} W^\top` per batch entry, ``[batch, classes, classes]`` for ``W`` ``[batch, classes, P]``."""
+        r""":math:`W B^{-1} W^\top` per batch entry, ``[batch, classes, classes]`` for ``W``
+        ``[batch, classes, P]``."""
         self._check_batch(W, "inv_square_form")
         return torch.bmm(W, self.bmm(W, exponent=-1).transpose(1, 2))
 

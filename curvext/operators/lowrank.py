@@ -82,9 +82,7 @@ class LowRankOperator(CurvatureOperator):
             )
         if not isinstance(eigvals, Tensor) or eigvals.ndim != 1:
             shape = list(eigvals.shape) if isinstance(eigvals, Tensor) else eigvals
-            raise ValueError(
-                f"LowRankOperator: eigvals must be a flat tensor [k], got {shape}."
-            )
+            raise ValueError(f"LowRankOperator: eigvals must be a flat tensor [k], got {shape}.")
         if not torch.isfinite(eigvals).all():
             raise ValueError("LowRankOperator: eigvals must be finite.")
         rank = eigvals.shape[0]
@@ -109,9 +107,7 @@ class LowRankOperator(CurvatureOperator):
         self.shift = as_scalar(shift, "LowRankOperator: shift")
 
     @classmethod
-    def _assemble(
-        cls, params, vectors: Tensor, core: Tensor, shift: float
-    ) -> "LowRankOperator":
+    def _assemble(cls, params, vectors: Tensor, core: Tensor, shift: float) -> "LowRankOperator":
         r""":math:`U M U^\top + \sigma I` from ``vectors`` :math:`U^\top` and ``core`` :math:`M`."""
         operator = cls.__new__(cls)
         operator._assign(params, vectors, core, shift)
@@ -161,15 +157,12 @@ class LowRankOperator(CurvatureOperator):
         groups = {}
         for index, param in enumerate(params):
             eigvals = stored(param, index, "ggn_eigvals", owner)
-            eigvecs = stored(
-                param, index, "ggn_eigvecs", owner, "GGNEigen(eigenvectors=True)"
-            )
+            eigvecs = stored(param, index, "ggn_eigvecs", owner, "GGNEigen(eigenvectors=True)")
             members = groups.setdefault(id(eigvals), (eigvals, [], []))
             members[1].append(param)
             members[2].append(eigvecs.detach())
         blocks = [
-            cls(members, eigvals.detach(), eigvecs)
-            for eigvals, members, eigvecs in groups.values()
+            cls(members, eigvals.detach(), eigvecs) for eigvals, members, eigvecs in groups.values()
         ]
         if len(blocks) == 1:
             return blocks[0]
@@ -210,9 +203,7 @@ class LowRankOperator(CurvatureOperator):
             return torch.linalg.slogdet(self.to_dense())
         # det(σ I_P + U M Uᵀ) = σ^P det(I_k + M C / σ)
         identity = torch.eye(self.rank, dtype=self.dtype, device=self.device)
-        sign, logabsdet = torch.linalg.slogdet(
-            identity + self.core @ self._gram() / self.shift
-        )
+        sign, logabsdet = torch.linalg.slogdet(identity + self.core @ self._gram() / self.shift)
         shift = torch.tensor(self.shift, dtype=self.dtype, device=self.device)
         return sign * shift.sign() ** size, logabsdet + size * shift.abs().log()
 
@@ -229,16 +220,12 @@ class LowRankOperator(CurvatureOperator):
         return self._assemble(self.params, self.vectors, self.core, self.shift + value)
 
     def _scale(self, value: float) -> "LowRankOperator":
-        return self._assemble(
-            self.params, self.vectors, self.core * value, self.shift * value
-        )
+        return self._assemble(self.params, self.vectors, self.core * value, self.shift * value)
 
     def _add_same(self, other: "LowRankOperator") -> "LowRankOperator":
         """The sum: shared eigenvectors add their cores, others stack (rank adds up)."""
         shift = self.shift + other.shift
-        if self.vectors.shape == other.vectors.shape and torch.equal(
-            self.vectors, other.vectors
-        ):
+        if self.vectors.shape == other.vectors.shape and torch.equal(self.vectors, other.vectors):
             return self._assemble(self.params, self.vectors, self.core + other.core, shift)
         vectors = torch.cat([self.vectors, other.vectors])
         core = torch.block_diag(self.core, other.core)
@@ -274,9 +261,7 @@ class LowRankOperator(CurvatureOperator):
                 f"damping > 0."
             )
         identity = torch.eye(self.rank, dtype=self.dtype, device=self.device)
-        solved, info = torch.linalg.solve_ex(
-            total * identity + self.core @ self._gram(), self.core
-        )
+        solved, info = torch.linalg.solve_ex(total * identity + self.core @ self._gram(), self.core)
         if info.item() != 0:
             raise ValueError(
                 f"LowRankOperator.inverse(damping={damping}): the damped operator "

@@ -311,7 +311,8 @@ class _DataSetOperator(CurvatureOperator):
                 [
                     torch.tensor(
                         [float(failure is not None), num_batches, num_samples, denominator],
-                        dtype=torch.float64, device=self.device,
+                        dtype=torch.float64,
+                        device=self.device,
                     ),
                     fingerprint([matrix]),
                     fingerprint(self.params),
@@ -337,7 +338,8 @@ class _DataSetOperator(CurvatureOperator):
             raise ValueError(f"{owner}: `data` yielded no batch{anywhere}{again}.")
         if self.num_data is not None and num_samples != self.num_data:
             whole = (
-                "" if ranks is None
+                ""
+                if ranks is None
                 else " (num_data is the size of the whole data set, all shards together)"
             )
             raise ValueError(
@@ -359,7 +361,8 @@ class _DataSetOperator(CurvatureOperator):
         return torch.zeros(num_columns, self.shape[0], dtype=dtype, device=self.device)
 
     def _local_pass(self, tangents, show_bar: bool, ranks):
-        """This process's sums over its ``data``: ``(Σ_b d_b A_b V or None, Σ_b d_b, batches, samples)``.
+        """This process's sums over its ``data``:
+        ``(Σ_b d_b A_b V or None, Σ_b d_b, batches, samples)``.
 
         The sum ``[M, P]`` is allocated once, at the first batch, and every
         batch's product is added into it in place, one column chunk and one
@@ -546,13 +549,20 @@ class HessianOperator(_DataSetOperator):
                 products = [None] * len(theta)
             elif batched:
                 products = torch.autograd.grad(
-                    [gradient[index] for index in differentiable], theta, part,
-                    retain_graph=True, allow_unused=True, is_grads_batched=True,
+                    [gradient[index] for index in differentiable],
+                    theta,
+                    part,
+                    retain_graph=True,
+                    allow_unused=True,
+                    is_grads_batched=True,
                 )
             else:
                 products = torch.autograd.grad(
-                    [gradient[index] for index in differentiable], theta,
-                    [column[0] for column in part], retain_graph=True, allow_unused=True,
+                    [gradient[index] for index in differentiable],
+                    theta,
+                    [column[0] for column in part],
+                    retain_graph=True,
+                    allow_unused=True,
                 )
                 products = [None if g is None else g.unsqueeze(0) for g in products]
             return tuple(
@@ -620,12 +630,17 @@ class GGNOperator(_DataSetOperator):
     ):
         if isinstance(mc_samples, bool) or not isinstance(mc_samples, int) or mc_samples < 0:
             raise ValueError(
-                f"GGNOperator: mc_samples must be an int >= 0 (0: exact GGN), got "
-                f"{mc_samples!r}."
+                f"GGNOperator: mc_samples must be an int >= 0 (0: exact GGN), got {mc_samples!r}."
             )
         self.mc_samples, self.seed = mc_samples, seed
         super().__init__(
-            model, loss_fn, params, data, check_deterministic, num_data, progressbar,
+            model,
+            loss_fn,
+            params,
+            data,
+            check_deterministic,
+            num_data,
+            progressbar,
             distributed,
         )
 
@@ -640,9 +655,7 @@ class GGNOperator(_DataSetOperator):
         output_of = self._output_of(X)
         primals = tuple(p.detach() for p in self.params)
         num_columns = tangents[0].shape[0]
-        forward_columns = (
-            _CONV_CHUNK_COLUMNS if self._convolutional else num_columns
-        )
+        forward_columns = _CONV_CHUNK_COLUMNS if self._convolutional else num_columns
 
         def push_forward(*tangent):
             output, output_tangent = jvp(output_of, primals, tangent)
@@ -697,8 +710,9 @@ class GGNOperator(_DataSetOperator):
             output_hessian_product = vmap(loss_hvp)
 
         if forward_columns == 1:
-            return self._column_products(output_of, primals, tangents, output_hessian_product,
-                                         pending), rule
+            return self._column_products(
+                output_of, primals, tangents, output_hessian_product, pending
+            ), rule
 
         def chunks():
             pullback = vjp(output_of, *primals)[1]
@@ -733,26 +747,32 @@ class GGNOperator(_DataSetOperator):
         def chunks():
             for column in range(tangents[0].shape[0]):
                 graph_output, output_tangent, theta = (
-                    pending.pop() if column == 0
+                    pending.pop()
+                    if column == 0
                     else self._dual_forward(output_of, primals, tangents, column)
                 )
                 output_product = output_hessian_product(output_tangent[None])[0]
                 if not graph_output.requires_grad:
                     products = [None] * len(theta)
                 else:
-                    products = torch.autograd.grad(graph_output, theta, output_product,
-                                                   allow_unused=True)
+                    products = torch.autograd.grad(
+                        graph_output, theta, output_product, allow_unused=True
+                    )
                 del graph_output, output_tangent, output_product
-                yield column, tuple(
-                    torch.zeros_like(p)[None] if g is None else g[None]
-                    for g, p in zip(products, primals)
+                yield (
+                    column,
+                    tuple(
+                        torch.zeros_like(p)[None] if g is None else g[None]
+                        for g, p in zip(products, primals)
+                    ),
                 )
 
         return chunks()
 
 
 class EFOperator(_DataSetOperator):
-    r"""The empirical Fisher :math:`E = c \sum_n \nabla_\theta\ell_n \nabla_\theta\ell_n^\top` (matrix-free).
+    r"""The empirical Fisher
+    :math:`E = c \sum_n \nabla_\theta\ell_n \nabla_\theta\ell_n^\top` (matrix-free).
 
     :math:`\ell_n` is sample ``n``'s term of the summed loss (``loss_fn`` with
     ``reduction="none"``, summed over the sample's entries; class weights

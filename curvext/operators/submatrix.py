@@ -25,8 +25,10 @@ def _as_indices(indices: Indices, size: int, what: str) -> Tensor:
         ) from error
     if index_tensor.numel() == 0:
         raise ValueError(f"Submatrix: {what} is empty; select at least one index.")
-    if index_tensor.ndim != 1 or index_tensor.dtype.is_floating_point or (
-        index_tensor.dtype.is_complex or index_tensor.dtype == torch.bool
+    if (
+        index_tensor.ndim != 1
+        or index_tensor.dtype.is_floating_point
+        or (index_tensor.dtype.is_complex or index_tensor.dtype == torch.bool)
     ):
         raise ValueError(
             f"Submatrix: {what} must be a 1-d sequence of integers, got "
@@ -94,12 +96,8 @@ class Submatrix:
         self._A = A
         self._outer_shape = tuple(int(size) for size in shape)
         self.dtype, self.device = A.dtype, torch.device(A.device)
-        self.row_idxs = _as_indices(row_idxs, self._outer_shape[0], "row_idxs").to(
-            self.device
-        )
-        self.col_idxs = _as_indices(col_idxs, self._outer_shape[1], "col_idxs").to(
-            self.device
-        )
+        self.row_idxs = _as_indices(row_idxs, self._outer_shape[0], "row_idxs").to(self.device)
+        self.col_idxs = _as_indices(col_idxs, self._outer_shape[1], "col_idxs").to(self.device)
         self.shape = (self.row_idxs.numel(), self.col_idxs.numel())
 
     def __matmul__(self, other: Tensor) -> Tensor:
@@ -109,15 +107,10 @@ class Submatrix:
             ValueError: For any other shape, naming the expected ones.
         """
         columns = self.shape[1]
-        if not (
-            isinstance(other, Tensor)
-            and other.ndim in (1, 2)
-            and other.shape[0] == columns
-        ):
+        if not (isinstance(other, Tensor) and other.ndim in (1, 2) and other.shape[0] == columns):
             shape = list(other.shape) if isinstance(other, Tensor) else type(other).__name__
             raise ValueError(
-                f"Submatrix @ x: expected x of shape [{columns}] or [{columns}, M], "
-                f"got {shape}."
+                f"Submatrix @ x: expected x of shape [{columns}] or [{columns}, M], got {shape}."
             )
         matrix = other.reshape(columns, -1)
         embedded = torch.zeros(
@@ -125,9 +118,11 @@ class Submatrix:
             matrix.shape[1],
             dtype=torch.promote_types(self.dtype, matrix.dtype),
             device=matrix.device,
-        ).index_add_(0, self.col_idxs.to(matrix.device), matrix.to(
-            torch.promote_types(self.dtype, matrix.dtype)
-        ))
+        ).index_add_(
+            0,
+            self.col_idxs.to(matrix.device),
+            matrix.to(torch.promote_types(self.dtype, matrix.dtype)),
+        )
         product = self._A @ embedded
         rows = product[self.row_idxs.to(product.device)]
         return rows.reshape(self.shape[0]) if other.ndim == 1 else rows
@@ -141,9 +136,7 @@ class Submatrix:
         """
         transpose = getattr(self._A, "T", None)
         if transpose is None:
-            raise TypeError(
-                f"Submatrix.T: needs A.T, but {type(self._A).__name__} has no .T."
-            )
+            raise TypeError(f"Submatrix.T: needs A.T, but {type(self._A).__name__} has no .T.")
         return Submatrix(transpose, self.col_idxs, self.row_idxs)
 
     def to_dense(self) -> Tensor:

@@ -56,7 +56,5 @@ def hutchinson_diag(
     A = as_square_operator(A, owner)
     num_matvecs = assert_positive_int(num_matvecs, "num_matvecs", owner)
     check_distribution(distribution, owner)
-    probes = random_vectors(
-        A.dim, num_matvecs, distribution, A.dtype, A.device, generator
-    )
+    probes = random_vectors(A.dim, num_matvecs, distribution, A.dtype, A.device, generator)
     return sum_column_products(probes, A @ probes).div_(num_matvecs)

@@ -56,8 +56,6 @@ def hutchinson_squared_fro(
     A = as_square_operator(A, owner)
     num_matvecs = assert_positive_int(num_matvecs, "num_matvecs", owner)
     check_distribution(distribution, owner)
-    probes = random_vectors(
-        A.dim, num_matvecs, distribution, A.dtype, A.device, generator
-    )
+    probes = random_vectors(A.dim, num_matvecs, distribution, A.dtype, A.device, generator)
     products = A @ probes
     return column_dots(products, products).sum() / num_matvecs

@@ -24,16 +24,15 @@ def exchangeable_sketch(A, num_matvecs, distribution, generator, owner: str):
         num_matvecs, owner, minimum=4, dim=A.dim, multiple_of=2, maximum=2 * A.dim
     )
     check_distribution(distribution, owner)
-    probes = random_vectors(
-        A.dim, num_matvecs // 2, distribution, A.dtype, A.device, generator
-    )
+    probes = random_vectors(A.dim, num_matvecs // 2, distribution, A.dtype, A.device, generator)
     sketch = A @ probes
     basis, triangular = torch.linalg.qr(sketch)
     return A, probes, sketch, basis, triangular
 
 
 class LeaveOneOut:
-    r"""The projectors :math:`\boldsymbol{\Pi}_i` onto the span of :math:`\mathbf{R}` without column :math:`i`.
+    r"""The projectors :math:`\boldsymbol{\Pi}_i` onto the span of :math:`\mathbf{R}` without
+    column :math:`i`.
 
     For :math:`\mathbf{Y} = \mathbf{Q}\mathbf{R}` (``R`` ``[m, m]``), an
     orthonormal basis :math:`\mathbf{Q}_i` of :math:`\mathbf{Y}` without its
@@ -82,7 +81,8 @@ class LeaveOneOut:
         return torch.einsum("iab,bi->ai", self.projectors, columns)
 
     def traces(self, matrix: Tensor) -> Tensor:
-        r""":math:`\mathrm{Tr}(\mathbf{H}\boldsymbol{\Pi}_i)` for ``matrix`` :math:`\mathbf{H}`, ``[m]``."""
+        r""":math:`\mathrm{Tr}(\mathbf{H}\boldsymbol{\Pi}_i)` for ``matrix``
+        :math:`\mathbf{H}`, ``[m]``."""
         if self.normals is not None:
             return matrix.trace() - (self.normals * (matrix @ self.normals)).sum(0)
         return torch.einsum("ab,iba->i", matrix, self.projectors)
@@ -91,9 +91,7 @@ class LeaveOneOut:
         r""":math:`\frac{1}{m}\sum_i \boldsymbol{\Pi}_i` ``[m, m]``."""
         if self.normals is not None:
             size = self.normals.shape[0]
-            identity = torch.eye(
-                size, dtype=self.normals.dtype, device=self.normals.device
-            )
+            identity = torch.eye(size, dtype=self.normals.dtype, device=self.normals.device)
             return identity - self.normals @ self.normals.T / size
         return self.projectors.mean(0)
 

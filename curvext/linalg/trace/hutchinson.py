@@ -62,7 +62,5 @@ def hutchinson_trace(
     A = as_square_operator(A, owner)
     num_matvecs = assert_positive_int(num_matvecs, "num_matvecs", owner)
     check_distribution(distribution, owner)
-    probes = random_vectors(
-        A.dim, num_matvecs, distribution, A.dtype, A.device, generator
-    )
+    probes = random_vectors(A.dim, num_matvecs, distribution, A.dtype, A.device, generator)
     return column_dots(probes, A @ probes).sum() / num_matvecs

@@ -72,18 +72,16 @@ def hutchpp_trace(
     check_distribution(distribution, owner)
     basis_size = num_matvecs // 3
     num_hutchinson = num_matvecs - 2 * basis_size
-    sketch = random_vectors(
-        A.dim, basis_size, distribution, A.dtype, A.device, generator
-    )
+    sketch = random_vectors(A.dim, basis_size, distribution, A.dtype, A.device, generator)
     basis, _ = torch.linalg.qr(A @ sketch)
     del sketch
     # the second product's operand [Q, P G], filled in place (no concatenated copy)
     operand = torch.empty(A.dim, basis_size + num_hutchinson, dtype=A.dtype, device=A.device)
     operand[:, :basis_size] = basis
     basis, projected = operand[:, :basis_size], operand[:, basis_size:]
-    projected.copy_(random_vectors(
-        A.dim, num_hutchinson, distribution, A.dtype, A.device, generator
-    ))
+    projected.copy_(
+        random_vectors(A.dim, num_hutchinson, distribution, A.dtype, A.device, generator)
+    )
     projected.sub_(basis @ (basis.T @ projected))
     products = A @ operand
     basis_trace = column_dots(basis, products[:, :basis_size]).sum()
