@@ -30,13 +30,13 @@ from torch import Tensor, nn
 from torch.autograd.graph import GradientEdge, get_gradient_edge
 
 from curvext.context import active_extensions, current_run_log, max_columns_per_backward
-from curvext.coverage import assign
 from curvext.extend import EXTENDED_TREE
 from curvext.extensions.base import ColumnSet, Extension, RunInfo, sum_partials
 from curvext.losses import LossRule, loss_rule
-from curvext.modules.base import slice_columns
-from curvext.modules.generic import note_once
 from curvext.recording import ModuleCall, collect_calls, flattened_samples
+from curvext.rules.assign import assign
+from curvext.rules.base import slice_columns
+from curvext.rules.generic import note_once
 
 #: Bytes of module-output gradients that one chunk of columns may hold when
 #: ``backpack(max_columns=None)`` (at least one column per chunk). Small on

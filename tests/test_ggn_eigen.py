@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from curvext.extensions import GGNEigen, SqrtGGN
-from curvext.modules.linear import LinearRule
+from curvext.rules.linear import LinearRule
 from tests.cases import (
     CASES,
     CASES_BY_NAME,

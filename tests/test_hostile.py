@@ -49,7 +49,7 @@ from curvext.extensions import (
 from tests.cases import assert_close
 from tests.references import GraphReference
 
-pytestmark = pytest.mark.filterwarnings("ignore::curvext.modules.generic.CurvextNote")
+pytestmark = pytest.mark.filterwarnings("ignore::curvext.rules.generic.CurvextNote")
 
 N = 5  # equal to the sequence length below, on purpose
 T, D, C = 5, 4, 3
@@ -633,9 +633,9 @@ def test_copied_and_pickled_models_keep_their_own_results():
 
 @pytest.mark.parametrize("layer", ["embedding", "generic"])
 def test_dense_kfac_factor_above_the_budget_is_refused_naming_the_parameter(monkeypatch, layer):
-    import curvext.modules.base
+    import curvext.rules.base
 
-    monkeypatch.setattr(curvext.modules.base, "DENSE_FACTOR_BYTES", 8 * 10 * 10)
+    monkeypatch.setattr(curvext.rules.base, "DENSE_FACTOR_BYTES", 8 * 10 * 10)
     if layer == "embedding":  # V = 11 > 10: an 11 x 11 reduce input factor
         model = nn.Sequential(nn.Embedding(11, 4), nn.Flatten(), nn.Linear(8, C))
         X = torch.randint(0, 11, (N, 2))

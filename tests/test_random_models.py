@@ -31,7 +31,7 @@ from curvext.extensions import BatchGGNDiag, BatchGrad, GGNDiag, SqrtGGN
 from tests.cases import assert_close
 from tests.references import GraphReference
 
-pytestmark = pytest.mark.filterwarnings("ignore::curvext.modules.generic.CurvextNote")
+pytestmark = pytest.mark.filterwarnings("ignore::curvext.rules.generic.CurvextNote")
 
 SEEDS = range(240)
 SEEDS_PER_TEST = 20

@@ -41,12 +41,12 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from curvext import backpack, extend
 from curvext.extensions import KFAC, BatchGrad, GGNDiag, SqrtGGN
-from curvext.modules import generic
-from curvext.modules.generic import CurvextNote
+from curvext.rules import generic
+from curvext.rules.generic import CurvextNote
 from tests.cases import ScaleShift, assert_close, run_curvext, trainable
 from tests.references import DenseReference
 
-NOTE = "ignore::curvext.modules.generic.CurvextNote"
+NOTE = "ignore::curvext.rules.generic.CurvextNote"
 UNCOVERED = "curvext computes nothing"
 pytestmark = pytest.mark.filterwarnings(f"error:{UNCOVERED}:UserWarning")
 

@@ -17,7 +17,7 @@ from typing import Any, List, Optional, Tuple
 
 from torch import Tensor
 
-from curvext.modules.base import ModuleRule
+from curvext.rules.base import ModuleRule
 
 
 @dataclass(frozen=True)

@@ -34,7 +34,7 @@ from __future__ import annotations
 import torch
 
 from curvext.extensions.base import EXACT, GRADIENT, Extension, check_mc_samples, monte_carlo
-from curvext.modules.factored import KFAC_APPROXIMATIONS
+from curvext.rules.factored import KFAC_APPROXIMATIONS
 
 FISHER_TYPES = ("mc", "type-2", "empirical", "forward-only")
 

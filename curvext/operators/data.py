@@ -63,8 +63,8 @@ from curvext.extend import extend
 from curvext.extensions.base import Extension, RunInfo
 from curvext.extensions.ggn_diag import GGNDiag
 from curvext.extensions.kfac import KFAC
-from curvext.modules.factored import FactoredRule
 from curvext.operators.base import collect_params, stored
+from curvext.rules.factored import FactoredRule
 
 #: Columns per batched backward in the KFAC/EKFAC passes over a data set (read
 #: by the engine as ``columns_per_backward``). Their reductions are sums of

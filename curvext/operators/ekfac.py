@@ -28,7 +28,7 @@ weight with one group: with one position (no weight sharing),
 (Q_A^\top a)^{\odot 2\,\top}`, a product of two small squared projections;
 with several positions the rotated vectors are formed one column at a time
 (``[N, d_out, d_in]``). Other rules use their per-sample vectors, in chunks
-of columns (:meth:`~curvext.modules.base.ModuleRule.per_sample`).
+of columns (:meth:`~curvext.rules.base.ModuleRule.per_sample`).
 """
 
 from __future__ import annotations
@@ -40,7 +40,6 @@ from torch import Tensor, nn
 
 from curvext.distributed import broadcast, resolve_ranks
 from curvext.extensions.kfac import KFAC, fisher_scaled
-from curvext.modules.factored import FactoredRule, sum_of_squares
 from curvext.operators.data import (
     DATA_PASS_COLUMNS,
     _ForData,
@@ -55,6 +54,7 @@ from curvext.operators.kron import (
     factor_transpose,
     kron_matmat,
 )
+from curvext.rules.factored import FactoredRule, sum_of_squares
 
 #: Fisher types EKFAC supports (``"forward-only"`` has no per-sample vectors).
 EKFAC_FISHER_TYPES = ("type-2", "mc", "empirical")

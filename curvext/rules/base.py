@@ -38,7 +38,7 @@ def check_dense_factor(module: nn.Module, name: str, size: int, dtype: torch.dty
             f"KFAC of the parameter '{name}' of {type(module).__name__} needs {what}, a "
             f"dense {size} × {size} matrix ({needed / 2**30:.1f} GiB in "
             f"{str(dtype).replace('torch.', '')}), more than "
-            f"curvext.modules.base.DENSE_FACTOR_BYTES ({DENSE_FACTOR_BYTES / 2**30:.1f} GiB). "
+            f"curvext.rules.base.DENSE_FACTOR_BYTES ({DENSE_FACTOR_BYTES / 2**30:.1f} GiB). "
             "Leave it out of KFAC (p.requires_grad_(False) for that backward pass) "
             "and use GGNDiag for it, or raise DENSE_FACTOR_BYTES if the memory is there."
         )

@@ -14,7 +14,7 @@ from typing import Tuple
 import torch
 from torch import Tensor
 
-from curvext.modules.base import ModuleRule, check_dense_factor
+from curvext.rules.base import ModuleRule, check_dense_factor
 
 
 class EmbeddingRule(ModuleRule):

@@ -48,8 +48,8 @@ from torch.func import functional_call, vjp, vmap
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from curvext.modules.base import ModuleRule
 from curvext.recording import output_tensors
+from curvext.rules.base import ModuleRule
 
 _NOTED = set()
 

@@ -23,9 +23,9 @@ from typing import Dict, List, Set, Tuple
 from torch import Tensor, nn
 from torch.autograd.graph import Node, get_gradient_edge
 
-from curvext.modules import SharedParameterRule, rules_for
-from curvext.modules.base import ModuleRule, own_trainable
 from curvext.recording import ModuleCall
+from curvext.rules import SharedParameterRule, rules_for
+from curvext.rules.base import ModuleRule, own_trainable
 
 
 class Target:

@@ -24,8 +24,8 @@ from typing import List, Optional, Tuple
 import torch
 from torch import Tensor
 
-from curvext.modules.base import ModuleRule
 from curvext.recording import ModuleCall
+from curvext.rules.base import ModuleRule
 
 KFAC_APPROXIMATIONS = ("expand", "reduce")
 

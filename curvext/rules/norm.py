@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from curvext.modules.base import ModuleRule
+from curvext.rules.base import ModuleRule
 
 
 class AffineNormRule(ModuleRule):

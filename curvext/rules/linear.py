@@ -6,7 +6,7 @@ say) are positions that share the weight.
 
 from __future__ import annotations
 
-from curvext.modules.factored import FactoredRule
+from curvext.rules.factored import FactoredRule
 
 
 class LinearRule(FactoredRule):

@@ -7,13 +7,13 @@ from typing import List
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from curvext.modules.base import ModuleRule, own_trainable
-from curvext.modules.conv import ConvRule, ConvTransposeRule
-from curvext.modules.embedding import EmbeddingRule
-from curvext.modules.generic import CurvextNote, GenericRule, RecurrentRule
-from curvext.modules.linear import LinearRule
-from curvext.modules.norm import RULES as NORM_RULES
 from curvext.recording import ModuleCall
+from curvext.rules.base import ModuleRule, own_trainable
+from curvext.rules.conv import ConvRule, ConvTransposeRule
+from curvext.rules.embedding import EmbeddingRule
+from curvext.rules.generic import CurvextNote, GenericRule, RecurrentRule
+from curvext.rules.linear import LinearRule
+from curvext.rules.norm import RULES as NORM_RULES
 
 RULES = {
     nn.Linear: LinearRule,
