@@ -92,6 +92,9 @@ class Extension:
 
     savefield: str = ""
     combine: str = "sum"
+    #: Whether error messages may tell users to run this extension (the
+    #: passes over a data set inside the operators are not for users).
+    user_facing: bool = True
     #: Most columns the engine may backpropagate at once for this extension
     #: (``None``: the engine's byte budget decides); the data-set passes of
     #: KFAC/EKFAC set one column.

@@ -74,7 +74,7 @@ from curvext.context import backpack, disable
 from curvext.extend import extend
 from curvext.extensions import BatchGrad, GGNDiag, SqrtGGN, SumGradSquared
 from curvext.extensions.base import Extension
-from curvext.operators.data import _KFACForData
+from curvext.extensions.data_pass import KFACForData
 from curvext.operators.kron import as_matrix
 
 
@@ -148,7 +148,7 @@ class _CurvextInterface:
         return flat[..., self.subnetwork_indices]
 
     def _kron_from_kfac(
-        self, x: Tensor, y: Tensor, N: int, extension: _KFACForData
+        self, x: Tensor, y: Tensor, N: int, extension: KFACForData
     ) -> Tuple[Tensor, Kron]:
         loss, params = self._run(x, y, extension)
         factors = self._take(params, extension.savefield)
@@ -270,9 +270,9 @@ class CurvextGGN(_CurvextInterface, GGNInterface):
     def kron(self, x: Tensor, y: Tensor, N: int, **kwargs: Any) -> Tuple[Tensor, Kron]:
         """``(factor · loss, factor · Kron)``: type-2 (or MC) KFAC, ``A`` weighted by ``M/N``."""
         if self.stochastic:
-            extension = _KFACForData(fisher_type="mc", mc_samples=self.num_samples)
+            extension = KFACForData(fisher_type="mc", mc_samples=self.num_samples)
         else:
-            extension = _KFACForData(fisher_type="type-2")
+            extension = KFACForData(fisher_type="type-2")
         return self._kron_from_kfac(x, y, N, extension)
 
     def full(self, x: Tensor, y: Tensor, **kwargs: Any) -> Tuple[Tensor, Tensor]:
@@ -324,7 +324,7 @@ class CurvextEF(_CurvextInterface, EFInterface):
 
     def kron(self, x: Tensor, y: Tensor, N: int, **kwargs: Any) -> Tuple[Tensor, Kron]:
         """``(factor · loss, factor · Kron)``: empirical KFAC, ``A`` weighted by ``M/N``."""
-        return self._kron_from_kfac(x, y, N, _KFACForData(fisher_type="empirical"))
+        return self._kron_from_kfac(x, y, N, KFACForData(fisher_type="empirical"))
 
 
 __all__ = ["CurvextGGN", "CurvextEF"]

@@ -3,7 +3,7 @@
 >>> from curvext.monitor import EigenLogger, GradientNoise
 """
 
+from curvext.extensions.noise import GradientNoise
 from curvext.monitor.logger import EigenLogger, plot_records
-from curvext.monitor.noise import GradientNoise
 
 __all__ = ["EigenLogger", "GradientNoise", "plot_records"]

@@ -13,7 +13,7 @@ A training loop uses :class:`EigenLogger` in two lines::
 
 On a logged step :meth:`EigenLogger.extensions` returns a
 :class:`~curvext.extensions.GGNEigen` (``eigenvectors=False``) and a
-:class:`~curvext.monitor.noise.GradientNoise`; on the other steps it returns
+:class:`~curvext.extensions.noise.GradientNoise`; on the other steps it returns
 nothing, and ``backpack()`` without extensions costs nothing beyond a plain
 backward pass.
 
@@ -35,7 +35,7 @@ backward pass.
   It equals the sum of ``GGNDiag``'s ``p.ggn_diag`` over the group.
 * ``grad_norm_sq``, ``sample_grad_norm_sq``, ``grad_variance``,
   ``noise_scale``: gradient-noise statistics of the group, defined in
-  :mod:`curvext.monitor.noise`.
+  :mod:`curvext.extensions.noise`.
 * ``step`` (the count of :meth:`EigenLogger.step` calls before this one),
   ``group``, ``batch_size``, ``loss`` (if given to :meth:`EigenLogger.step`).
 
@@ -57,9 +57,9 @@ import torch
 from torch import Tensor
 
 from curvext.extensions.ggn_eigen import GGNEigen
-from curvext.monitor.noise import GradientNoise
+from curvext.extensions.noise import GradientNoise
 
-#: Statistics of :mod:`curvext.monitor.noise`, in the order of the CSV columns.
+#: Statistics of :mod:`curvext.extensions.noise`, in the order of the CSV columns.
 NOISE_FIELDS = ("grad_norm_sq", "sample_grad_norm_sq", "grad_variance", "noise_scale")
 
 

@@ -103,7 +103,7 @@ def _extension_storing(attribute: str) -> str:
     while pending:
         cls = pending.pop()
         pending.extend(cls.__subclasses__())
-        if cls.savefield == attribute and not cls.__name__.startswith("_"):
+        if cls.savefield == attribute and cls.user_facing:
             names.append(f"{cls.__name__}()")
     return " or ".join(sorted(names))
 

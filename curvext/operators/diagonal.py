@@ -151,13 +151,14 @@ class DiagonalOperator(CurvatureOperator):
             >>> D.shape, torch.allclose(D.diag(), D_full.diag())
             ((8, 8), True)
         """
-        from curvext.operators.data import _GGNDiagForData, accumulate_over_data
+        from curvext.extensions.data_pass import GGNDiagForData
+        from curvext.operators.data import accumulate_over_data
 
         params, diagonals = accumulate_over_data(
             model,
             loss_fn,
             data,
-            _GGNDiagForData(mc_samples),
+            GGNDiagForData(mc_samples),
             params,
             progressbar,
             f"{cls.__name__}.from_data",

@@ -378,9 +378,10 @@ class KronOperator(CurvatureOperator):
             >>> K.shape, torch.allclose(K.to_dense(), K_full.to_dense())
             ((26, 26), True)
         """
-        from curvext.operators.data import _KFACForData, accumulate_over_data
+        from curvext.extensions.data_pass import KFACForData
+        from curvext.operators.data import accumulate_over_data
 
-        extension = _KFACForData(fisher_type, mc_samples, kfac_approx)
+        extension = KFACForData(fisher_type, mc_samples, kfac_approx)
         params, factors = accumulate_over_data(
             model,
             loss_fn,

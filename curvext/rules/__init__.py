@@ -103,7 +103,7 @@ class SharedParameterRule(ModuleRule):
     def per_sample(self, name, grads) -> Tensor:
         return sum(rule.per_sample(own, g) for (rule, own), g in zip(self.owners, grads))
 
-    def _chunked(self, name, grads, reduce):
+    def chunked(self, name, grads, reduce):
         return reduce(self.per_sample(name, grads))
 
     def kfac_grad_factor(self, name, grads, approx):

@@ -144,8 +144,16 @@ class ModuleRule:
         """Per-sample vectors ``[K, N, *p.shape]`` (all calls summed)."""
         raise NotImplementedError
 
+    def outer_product_vectors(self, name: str) -> bool:
+        """Whether the per-sample vectors of ``name`` are outer products of an
+        output side and an input side (``FactoredRule`` weights: ``inputs``,
+        ``grad_factor``, ``outer``, ``kfac_factors(input_sum=...)`` apply)."""
+        return False
+
     # reductions derived from per_sample, chunked over columns
-    def _chunked(self, name: str, grads: List[Tensor], reduce) -> Tensor:
+    def chunked(self, name: str, grads: List[Tensor], reduce) -> Tensor:
+        """``reduce(per_sample(name, chunk))`` summed over chunks of columns
+        small enough to materialise (``MAX_PER_SAMPLE_ELEMENTS``)."""
         num_cols = num_columns(grads[0])
         per_col = self.batch_size * self.param(name).numel()
         step = max(1, MAX_PER_SAMPLE_ELEMENTS // max(per_col, 1))
@@ -160,21 +168,19 @@ class ModuleRule:
 
     def diag(self, name: str, grads: List[Tensor]) -> Tensor:
         r""":math:`\sum_{n,k} v_{nk}^2`, shape of ``p``."""
-        return self._chunked(name, grads, lambda v: v.square().sum((0, 1)))
+        return self.chunked(name, grads, lambda v: v.square().sum((0, 1)))
 
     def batch_diag(self, name: str, grads: List[Tensor]) -> Tensor:
         r""":math:`\sum_k v_{nk}^2`, ``[N, *p.shape]``."""
-        return self._chunked(name, grads, lambda v: v.square().sum(0))
+        return self.chunked(name, grads, lambda v: v.square().sum(0))
 
     def batch_l2(self, name: str, grads: List[Tensor]) -> Tensor:
         r""":math:`\sum_k \|v_{nk}\|^2`, ``[N]``."""
-        return self._chunked(
-            name, grads, lambda v: v.square().reshape(*v.shape[:2], -1).sum((0, 2))
-        )
+        return self.chunked(name, grads, lambda v: v.square().reshape(*v.shape[:2], -1).sum((0, 2)))
 
     def sample_sum(self, name: str, grads: List[Tensor]) -> Tensor:
         r""":math:`\sum_n v_{nk}`, ``[K, *p.shape]``."""
-        return self._chunked(name, grads, lambda v: v.sum(1))
+        return self.chunked(name, grads, lambda v: v.sum(1))
 
     def sum_norm_sq(self, name: str, grads: List[Tensor]) -> Tensor:
         r""":math:`\|\sum_n v_{nk}\|^2`, ``[K]``, accumulated in float64 (at least)."""
@@ -238,7 +244,7 @@ class ModuleRule:
 
         param = self.param(name)
         check_dense_factor(self.module, name, param.numel(), param.dtype, "its exact GGN block")
-        return self._chunked(name, grads, outer)
+        return self.chunked(name, grads, outer)
 
     def kfac_grad_dim(self, name: str) -> int:
         """Size of the output-side factor (for ``forward-only``: identity)."""

@@ -175,7 +175,10 @@ class FactoredRule(ModuleRule):
     def _to_param(self, name: str, vectors: Tensor, num_lead: int) -> Tensor:
         return vectors.reshape(*vectors.shape[:num_lead], *self.param(name).shape)
 
-    def _outer(self, grad_side: Tensor, input_side: Tensor) -> Tensor:
+    def outer_product_vectors(self, name: str) -> bool:
+        return name != "bias"
+
+    def outer(self, grad_side: Tensor, input_side: Tensor) -> Tensor:
         """Per-sample vectors ``[K, N, groups, ., .]`` in the weight's order."""
         if self.grad_first:
             return torch.matmul(grad_side, input_side.mT)
@@ -185,7 +188,7 @@ class FactoredRule(ModuleRule):
         grad_side = self.grad_factor(name, grads)
         if name == "bias":
             return self._to_param(name, grad_side.sum(-1), 2)
-        return self._to_param(name, self._outer(grad_side, self.inputs()), 2)
+        return self._to_param(name, self.outer(grad_side, self.inputs()), 2)
 
     def diag(self, name, grads):
         if self.single_position():
@@ -235,7 +238,7 @@ class FactoredRule(ModuleRule):
         grad_side, input_side = self.grad_factor(name, grads), self.inputs()
         total = None
         for column in grad_side:
-            vectors = self._outer(column, input_side)
+            vectors = self.outer(column, input_side)
             if total is None:
                 total = vectors.square_()
             else:
