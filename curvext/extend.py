@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
-from torch.nn.modules.batchnorm import _BatchNorm
-from torch.nn.utils.parametrize import ParametrizationList
 
 from curvext.context import recording_enabled
 from curvext.losses import SUPPORTED_LOSSES
@@ -17,6 +15,7 @@ from curvext.recording import (
     graph_outputs,
     separate_outputs,
 )
+from curvext.rules import couples_samples, records_calls
 
 _HOOK_FLAG = "_curvext_extended"
 #: Attribute holding the id of curvext's forward hook on an extended module.
@@ -93,13 +92,9 @@ def extend(module: nn.Module) -> nn.Module:
     tree = ExtendedTree()
     for submodule in module.modules():
         vars(submodule).setdefault(EXTENDED_TREE, tree)
-        # parameter-free modules (activations, pooling) need no recording; a
-        # parametrization computes a weight, not a batch: its parameters are
-        # covered through the call of the module it parametrizes
-        has_params = next(submodule.parameters(), None) is not None
-        if isinstance(submodule, ParametrizationList) or getattr(submodule, _HOOK_FLAG, False):
+        if getattr(submodule, _HOOK_FLAG, False):
             continue
-        if has_params or isinstance(submodule, _BatchNorm):
+        if records_calls(submodule):
             # first among the forward hooks: the recorded output is the one
             # of the module's own forward, before any hook of the user's
             handle = submodule.register_forward_hook(_record_call, with_kwargs=True, prepend=True)
@@ -108,12 +103,6 @@ def extend(module: nn.Module) -> nn.Module:
             if submodule._forward_pre_hooks:  # pruned already: keep raw inputs from now
                 _keep_raw_inputs_from_now(submodule)
     return module
-
-
-def couples_samples(module: nn.Module) -> bool:
-    """Whether ``module`` mixes the samples of a batch (BatchNorm in train
-    mode, or without running statistics)."""
-    return isinstance(module, _BatchNorm) and (module.training or not module.track_running_stats)
 
 
 def _record_call(module: nn.Module, args, kwargs, output):

@@ -65,7 +65,6 @@ import torch
 from torch import Tensor, nn
 from torch.autograd import forward_ad
 from torch.func import functional_call, grad, jvp, vjp, vmap
-from torch.nn.modules.batchnorm import _BatchNorm
 
 from curvext.distributed import (
     all_reduce_sum,
@@ -77,6 +76,7 @@ from curvext.distributed import (
 from curvext.losses import LossRule, loss_rule
 from curvext.operators.base import CurvatureOperator, check_damping
 from curvext.operators.data import _tqdm, _unpack
+from curvext.rules import constant_rows, is_convolution, updates_state
 
 
 def assert_passes_agree(first: Tensor, second: Tensor, owner: str) -> None:
@@ -143,13 +143,12 @@ def padding_rows(model, params: Sequence[Tensor]) -> List[Tuple[int, int]]:
     if not isinstance(model, nn.Module):  # a function of (params, X): nothing to know
         return []
     index_of = {id(p): index for index, p in enumerate(params)}
-    rows = []
-    for module in model.modules():
-        if isinstance(module, nn.Embedding) and module.padding_idx is not None:
-            index = index_of.get(id(module.weight))
-            if index is not None:
-                rows.append((index, module.padding_idx % module.num_embeddings))
-    return rows
+    return [
+        (index_of[id(param)], row)
+        for module in model.modules()
+        for param, row in constant_rows(module)
+        if id(param) in index_of
+    ]
 
 
 def zero_padding_rows(
@@ -220,7 +219,7 @@ class _DataSetOperator(CurvatureOperator):
         self._constant_rows = padding_rows(model, params)
         # with a convolution the Hessian and the GGN take the columns one at a
         # time (or in chunks of _CONV_CHUNK_COLUMNS): see the constants
-        self._convolutional = any(isinstance(m, nn.modules.conv._ConvNd) for m in model.modules())
+        self._convolutional = any(is_convolution(m) for m in model.modules())
         self._factor, self._shift, self._summands = 1.0, 0.0, ()
         self._check_independent_samples()
         if check_deterministic:
@@ -232,7 +231,7 @@ class _DataSetOperator(CurvatureOperator):
         couples the samples of a batch too, but changes nothing, and the
         curvature of the batched loss is still defined.)"""
         for module in self.model.modules():
-            if isinstance(module, _BatchNorm) and module.training and module.track_running_stats:
+            if updates_state(module):
                 raise ValueError(
                     f"{type(self).__name__}: {module} is in train mode, so every product "
                     "would update its running statistics (and normalise with batch "

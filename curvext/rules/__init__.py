@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from typing import List
+from typing import List, Tuple
 
 from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.utils import parametrize
 
 from curvext.recording import ModuleCall
@@ -84,6 +85,41 @@ def runs_plain_forward(module: nn.Module, calls: List[ModuleCall]) -> bool:
     )
 
 
+def records_calls(module: nn.Module) -> bool:
+    """Whether ``extend`` records the calls of ``module``: it owns trainable
+    parameters (directly or through sub-modules whose parameters its forward
+    may use without calling them), or it may couple samples (BatchNorm,
+    refused then); never a parametrization, which computes a weight, not a
+    batch (its parameters are covered by the module it parametrizes)."""
+    if isinstance(module, parametrize.ParametrizationList):
+        return False
+    return next(module.parameters(), None) is not None or isinstance(module, _BatchNorm)
+
+
+def couples_samples(module: nn.Module) -> bool:
+    """Whether ``module`` mixes the samples of a batch (BatchNorm in train
+    mode, or without running statistics)."""
+    return isinstance(module, _BatchNorm) and (module.training or not module.track_running_stats)
+
+
+def updates_state(module: nn.Module) -> bool:
+    """Whether a forward pass of ``module`` changes its buffers (BatchNorm in
+    train mode with running statistics)."""
+    return isinstance(module, _BatchNorm) and module.training and module.track_running_stats
+
+
+def constant_rows(module: nn.Module) -> List[Tuple[Tensor, int]]:
+    """``(parameter, row)`` that PyTorch's backward treats as constants:
+    ``Embedding(padding_idx=...)``'s padding row (forward-mode AD does not)."""
+    if isinstance(module, nn.Embedding) and module.padding_idx is not None:
+        return [(module.weight, module.padding_idx % module.num_embeddings)]
+    return []
+
+
+def is_convolution(module: nn.Module) -> bool:
+    return isinstance(module, nn.modules.conv._ConvNd)
+
+
 class SharedParameterRule(ModuleRule):
     """One parameter used by several modules (e.g. tied input/output embeddings).
 
@@ -115,4 +151,15 @@ class SharedParameterRule(ModuleRule):
         )
 
 
-__all__ = ["ModuleRule", "rules_for", "SharedParameterRule", "CurvextNote", "RULES"]
+__all__ = [
+    "ModuleRule",
+    "rules_for",
+    "SharedParameterRule",
+    "CurvextNote",
+    "RULES",
+    "records_calls",
+    "couples_samples",
+    "updates_state",
+    "constant_rows",
+    "is_convolution",
+]
