@@ -11,7 +11,7 @@ from torch import Tensor
 
 from curvext.extensions.data_pass import DATA_PASS_COLUMNS, ForData
 from curvext.extensions.kfac import KFAC, fisher_scaled
-from curvext.operators.kron import factor_transpose, kron_matmat
+from curvext.kronecker import factor_transpose, kron_matmat
 from curvext.rules.factored import FactoredRule, sum_of_squares
 
 

@@ -322,6 +322,16 @@ class GGNEigen(Extension):
         self._check_group(group_index)
         return list(self._groups[group_index])
 
+    @property
+    def has_result(self) -> bool:
+        """Whether a backward pass with this extension has run."""
+        return self._results is not None
+
+    @property
+    def num_groups(self) -> int:
+        """Number of parameter groups of the latest backward pass (0 before one)."""
+        return 0 if self._results is None else len(self._results)
+
     def result(self, group_index: int = 0) -> Tuple[Tensor, Optional[List[Tensor]]]:
         """``(evals [k], [evecs [k, *p.shape] per parameter])`` of a group after
         the last backward pass (``None`` for the eigenvectors with

@@ -116,6 +116,11 @@ class GradientNoise(Extension):
             "noise_scale": noise_scale,
         }
 
+    @property
+    def batch_size(self) -> Optional[int]:
+        """``N`` of the latest backward pass (``None`` before one)."""
+        return self._batch_size
+
     def __repr__(self) -> str:
         return "GradientNoise()"
 

@@ -75,7 +75,7 @@ from curvext.extend import extend
 from curvext.extensions import BatchGrad, GGNDiag, SqrtGGN, SumGradSquared
 from curvext.extensions.base import Extension
 from curvext.extensions.data_pass import KFACForData
-from curvext.operators.kron import as_matrix
+from curvext.kronecker import as_matrix
 
 
 class _CurvextInterface:

@@ -180,7 +180,7 @@ class EigenLogger:
                     "logger.step()."
                 )
             eigen = self._active[0]
-            if eigen._results is None:
+            if not eigen.has_result:
                 raise RuntimeError(
                     f"EigenLogger.step(): step {self.num_steps} is logged but no "
                     "backward pass ran with logger.extensions() active. Run "
@@ -199,7 +199,7 @@ class EigenLogger:
         noise = self._active[1] if self.noise else None
         loss = None if loss is None else float(torch.as_tensor(loss).detach())
         records = []
-        for group in range(len(eigen._results)):
+        for group in range(eigen.num_groups):
             evals, _ = eigen.result(group)
             evals = evals.detach().double().cpu()
             record = {
@@ -351,7 +351,7 @@ def plot_records(records: Sequence[Dict[str, Any]], path, group: int = 0) -> Non
 
 
 def _batch_size(noise: Optional[GradientNoise]) -> Optional[int]:
-    return None if noise is None else noise._batch_size
+    return None if noise is None else noise.batch_size
 
 
 def _single_group(logger: EigenLogger) -> bool:
