@@ -147,23 +147,26 @@ def graph_inputs(inputs) -> List[Tensor]:
     containers through ``torch.utils._pytree``.
     """
     found: List[Tensor] = []
-
-    def walk(obj) -> None:
-        if isinstance(obj, Tensor):
-            if obj.requires_grad:
-                found.append(obj)
-        elif isinstance(obj, (tuple, list)):
-            for item in obj:
-                walk(item)
-        elif isinstance(obj, dict):
-            for item in obj.values():
-                walk(item)
-        elif obj is not None and not isinstance(obj, (bool, int, float, str)):
-            leaves, _ = torch.utils._pytree.tree_flatten(obj)
-            found.extend(t for t in leaves if isinstance(t, Tensor) and t.requires_grad)
-
-    walk(inputs)
+    _collect_graph_inputs(inputs, found)
     return found
+
+
+def _collect_graph_inputs(obj, found: List[Tensor]) -> None:
+    # a module-level function, not a closure: a recursive closure is a
+    # reference cycle that would keep the inputs alive until the cycle
+    # collector runs
+    if isinstance(obj, Tensor):
+        if obj.requires_grad:
+            found.append(obj)
+    elif isinstance(obj, (tuple, list)):
+        for item in obj:
+            _collect_graph_inputs(item, found)
+    elif isinstance(obj, dict):
+        for item in obj.values():
+            _collect_graph_inputs(item, found)
+    elif obj is not None and not isinstance(obj, (bool, int, float, str)):
+        leaves, _ = torch.utils._pytree.tree_flatten(obj)
+        found.extend(t for t in leaves if isinstance(t, Tensor) and t.requires_grad)
 
 
 def attach(call: ModuleCall, inputs: List[Tensor], outputs: List[Tensor], positions: List[int]):
