@@ -31,7 +31,7 @@ from torch.autograd.graph import GradientEdge, get_gradient_edge
 
 from curvext.context import active_extensions, current_run_log, max_columns_per_backward
 from curvext.extend import EXTENDED_TREE
-from curvext.extensions.base import ColumnSet, Extension, RunInfo, sum_partials
+from curvext.extensions.base import ColumnSet, Combine, Extension, RunInfo, sum_partials
 from curvext.losses import LossRule, loss_rule
 from curvext.recording import ModuleCall, collect_calls, flattened_samples
 from curvext.rules.assign import assign
@@ -228,7 +228,7 @@ def _run(edge, loss, calls, consumers, grad, extensions):
                 for target_index, target in enumerate(targets):
                     partial = ext.reduce(target.rule, target.name, target.grads(set_grads))
                     slot = (ext_index, target_index, sets[set_index])
-                    if ext.combine == "cat":
+                    if ext.combine is Combine.CAT:
                         partials.setdefault(slot, []).append(partial)
                     elif slot in partials:
                         key = (id(partials[slot]), id(partial))
@@ -254,7 +254,7 @@ def _run(edge, loss, calls, consumers, grad, extensions):
             parts = []
             for key in keys:
                 partial = partials.pop((ext_index, target_index, key), None)
-                if ext.combine == "cat" and partial is not None:
+                if ext.combine is Combine.CAT and partial is not None:
                     partial = torch.cat(partial) if len(partial) > 1 else partial[0]
                 parts.append(partial)
             # an extension reading several column sets gets one partial per set

@@ -4,7 +4,7 @@ An extension never special-cases a module type. For every trainable
 parameter in the graph it asks the parameter's module rule for one reduction
 of the per-sample vectors of its column set (:meth:`Extension.reduce`),
 combines the results of column chunks (summed, or concatenated for
-``combine = "cat"``), and turns them into the attribute stored on the
+``combine = Combine.CAT``), and turns them into the attribute stored on the
 parameter (:meth:`Extension.finalize`). An extension whose result couples
 parameters combines the finalised values of all parameters in
 :meth:`Extension.finalize_all`.
@@ -12,12 +12,20 @@ parameters combines the finalised values of all parameters in
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass
 from typing import Any, List, Optional, Tuple
 
 from torch import Tensor
 
 from curvext.rules.base import ModuleRule
+
+
+class Combine(enum.Enum):
+    """How an extension's partial results of column chunks combine."""
+
+    SUM = "sum"  # added up (diagonals, factors, Gram blocks' sums)
+    CAT = "cat"  # concatenated along the column axis (square roots, Gram factors)
 
 
 @dataclass(frozen=True)
@@ -86,12 +94,12 @@ class Extension:
 
     Attributes:
         savefield: Name of the attribute set on each parameter.
-        combine: How partial results of column chunks combine: ``"sum"`` or
-            ``"cat"`` (along the column axis).
+        combine: How partial results of column chunks combine:
+            :attr:`Combine.SUM` or :attr:`Combine.CAT` (along the column axis).
     """
 
     savefield: str = ""
-    combine: str = "sum"
+    combine: Combine = Combine.SUM
     #: Whether error messages may tell users to run this extension (the
     #: passes over a data set inside the operators are not for users).
     user_facing: bool = True
@@ -149,4 +157,4 @@ def sum_partials(first, second):
     return first + second
 
 
-__all__ = ["Extension", "RunInfo", "ColumnSet", "EXACT", "GRADIENT", "monte_carlo"]
+__all__ = ["Extension", "RunInfo", "ColumnSet", "Combine", "EXACT", "GRADIENT", "monte_carlo"]

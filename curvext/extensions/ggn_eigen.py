@@ -27,7 +27,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-from curvext.extensions.base import Extension, RunInfo, check_mc_samples, ggn_columns
+from curvext.extensions.base import Combine, Extension, RunInfo, check_mc_samples, ggn_columns
 
 
 class _GramPiece:
@@ -120,7 +120,7 @@ class GGNEigen(Extension):
     """
 
     savefield = "ggn_eigvals"
-    combine = "cat"
+    combine = Combine.CAT
 
     def __init__(
         self,

@@ -9,7 +9,7 @@ its MC estimate (``K = mc_samples``).
 
 from __future__ import annotations
 
-from curvext.extensions.base import Extension, check_mc_samples, ggn_columns
+from curvext.extensions.base import Combine, Extension, check_mc_samples, ggn_columns
 
 
 class SqrtGGN(Extension):
@@ -35,7 +35,7 @@ class SqrtGGN(Extension):
     """
 
     savefield = "sqrt_ggn"
-    combine = "cat"
+    combine = Combine.CAT
 
     def __init__(self, mc_samples: int = 0):
         self.mc_samples = check_mc_samples(type(self).__name__, mc_samples)
