@@ -16,8 +16,6 @@ copy. Exact quantities must agree to float64 precision. Conventions:
 
 import copy
 
-import backpack as bp
-import backpack.extensions as bpext
 import pytest
 import torch
 from torch import nn
@@ -34,6 +32,9 @@ from curvext.extensions import (
 )
 from tests.cases import assert_close, run_curvext, trainable
 from tests.references import kron
+
+bp = pytest.importorskip("backpack")  # the reference library (test extra)
+bpext = pytest.importorskip("backpack.extensions")
 
 # BackPACK's module hooks fire this when the input needs no gradient
 pytestmark = pytest.mark.filterwarnings("ignore:Full backward hook is firing:UserWarning")

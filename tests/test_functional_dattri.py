@@ -32,12 +32,13 @@ import warnings
 
 import pytest
 import torch
-from dattri.func import hessian as dattri
 from torch import nn
 from torch.func import functional_call, hessian
 
 import curvext.functional as curvext
 from tests.test_functional import quadratic_case, regression_case
+
+dattri = pytest.importorskip("dattri.func.hessian")  # the reference library (test extra)
 
 DIM_IN, DIM_HIDDEN, NUM_CLASSES, NUM_SAMPLES = 4, 3, 3, 12
 

@@ -102,6 +102,7 @@ def test_products_all_forms(problem):
 
 
 def test_transposed_constructor_and_scipy(problem):
+    pytest.importorskip("scipy")
     model, X, _, reference = problem
     JT = TransposedJacobianOperator(model, list(model.parameters()), batches_of(X))
     assert JT.shape == reference.T.shape and JT.T.shape == reference.shape
@@ -198,6 +199,7 @@ def test_float32():
 
 
 def test_parity_with_curvlinops():
+    pytest.importorskip("curvlinops")
     from curvlinops import JacobianLinearOperator, TransposedJacobianLinearOperator
 
     model, X = make_cnn()

@@ -19,6 +19,8 @@ from curvext.linalg import CGInverse, LSMRInverse
 from curvext.operators import GGNOperator
 from tests.test_operators import case_kron_random
 
+pytest.importorskip("scipy")  # LSMR runs SciPy's lsmr (the operators extra)
+
 DIM = 8
 TIGHT = dict(atol=1e-12, btol=1e-12)
 

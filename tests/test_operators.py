@@ -14,7 +14,6 @@ import math
 
 import pytest
 import torch
-from scipy.sparse.linalg import cg, eigsh
 from torch import nn
 
 from curvext import backpack, extend
@@ -209,6 +208,8 @@ def test_logdet_det_undamped(name):
 
 
 def test_scipy_eigsh_and_cg(case):
+    linalg = pytest.importorskip("scipy.sparse.linalg")
+    cg, eigsh = linalg.cg, linalg.eigsh
     op, dense = case
     linear_operator = op.to_scipy()
     assert linear_operator.shape == op.shape

@@ -312,6 +312,13 @@ class EigenLogger:
 
 def plot_records(records: Sequence[Dict[str, Any]], path, group: int = 0) -> None:
     """Plot records of :class:`EigenLogger` (in memory or :meth:`EigenLogger.read`)."""
+    # nothing to plot is the first thing to say, with or without matplotlib
+    records = [record for record in records if record.get("group", 0) == group]
+    if not records:
+        raise ValueError(
+            f"EigenLogger.plot(): no records for group {group} to plot; call "
+            "logger.step() after at least one logged backward pass."
+        )
     try:
         from matplotlib.figure import Figure
     except ImportError as error:
@@ -319,12 +326,6 @@ def plot_records(records: Sequence[Dict[str, Any]], path, group: int = 0) -> Non
             "EigenLogger.plot() needs matplotlib, which is not installed: "
             "pip install matplotlib (or pip install 'curvext[monitor]')."
         ) from error
-    records = [record for record in records if record.get("group", 0) == group]
-    if not records:
-        raise ValueError(
-            f"EigenLogger.plot(): no records for group {group} to plot; call "
-            "logger.step() after at least one logged backward pass."
-        )
     with_noise = "noise_scale" in records[0]
     figure = Figure(figsize=(7, 6 if with_noise else 4), layout="constrained")
     axes = figure.subplots(2 if with_noise else 1, 1, sharex=True, squeeze=False)[:, 0]
