@@ -294,3 +294,28 @@ def test_batchnorm_without_running_statistics_is_accepted():
 
     reference = GraphReference(model(X), params, lambda f: nn.CrossEntropyLoss()(f, y))
     torch.testing.assert_close(G @ torch.eye(G.shape[0]), reference.ggn())
+
+
+def test_forward_mode_products_print_no_torch_future_warning():
+    """torch 2.14 warns ("torch.jit.script is deprecated") when forward-mode AD
+    first loads its decompositions; curvext's products load them quietly. A
+    fresh process: the decompositions load once per process."""
+    import subprocess
+    import sys
+
+    script = (
+        "import torch\n"
+        "from torch import nn\n"
+        "from curvext.operators import GGNOperator\n"
+        "model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))\n"
+        "X, y = torch.randn(8, 3), torch.randint(0, 2, (8,))\n"
+        "G = GGNOperator(model, nn.CrossEntropyLoss(), list(model.parameters()), [(X, y)])\n"
+        "G @ torch.randn(G.shape[0])\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-W", "error::FutureWarning", "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]

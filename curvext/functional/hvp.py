@@ -29,6 +29,7 @@ from curvext.functional._checks import (
     check_mode,
     flat_dim,
 )
+from curvext.torch_quirks import load_forward_ad_quietly
 
 
 def _product(grad_func, x: Tuple[Tensor, ...], argnums: int, mode: str):
@@ -46,6 +47,7 @@ def _product(grad_func, x: Tuple[Tensor, ...], argnums: int, mode: str):
     if mode == "rev-rev":
         _, vjp_fn = vjp(gradient, theta)
         return lambda v: vjp_fn(v)[0]
+    load_forward_ad_quietly()
     return lambda v: jvp(gradient, (theta,), (v,))[1]
 
 

@@ -50,6 +50,7 @@ from curvext.operators.matrix_free import (
     padding_rows,
     zero_padding_rows,
 )
+from curvext.torch_quirks import load_forward_ad_quietly
 
 #: An ``nn.Module`` (``model(X)``) or a function ``(params_dict, X) -> prediction``.
 Model = Union[nn.Module, Callable[[Mapping[str, Tensor], object], Tensor]]
@@ -127,6 +128,7 @@ class _DataJacobian:
         progressbar: bool,
         owner: str,
     ):
+        load_forward_ad_quietly()
         self.names, self.params = _named_params(model, params, owner)
         if num_data is not None and (
             isinstance(num_data, bool) or not isinstance(num_data, int) or num_data < 1

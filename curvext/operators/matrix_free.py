@@ -77,6 +77,7 @@ from curvext.losses import LossRule, loss_rule
 from curvext.operators.base import CurvatureOperator, check_damping
 from curvext.operators.data import _tqdm, _unpack
 from curvext.rules import constant_rows, is_convolution, updates_state
+from curvext.torch_quirks import load_forward_ad_quietly
 
 
 def assert_passes_agree(first: Tensor, second: Tensor, owner: str) -> None:
@@ -221,6 +222,7 @@ class _DataSetOperator(CurvatureOperator):
         # time (or in chunks of _CONV_CHUNK_COLUMNS): see the constants
         self._convolutional = any(is_convolution(m) for m in model.modules())
         self._factor, self._shift, self._summands = 1.0, 0.0, ()
+        load_forward_ad_quietly()
         self._check_independent_samples()
         if check_deterministic:
             self._check_deterministic()
