@@ -319,3 +319,16 @@ def test_forward_mode_products_print_no_torch_future_warning():
         timeout=120,
     )
     assert result.returncode == 0, result.stderr[-2000:]
+
+
+def test_progress_bars_say_which_pass_they_count(capsys):
+    pytest.importorskip("tqdm")
+    torch.manual_seed(8)
+    model = nn.Sequential(nn.Linear(3, 2))
+    data = [(torch.randn(4, 3), torch.randint(0, 2, (4,)))] * 2
+    G = GGNOperator(model, nn.CrossEntropyLoss(), list(model.parameters()), data, progressbar=True)
+    G @ torch.randn(G.shape[0], 3)
+    err = capsys.readouterr().err
+    assert "GGNOperator: determinism check, pass 1 of 2" in err
+    assert "GGNOperator: determinism check, pass 2 of 2" in err
+    assert "GGNOperator: A @ V, V [8, 3]" in err

@@ -276,8 +276,10 @@ class _DataSetOperator(CurvatureOperator):
         """
         return {}
 
-    def _data_product(self, matrix: Tensor, pass_index: int = 0) -> Tensor:
+    def _data_product(self, matrix: Tensor, pass_index: int = 0, purpose: str = "") -> Tensor:
         """``A @ matrix`` for ``matrix`` ``[P, M]``: one pass over ``data``.
+
+        ``purpose`` labels the progress bar (default: the product's shape).
 
         Over a process group (:mod:`curvext.distributed`), one pass over this
         rank's shard and one ``all_reduce`` of the weighted sum, ``Σ_b d_b``,
@@ -297,8 +299,9 @@ class _DataSetOperator(CurvatureOperator):
         show_bar = self.progressbar and (ranks is None or ranks.rank == 0)
         failure = None
         try:
+            label = purpose or f"A @ V, V [{matrix.shape[0]}, {matrix.shape[1]}]"
             total, denominator, num_batches, num_samples = self._local_pass(
-                tangents, show_bar, ranks
+                tangents, show_bar, ranks, label
             )
         except Exception as error:
             if ranks is None:
@@ -361,7 +364,7 @@ class _DataSetOperator(CurvatureOperator):
         dtype = reduce(torch.promote_types, [p.dtype for p in self.params])
         return torch.zeros(num_columns, self.shape[0], dtype=dtype, device=self.device)
 
-    def _local_pass(self, tangents, show_bar: bool, ranks):
+    def _local_pass(self, tangents, show_bar: bool, ranks, label: str = ""):
         """This process's sums over its ``data``:
         ``(Σ_b d_b A_b V or None, Σ_b d_b, batches, samples)``.
 
@@ -373,7 +376,8 @@ class _DataSetOperator(CurvatureOperator):
         pass_state = self._start_pass(ranks)
         mean = self.loss_fn.reduction == "mean"
         total, denominator, num_batches, num_samples = None, 0.0, 0, 0
-        batches = _tqdm()(self.data, desc=owner) if show_bar else self.data
+        bar = f"{owner}: {label}" if label else owner
+        batches = _tqdm()(self.data, desc=bar) if show_bar else self.data
         for index, batch in enumerate(batches):
             X, y = _unpack(batch, index, owner)
             chunks, rule = self._batch_product(X, y, tangents, pass_state)
@@ -398,8 +402,8 @@ class _DataSetOperator(CurvatureOperator):
         generator = torch.Generator().manual_seed(0)
         matrix = torch.randn(self.shape[0], 2, generator=generator, dtype=torch.float64)
         matrix = matrix.to(self.device, self.dtype)
-        first = self._data_product(matrix, 0)
-        second = self._data_product(matrix, 1)
+        first = self._data_product(matrix, 0, "determinism check, pass 1 of 2")
+        second = self._data_product(matrix, 1, "determinism check, pass 2 of 2")
         assert_passes_agree(first, second, type(self).__name__)
 
     # ---- the operator interface -----------------------------------------------
