@@ -86,13 +86,20 @@ def output_tensors(output) -> List[Tensor]:
     return []
 
 
+def floating_outputs(output) -> List[Tensor]:
+    """Floating-point tensors of a module output, in the order that
+    :attr:`ModuleCall.output_positions` counts them (a re-run of the module
+    inside ``torch.func`` returns them all)."""
+    return [t for t in output_tensors(output) if t.is_floating_point()]
+
+
 def graph_outputs(output) -> Tuple[List[Tensor], List[int]]:
     """Floating-point tensors in a module's output that are part of an
     autograd graph, and their positions among all floating-point ones."""
     if isinstance(output, Tensor):  # the common case, without the walk
         in_graph = output.grad_fn is not None and output.is_floating_point()
         return ([output], [0]) if in_graph else ([], [])
-    floating = [t for t in output_tensors(output) if t.is_floating_point()]
+    floating = floating_outputs(output)
     positions = [i for i, t in enumerate(floating) if t.grad_fn is not None]
     return [floating[i] for i in positions], positions
 

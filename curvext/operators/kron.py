@@ -100,7 +100,7 @@ def _singular_error(owner: str, where: str, damping: float) -> ValueError:
     return ValueError(f"{owner}.inverse(damping={damping}): {where} is singular; pass damping > 0.")
 
 
-def conditioning_limit(size: int, dtype: torch.dtype, damping: float) -> float:
+def conditioning_limit(size: int, damping: float) -> float:
     """Factor of ``eps · λ_max`` below which a damped eigenvalue is noise.
 
     Undamped, NumPy's rank threshold ``size``: computed eigenvalues of a
@@ -133,7 +133,7 @@ def check_conditioned(values: Tensor, size: int, owner: str, where: str, damping
     if not bool(largest > 0):
         raise _singular_error(owner, where, damping)
     eps = torch.finfo(values.dtype).eps
-    limit = conditioning_limit(size, values.dtype, damping) * eps * largest
+    limit = conditioning_limit(size, damping) * eps * largest
     if bool((magnitudes <= limit).any()):
         smallest = magnitudes.min().item()
         least = 2 * eps * largest.item()
@@ -593,7 +593,7 @@ class KronOperator(CurvatureOperator):
         # λ_min >= δ and λ_max <= trace for a positive semi-definite factor: only
         # a damping below the limit for λ_max = trace needs the eigenvalues
         trace = float(factor.diagonal().sum())
-        limit = conditioning_limit(size, factor.dtype, damping) * torch.finfo(factor.dtype).eps
+        limit = conditioning_limit(size, damping) * torch.finfo(factor.dtype).eps
         if damping <= limit * abs(trace) or trace < 0:
             check_conditioned(
                 torch.linalg.eigvalsh(damped),

@@ -48,7 +48,7 @@ from torch.func import functional_call, vjp, vmap
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from curvext.recording import output_tensors
+from curvext.recording import floating_outputs
 from curvext.rules.base import ModuleRule
 
 _NOTED = set()
@@ -460,12 +460,6 @@ def rerun_guard(module: torch.nn.Module):
             for name in [n for n in vars(m) if n not in _MODULE_INTERNALS and n not in own]:
                 del vars(m)[name]
             vars(m).update(own)
-
-
-def floating_outputs(output) -> List[Tensor]:
-    """Floating-point tensors of a module output, in the order that
-    :attr:`curvext.recording.ModuleCall.output_positions` counts them."""
-    return [t for t in output_tensors(output) if t.is_floating_point()]
 
 
 class RecurrentRule(GenericRule):
