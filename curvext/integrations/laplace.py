@@ -76,6 +76,7 @@ from curvext.extensions import BatchGrad, GGNDiag, SqrtGGN, SumGradSquared
 from curvext.extensions.base import Extension
 from curvext.extensions.data_pass import KFACForData
 from curvext.kronecker import as_matrix
+from curvext.operators.passes import kept_state
 
 
 class _CurvextInterface:
@@ -104,10 +105,7 @@ class _CurvextInterface:
                 f"a tensor batch (as for laplace-torch's BackPACK backends)."
             )
         params = self.params
-        saved_grads = [p.grad for p in params]
-        for p in params:
-            p.grad = None
-        try:
+        with kept_state(params):
             if self.last_layer:
                 # only the last layer's curvature is needed: no graph through
                 # the (unextended) feature extractor
@@ -122,9 +120,6 @@ class _CurvextInterface:
             loss = self.lossfunc(f, y)
             with backpack(*extensions):
                 loss.backward()
-        finally:
-            for p, grad in zip(params, saved_grads):
-                p.grad = grad
         return loss.detach(), params
 
     @staticmethod

@@ -44,12 +44,8 @@ from curvext.operators.base import (
     operand_matrix,
     scipy_operator,
 )
-from curvext.operators.data import _tqdm, _unpack
-from curvext.operators.matrix_free import (
-    assert_passes_agree,
-    padding_rows,
-    zero_padding_rows,
-)
+from curvext.operators.matrix_free import padding_rows, zero_padding_rows
+from curvext.operators.passes import DataPass, check_deterministic
 from curvext.torch_quirks import load_forward_ad_quietly
 
 #: An ``nn.Module`` (``model(X)``) or a function ``(params_dict, X) -> prediction``.
@@ -167,11 +163,16 @@ class _DataJacobian:
 
         return output_of
 
-    def _batches(self, what: str):
-        batches = _tqdm()(self.data, desc=f"{self.owner} {what}") if self.progressbar else self.data
-        for index, batch in enumerate(batches):
-            X, _ = _unpack(batch, index, self.owner)
-            yield index, X
+    def _pass(self, label: str, pass_index: int = 0, num_data: Optional[int] = None) -> DataPass:
+        """A pass over ``data`` (batching, progress bar, the count checks)."""
+        return DataPass(
+            self.data,
+            self.owner,
+            label=label,
+            progressbar=self.progressbar,
+            num_data=num_data,
+            pass_index=pass_index,
+        )
 
     def _record(self, index: int, output, sizes: List[int], shapes: set) -> None:
         """Check batch ``index``'s prediction and note its size and sample shape."""
@@ -191,26 +192,11 @@ class _DataJacobian:
                 f"same output shape S for every sample."
             )
 
-    def _finish_pass(
-        self, sizes: List[int], shapes: set, pass_index: int, complete: bool = True
-    ) -> None:
+    def _finish_pass(self, sizes: List[int], shapes: set, complete: bool = True) -> None:
         """Check a pass's batch structure against the earlier ones (store the first).
 
         ``complete=False``: ``sizes`` holds only the total, not the batches.
         """
-        if not sizes:
-            again = (
-                " on its second pass: pass a re-iterable (a list or a DataLoader), "
-                "not a one-shot generator"
-                if pass_index > 0
-                else "; pass a non-empty iterable of (X, y) batches"
-            )
-            raise ValueError(f"{self.owner}: `data` yielded no batch{again}.")
-        if self.num_data is not None and sum(sizes) != self.num_data:
-            raise ValueError(
-                f"{self.owner}: num_data={self.num_data}, but a pass over `data` gave "
-                f"{sum(sizes)} samples; pass the data set's size (or leave it None)."
-            )
         if self.sample_shape is None:  # the first pass
             (self.sample_shape,), self.num_samples = shapes, sum(sizes)
             self.batch_sizes = sizes if complete else None
@@ -233,7 +219,7 @@ class _DataJacobian:
 
     # ---- passes over the data -------------------------------------------------
 
-    def jvp_pass(self, matrix: Tensor, pass_index: int = 0) -> Tensor:
+    def jvp_pass(self, matrix: Tensor, pass_index: int = 0, label: str = "J @ V") -> Tensor:
         """``J @ matrix`` ``[N·C, M]`` for ``matrix`` ``[P, M]``, in one pass over ``data``."""
         tangents = tuple(
             block.T.reshape(-1, *shape)
@@ -242,63 +228,78 @@ class _DataJacobian:
         # as PyTorch's backward: padding rows are constants
         tangents = zero_padding_rows(tangents, self.constant_rows)
         primals = tuple(p.detach() for p in self.params)
-        products, sizes, shapes = [], [], set()
-        for index, X in self._batches("J @ V"):
-            output_of = self._output_of(X)
+        sizes, shapes = [], set()
 
-            def push_forward(*tangent):
-                return jvp(output_of, primals, tangent)
+        def local(data_pass: DataPass):
+            products = []
+            for index, X, _ in data_pass:
+                output_of = self._output_of(X)
 
-            output, output_tangents = vmap(push_forward, out_dims=(None, 0), randomness="same")(
-                *tangents
-            )  # [N_b, *S], [M, N_b, *S]
-            self._record(index, output, sizes, shapes)
-            products.append(output_tangents.reshape(output_tangents.shape[0], -1).T)
-        self._finish_pass(sizes, shapes, pass_index)
-        return torch.cat(products).to(self.dtype)
+                def push_forward(*tangent):
+                    return jvp(output_of, primals, tangent)
+
+                output, output_tangents = vmap(push_forward, out_dims=(None, 0), randomness="same")(
+                    *tangents
+                )  # [N_b, *S], [M, N_b, *S]
+                self._record(index, output, sizes, shapes)
+                data_pass.add_batch(output.shape[0])
+                products.append((0, output_tangents.reshape(output_tangents.shape[0], -1).T))
+            return products
+
+        products = self._pass(label, pass_index, self.num_data).run(local)
+        self._finish_pass(sizes, shapes)
+        return torch.cat([product for _, product in products]).to(self.dtype)
 
     def vjp_pass(self, matrix: Tensor) -> Tensor:
         """``J^T @ matrix`` ``[P, M]`` for ``matrix`` ``[N·C, M]``: one pass over ``data``."""
         primals = tuple(p.detach() for p in self.params)
-        total, start, sizes, shapes = None, 0, [], set()
-        for index, X in self._batches("J^T @ W"):
-            output, pullback = vjp(self._output_of(X), *primals)
-            self._record(index, output, sizes, shapes)
-            stop = start + output.numel()
-            if stop > matrix.shape[0]:
-                raise ValueError(
-                    f"{self.owner}: `data` now yields more than the "
-                    f"{self.num_samples} samples it had at construction (batch "
-                    f"{index}); `data` must yield the same batches on every pass."
-                )
-            cotangents = matrix[start:stop].detach().T.reshape(-1, *output.shape)
-            blocks = vmap(pullback)(cotangents.to(output.dtype))  # [M, *p.shape] each
-            product = torch.cat([block.reshape(len(block), -1) for block in blocks], 1)
-            total = product if total is None else total + product
-            start = stop
-        self._finish_pass(sizes, shapes, 0)
+        sizes, shapes = [], set()
+
+        def local(data_pass: DataPass):
+            total, start = None, 0
+            for index, X, _ in data_pass:
+                output, pullback = vjp(self._output_of(X), *primals)
+                self._record(index, output, sizes, shapes)
+                data_pass.add_batch(output.shape[0])
+                stop = start + output.numel()
+                if stop > matrix.shape[0]:
+                    raise ValueError(
+                        f"{self.owner}: `data` now yields more than the "
+                        f"{self.num_samples} samples it had at construction (batch "
+                        f"{index}); `data` must yield the same batches on every pass."
+                    )
+                cotangents = matrix[start:stop].detach().T.reshape(-1, *output.shape)
+                blocks = vmap(pullback)(cotangents.to(output.dtype))  # [M, *p.shape] each
+                product = torch.cat([block.reshape(len(block), -1) for block in blocks], 1)
+                total = product if total is None else total + product
+                start = stop
+            return [] if total is None else [(0, total)]
+
+        ((_, total),) = self._pass("J^T @ W", num_data=self.num_data).run(local)
+        self._finish_pass(sizes, shapes)
         return total.T.to(self.dtype)
 
     def _count(self) -> None:
         """Learn the batch structure from predictions alone (no derivatives)."""
         sizes, shapes = [], set()
-        with torch.no_grad():
+
+        def local(data_pass: DataPass):
             primals = tuple(p.detach() for p in self.params)
-            for index, X in self._batches("counting samples"):
-                self._record(index, self._output_of(X)(*primals), sizes, shapes)
+            for index, X, _ in data_pass:
+                output = self._output_of(X)(*primals)
+                self._record(index, output, sizes, shapes)
+                data_pass.add_batch(output.shape[0])
                 if self.num_data is not None:  # the sample shape is all we need
-                    sizes = [self.num_data]
+                    sizes[:] = [self.num_data]
                     break
-        self._finish_pass(sizes, shapes, 0, complete=self.num_data is None)
+            return []
+
+        with torch.no_grad():
+            self._pass("counting samples").run(local)
+        self._finish_pass(sizes, shapes, complete=self.num_data is None)
 
     def _check_deterministic(self) -> None:
-        generator = torch.Generator().manual_seed(0)
-        dim = sum(self.numels)
-        matrix = torch.randn(dim, 2, generator=generator, dtype=torch.float64)
-        matrix = matrix.to(self.device, self.dtype)
-        first = self.jvp_pass(matrix, 0)
-        second = self.jvp_pass(matrix, 1)
-        assert_passes_agree(first, second, self.owner)
+        check_deterministic(self.jvp_pass, sum(self.numels), self.dtype, self.device, self.owner)
 
 
 class _JacobianSide:

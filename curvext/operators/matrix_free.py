@@ -57,7 +57,6 @@ rank: seed every rank alike.
 from __future__ import annotations
 
 import copy
-import math
 from functools import reduce
 from typing import Iterable, List, Optional, Sequence, Tuple
 
@@ -66,45 +65,12 @@ from torch import Tensor, nn
 from torch.autograd import forward_ad
 from torch.func import functional_call, grad, jvp, vjp, vmap
 
-from curvext.distributed import (
-    all_reduce_sum,
-    check_same_on_ranks,
-    fingerprint,
-    raise_on_failure,
-    resolve_ranks,
-)
+from curvext.distributed import resolve_ranks
 from curvext.losses import LossRule, loss_rule
 from curvext.operators.base import CurvatureOperator, check_damping
-from curvext.operators.data import _tqdm, _unpack
+from curvext.operators.passes import DataPass, check_deterministic
 from curvext.rules import constant_rows, is_convolution, updates_state
 from curvext.torch_quirks import load_forward_ad_quietly
-
-
-def assert_passes_agree(first: Tensor, second: Tensor, owner: str) -> None:
-    """Raise unless two passes over ``data`` gave the same product (up to rounding).
-
-    The check of ``check_deterministic=True``, shared by every operator that
-    passes over a data set: ``first`` and ``second`` are the products of one
-    random matrix from two passes.
-
-    Raises:
-        ValueError: Naming the likely causes (randomness in the model,
-            BatchNorm in train mode, ``data`` changing between passes).
-    """
-    tolerance = math.sqrt(torch.finfo(first.dtype).eps)
-    difference = (first - second).abs().max().item()
-    scale = max(first.abs().max().item(), second.abs().max().item())
-    if not difference <= tolerance * scale + tolerance * 1e-3:
-        raise ValueError(
-            f"{owner}: two passes over `data` gave different products (max "
-            f"difference {difference:.3g}, largest entry {scale:.3g}), so the "
-            f"operator is not one matrix. Likely causes: dropout or other "
-            f"randomness in model (call model.eval()), BatchNorm in train mode, "
-            f"or `data` yielding different batches each pass (random "
-            f"augmentation, a sampler without a fixed order and drop_last). "
-            f"Fix the cause, or pass check_deterministic=False."
-        )
-
 
 #: Columns per ``vmap`` of the GGN's pull-back ``J^T``: the batch product of
 #: all ``M`` columns is as large as the result; in chunks of 4 only a quarter of
@@ -280,7 +246,6 @@ class _DataSetOperator(CurvatureOperator):
         """``A @ matrix`` for ``matrix`` ``[P, M]``: one pass over ``data``.
 
         ``purpose`` labels the progress bar (default: the product's shape).
-
         Over a process group (:mod:`curvext.distributed`), one pass over this
         rank's shard and one ``all_reduce`` of the weighted sum, ``Σ_b d_b``,
         the batch and sample counts and the fingerprints of ``matrix`` and the
@@ -288,7 +253,6 @@ class _DataSetOperator(CurvatureOperator):
         """
         self._check_independent_samples()  # the model may be in train mode by now
         owner = type(self).__name__
-        ranks = resolve_ranks(self.distributed, owner)
         # contiguous [M, *p.shape] once per pass: the reshape of block.T is a
         # strided view, which forward-mode AD would copy in every batch's jvp
         tangents = tuple(
@@ -296,63 +260,23 @@ class _DataSetOperator(CurvatureOperator):
             for block, p in zip(matrix.detach().split(self._numels), self.params)
         )
         tangents = zero_padding_rows(tangents, self._constant_rows)
-        show_bar = self.progressbar and (ranks is None or ranks.rank == 0)
-        failure = None
-        try:
-            label = purpose or f"A @ V, V [{matrix.shape[0]}, {matrix.shape[1]}]"
-            total, denominator, num_batches, num_samples = self._local_pass(
-                tangents, show_bar, ranks, label
-            )
-        except Exception as error:
-            if ranks is None:
-                raise
-            # join the collective anyway, so that the other ranks raise too
-            failure, total, denominator, num_batches, num_samples = error, None, 0.0, 0, 0
-        if ranks is not None:
-            if total is None:  # an empty shard, or this rank failed
-                total = self._new_accumulator(matrix.shape[1])
-            local_values = torch.cat(
-                [
-                    torch.tensor(
-                        [float(failure is not None), num_batches, num_samples, denominator],
-                        dtype=torch.float64,
-                        device=self.device,
-                    ),
-                    fingerprint([matrix]),
-                    fingerprint(self.params),
-                ]
-            )
-            (total,), table = all_reduce_sum([total], ranks, local_values)
-            raise_on_failure(table[:, 0].tolist(), failure, owner)
-            check_same_on_ranks(table[:, 4:6], "matrix", matrix.dtype, ranks, owner)
-            check_same_on_ranks(table[:, 6:8], "params", self.dtype, ranks, owner)
-            num_batches, num_samples, denominator = (
-                int(round(value)) if index < 2 else value
-                for index, value in enumerate(table[:, 1:4].sum(0).tolist())
-            )
-        where = "" if ranks is None else f", summed over the {ranks.world_size} ranks"
-        if num_batches == 0:
-            again = (
-                " on its second pass: pass a re-iterable (a list or a DataLoader), "
-                "not a one-shot generator"
-                if pass_index > 0
-                else "; pass a non-empty iterable of (X, y) batches"
-            )
-            anywhere = "" if ranks is None else f" on any of the {ranks.world_size} ranks"
-            raise ValueError(f"{owner}: `data` yielded no batch{anywhere}{again}.")
-        if self.num_data is not None and num_samples != self.num_data:
-            whole = (
-                ""
-                if ranks is None
-                else " (num_data is the size of the whole data set, all shards together)"
-            )
-            raise ValueError(
-                f"{owner}: num_data={self.num_data}, but a pass over `data` gave "
-                f"{num_samples} samples{where}; pass the data set's size{whole} (or "
-                f"leave it None)."
-            )
-        if self.loss_fn.reduction == "mean" and denominator > 0:
-            total.div_(denominator)  # total is this pass's own accumulator (or sum)
+        data_pass = DataPass(
+            self.data,
+            owner,
+            label=purpose or f"A @ V, V [{matrix.shape[0]}, {matrix.shape[1]}]",
+            progressbar=self.progressbar,
+            ranks=resolve_ranks(self.distributed, owner),
+            reduction=self.loss_fn.reduction,
+            num_data=self.num_data,
+            pass_index=pass_index,
+            same_on_ranks={"matrix": [matrix], "params": self.params},
+        )
+        ((_, total),) = data_pass.run(
+            lambda data_pass: self._local_pass(tangents, data_pass),
+            zeros=lambda: [(0, self._new_accumulator(matrix.shape[1]))],
+            device=self.device,
+        )
+        total.div_(data_pass.loss_denominator)  # the pass's own accumulator (or sum)
         for index, row in self._constant_rows:
             start = sum(self._numels[:index])
             width = self.params[index].shape[1]
@@ -364,27 +288,18 @@ class _DataSetOperator(CurvatureOperator):
         dtype = reduce(torch.promote_types, [p.dtype for p in self.params])
         return torch.zeros(num_columns, self.shape[0], dtype=dtype, device=self.device)
 
-    def _local_pass(self, tangents, show_bar: bool, ranks, label: str = ""):
-        """This process's sums over its ``data``:
-        ``(Σ_b d_b A_b V or None, Σ_b d_b, batches, samples)``.
+    def _local_pass(self, tangents, data_pass: DataPass):
+        """This process's ``[(0, Σ_b d_b A_b V)]`` over its ``data`` (``[]`` without batches).
 
         The sum ``[M, P]`` is allocated once, at the first batch, and every
         batch's product is added into it in place, one column chunk and one
         parameter block at a time (no concatenated or rescaled copy per batch).
         """
-        owner = type(self).__name__
-        pass_state = self._start_pass(ranks)
-        mean = self.loss_fn.reduction == "mean"
-        total, denominator, num_batches, num_samples = None, 0.0, 0, 0
-        bar = f"{owner}: {label}" if label else owner
-        batches = _tqdm()(self.data, desc=bar) if show_bar else self.data
-        for index, batch in enumerate(batches):
-            X, y = _unpack(batch, index, owner)
+        pass_state = self._start_pass(data_pass.ranks)
+        total = None
+        for _, X, y in data_pass:
             chunks, rule = self._batch_product(X, y, tangents, pass_state)
-            normalization = rule.normalization
-            # d_b = 1 / c_b; a batch whose targets are all ignored has c_b = 0
-            weight = (1.0 / normalization if normalization > 0 else 0.0) if mean else 1.0
-            denominator += weight
+            weight = data_pass.add_batch(rule.batch_size, rule.normalization)
             if total is None:
                 total = self._new_accumulator(tangents[0].shape[0])
             for first_column, product in chunks:
@@ -394,17 +309,12 @@ class _DataSetOperator(CurvatureOperator):
                     destination.view(block.shape).add_(block, alpha=weight)
                     start += block[0].numel()
                 del product
-            num_batches += 1
-            num_samples += rule.batch_size
-        return total, denominator, num_batches, num_samples
+        return [] if total is None else [(0, total)]
 
     def _check_deterministic(self) -> None:
-        generator = torch.Generator().manual_seed(0)
-        matrix = torch.randn(self.shape[0], 2, generator=generator, dtype=torch.float64)
-        matrix = matrix.to(self.device, self.dtype)
-        first = self._data_product(matrix, 0, "determinism check, pass 1 of 2")
-        second = self._data_product(matrix, 1, "determinism check, pass 2 of 2")
-        assert_passes_agree(first, second, type(self).__name__)
+        check_deterministic(
+            self._data_product, self.shape[0], self.dtype, self.device, type(self).__name__
+        )
 
     # ---- the operator interface -----------------------------------------------
 
