@@ -124,7 +124,8 @@ def make_data(batch: int, device: torch.device, seed: int):
 
 
 def _top(evals: torch.Tensor, k: int = TOP_K) -> torch.Tensor:
-    return evals.detach().double().cpu()[-k:]
+    """The ``k`` largest, ascending (ViViT lists ascending, curvext largest first)."""
+    return evals.detach().double().cpu().sort().values[-k:]
 
 
 # --------------------------------------------------------------------------

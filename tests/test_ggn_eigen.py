@@ -39,14 +39,15 @@ def stacked_eigvecs(params, num: int) -> torch.Tensor:
 
 
 def assert_eigenpairs(evals, evecs, ggn, msg=""):
-    """``evals`` ascending are the nonzero eigenvalues of ``ggn`` (or its top),
-    ``evecs [k, P]`` orthonormal eigenvectors."""
+    """``evals``, largest first, are the nonzero eigenvalues of ``ggn`` (or its
+    top), ``evecs [k, P]`` orthonormal eigenvectors. Returns the dense
+    eigenvalues (ascending, as ``eigvalsh``) and the largest."""
     dense = torch.linalg.eigvalsh(ggn)
     scale = dense[-1].item()
     num = len(evals)
     assert num > 0, msg
-    assert torch.all(evals[1:] >= evals[:-1]), f"{msg}: not ascending"
-    assert_close(evals, dense[-num:], atol=ZERO, msg=f"{msg}: eigenvalues")
+    assert torch.all(evals[1:] <= evals[:-1]), f"{msg}: not descending"
+    assert_close(evals, dense.flip(0)[:num], atol=ZERO, msg=f"{msg}: eigenvalues")
     if evecs is not None:
         assert evecs.shape == (num, ggn.shape[0]), msg
         assert_close(evecs @ evecs.T, torch.eye(num), atol=1e-9, msg=f"{msg}: orthonormal")
@@ -240,9 +241,9 @@ def test_float32():
     dense = torch.linalg.eigvalsh(reference.ggn(list(params)))
     rank = int((dense > 1e-10 * dense[-1]).sum())
     assert len(evals) == rank  # N·K = 45 > rank: 24 rounding-level ones dropped
-    assert_close(evals.double(), dense[-rank:], rtol=1e-4, atol=1e-5)
+    assert_close(evals.double(), dense.flip(0)[:rank], rtol=1e-4, atol=1e-5)
     evecs = stacked_eigvecs(params.values(), len(evals)).double()
-    top = evecs[-5:]
+    top = evecs[:5]  # the top 5: largest first
     assert_close(top @ top.T, torch.eye(5), atol=1e-4)
 
 

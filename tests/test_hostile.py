@@ -412,7 +412,7 @@ def check_against(reference: GraphReference, params, exact_kfac=(), eig_k: int =
     sqrt = torch.cat([p.sqrt_ggn.flatten(0, 1).flatten(1) for p in params], dim=1)
     assert_close(sqrt.T @ sqrt, ggn, msg="SqrtGGN")
     evals = params[0].ggn_eigvals
-    assert_close(evals, torch.linalg.eigvalsh(ggn)[-eig_k:], rtol=1e-6, msg="GGNEigen")
+    assert_close(evals, torch.linalg.eigvalsh(ggn).flip(0)[:eig_k], rtol=1e-6, msg="GGNEigen")
     offset = 0
     for param in params:
         block = ggn[offset : offset + param.numel(), offset : offset + param.numel()]

@@ -48,7 +48,8 @@ class GGNEigen(Extension):
     r"""Eigenvalues ``p.ggn_eigvals`` and eigenvectors ``p.ggn_eigvecs`` of GGN blocks.
 
     Every parameter of a group holds the group's eigenvalues ``p.ggn_eigvals``
-    ``[k]`` (ascending, the same tensor for the whole group) and, with
+    ``[k]`` (descending: largest first, as everywhere in curvext; the same
+    tensor for the whole group) and, with
     ``eigenvectors=True``, ``p.ggn_eigvecs`` ``[k, *p.shape]``: its slice of
     the group's eigenvectors. Concatenated over the group's parameters
     (``torch.cat([p.ggn_eigvecs.flatten(1) for p in group], 1)``) the
@@ -82,7 +83,8 @@ class GGNEigen(Extension):
         top_k: Keep the ``top_k`` largest eigenvalues (at most ``N·K``, the
             number of per-sample vectors). Default: all nonzero ones.
         criterion: ``criterion(evals) -> indices``: which of the nonzero
-            eigenvalues (ascending) to keep (ViViT's interface), e.g.
+            eigenvalues (given in descending order, largest first; ViViT's
+            interface, whose eigenvalues are ascending) to keep, e.g.
             ``lambda evals: (evals > 1.0).nonzero().flatten()``. Mutually
             exclusive with ``top_k``.
         param_groups: As for a torch optimizer, a list of dicts whose
@@ -248,7 +250,7 @@ class GGNEigen(Extension):
     def _decompose(
         self, index: int, group: List[Tensor], gram: Tensor, with_basis: bool = True
     ) -> Tuple[Tensor, Optional[Tensor]]:
-        """Chosen nonzero eigenvalues ``[k]`` (ascending) of a group's Gram
+        """Chosen nonzero eigenvalues ``[k]`` (descending) of a group's Gram
         matrix and their eigenvectors ``[NK, k]`` (``None`` without
         ``with_basis``: eigenvalues alone are several times cheaper), in the
         Gram matrix's dtype."""
@@ -282,7 +284,8 @@ class GGNEigen(Extension):
             )
         if size > 0:
             threshold = evals[-1].clamp(min=0) * size * eps
-            keep = (evals > threshold).nonzero().flatten()
+            # kept and flipped: largest first
+            keep = (evals > threshold).nonzero().flatten().flip(0)
             evals = evals[keep]
             basis = None if basis is None else basis[:, keep]
         chosen = self._choose(evals)
@@ -292,10 +295,10 @@ class GGNEigen(Extension):
         return evals, basis
 
     def _choose(self, evals: Tensor) -> Optional[Tensor]:
-        """Indices (ascending) of the kept eigenvalues among the nonzero ones."""
+        """Indices (ascending, so the eigenvalues stay largest first) of the
+        kept eigenvalues among the nonzero ones ``evals`` (descending)."""
         if self.top_k is not None:
-            first = max(0, len(evals) - self.top_k)
-            return torch.arange(first, len(evals), device=evals.device)
+            return torch.arange(min(self.top_k, len(evals)), device=evals.device)
         if self.criterion is None:
             return None
         chosen = torch.as_tensor(self.criterion(evals), device=evals.device).flatten()
@@ -310,7 +313,7 @@ class GGNEigen(Extension):
                 f"{type(self).__name__}(criterion=...) returned indices {chosen.tolist()} out of "
                 f"range for {len(evals)} nonzero eigenvalues."
             )
-        return torch.unique(chosen % max(len(evals), 1))  # sorted: stays ascending
+        return torch.unique(chosen % max(len(evals), 1))  # sorted: stays descending
 
     def params(self, group_index: int) -> List[Tensor]:
         """The parameters of a group, in the order of :meth:`result`'s eigenvectors.

@@ -66,8 +66,8 @@ class GGNDirectionalDerivatives(GGNEigen):
     ``[N, k]`` (first order, :math:`\gamma_{nk} = N\, g_n^\top e_k`) and
     ``p.ggn_lambdas`` ``[N, k]`` (second order, :math:`\lambda_{nk} = N\,
     e_k^\top G_n e_k`), the same tensors for the whole group, with
-    :math:`e_k` the group's chosen GGN eigenvectors in ascending order of
-    their eigenvalues (as ``GGNEigen`` returns them; the eigenvectors
+    :math:`e_k` the group's chosen GGN eigenvectors in descending order of
+    their eigenvalues, largest first (as ``GGNEigen`` returns them; the eigenvectors
     themselves are not formed). :math:`g_n` are the individual gradients of
     ``BatchGrad`` and :math:`G_n` the per-sample GGNs (summing to ``p.grad``
     and to the GGN); the factor :math:`N` is ViViT's, so that the batch means
@@ -193,7 +193,7 @@ class GGNDirectionalDerivatives(GGNEigen):
         return torch.tensor(indices)
 
     def eigenvalues(self, group_index: int = 0) -> Tensor:
-        """The group's chosen GGN eigenvalues ``[k]`` (ascending) after the last
+        """The group's chosen GGN eigenvalues ``[k]`` (descending) after the last
         backward pass: the directions of the derivatives."""
         self._check_group(group_index)
         return self._evals[group_index]

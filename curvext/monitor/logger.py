@@ -20,9 +20,9 @@ backward pass.
 **What a record holds** (one per logged step and parameter group):
 
 * ``top_eigvals``: the ``top_k`` largest eigenvalues of the group's GGN
-  block, **largest first** (the one place where curvext lists eigenvalues in
-  descending order: column ``top_eigval_1`` of a log must mean
-  :math:`\lambda_{\max}` in every row, whatever the rank of the batch's GGN).
+  block, **largest first** (as everywhere in curvext: column ``top_eigval_1``
+  of a log means :math:`\lambda_{\max}` in every row, whatever the rank of
+  the batch's GGN).
   Fewer than ``top_k`` when the GGN of the batch has lower rank (CSV: empty
   cells).
 * ``rank``: the number of nonzero eigenvalues (above GGNEigen's documented
@@ -209,7 +209,7 @@ class EigenLogger:
                 "loss": loss,
                 "rank": len(evals),
                 "trace": float(evals.sum()),
-                "top_eigvals": evals.flip(0)[: self.top_k].tolist(),
+                "top_eigvals": evals[: self.top_k].tolist(),
             }
             if noise is not None:
                 record.update(noise.statistics(eigen.params(group)))
