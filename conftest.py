@@ -14,8 +14,8 @@ collect_ignore = [
 
 #: Doctests that run SciPy (the `operators` extra).
 NEEDS_SCIPY = {
-    "curvext.operators.base.scipy_operator",
-    "curvext.operators.base.CurvatureOperator.to_scipy",
+    "curvext.linear.scipy_operator",
+    "curvext.linear.LinearOperator.to_scipy",
     "curvext.linalg.inverse.LSMRInverse",
 }
 

@@ -193,8 +193,9 @@ def test_float32():
     J = JacobianOperator(model, list(model.parameters()), batches_of(X))
     assert J.dtype == torch.float32 and J.device == torch.device("cpu")
     reference = dense_jacobian(copy.deepcopy(model).double(), X.double())
-    product = J @ torch.ones(J.shape[1], dtype=torch.float64)  # cast to J's dtype
-    assert product.dtype == torch.float32
+    # computed in J's float32, returned in the promoted dtype (every operator's rule)
+    product = J @ torch.ones(J.shape[1], dtype=torch.float64)
+    assert product.dtype == torch.float64
     torch.testing.assert_close(product.double(), reference.sum(1), rtol=1e-5, atol=1e-5)
 
 

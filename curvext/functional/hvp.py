@@ -29,6 +29,7 @@ from curvext.functional._checks import (
     check_mode,
     flat_dim,
 )
+from curvext.linear import LinearOperator
 from curvext.torch_quirks import load_forward_ad_quietly
 
 
@@ -137,12 +138,12 @@ def hvp_at_x(
     return lambda v: product(v) + regularization * v
 
 
-class HessianVectorOperator:
+class HessianVectorOperator(LinearOperator):
     r""":math:`\nabla^2_\theta f(x) + \lambda I` at fixed ``x`` as a ``[D, D]`` operator.
 
-    Has ``.shape``, ``.dtype``, ``.device`` and ``@`` on ``[D]`` and ``[D, M]``
-    (the ``M`` products in one ``vmap``), so the solvers of
-    :mod:`curvext.linalg` accept it.
+    A :class:`~curvext.linear.LinearOperator`: ``.shape``, ``.dtype``,
+    ``.device`` and ``@`` on ``[D]`` and ``[D, M]`` (the ``M`` products in one
+    ``vmap``), so the solvers of :mod:`curvext.linalg` accept it.
 
     Args:
         func: A function of tensors returning a single-element tensor.
@@ -173,14 +174,14 @@ class HessianVectorOperator:
         index = check_argnums(argnums, arguments, owner)
         self.dim = flat_dim(arguments, index, owner)
         self.owner = owner
-        self.shape = (self.dim, self.dim)
-        self.dtype, self.device = arguments[index].dtype, arguments[index].device
+        super().__init__((self.dim, self.dim), arguments[index].dtype, arguments[index].device)
         self._product = hvp_at_x(func, arguments, index, mode, regularization)
 
-    def __matmul__(self, matrix: Tensor) -> Tensor:
-        """``H @ matrix`` for ``matrix`` ``[D]`` or ``[D, M]``."""
-        if matrix.ndim == 1:
-            return self._product(matrix)
+    def _matmat(self, matrix: Tensor) -> Tensor:
+        """``H @ matrix`` for ``matrix`` ``[D, M]`` (one column without ``vmap``, so a
+        function ``vmap`` cannot batch still multiplies vectors)."""
+        if matrix.shape[1] == 1:
+            return self._product(matrix[:, 0]).unsqueeze(1)
         return vmap(self._product, in_dims=1, out_dims=1)(matrix)
 
     @property

@@ -11,7 +11,9 @@ a dense ``torch.Tensor`` ``[P, P]``, or any object with ``.shape == (P, P)``,
   :class:`NeumannInverse`;
 * :mod:`~curvext.linalg.spectrum`: :func:`lanczos_spectrum`, :func:`lanczos_log_spectrum`,
   :class:`LanczosSpectrum`;
-* :mod:`~curvext.linalg.eigen`: :func:`top_eigenpairs`.
+* :mod:`~curvext.linalg.eigen`: :func:`top_eigenpairs`;
+* :class:`LinearOperator` (from :mod:`curvext.linear`): the root of every
+  curvext operator with ``@``, the inverses here included.
 
 >>> import torch
 >>> from curvext.linalg import CGInverse, hutchinson_trace
@@ -37,6 +39,7 @@ from curvext.linalg.spectrum import (
     lanczos_spectrum,
 )
 from curvext.linalg.trace import hutchinson_trace, hutchpp_trace, xtrace
+from curvext.linear import LinearOperator
 
 __all__ = [
     "hutchinson_trace",
@@ -55,4 +58,5 @@ __all__ = [
     "lanczos_log_spectrum",
     "LanczosSpectrum",
     "top_eigenpairs",
+    "LinearOperator",
 ]

@@ -9,13 +9,13 @@ estimators then only call ``view @ X`` with a matrix of probe vectors.
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
 from curvext.linalg.checks import assert_is_square
+from curvext.linear import LinearOperator
 
 
-class SquareOperator:
+class SquareOperator(LinearOperator):
     """A checked ``[P, P]`` operator: ``dim``, ``dtype``, ``device`` and ``@`` on ``[P, M]``.
 
     Args:
@@ -23,6 +23,7 @@ class SquareOperator:
         owner: The function using it, for error messages.
 
     Example:
+        >>> import torch
         >>> A = as_square_operator(torch.eye(3, dtype=torch.float64), "f")
         >>> A.dim, A.dtype, (A @ torch.ones(3, 2, dtype=torch.float64)).shape
         (3, torch.float64, torch.Size([3, 2]))
@@ -36,10 +37,10 @@ class SquareOperator:
                 f"{owner}: A must expose .shape, .dtype, .device and A @ X, got "
                 f"{type(A).__name__} without {', '.join(missing) or '@'}."
             )
+        super().__init__((self.dim, self.dim), A.dtype, A.device)
         self.operator, self.owner = A, owner
-        self.dtype, self.device = A.dtype, torch.device(A.device)
 
-    def __matmul__(self, matrix: Tensor) -> Tensor:
+    def _matmat(self, matrix: Tensor) -> Tensor:
         """``A @ matrix`` for ``matrix`` ``[P, M]``."""
         product = self.operator @ matrix
         if not isinstance(product, Tensor) or product.shape != matrix.shape:
@@ -59,6 +60,8 @@ class SquareOperator:
             )
         return transpose @ matrix
 
+    _rmatmat = transposed_matmul  # the root's hook, for to_scipy()
+
 
 def as_square_operator(A, owner: str) -> SquareOperator:
     """Wrap ``A`` (checked to be square and to multiply matrices) for ``owner``.
@@ -70,19 +73,3 @@ def as_square_operator(A, owner: str) -> SquareOperator:
     if isinstance(A, SquareOperator):
         return A
     return SquareOperator(A, owner)
-
-
-def as_matrix(operand: Tensor, dim: int, owner: str) -> Tensor:
-    """``operand`` ``[P]`` or ``[P, M]`` as a ``[P, M]`` matrix.
-
-    Raises:
-        ValueError: For any other shape, naming the expected ones.
-
-    Example:
-        >>> as_matrix(torch.ones(4), 4, "f").shape
-        torch.Size([4, 1])
-    """
-    if isinstance(operand, Tensor) and operand.ndim in (1, 2) and operand.shape[0] == dim:
-        return operand.reshape(dim, -1)
-    shape = list(operand.shape) if isinstance(operand, Tensor) else type(operand).__name__
-    raise ValueError(f"{owner} @ x: expected x of shape [{dim}] or [{dim}, M], got {shape}.")

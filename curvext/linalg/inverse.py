@@ -1,8 +1,9 @@
 r"""Matrix-free inverses :math:`\mathbf{A}^{-1}`: conjugate gradients, LSMR and the Neumann series.
 
-All are operators themselves (``.shape``, ``.dtype``, ``.device``, ``@`` on
-``[P]`` and ``[P, M]``), so they can be passed to the estimators of
-:mod:`curvext.linalg` or serve as a preconditioner.
+All are operators themselves (:class:`~curvext.linear.LinearOperator`:
+``.shape``, ``.dtype``, ``.device``, ``@`` on ``[P]`` and ``[P, M]`` with its
+dtype rule), so they can be passed to the estimators of :mod:`curvext.linalg`
+or serve as a preconditioner.
 """
 
 from __future__ import annotations
@@ -14,9 +15,9 @@ from typing import List, Optional
 import torch
 from torch import Tensor
 
-from curvext.linalg.adapter import as_matrix, as_square_operator
+from curvext.linalg.adapter import as_square_operator
 from curvext.linalg.checks import assert_positive_int, check_positive
-from curvext.operators.base import check_damping, scipy_operator
+from curvext.linear import LinearOperator, check_damping
 
 
 @dataclass
@@ -40,7 +41,7 @@ class CGInfo:
     history: List[Tensor]
 
 
-class CGInverse:
+class CGInverse(LinearOperator):
     r"""The inverse of a symmetric positive definite :math:`\mathbf{A}` by (preconditioned) CG.
 
     ``CGInverse(A) @ B`` solves :math:`\mathbf{A}\mathbf{X} = \mathbf{B}` for
@@ -120,27 +121,19 @@ class CGInverse:
                     f"{tuple(preconditioner.shape)}, A has {tuple(A.shape)}; they "
                     f"must have the same size."
                 )
-        self.shape, self.dtype, self.device = (
-            (self._A.dim,) * 2,
-            self._A.dtype,
-            self._A.device,
-        )
+        super().__init__(self._A.shape, self._A.dtype, self._A.device)
         self.info: Optional[CGInfo] = None
 
     def _precondition(self, residuals: Tensor) -> Tensor:
         return residuals if self._preconditioner is None else self._preconditioner @ residuals
 
-    def __matmul__(self, rhs: Tensor) -> Tensor:
-        """``A^{-1} @ rhs`` for ``rhs`` ``[P]`` or ``[P, M]``; sets :attr:`info`.
+    def _matmat(self, rhs: Tensor) -> Tensor:
+        """``A^{-1} @ rhs`` for ``rhs`` ``[P, M]``; sets :attr:`info`.
 
         Raises:
-            ValueError: If ``rhs`` has another shape, or ``A`` (or the
-                preconditioner) turns out not to be positive definite.
+            ValueError: If ``A`` (or the preconditioner) turns out not to be
+                positive definite, or ``rhs`` is not finite.
         """
-        matrix = as_matrix(rhs, self._A.dim, "CGInverse")
-        return self._solve(matrix).reshape(rhs.shape)
-
-    def _solve(self, rhs: Tensor) -> Tensor:
         bad = (~torch.isfinite(rhs)).any(0).nonzero().flatten()
         if bad.numel():
             raise ValueError(
@@ -243,7 +236,7 @@ class CGInverse:
         return f"CGInverse(shape={self.shape}, tol={self.tol:g}, max_iter={self.max_iter})"
 
 
-class NeumannInverse:
+class NeumannInverse(LinearOperator):
     r"""The inverse of :math:`\mathbf{A}` by a truncated Neumann series.
 
     .. math::
@@ -304,11 +297,7 @@ class NeumannInverse:
         power_iterations = assert_positive_int(
             power_iterations, "power_iterations", owner, minimum=0
         )
-        self.shape, self.dtype, self.device = (
-            (self._A.dim,) * 2,
-            self._A.dtype,
-            self._A.device,
-        )
+        super().__init__(self._A.shape, self._A.dtype, self._A.device)
         self.spectral_radius_estimate = None
         if power_iterations:
             self.spectral_radius_estimate = self._spectral_radius(power_iterations, generator)
@@ -343,18 +332,14 @@ class NeumannInverse:
             vector = image / estimate
         return estimate
 
-    def __matmul__(self, rhs: Tensor) -> Tensor:
-        """``A^{-1} @ rhs`` (approximately) for ``rhs`` ``[P]`` or ``[P, M]``.
-
-        Raises:
-            ValueError: If ``rhs`` has another shape.
-        """
-        term = self.scale * as_matrix(rhs, self._A.dim, "NeumannInverse")
+    def _matmat(self, rhs: Tensor) -> Tensor:
+        """``A^{-1} @ rhs`` (approximately) for ``rhs`` ``[P, M]``."""
+        term = self.scale * rhs
         total = term.clone()
         for _ in range(self.num_terms - 1):
             term = self._iteration_matrix(term)
             total = total + term
-        return total.reshape(rhs.shape)
+        return total
 
     def __repr__(self) -> str:
         return (
@@ -403,7 +388,7 @@ class LSMRInfo:
     converged: Tensor
 
 
-class LSMRInverse:
+class LSMRInverse(LinearOperator):
     r"""The (pseudo-)inverse of a square :math:`\mathbf{A}` by LSMR, applied column by column.
 
     ``LSMRInverse(A) @ b`` runs SciPy's LSMR (Fong & Saunders, 2011), which
@@ -506,18 +491,8 @@ class LSMRInverse:
         self.maxiter = (
             10 * self._A.dim if maxiter is None else assert_positive_int(maxiter, "maxiter", owner)
         )
-        self.shape, self.dtype, self.device = (
-            (self._A.dim,) * 2,
-            self._A.dtype,
-            self._A.device,
-        )
-        self._scipy_A = scipy_operator(
-            self.shape,
-            self._A.__matmul__,
-            self._A.transposed_matmul,
-            self.dtype,
-            self.device,
-        )
+        super().__init__(self._A.shape, self._A.dtype, self._A.device)
+        self._scipy_A = self._A.to_scipy()
         self.info: Optional[LSMRInfo] = None
 
     @property
@@ -532,15 +507,14 @@ class LSMRInverse:
             conlim=self.conlim,
         )
 
-    def __matmul__(self, rhs: Tensor) -> Tensor:
-        """``A^{-1} @ rhs`` (least squares) for ``rhs`` ``[P]`` or ``[P, M]``; sets :attr:`info`.
+    def _result_dtype(self, operand_dtype: torch.dtype) -> torch.dtype:
+        # not the root's promoted dtype: the solution comes in A's dtype, as documented above
+        return self.dtype
 
-        Raises:
-            ValueError: If ``rhs`` has another shape.
-        """
+    def _matmat(self, matrix: Tensor) -> Tensor:
+        """``A^{-1} @ matrix`` (least squares) for ``matrix`` ``[P, M]``; sets :attr:`info`."""
         from scipy.sparse.linalg import lsmr
 
-        matrix = as_matrix(rhs, self._A.dim, "LSMRInverse")
         columns = matrix.detach().to("cpu", torch.float64).numpy()
         solutions, results = [], []
         for column in columns.T:
@@ -557,7 +531,7 @@ class LSMRInverse:
             results.append(result)
         solution = torch.stack(solutions, 1).to(self.device, self.dtype)
         self.info = self._info(results, matrix.norm(dim=0))
-        return solution.reshape(rhs.shape)
+        return solution
 
     def _info(self, results, rhs_norms: Tensor) -> LSMRInfo:
         def as_tensor(values, dtype=torch.float64):
@@ -584,7 +558,7 @@ class LSMRInverse:
                 f"(maxiter={self.maxiter}, conlim={self.conlim:g}). Raise maxiter or "
                 f"conlim, loosen atol/btol, or add damping. See .info.",
                 RuntimeWarning,
-                stacklevel=3,
+                stacklevel=4,
             )
         return info
 

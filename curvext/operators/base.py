@@ -13,66 +13,31 @@ A subclass implements a small core on flat matrices: :meth:`_matmat`,
 the three arithmetic hooks (:meth:`_add_scalar`, :meth:`_scale`,
 :meth:`_add_same`) and ``inverse``. The base class derives the three input
 forms of ``@``, ``.T``, ``trace``, ``logdet``, ``det``, the operators ``+``,
-``-``, ``*`` and :meth:`to_scipy` from them, and holds the argument checks
-all operators share (:func:`check_damping`, :func:`as_scalar`).
+``-``, ``*`` from them; the root :class:`curvext.linear.LinearOperator`
+derives the shape and dtype rules of ``@`` and :meth:`to_scipy`. The argument
+checks all operators share (:func:`check_damping`, :func:`as_scalar`) and
+:func:`scipy_operator` live in :mod:`curvext.linear` and are importable from
+here too.
 """
 
 from __future__ import annotations
 
 import math
-import numbers
 from typing import Iterable, List, Sequence, Tuple, Union
 
-import numpy
 import torch
 from torch import Tensor
 
+from curvext.linear import (  # noqa: F401  (scipy_operator: re-exported for jacobian.py)
+    LinearOperator,
+    as_matrix,
+    as_scalar,
+    check_damping,
+    scipy_operator,
+)
+
 #: What ``@`` accepts and returns: ``[P]``, ``[P, M]`` or one tensor per parameter.
 Operand = Union[Tensor, Sequence[Tensor]]
-
-
-def as_scalar(value, what: str = "scalar") -> float:
-    """A real finite number (Python number, NumPy scalar or 0-d tensor) as ``float``.
-
-    Raises:
-        TypeError: If ``value`` is not a real scalar.
-        ValueError: If it is NaN or infinite.
-
-    Example:
-        >>> as_scalar(torch.tensor(2.5))
-        2.5
-    """
-    if isinstance(value, Tensor) and value.numel() == 1 and not value.is_complex():
-        value = value.item()
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{what} must be a real number, got {value!r}.")
-    value = float(value)
-    if not math.isfinite(value):
-        raise ValueError(f"{what} must be finite, got {value}.")
-    return value
-
-
-def check_damping(damping, what: str = "damping") -> float:
-    """Validate a damping value: a finite number ``>= 0``, returned as ``float``.
-
-    Raises:
-        ValueError: If ``damping`` is negative, NaN or infinite (or not a number).
-
-    Example:
-        >>> check_damping(1e-3)
-        0.001
-        >>> check_damping(-1.0)
-        Traceback (most recent call last):
-        ...
-        ValueError: damping must be a finite number >= 0, got -1.0.
-    """
-    try:
-        value = as_scalar(damping, what)
-    except (TypeError, ValueError):
-        value = math.nan
-    if not value >= 0.0:
-        raise ValueError(f"{what} must be a finite number >= 0, got {damping!r}.")
-    return value
 
 
 def collect_params(params: Iterable[Tensor], owner: str) -> List[Tensor]:
@@ -204,11 +169,7 @@ def operand_matrix(
     """
     dim = sum(math.prod(shape) for shape in shapes)
     if isinstance(other, Tensor):
-        if other.ndim in (1, 2) and other.shape[0] == dim:
-            return other.reshape(dim, -1), ("vector" if other.ndim == 1 else "matrix")
-        raise ValueError(
-            f"{owner} @ x: expected x of shape [{dim}] or [{dim}, M], got {list(other.shape)}."
-        )
+        return as_matrix(other, dim, owner), ("vector" if other.ndim == 1 else "matrix")
     if isinstance(other, (list, tuple)) and all(isinstance(t, Tensor) for t in other):
         if [tuple(t.shape) for t in other] != [tuple(shape) for shape in shapes]:
             raise ValueError(
@@ -237,49 +198,7 @@ def operand_like(product: Tensor, form: str, shapes: Sequence[Tuple[int, ...]]) 
     return [block.reshape(shape) for block, shape in zip(product.squeeze(1).split(numels), shapes)]
 
 
-def scipy_operator(shape, matmat, rmatmat, dtype: torch.dtype, device: torch.device):
-    """A :class:`scipy.sparse.linalg.LinearOperator` ``shape`` (float64 NumPy in and out).
-
-    ``matmat`` and ``rmatmat`` multiply by the operator and its transpose in
-    torch (``[D, M]`` to ``[rows, M]``); operands are moved to ``dtype`` on
-    ``device``, products back to float64 NumPy of the operand's form.
-
-    Example:
-        >>> A = torch.tensor([[1.0, 2.0, 0.0], [0.0, 1.0, 1.0]])
-        >>> A_np = scipy_operator(A.shape, A.matmul, A.T.matmul, A.dtype, A.device)
-        >>> A_np.matvec([1.0, 1.0, 1.0]).tolist(), A_np.rmatvec([1.0, 0.0]).tolist()
-        ([3.0, 2.0], [1.0, 2.0, 0.0])
-    """
-    try:
-        from scipy.sparse.linalg import LinearOperator
-    except ImportError as error:  # pragma: no cover - scipy is a test extra
-        raise ImportError(
-            "scipy.sparse.linalg is needed here (to_scipy(), LSMRInverse): pip install scipy"
-        ) from error
-
-    def numpy_product(product, rows: int):
-        def multiply(array):
-            array = numpy.asarray(array)
-            matrix = torch.as_tensor(array, dtype=dtype, device=device)
-            result = product(matrix.reshape(matrix.shape[0], -1))
-            result = result.detach().to("cpu", torch.float64).numpy()
-            return result.reshape((rows,) + array.shape[1:])
-
-        return multiply
-
-    rows, columns = (int(size) for size in shape)
-    forward, backward = numpy_product(matmat, rows), numpy_product(rmatmat, columns)
-    return LinearOperator(
-        (rows, columns),
-        matvec=forward,
-        rmatvec=backward,
-        matmat=forward,
-        rmatmat=backward,
-        dtype=numpy.float64,
-    )
-
-
-class CurvatureOperator:
+class CurvatureOperator(LinearOperator):
     r"""A symmetric ``[P, P]`` curvature matrix over an ordered list of parameters.
 
     Attributes:
@@ -302,17 +221,11 @@ class CurvatureOperator:
 
     def __init__(self, params: Sequence[Tensor], dtype: torch.dtype, device: torch.device):
         self.params = list(params)
-        self.dtype = dtype
-        self.device = torch.device(device)
         self._numels = [p.numel() for p in self.params]
         dim = sum(self._numels)
-        self.shape = (dim, dim)
+        super().__init__((dim, dim), dtype, device)
 
     # ---- core: implemented by every subclass -------------------------------
-
-    def _matmat(self, matrix: Tensor) -> Tensor:
-        """``self @ matrix`` for ``matrix`` ``[P, M]`` on the operator's device."""
-        raise NotImplementedError
 
     def to_dense(self) -> Tensor:
         """The matrix ``[P, P]`` (for small operators and tests)."""
@@ -378,28 +291,14 @@ class CurvatureOperator:
         sign, logabsdet = self._slogdet()
         return sign * logabsdet.exp()
 
-    def __matmul__(self, other: Operand) -> Operand:
-        """``self @ other``, ``other`` ``[P]``, ``[P, M]`` or a list shaped like ``params``.
+    def _parse_operand(self, other: Operand):
+        """``[P]``, ``[P, M]`` or a list shaped like ``params`` (:func:`operand_matrix`);
+        ``None`` (``@`` returns ``NotImplemented``) for anything else."""
+        return operand_matrix(other, [tuple(p.shape) for p in self.params], type(self).__name__)
 
-        The result has the form of ``other``. **Dtypes** (one rule for every
-        operator): the product is computed in the operator's dtype (``other``
-        is cast to it) and returned in ``torch.promote_types`` of the two, so
-        a float32 operator times a float64 vector gives float64 with the
-        operator's float32 accuracy, and a float64 operator times a float32
-        vector computes in float64.
-
-        Raises:
-            ValueError: If ``other``'s shape is none of these (the message
-                names the expected shapes).
-        """
-        shapes = [tuple(p.shape) for p in self.params]
-        operand = operand_matrix(other, shapes, type(self).__name__)
-        if operand is None:
-            return NotImplemented
-        matrix, form = operand
-        result_dtype = torch.promote_types(self.dtype, matrix.dtype)
-        product = self._matmat(matrix.to(self.dtype)).to(result_dtype)
-        return operand_like(product, form, shapes)
+    def _format_result(self, product: Tensor, form: str) -> Operand:
+        """The product in the form of the operand: ``[P]``, ``[P, M]`` or a list."""
+        return operand_like(product, form, [tuple(p.shape) for p in self.params])
 
     def _check_same(self, other: "CurvatureOperator") -> None:
         """Raise unless ``other`` has this class and these parameters, in order."""
@@ -448,22 +347,6 @@ class CurvatureOperator:
 
     def __rsub__(self, other) -> "CurvatureOperator":
         return (-self) + other
-
-    def to_scipy(self):
-        """A :class:`scipy.sparse.linalg.LinearOperator` (float64 NumPy in and out).
-
-        Products are computed in torch on the operator's device and dtype, so
-        ``scipy.sparse.linalg.eigsh`` and ``cg`` run on it.
-
-        Example:
-            >>> from scipy.sparse.linalg import eigsh
-            >>> from curvext.operators import DiagonalOperator
-            >>> p = torch.nn.Parameter(torch.zeros(4))
-            >>> p.ggn_diag = torch.tensor([1.0, 4.0, 2.0, 3.0])
-            >>> eigsh(DiagonalOperator.from_params([p]).to_scipy(), k=1)[0].round(6)
-            array([4.])
-        """
-        return scipy_operator(self.shape, self._matmat, self._matmat, self.dtype, self.device)
 
     def __repr__(self) -> str:
         return (

@@ -38,12 +38,8 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, jvp, vjp, vmap
 
-from curvext.operators.base import (
-    Operand,
-    operand_like,
-    operand_matrix,
-    scipy_operator,
-)
+from curvext.linear import LinearOperator
+from curvext.operators.base import Operand, operand_like, operand_matrix
 from curvext.operators.matrix_free import padding_rows, zero_padding_rows
 from curvext.operators.passes import DataPass, check_deterministic
 from curvext.torch_quirks import load_forward_ad_quietly
@@ -302,7 +298,7 @@ class _DataJacobian:
         check_deterministic(self.jvp_pass, sum(self.numels), self.dtype, self.device, self.owner)
 
 
-class _JacobianSide:
+class _JacobianSide(LinearOperator):
     """The interface both orientations share; a subclass says which pass it runs."""
 
     _what_in = ""
@@ -329,13 +325,12 @@ class _JacobianSide:
 
     def _attach(self, core: _DataJacobian) -> None:
         self._core, self._partner = core, None
+        super().__init__(self._orient(core.rows, sum(core.numels)), core.dtype, core.device)
         self.model, self.data, self.params = core.model, core.data, core.params
-        self.dtype, self.device = core.dtype, core.device
         self.num_data, self.progressbar = core.num_data, core.progressbar
         #: The per-sample output shape ``S`` and the number of samples ``N``.
         self.output_shape, self.num_samples = core.sample_shape, core.num_samples
         self._output_shapes = [(core.num_samples, *core.sample_shape)]
-        self.shape = self._orient(core.rows, sum(core.numels))
 
     # ---- orientation (subclasses) ------------------------------------------
 
@@ -369,19 +364,14 @@ class _JacobianSide:
             partner._partner, self._partner = self, partner
         return self._partner
 
-    def __matmul__(self, other: Operand) -> Operand:
-        """``self @ other`` (the class docstring lists the forms); the result has ``other``'s form.
+    def _parse_operand(self, other: Operand):
+        """``[C]``, ``[C, M]`` or a list of tensors shaped like the input side
+        (:func:`~curvext.operators.base.operand_matrix`; its message names the
+        expected shapes); ``None`` for anything else."""
+        return operand_matrix(other, self._in_shapes, type(self).__name__, self._what_in)
 
-        Raises:
-            ValueError: If ``other``'s shape is none of the accepted ones (the
-                message names the expected shapes), or ``data`` changed since
-                construction.
-        """
-        operand = operand_matrix(other, self._in_shapes, type(self).__name__, self._what_in)
-        if operand is None:
-            return NotImplemented
-        matrix, form = operand
-        product = self._matmat(matrix.to(self.device, self.dtype))
+    def _format_result(self, product: Tensor, form: str) -> Operand:
+        """The product in the form of the operand."""
         return operand_like(product, form, self._out_shapes)
 
     def to_dense(self) -> Tensor:
@@ -397,15 +387,6 @@ class _JacobianSide:
             eye = torch.eye(rows, dtype=self.dtype, device=self.device)
             jacobian = self._core.vjp_pass(eye).T
         return jacobian if isinstance(self, JacobianOperator) else jacobian.T
-
-    def to_scipy(self):
-        """A rectangular :class:`scipy.sparse.linalg.LinearOperator` (float64 NumPy in and out).
-
-        ``matvec``/``matmat`` multiply by the operator, ``rmatvec``/``rmatmat``
-        by its transpose, all in torch on the operator's device and dtype (so
-        ``scipy.sparse.linalg.lsmr`` and ``svds`` run on it).
-        """
-        return scipy_operator(self.shape, self._matmat, self.T._matmat, self.dtype, self.device)
 
     def __repr__(self) -> str:
         return (

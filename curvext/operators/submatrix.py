@@ -12,6 +12,8 @@ from typing import Sequence, Union
 import torch
 from torch import Tensor
 
+from curvext.linear import LinearOperator
+
 Indices = Union[Sequence[int], Tensor]
 
 
@@ -43,7 +45,7 @@ def _as_indices(indices: Indices, size: int, what: str) -> Tensor:
     return index_tensor.to(torch.int64)
 
 
-class Submatrix:
+class Submatrix(LinearOperator):
     r"""The rows ``row_idxs`` and columns ``col_idxs`` of an operator: :math:`\mathbf{A}_{I,J}`.
 
     .. math::
@@ -95,37 +97,18 @@ class Submatrix:
             )
         self._A = A
         self._outer_shape = tuple(int(size) for size in shape)
-        self.dtype, self.device = A.dtype, torch.device(A.device)
-        self.row_idxs = _as_indices(row_idxs, self._outer_shape[0], "row_idxs").to(self.device)
-        self.col_idxs = _as_indices(col_idxs, self._outer_shape[1], "col_idxs").to(self.device)
-        self.shape = (self.row_idxs.numel(), self.col_idxs.numel())
+        device = torch.device(A.device)
+        self.row_idxs = _as_indices(row_idxs, self._outer_shape[0], "row_idxs").to(device)
+        self.col_idxs = _as_indices(col_idxs, self._outer_shape[1], "col_idxs").to(device)
+        super().__init__((self.row_idxs.numel(), self.col_idxs.numel()), A.dtype, device)
 
-    def __matmul__(self, other: Tensor) -> Tensor:
-        """``A[I, J] @ other`` for ``other`` ``[C]`` or ``[C, M]``; the result has ``R`` rows.
-
-        Raises:
-            ValueError: For any other shape, naming the expected ones.
-        """
-        columns = self.shape[1]
-        if not (isinstance(other, Tensor) and other.ndim in (1, 2) and other.shape[0] == columns):
-            shape = list(other.shape) if isinstance(other, Tensor) else type(other).__name__
-            raise ValueError(
-                f"Submatrix @ x: expected x of shape [{columns}] or [{columns}, M], got {shape}."
-            )
-        matrix = other.reshape(columns, -1)
+    def _matmat(self, matrix: Tensor) -> Tensor:
+        """``A[I, J] @ matrix`` ``[R, M]`` for ``matrix`` ``[C, M]``."""
         embedded = torch.zeros(
-            self._outer_shape[1],
-            matrix.shape[1],
-            dtype=torch.promote_types(self.dtype, matrix.dtype),
-            device=matrix.device,
-        ).index_add_(
-            0,
-            self.col_idxs.to(matrix.device),
-            matrix.to(torch.promote_types(self.dtype, matrix.dtype)),
-        )
+            self._outer_shape[1], matrix.shape[1], dtype=self.dtype, device=self.device
+        ).index_add_(0, self.col_idxs, matrix)
         product = self._A @ embedded
-        rows = product[self.row_idxs.to(product.device)]
-        return rows.reshape(self.shape[0]) if other.ndim == 1 else rows
+        return product[self.row_idxs.to(product.device)]
 
     @property
     def T(self) -> "Submatrix":
