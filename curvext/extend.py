@@ -106,13 +106,10 @@ def extend(module: nn.Module) -> nn.Module:
 
 
 def _record_call(module: nn.Module, args, kwargs, output):
-    # taken at once: a call that records nothing must not keep them alive
-    raw_inputs = vars(module).pop(RAW_INPUTS, None)
-    if not recording_enabled():
-        return None
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() and recording_enabled():
         # dynamo runs this hook eagerly at a graph break; it only gets here
-        # when it must trace it (fullgraph=True)
+        # when it must trace it (fullgraph=True). Checked first: torch 2.5's
+        # dynamo cannot trace the vars() below and would fail with its own message
         raise RuntimeError(
             f"torch.compile is tracing curvext's recording hook on "
             f"{type(module).__name__}, which it cannot compile. Compile the extended "
@@ -120,6 +117,10 @@ def _record_call(module: nn.Module, args, kwargs, output):
             "compiled regions, and curvext is exact), or run the curvature step on "
             "the uncompiled model (compiled._orig_mod shares its parameters)."
         )
+    # taken at once: a call that records nothing must not keep them alive
+    raw_inputs = vars(module).pop(RAW_INPUTS, None)
+    if not recording_enabled():
+        return None
     # modules whose sub-modules own parameters are recorded too: their call
     # covers parameters used without a module call (MultiheadAttention's
     # out_proj, F.linear(x, self.child.weight))

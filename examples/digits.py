@@ -8,12 +8,14 @@ over a batch,
 - KFAC factors (type-2) and the eigenvalues of each Kronecker block,
 - per-sample gradients, their norms and the gradient variance,
 
-and prints a per-parameter summary.
+and prints a per-parameter summary with a legend of its columns.
 
 Run: ``python examples/digits.py``.
 """
 
 from __future__ import annotations
+
+import textwrap
 
 import torch
 from sklearn.datasets import load_digits
@@ -21,6 +23,34 @@ from torch import nn
 
 from curvext import backpack, extend
 from curvext.extensions import KFAC, BatchGrad, BatchL2Grad, GGNDiag, SqrtGGN, Variance
+
+MC_SAMPLES = 32
+
+
+def legend(batch_size: int, mc_samples: int, width: int = 90) -> str:
+    """What each column of the table means, printed under it."""
+    columns = {
+        "parameter": "name of the parameter tensor p; shape: its shape",
+        "tr GGN": "trace of p's block of the exact GGN: the sum of its diagonal (GGNDiag)",
+        f"tr MC{mc_samples}": f"the same trace of the Monte-Carlo GGN, {mc_samples} labels "
+        "sampled from the model's predictive per input (SqrtGGN): an unbiased estimate of tr GGN",
+        "KFAC λmax": "largest eigenvalue of p's type-2 KFAC block: the product of the largest "
+        "eigenvalues of its Kronecker factors p.kfac (LayerNorm: exact block)",
+        "|g_n| mean": "mean over the batch of the norm of p's individual gradients "
+        "g_n = ∇ℓ_n / N, which sum to the gradient p.grad (BatchL2Grad)",
+        "noise": "gradient noise scale B_simple = tr(Σ)/|g|²: the variance over the batch (1/N) "
+        "of the per-sample gradients ∇ℓ_n, summed over p's entries (Variance), over the squared "
+        "norm of their mean g = p.grad; about the batch size at which the gradient noise is as "
+        "large as the gradient",
+    }
+    lines = [
+        f"Columns, for the batch's mean loss L = (1/N) Σ_n ℓ_n (cross-entropy, N = {batch_size}):"
+    ]
+    for name, text in columns.items():
+        lines += textwrap.wrap(
+            text, width, initial_indent=f"  {name:<11s} ", subsequent_indent=" " * 14
+        )
+    return "\n".join(lines)
 
 
 class ResidualMLP(nn.Module):
@@ -63,7 +93,7 @@ def main():
     loss = loss_fn(model(batch_X), batch_y)
     with backpack(
         GGNDiag(),
-        SqrtGGN(mc_samples=32),
+        SqrtGGN(mc_samples=MC_SAMPLES),
         KFAC(fisher_type="type-2"),
         BatchGrad(),
         BatchL2Grad(),
@@ -73,7 +103,7 @@ def main():
 
     print(f"\nCurvature at the trained model (batch of {len(batch_X)}, loss {loss:.3f})")
     header = (
-        f"{'parameter':14s} {'shape':>10s} {'tr GGN':>9s} {'tr MC32':>9s} "
+        f"{'parameter':14s} {'shape':>10s} {'tr GGN':>9s} {f'tr MC{MC_SAMPLES}':>9s} "
         f"{'KFAC λmax':>10s} {'|g_n| mean':>10s} {'noise':>8s}"
     )
     print(header)
@@ -83,8 +113,8 @@ def main():
         kfac_max = 1.0
         for factor in p.kfac:
             kfac_max *= torch.linalg.eigvalsh(factor)[-1].item()
-        # gradient noise-to-signal: variance of the individual gradients over
-        # their squared mean
+        # gradient noise scale: summed variance of the individual gradients
+        # over the squared norm of their mean (see legend())
         mean_grad = p.grad / len(batch_X)
         noise = (p.variance.sum() / mean_grad.square().sum().clamp_min(1e-20)).item()
         print(
@@ -93,6 +123,7 @@ def main():
             f"{p.batch_l2.sqrt().mean().item():10.4f} {noise:8.2f}"
         )
     total = sum(p.ggn_diag.sum() for p in model.parameters())
+    print(legend(len(batch_X), MC_SAMPLES))
     print(f"\ntrace of the GGN: {total:.4f} (sum of the GGN diagonal)")
     print(
         "per-sample gradients sum to the gradient:",

@@ -169,7 +169,7 @@ def laplace_torch_backend(model, X, y, test_X, test_y):
     try:
         from laplace import Laplace
     except ImportError:
-        print("laplace-torch is not installed (pip install curvext[laplace]); skipped.")
+        print("laplace-torch is not installed (pip install laplace-torch); skipped.")
         return
     from curvext.integrations.laplace import CurvextGGN
 

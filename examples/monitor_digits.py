@@ -8,7 +8,9 @@ mini-batch, the GGN's trace and the gradient noise scale
 given). With this learning rate the largest eigenvalue (the "sharpness") of
 the mini-batch GGN first rises, then hovers around the stability limit
 ``2 / lr`` of gradient descent, as Cohen et al. (2021) describe for the
-full-batch Hessian ("edge of stability"); the printout shows both.
+full-batch Hessian ("edge of stability"); the printout shows both, and the
+plot (``logger.plot(path, lr=...)``) draws the eigenvalues against the dashed line ``2 / lr``
+above the trace and the noise scale.
 
 Run: ``python examples/monitor_digits.py [eigenvalues.png]``; about 10 s on
 two CPU cores. Needs scikit-learn and matplotlib
@@ -78,11 +80,12 @@ def main(argv=None):
     del records
 
     try:
-        logger.plot(args.plot)
+        logger.plot(args.plot, lr=args.lr)  # 2/lr: the stability limit of gradient descent
     except ImportError as error:
         print(f"not plotting: {error}")
-        return
+        return logger.records
     print(f"plot in {args.plot}")
+    return logger.records
 
 
 if __name__ == "__main__":

@@ -520,7 +520,11 @@ def test_fullgraph_compile_is_refused_naming_torch_compile():
     torch._dynamo.reset()  # a cached graph of another test would run the hooks eagerly
     model = extend(mlp())
     compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
-    with pytest.raises(Exception, match="torch.compile.*fullgraph=True"):
+    # torch 2.5's dynamo refuses too, but replaces the hook's message with
+    # "Observed exception" (seen on 2.5.1; 2.13 and 2.14 keep curvext's)
+    older = tuple(int(part) for part in torch.__version__.split(".")[:2]) < (2, 13)
+    expected = "torch.compile.*fullgraph=True" + ("|Observed exception" if older else "")
+    with pytest.raises(Exception, match=expected):
         compiled(torch.randn(N, 3))
 
 

@@ -67,7 +67,8 @@ try:
 except ImportError as error:  # pragma: no cover - exercised without the extra
     raise ImportError(
         "curvext.integrations.laplace needs laplace-torch, which is not "
-        "installed: pip install curvext[laplace] (or pip install laplace-torch)."
+        "installed: pip install laplace-torch (curvext's 'laplace' extra; it may "
+        "bring another torch: install it with the torch you use)."
     ) from error
 
 from curvext.context import backpack, disable

@@ -300,18 +300,48 @@ class EigenLogger:
                 records.append(record)
             return records
 
-    def plot(self, path: Union[str, os.PathLike], group: int = 0) -> None:
-        """Draw the logged eigenvalues and trace over steps, save to ``path``.
+    def plot(
+        self, path: Union[str, os.PathLike, None] = None, group: int = 0, lr: Optional[float] = None
+    ):
+        """Draw the logged eigenvalues, trace and noise over steps (:func:`plot_records`).
 
-        Top: the ``top_k`` largest eigenvalues and the trace (log scale).
-        Bottom (if noise was logged): the gradient noise scale. Needs
-        matplotlib (``pip install curvext[monitor]``).
+        Args:
+            path: Where to save the image (``None``: not saved).
+            group: The parameter group to plot.
+            lr: The learning rate of (S)GD: draws its stability limit ``2 / lr``
+                on the eigenvalue axis.
+
+        Returns:
+            The matplotlib ``Figure``. Needs matplotlib (``pip install
+            matplotlib``, or curvext's ``monitor`` extra).
         """
-        plot_records(self.records, path, group=group)
+        return plot_records(self.records, path, group=group, lr=lr)
 
 
-def plot_records(records: Sequence[Dict[str, Any]], path, group: int = 0) -> None:
-    """Plot records of :class:`EigenLogger` (in memory or :meth:`EigenLogger.read`)."""
+def plot_records(
+    records: Sequence[Dict[str, Any]],
+    path=None,
+    group: int = 0,
+    lr: Optional[float] = None,
+    average: int = 5,
+):
+    """Plot records of :class:`EigenLogger` (in memory or :meth:`EigenLogger.read`)
+    over the steps; save to ``path`` if given.
+
+    Panels on one step axis: the top eigenvalues, largest first, with the
+    stability limit ``2 / lr`` of gradient descent if ``lr`` is given; the
+    trace of the GGN on its own axis; if noise was logged, the gradient noise
+    scale (per logged batch and its running mean over ``average`` of them).
+    An axis is logarithmic, with ticks at 1, 2, 5 × 10^k, where its values span
+    a factor of ten or more, linear otherwise; legends sit outside the axes.
+
+    Returns:
+        The matplotlib ``Figure`` (made without pyplot: no window opens).
+
+    Raises:
+        ValueError: If there is no record of ``group``.
+        ImportError: If matplotlib is not installed.
+    """
     # nothing to plot is the first thing to say, with or without matplotlib
     records = [record for record in records if record.get("group", 0) == group]
     if not records:
@@ -324,31 +354,95 @@ def plot_records(records: Sequence[Dict[str, Any]], path, group: int = 0) -> Non
     except ImportError as error:
         raise ImportError(
             "EigenLogger.plot() needs matplotlib, which is not installed: "
-            "pip install matplotlib (or pip install 'curvext[monitor]')."
+            "pip install matplotlib (curvext's 'monitor' extra)."
         ) from error
-    with_noise = "noise_scale" in records[0]
-    figure = Figure(figsize=(7, 6 if with_noise else 4), layout="constrained")
-    axes = figure.subplots(2 if with_noise else 1, 1, sharex=True, squeeze=False)[:, 0]
     steps = [record["step"] for record in records]
+    with_noise = "noise_scale" in records[0]
+    figure = Figure(figsize=(8, 7.5 if with_noise else 5.5), layout="constrained")
+    axes = figure.subplots(
+        3 if with_noise else 2, 1, sharex=True, height_ratios=[2, 1, 1] if with_noise else [2, 1]
+    )
+    eig_ax, trace_ax = axes[0], axes[1]
+
     top_k = max(len(record["top_eigvals"]) for record in records)
-    for i in range(top_k):
-        values = [
-            record["top_eigvals"][i] if i < len(record["top_eigvals"]) else math.nan
-            for record in records
-        ]
-        axes[0].plot(steps, values, label=f"$\\lambda_{{{i + 1}}}$", lw=1.5 if i == 0 else 1)
-    axes[0].plot(steps, [record["trace"] for record in records], "k--", lw=1, label="trace")
-    axes[0].set_yscale("log")
-    axes[0].set_ylabel("GGN eigenvalue")
-    axes[0].set_title("Top GGN eigenvalues" + (f" (group {group})" if group else ""))
-    axes[0].legend(loc="best", fontsize="small", ncol=2)
+    eigvals = [
+        [r["top_eigvals"][i] if i < len(r["top_eigvals"]) else math.nan for r in records]
+        for i in range(top_k)
+    ]
+    for i, values in enumerate(eigvals):
+        label = "$\\lambda_1 = \\lambda_{\\max}$" if i == 0 else f"$\\lambda_{{{i + 1}}}$"
+        eig_ax.plot(steps, values, lw=1.8 if i == 0 else 1, label=label, zorder=3 - i / top_k)
+    limits = [] if lr is None else [2 / lr]
+    for limit in limits:
+        eig_ax.axhline(
+            limit,
+            color="black",
+            ls="--",
+            lw=1.2,
+            label=f"2 / lr = {limit:g}:\nstability limit\nof gradient descent",
+        )
+    _scale(eig_ax, [v for values in eigvals for v in values] + limits)
+    eig_ax.set_ylabel("eigenvalue of the\nmini-batch GGN")
+    eig_ax.set_title(f"Top {top_k} eigenvalues, largest first", loc="left", fontsize="medium")
+    eig_ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1), borderaxespad=0, fontsize="small")
+
+    traces = [record["trace"] for record in records]
+    trace_ax.plot(steps, traces, color="tab:brown", lw=1.2)
+    _scale(trace_ax, traces)
+    trace_ax.set_ylabel("tr G")
+    trace_ax.set_title("Trace of the mini-batch GGN", loc="left", fontsize="medium")
+
     if with_noise:
+        noise_ax = axes[2]
         noise = [record["noise_scale"] for record in records]
-        axes[1].plot(steps, noise, color="tab:gray")
-        axes[1].set_yscale("log")
-        axes[1].set_ylabel("gradient noise scale\n" r"$\mathrm{tr}\,\Sigma / \|g\|^2$")
-    axes[-1].set_xlabel("step")
-    figure.savefig(os.fspath(path), dpi=120)
+        window = min(average, len(noise))
+        running = []
+        for i in range(len(noise)):
+            recent = noise[max(0, i - window + 1) : i + 1]
+            running.append(sum(recent) / len(recent))
+        noise_ax.plot(steps, noise, color="tab:gray", lw=0.8, label="per batch")
+        noise_ax.plot(
+            steps, running, color="black", lw=1.5, label=f"mean of the last\n{window} logged"
+        )
+        _scale(noise_ax, noise)
+        noise_ax.set_ylabel("$B_\\mathrm{simple}$ (samples)")
+        noise_ax.set_title(
+            "Gradient noise scale $\\mathrm{tr}\\,\\Sigma / \\|g\\|^2$",
+            loc="left",
+            fontsize="medium",
+        )
+        noise_ax.legend(
+            loc="upper left", bbox_to_anchor=(1.01, 1), borderaxespad=0, fontsize="small"
+        )
+
+    batch = records[0].get("batch_size")
+    axes[-1].set_xlabel("step" + (f" (mini-batches of {batch})" if batch else ""))
+    for ax in axes:
+        ax.grid(True, which="major", alpha=0.3)
+    figure.suptitle(
+        "GGN spectrum, trace"
+        + (" and gradient noise" if with_noise else "")
+        + " while training"
+        + ("" if lr is None else f" (SGD, lr = {lr:g})")
+        + (f" (group {group})" if group else "")
+    )
+    if path is not None:
+        figure.savefig(os.fspath(path), dpi=120)
+    return figure
+
+
+def _scale(ax, values):
+    """A log axis with ticks at 1, 2, 5 × 10^k over a wide range, else a linear one."""
+    from matplotlib import ticker
+
+    finite = [v for v in values if math.isfinite(v)]
+    if finite and min(finite) > 0 and max(finite) / min(finite) >= 10:
+        # a range of ten or more holds at least three of 1, 2, 5, 10, 20, ...
+        ax.set_yscale("log")
+        ax.yaxis.set_major_locator(ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
+        ax.yaxis.set_major_formatter(ticker.FuncFormatter(lambda y, _: f"{y:g}"))
+        ax.yaxis.set_minor_locator(ticker.LogLocator(subs=(3.0, 4.0, 6.0, 7.0, 8.0, 9.0)))
+        ax.yaxis.set_minor_formatter(ticker.NullFormatter())
 
 
 def _batch_size(noise: Optional[GradientNoise]) -> Optional[int]:
