@@ -9,7 +9,7 @@ ones), never made dense. A leaf module: the operators and the extensions
 from __future__ import annotations
 
 import functools
-from typing import Sequence, Tuple
+from typing import Dict, List, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -97,3 +97,47 @@ def dense_kron_matrix(factors: Sequence[Tensor]) -> Tensor:
     """``torch.kron`` of factors as matrices (1-D factors are diagonals)."""
     # torch.kron fails on some strides (eigh returns column-major vectors)
     return functools.reduce(torch.kron, [as_matrix(f).contiguous() for f in factors])
+
+
+#: A factor's place in a list of Kronecker blocks: ``(block, slot)``.
+Slot = Tuple[int, int]
+
+
+class SharedFactors:
+    """Which factors of a list of Kronecker blocks are one shared factor.
+
+    KFAC gives a weight and its bias the same output-side factor ``G`` (the
+    bias is the weight's column for a constant input); curvext stores that
+    one tensor in both parameters' ``p.kfac`` lists, BackPACK-style. Where
+    factors enter an operator or a data pass, this map is built once, and
+    everything done per factor (a running sum over batches, an
+    eigendecomposition, an inverse, π-damping) is done once per shared
+    factor, found by its :meth:`key`, the first place it occurs.
+
+    Args:
+        blocks: Per block (parameter) its factors, e.g. ``[p.kfac for p in params]``.
+
+    Example:
+        >>> G, A = torch.eye(2), torch.eye(3)
+        >>> shared = SharedFactors([[G, A], [G]])
+        >>> shared.key(1, 0), shared.holders(1, 0)
+        ((0, 0), [(0, 0), (1, 0)])
+    """
+
+    def __init__(self, blocks: Sequence[Sequence[Tensor]]):
+        first: Dict[int, Slot] = {}  # identity of a factor -> its first slot; blocks hold them
+        self._keys: Dict[Slot, Slot] = {}
+        self._holders: Dict[Slot, List[Slot]] = {}
+        for block_index, block in enumerate(blocks):
+            for slot, factor in enumerate(block):
+                key = first.setdefault(id(factor), (block_index, slot))
+                self._keys[block_index, slot] = key
+                self._holders.setdefault(key, []).append((block_index, slot))
+
+    def key(self, block: int, slot: int) -> Slot:
+        """The first slot holding the factor at ``(block, slot)`` (itself if unshared)."""
+        return self._keys[block, slot]
+
+    def holders(self, block: int, slot: int) -> List[Slot]:
+        """Every slot holding the factor at ``(block, slot)``, in order."""
+        return list(self._holders[self.key(block, slot)])

@@ -18,7 +18,7 @@ from typing import Any, List, Optional, Tuple
 
 from torch import Tensor
 
-from curvext.rules.base import ModuleRule
+from curvext.rules.families import Grads, PerSampleRule
 
 
 class Combine(enum.Enum):
@@ -123,11 +123,15 @@ class Extension:
         key = self.column_set()
         return () if key is None else (key,)
 
-    def reduce(self, rule: ModuleRule, name: str, grads) -> Any:
-        """Partial result for one chunk of columns (of one column set)."""
+    def reduce(self, rule: PerSampleRule, name: str, grads: Grads) -> Any:
+        """Partial result for one chunk of columns (of one column set).
+
+        ``rule`` answers the family of :mod:`curvext.rules.families` that the
+        extension reads (every rule answers :class:`PerSampleRule`).
+        """
         raise NotImplementedError
 
-    def finalize(self, rule: ModuleRule, name: str, partial: Any, info: RunInfo) -> Any:
+    def finalize(self, rule: PerSampleRule, name: str, partial: Any, info: RunInfo) -> Any:
         """The value stored as ``p.<savefield>``."""
         return partial
 

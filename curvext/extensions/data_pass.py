@@ -7,13 +7,14 @@ can combine the batches as one batch of the whole data set would give them.
 
 from __future__ import annotations
 
-from typing import Dict, Optional
+from typing import Dict, Optional, cast
 
 from torch import Tensor
 
 from curvext.extensions.base import Extension, RunInfo
 from curvext.extensions.ggn_diag import GGNDiag
 from curvext.extensions.kfac import KFAC
+from curvext.rules.families import KroneckerRule, OuterProductRule, PerSampleRule
 
 #: Columns per batched backward in the KFAC/EKFAC passes over a data set (read
 #: by the engine as ``columns_per_backward``). Their reductions are sums of
@@ -55,7 +56,7 @@ class ForData(Extension):
 
 
 class GGNDiagForData(ForData, GGNDiag):
-    def finalize(self, rule, name, partial, info):
+    def finalize(self, rule: PerSampleRule, name: str, partial: Tensor, info: RunInfo):
         return super().finalize(rule, name, partial, info), (True,)
 
 
@@ -80,10 +81,11 @@ class KFACForData(ForData, KFAC):
     def accumulated(self, param: Tensor, value: Tensor) -> bool:
         return self.input_sums is not None and self.input_sums.get(id(param)) is value
 
-    def finalize(self, rule, name, partial, info):
+    def finalize(self, rule: KroneckerRule, name: str, partial, info: RunInfo):
         output_factor = self.output_factor(rule, name, partial, info)
         param = rule.param(name)
         if self.input_sums is not None and rule.outer_product_vectors(name):
+            rule = cast(OuterProductRule, rule)
             input_sum = self.input_sums.get(id(param))
             factors = rule.kfac_factors(
                 name,

@@ -4,7 +4,7 @@ eigenbasis (see :mod:`curvext.operators.ekfac` for the operator and the math).
 
 from __future__ import annotations
 
-from typing import Dict, List, Sequence
+from typing import Dict, List, Sequence, cast
 
 import torch
 from torch import Tensor
@@ -12,7 +12,8 @@ from torch import Tensor
 from curvext.extensions.data_pass import DATA_PASS_COLUMNS, ForData
 from curvext.extensions.kfac import KFAC, fisher_scaled
 from curvext.kronecker import factor_transpose, kron_matmat
-from curvext.rules.factored import FactoredRule, sum_of_squares
+from curvext.rules.factored import sum_of_squares
+from curvext.rules.families import Grads, OuterProductRule, PerSampleRule
 
 
 def eigenvalue_corrections(vectors: Tensor, eigenvectors: Sequence[Tensor]) -> Tensor:
@@ -58,13 +59,15 @@ class EKFACCorrections(ForData, KFAC):
         # id(rule) -> (its inputs, their rotation): see _rotated_inputs
         self._rotated: Dict[int, tuple] = {}
 
-    def reduce(self, rule, name, grads):
+    def reduce(self, rule: PerSampleRule, name: str, grads: Grads) -> Tensor:
         param = rule.param(name)
         eigenvectors = self.eigenvectors.get(id(param))
         if eigenvectors is None:  # a trainable parameter that was not asked for
             return torch.zeros((), dtype=param.dtype, device=param.device)
         if self._factored(rule, name, eigenvectors):
-            return self._factored_corrections(rule, name, grads, eigenvectors)
+            return self._factored_corrections(
+                cast(OuterProductRule, rule), name, grads, eigenvectors
+            )
 
         def corrections(vectors):
             return eigenvalue_corrections(vectors.flatten(0, 1).flatten(1), eigenvectors)
@@ -72,15 +75,15 @@ class EKFACCorrections(ForData, KFAC):
         return rule.chunked(name, grads, corrections)
 
     @staticmethod
-    def _factored(rule, name: str, eigenvectors: List[Tensor]) -> bool:
+    def _factored(rule: PerSampleRule, name: str, eigenvectors: List[Tensor]) -> bool:
         """Whether the weight's vectors are one outer product per position (one group)."""
         return (
             rule.outer_product_vectors(name)
             and len(eigenvectors) == 2
-            and rule.inputs().shape[1] == 1
+            and cast(OuterProductRule, rule).inputs().shape[1] == 1
         )
 
-    def _rotated_inputs(self, rule: FactoredRule, input_basis: Tensor) -> Tensor:
+    def _rotated_inputs(self, rule: OuterProductRule, input_basis: Tensor) -> Tensor:
         """``Q_Aᵀ A`` ``[N, d_in, T]`` (for one position its squares ``[N, d_in]``),
         computed once per batch, not once per chunk of columns; dropped in
         :meth:`finalize`. The rotation replaces the rule's ``A`` (this pass
@@ -95,7 +98,7 @@ class EKFACCorrections(ForData, KFAC):
         return cached[1]
 
     def _factored_corrections(
-        self, rule: FactoredRule, name: str, grads, eigenvectors: List[Tensor]
+        self, rule: OuterProductRule, name: str, grads: Grads, eigenvectors: List[Tensor]
     ) -> Tensor:
         r"""``s`` from the rotated sides ``Q_Gᵀ G`` and ``Q_Aᵀ A`` (no ``[K, N, P]``)."""
         grad_basis, input_basis = eigenvectors if rule.grad_first else reversed(eigenvectors)

@@ -8,7 +8,10 @@ column "loss gradient".
 
 from __future__ import annotations
 
-from curvext.extensions.base import GRADIENT, Extension
+from torch import Tensor
+
+from curvext.extensions.base import GRADIENT, Extension, RunInfo
+from curvext.rules.families import Grads, PerSampleRule
 
 
 class _FirstOrder(Extension):
@@ -35,7 +38,7 @@ class BatchGrad(_FirstOrder):
 
     savefield = "grad_batch"
 
-    def reduce(self, rule, name, grads):
+    def reduce(self, rule: PerSampleRule, name: str, grads: Grads) -> Tensor:
         return rule.per_sample(name, grads)[0]
 
 
@@ -44,7 +47,7 @@ class BatchL2Grad(_FirstOrder):
 
     savefield = "batch_l2"
 
-    def reduce(self, rule, name, grads):
+    def reduce(self, rule: PerSampleRule, name: str, grads: Grads) -> Tensor:
         return rule.batch_l2(name, grads)
 
 
@@ -53,7 +56,7 @@ class SumGradSquared(_FirstOrder):
 
     savefield = "sum_grad_squared"
 
-    def reduce(self, rule, name, grads):
+    def reduce(self, rule: PerSampleRule, name: str, grads: Grads) -> Tensor:
         return rule.diag(name, grads)
 
 
@@ -66,10 +69,10 @@ class Variance(_FirstOrder):
 
     savefield = "variance"
 
-    def reduce(self, rule, name, grads):
+    def reduce(self, rule: PerSampleRule, name: str, grads: Grads) -> Tensor:
         return rule.sample_sum(name, grads)[0], rule.diag(name, grads)
 
-    def finalize(self, rule, name, partial, info):
+    def finalize(self, rule: PerSampleRule, name: str, partial: Tensor, info: RunInfo) -> Tensor:
         grad, sum_grad_squared = partial
         batch = info.batch_size
         return sum_grad_squared / batch - (grad / batch) ** 2

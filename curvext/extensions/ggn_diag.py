@@ -7,7 +7,10 @@ per-sample vectors of the exact loss-Hessian square root
 
 from __future__ import annotations
 
+from torch import Tensor
+
 from curvext.extensions.base import Extension, check_mc_samples, ggn_columns
+from curvext.rules.families import Grads, PerSampleRule
 
 
 class GGNDiag(Extension):
@@ -39,7 +42,7 @@ class GGNDiag(Extension):
     def column_set(self):
         return ggn_columns(self.mc_samples)
 
-    def reduce(self, rule, name, grads):
+    def reduce(self, rule: PerSampleRule, name: str, grads: Grads) -> Tensor:
         return rule.diag(name, grads)
 
 
@@ -51,5 +54,5 @@ class BatchGGNDiag(GGNDiag):
 
     savefield = "batch_ggn_diag"
 
-    def reduce(self, rule, name, grads):
+    def reduce(self, rule: PerSampleRule, name: str, grads: Grads) -> Tensor:
         return rule.batch_diag(name, grads)

@@ -28,6 +28,7 @@ import torch
 from torch import Tensor
 
 from curvext.extensions.base import Combine, Extension, RunInfo, check_mc_samples, ggn_columns
+from curvext.rules.families import Grads, GramRule
 
 
 class _GramPiece:
@@ -186,13 +187,13 @@ class GGNEigen(Extension):
     def _in_groups(self, param: Tensor) -> bool:
         return self._group_of is None or id(param) in self._group_of
 
-    def reduce(self, rule, name, grads):
+    def reduce(self, rule: GramRule, name: str, grads: Grads) -> Optional[Tensor]:
         param = rule.param(name)
         if not self._in_groups(param):
             return param.new_empty(0)  # concatenates over chunks, never read
         return rule.gram_factor(name, grads)
 
-    def finalize(self, rule, name, partial, info):
+    def finalize(self, rule: GramRule, name: str, partial: Optional[Tensor], info: RunInfo):
         if partial is None or not self._in_groups(rule.param(name)):
             return None
         return _GramPiece(rule, name, partial, self._keeps_factors())

@@ -31,10 +31,21 @@ every operator of :mod:`curvext.operators` takes the 1-D factor as it is.
 
 from __future__ import annotations
 
-import torch
+from typing import List, Optional
 
-from curvext.extensions.base import EXACT, GRADIENT, Extension, check_mc_samples, monte_carlo
+import torch
+from torch import Tensor
+
+from curvext.extensions.base import (
+    EXACT,
+    GRADIENT,
+    Extension,
+    RunInfo,
+    check_mc_samples,
+    monte_carlo,
+)
 from curvext.rules.factored import KFAC_APPROXIMATIONS
+from curvext.rules.families import Grads, KroneckerRule
 
 FISHER_TYPES = ("mc", "type-2", "empirical", "forward-only")
 
@@ -100,10 +111,12 @@ class KFAC(Extension):
             "forward-only": None,
         }[self.fisher_type]
 
-    def reduce(self, rule, name, grads):
+    def reduce(self, rule: KroneckerRule, name: str, grads: Grads) -> Tensor:
         return rule.kfac_grad_factor(name, grads, self.kfac_approx)
 
-    def output_factor(self, rule, name, partial, info):
+    def output_factor(
+        self, rule: KroneckerRule, name: str, partial: Optional[Tensor], info: RunInfo
+    ) -> Tensor:
         """The output-side factor ``G`` from the summed column outer products."""
         if self.fisher_type == "forward-only":
             # the identity as a diagonal (1-D) factor: no size² matrix
@@ -111,6 +124,8 @@ class KFAC(Extension):
             return torch.ones(rule.kfac_grad_dim(name), dtype=param.dtype, device=param.device)
         return fisher_scaled(self.fisher_type, partial, info)
 
-    def finalize(self, rule, name, partial, info):
+    def finalize(
+        self, rule: KroneckerRule, name: str, partial: Optional[Tensor], info: RunInfo
+    ) -> List[Tensor]:
         output_factor = self.output_factor(rule, name, partial, info)
         return rule.kfac_factors(name, output_factor, self.kfac_approx)

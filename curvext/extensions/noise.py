@@ -37,6 +37,7 @@ import torch
 from torch import Tensor
 
 from curvext.extensions.base import GRADIENT, Extension, RunInfo
+from curvext.rules.families import Grads, PerSampleRule
 
 
 class GradientNoise(Extension):
@@ -73,7 +74,7 @@ class GradientNoise(Extension):
     def column_set(self):
         return GRADIENT
 
-    def reduce(self, rule, name, grads):
+    def reduce(self, rule: PerSampleRule, name: str, grads: Grads) -> Tensor:
         # the statistics of a set of parameters need only two sums per
         # parameter, reduced here in float64: ||sum_n g_n||^2 and sum_n ||g_n||^2
         # (one column: the gradient, so there is one chunk and no combining)

@@ -53,6 +53,7 @@ from curvext.context import backpack
 from curvext.distributed import resolve_ranks
 from curvext.extend import extend
 from curvext.extensions.data_pass import ForData
+from curvext.kronecker import SharedFactors
 from curvext.operators.base import collect_params, stored
 from curvext.operators.passes import DataPass, kept_state
 
@@ -134,14 +135,20 @@ def accumulate_over_data(
             return _local_sums(model, loss_fn, data_pass, extension, params, touched, owner)
 
     sums = data_pass.run(local, device=params[0].device)
-    normalised = set()  # ids of the sums divided already: a shared sum is divided once
     combined: List[List[Tensor]] = [[] for _ in params]
+    scaled_slots = set()
     for tag, total in sums:
         position, scaled = divmod(tag, 2)
-        if id(total) not in normalised:  # in place: the sums are this function's own tensors
-            normalised.add(id(total))
-            total.div_(data_pass.loss_denominator if scaled else data_pass.num_samples)
+        if scaled:
+            scaled_slots.add((position, len(combined[position])))
         combined[position].append(total)
+    shared = SharedFactors(combined)
+    for position, block in enumerate(combined):
+        for slot, total in enumerate(block):
+            if shared.key(position, slot) == (position, slot):  # a shared sum is divided once
+                # in place: the sums are this function's own tensors
+                scaled = (position, slot) in scaled_slots
+                total.div_(data_pass.loss_denominator if scaled else data_pass.num_samples)
     return params, combined
 
 
@@ -201,37 +208,37 @@ def _local_sums(model, loss_fn, data_pass, extension, params, touched, owner):
 def _add_batch(totals, aliases, batch_values, flags, scaled_weight, batch_size, accumulated=None):
     """Add one batch's stored tensors, weighted (see :func:`_local_sums`), to ``totals``.
 
-    A tensor stored on two parameters (a weight's KFAC factor ``G`` is its
-    bias's) gets one running sum, shared by both blocks: added once per
-    batch, and, in :class:`~curvext.operators.KronOperator`, decomposed once.
-    ``aliases`` maps ``(position, slot)`` of such a second occurrence to the
-    first; a batch whose tensors are no longer shared there gets its own sum
-    again (a copy of the shared sum so far). In place: no second copy of
-    every factor per batch. ``accumulated[position][slot]``: the stored tensor
-    is its own running sum already (see :meth:`ForData.accumulated`).
+    A factor shared by two parameters (a weight's KFAC factor ``G`` is its
+    bias's; :class:`~curvext.kronecker.SharedFactors`) gets one running sum,
+    shared by both blocks: added once per batch, and, in
+    :class:`~curvext.operators.KronOperator`, decomposed once. ``aliases``
+    maps ``(position, slot)`` of such a later holder to the first; a batch in
+    which they are no longer shared gives the later one its own sum again (a
+    copy of the shared sum so far). In place: no second copy of every factor
+    per batch. ``accumulated[position][slot]``: the stored tensor is its own
+    running sum already (see :meth:`ForData.accumulated`).
     """
+    shared = SharedFactors(batch_values)
     first = totals[0] is None
-    if not first:
-        for (position, slot), (source, source_slot) in list(aliases.items()):
-            if batch_values[position][slot] is not batch_values[source][source_slot]:
-                totals[position][slot] = totals[source][source_slot].clone()
-                del aliases[position, slot]
-    seen: Dict[int, Tuple[int, int]] = {}  # id of a stored tensor -> first (position, slot)
+    for (position, slot), source in list(aliases.items()):
+        if shared.key(position, slot) != source:
+            totals[position][slot] = totals[source[0]][source[1]].clone()
+            del aliases[position, slot]
     for position, values in enumerate(batch_values):
         weights = [scaled_weight if scaled else batch_size for scaled in flags[position]]
         if first:
             totals[position] = [None] * len(values)
         for slot, (value, weight) in enumerate(zip(values, weights)):
             if first:
-                source = seen.get(id(value))
-                if source is not None and flags[source[0]][source[1]] == flags[position][slot]:
+                source = shared.key(position, slot)
+                same_kind = flags[source[0]][source[1]] == flags[position][slot]
+                if source != (position, slot) and same_kind:
                     aliases[position, slot] = source
                     totals[position][slot] = totals[source[0]][source[1]]
                     continue
-                seen[id(value)] = (position, slot)
-                done = accumulated is not None and accumulated[position][slot]
                 # the running sum itself (not a detached alias: later batches
                 # recognise it by identity)
+                done = accumulated is not None and accumulated[position][slot]
                 totals[position][slot] = value if done else value.detach() * weight
             elif (position, slot) not in aliases and value is not totals[position][slot]:
                 totals[position][slot].add_(value.detach(), alpha=weight)

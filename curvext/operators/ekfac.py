@@ -168,8 +168,13 @@ class EKFACOperator(KronEigenOperator):
         kron = KronOperator(params, factors)
         decompositions = {}  # a factor shared by a weight and its bias: one eigh
         eigenvectors = [
-            [_cached(decompositions, factor, lambda f: factor_eigh(f)[1]) for factor in block]
-            for block in kron.factors
+            [
+                _cached(
+                    decompositions, kron.shared.key(index, slot), lambda f=f: factor_eigh(f)[1]
+                )
+                for slot, f in enumerate(block)
+            ]
+            for index, block in enumerate(kron.factors)
         ]
         params = kron.params
         # only the eigenvectors are needed from here on: the factors (as large)

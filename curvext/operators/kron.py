@@ -37,6 +37,7 @@ import torch
 from torch import Tensor
 
 from curvext.kronecker import (
+    SharedFactors,
     dense_kron,
     dense_kron_matrix,
     factor_diagonal,
@@ -66,17 +67,13 @@ def _blockwise(
     return torch.cat([apply(index, block) for index, block in enumerate(blocks)])
 
 
-def _cached(cache: dict, factor: Tensor, compute: Callable, *key):
-    """``compute(factor)``, once per factor object (and ``key``) in ``cache``.
-
-    Blocks share factor tensors (a bias's ``G`` is its weight's first factor).
-    The cache holds on to every factor it saw, so that no ``id`` is reused
-    while it lives (one call).
-    """
-    entry = (id(factor), *key)
-    if entry not in cache:
-        cache[entry] = (factor, compute(factor))
-    return cache[entry][1]
+def _cached(cache: dict, key, compute: Callable[[], object]):
+    """``compute()``, once per ``key`` in ``cache`` (one call of an operator
+    method): the key of a shared factor (:class:`~curvext.kronecker.SharedFactors`)
+    makes it decomposed or inverted once for every block holding it."""
+    if key not in cache:
+        cache[key] = compute()
+    return cache[key]
 
 
 def _eigen_slogdet(eigenvalues: Tensor) -> Tuple[Tensor, Tensor]:
@@ -196,6 +193,9 @@ class KronOperator(CurvatureOperator):
                 )
         super().__init__(params, factors[0][0].dtype, factors[0][0].device)
         self.factors = factors
+        #: Which factors are one tensor held by several blocks (a weight's
+        #: and its bias's ``G``): decomposed, inverted and π-damped once.
+        self.shared = SharedFactors(factors)
         self.scales = [1.0] * len(params) if scales is None else [float(s) for s in scales]
         self.shifts = [0.0] * len(params) if shifts is None else [float(s) for s in shifts]
 
@@ -336,11 +336,14 @@ class KronOperator(CurvatureOperator):
     ) -> Tuple[List[Tensor], Tensor]:
         """Eigenvectors of the factors and the eigenvalues of block ``index``, flat.
 
-        ``decompositions`` (factor ``id`` -> ``eigh``) shares the decomposition
-        of a factor that several blocks hold.
+        ``decompositions`` (shared-factor key -> ``eigh``) shares the
+        decomposition of a factor that several blocks hold.
         """
         decompositions = {} if decompositions is None else decompositions
-        eighs = [_cached(decompositions, f, factor_eigh) for f in self.factors[index]]
+        eighs = [
+            _cached(decompositions, self.shared.key(index, slot), lambda f=f: factor_eigh(f))
+            for slot, f in enumerate(self.factors[index])
+        ]
         values = dense_kron([values for values, _ in eighs])
         values = values * self.scales[index] + self.shifts[index]
         return [vectors for _, vectors in eighs], values
@@ -475,14 +478,12 @@ class KronOperator(CurvatureOperator):
         factors = self._scaled_factors(index)
         count = len(factors)
         if use_heuristic_damping and count == 1:
-            for other, block in enumerate(self.factors):
-                for position, factor in enumerate(block):
-                    shared = factor is self.factors[index][0] and len(block) >= 2
-                    if shared and self.scales[other] == self.scales[index]:
-                        dampings = self._factor_dampings(
-                            other, damping, use_heuristic_damping, min_damping
-                        )
-                        return [dampings[position]]
+            for other, position in self.shared.holders(index, 0):
+                if len(self.factors[other]) >= 2 and self.scales[other] == self.scales[index]:
+                    dampings = self._factor_dampings(
+                        other, damping, use_heuristic_damping, min_damping
+                    )
+                    return [dampings[position]]
         if use_heuristic_damping and count >= 2:
             means = [(factor_trace(f) / factor_size(f)).item() for f in factors]
             if all(m > 0 for m in means):
@@ -570,11 +571,11 @@ class KronOperator(CurvatureOperator):
                 [
                     _cached(
                         cache,
-                        factor,
-                        lambda f, d=factor_damping: self._inverse_factor(f, d, index),
-                        factor_damping,
+                        # the first factor carries the block's scale
+                        (self.shared.key(index, slot), self.scales[index] if slot == 0 else 1.0, d),
+                        lambda f=factor, d=d: self._inverse_factor(f, d, index),
                     )
-                    for factor, factor_damping in zip(self._scaled_factors(index), dampings)
+                    for slot, (factor, d) in enumerate(zip(self._scaled_factors(index), dampings))
                 ]
             )
         return KronOperator(self.params, inverses)
@@ -642,7 +643,10 @@ class KronOperator(CurvatureOperator):
                     f"(A + √δ) ⊗ (B + √δ) cannot hold; decompose K before adding "
                     f"damping, or use damping=False."
                 )
-            decompositions = [_cached(cache, f, factor_eigh) for f in block]
+            decompositions = [
+                _cached(cache, self.shared.key(index, slot), lambda f=f: factor_eigh(f))
+                for slot, f in enumerate(block)
+            ]
             eigenvectors.append([vectors for _, vectors in decompositions])
             eigenvalues.append(
                 _spread_scale([values for values, _ in decompositions], self.scales[index])

@@ -12,6 +12,7 @@ from curvext.recording import ModuleCall
 from curvext.rules.base import ModuleRule, own_trainable
 from curvext.rules.conv import ConvRule, ConvTransposeRule
 from curvext.rules.embedding import EmbeddingRule
+from curvext.rules.families import GramRule, KroneckerRule, OuterProductRule, PerSampleRule
 from curvext.rules.generic import CurvextNote, GenericRule, RecurrentRule
 from curvext.rules.linear import LinearRule
 from curvext.rules.norm import RULES as NORM_RULES
@@ -153,6 +154,10 @@ class SharedParameterRule(ModuleRule):
 
 __all__ = [
     "ModuleRule",
+    "PerSampleRule",
+    "GramRule",
+    "KroneckerRule",
+    "OuterProductRule",
     "rules_for",
     "SharedParameterRule",
     "CurvextNote",

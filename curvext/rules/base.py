@@ -47,6 +47,11 @@ def check_dense_factor(module: nn.Module, name: str, size: int, dtype: torch.dty
 class ModuleRule:
     """Reductions of the per-sample vectors of one module's parameters.
 
+    Implements the families :class:`~curvext.rules.families.PerSampleRule`,
+    :class:`~curvext.rules.families.GramRule` and
+    :class:`~curvext.rules.families.KroneckerRule` for any module from
+    :meth:`per_sample`, the one method a new rule must write.
+
     Args:
         module: The module.
         calls: Its recorded calls in this forward pass (several for tied
