@@ -199,7 +199,7 @@ def _run(edge, loss, calls, consumers, grad, extensions):
     rules = list({id(rule): rule for t in targets for rule, _ in t.owners}.values())
     # only outputs of calls that some rule reads are backpropagated to
     used_calls = list({id(c): c for rule in rules for c in rule.calls}.values())
-    info = RunInfo(batch_size=loss.batch_size, normalization=loss.normalization)
+    info = RunInfo(batch_size=loss.batch_size, normalization=loss.normalization, loss=loss)
 
     sets = list(OrderedDict.fromkeys(key for ext in extensions for key in ext.column_sets()))
     sizes = _column_sizes(sets, loss)
@@ -263,6 +263,7 @@ def _run(edge, loss, calls, consumers, grad, extensions):
             results.append((target.param, value))
         # stores p.<savefield>; extensions coupling parameters combine here
         ext.finalize_all(results, info)
+    info.loss = None  # finalisation is over (see RunInfo)
     for target, before in zip(targets, stored_before):
         vars(target.param)[STORED] = set(vars(target.param)) - before
         tree = getattr(target.rule.module, EXTENDED_TREE, None)

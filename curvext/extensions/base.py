@@ -67,10 +67,16 @@ class RunInfo:
     Attributes:
         batch_size: ``N``, the size of axis 0 of the loss input.
         normalization: ``c``, what the loss multiplies its sum over samples by.
+        loss: The loss rule of the pass (:class:`curvext.losses.LossRule`:
+            the loss input, its probabilities, exact and MC columns), during
+            :meth:`Extension.finalize` and :meth:`Extension.finalize_all`
+            only: the engine drops it afterwards, so that an extension keeping
+            the ``RunInfo`` keeps no loss input alive.
     """
 
     batch_size: int
     normalization: float
+    loss: Any = None
 
 
 def check_mc_samples(owner: str, mc_samples: Any, minimum: int = 0) -> int:

@@ -68,7 +68,9 @@ def _extension_storing(attribute: str) -> str:
     while pending:
         cls = pending.pop()
         pending.extend(cls.__subclasses__())
-        if cls.savefield == attribute and cls.user_facing:
+        # curvext's own (the BackPACK compat classes store other names, some the same)
+        own = cls.__module__.startswith("curvext.extensions")
+        if cls.savefield == attribute and cls.user_facing and own:
             names.append(f"{cls.__name__}()")
     return " or ".join(sorted(names))
 

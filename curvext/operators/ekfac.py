@@ -169,9 +169,7 @@ class EKFACOperator(KronEigenOperator):
         decompositions = {}  # a factor shared by a weight and its bias: one eigh
         eigenvectors = [
             [
-                _cached(
-                    decompositions, kron.shared.key(index, slot), lambda f=f: factor_eigh(f)[1]
-                )
+                _cached(decompositions, kron.shared.key(index, slot), lambda f=f: factor_eigh(f)[1])
                 for slot, f in enumerate(block)
             ]
             for index, block in enumerate(kron.factors)

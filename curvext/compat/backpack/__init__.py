@@ -1,0 +1,228 @@
+"""BackPACK's interface on curvext: ``backpack``, ``extend``, ``disable`` and
+``backpack.extensions`` with BackPACK 1.7's classes, attribute names and numbers.
+
+Use it by import path::
+
+    from curvext.compat.backpack import backpack, extend
+    from curvext.compat.backpack.extensions import DiagGGNExact, KFLR
+
+or make unchanged BackPACK code run on curvext: call :func:`install` first
+thing (before anything imports ``backpack``); from then on ``import
+backpack`` and ``import backpack.extensions`` give these modules.
+
+Differences from BackPACK:
+
+- ``extend(module, use_converter=True)`` needs no converter (curvext handles
+  residual connections and functional code) and returns ``module`` itself.
+- ``backpack(..., extension_hook=f)`` calls ``f(module)`` once per module
+  with parameters, after every extension stored its results (BackPACK calls
+  it on every extended module, parameter-free ones included).
+- ``retain_graph`` is accepted and not needed: curvext keeps no inputs or
+  outputs on the modules, and ``memory_cleanup`` has nothing to remove.
+
+Example:
+    >>> import torch
+    >>> from curvext.compat.backpack import backpack, extend
+    >>> from curvext.compat.backpack.extensions import BatchGrad, SqrtGGNExact
+    >>> model = extend(torch.nn.Linear(3, 5))
+    >>> loss_fn = extend(torch.nn.CrossEntropyLoss())
+    >>> loss = loss_fn(model(torch.randn(4, 3)), torch.tensor([0, 1, 4, 2]))
+    >>> with backpack(BatchGrad(), SqrtGGNExact()):
+    ...     loss.backward()
+    >>> model.weight.grad_batch.shape
+    torch.Size([4, 5, 3])
+    >>> model.weight.sqrt_ggn_exact.shape  # [C, N, *p.shape], C = 5 classes
+    torch.Size([5, 4, 5, 3])
+"""
+
+from __future__ import annotations
+
+import importlib.abc
+import sys
+from typing import Callable, Optional
+
+from torch import nn
+
+import curvext.context as _context
+from curvext.compat.backpack import extensions
+from curvext.extend import extend as _extend
+from curvext.extensions.base import Extension
+
+__all__ = [
+    "backpack",
+    "extend",
+    "disable",
+    "memory_cleanup",
+    "extensions",
+    "install",
+    "uninstall",
+    "installed",
+]
+
+
+class _ExtensionHook(Extension):
+    """Calls BackPACK's ``extension_hook`` on each module with parameters,
+    after the extensions before it in the context stored their results."""
+
+    savefield = "_curvext_compat_extension_hook"  # never stored
+    user_facing = False
+
+    def __init__(self, hook: Callable[[nn.Module], None]):
+        self.hook = hook
+
+    def column_sets(self):
+        return ()
+
+    def finalize(self, rule, name, partial, info):
+        return rule.module
+
+    def finalize_all(self, results, info):
+        modules = {id(module): module for _, module in results}
+        for module in modules.values():
+            self.hook(module)
+
+
+class backpack(_context.backpack):  # noqa: N801 - BackPACK's name
+    """BackPACK's context: compute ``exts`` during ``loss.backward()``.
+
+    Args:
+        *exts: Extension instances (from :mod:`curvext.compat.backpack.extensions`,
+            or curvext's own).
+        extension_hook: Called as ``extension_hook(module)`` once per module
+            with parameters after all extensions stored their results.
+        debug: Unused (kept for BackPACK compatibility).
+        retain_graph: Unused: curvext keeps nothing on the modules that a
+            second backward pass would need.
+        max_columns: curvext's option, see :class:`curvext.backpack`.
+    """
+
+    def __init__(
+        self,
+        *exts: Extension,
+        extension_hook: Optional[Callable[[nn.Module], None]] = None,
+        debug: bool = False,
+        retain_graph: bool = False,
+        max_columns: Optional[int] = None,
+    ):
+        for ext in exts:
+            module = type(ext).__module__ if not isinstance(ext, type) else ext.__module__
+            if module.split(".")[0] == "backpack":
+                name = ext.__name__ if isinstance(ext, type) else type(ext).__name__
+                raise TypeError(
+                    f"backpack() got {name} of the real BackPACK ({module}), which "
+                    f"curvext cannot run. Use curvext.compat.backpack.extensions.{name}, "
+                    "or call curvext.compat.backpack.install() before anything imports "
+                    "backpack so that backpack.extensions is curvext's."
+                )
+        if extension_hook is not None:
+            exts = exts + (_ExtensionHook(extension_hook),)
+        super().__init__(*exts, max_columns=max_columns, debug=debug)
+        self.retain_graph = retain_graph
+
+
+def extend(module: nn.Module, debug: bool = False, use_converter: bool = False) -> nn.Module:
+    """BackPACK's ``extend``: :func:`curvext.extend` (``debug`` and
+    ``use_converter`` are accepted; curvext needs no converter and returns
+    ``module`` itself)."""
+    return _extend(module)
+
+
+class disable:  # noqa: N801 - BackPACK's name
+    """Do not record forward passes of extended modules (:func:`curvext.disable`)."""
+
+    def __enter__(self):
+        self._context = _context.disable()
+        self._context.__enter__()
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        return self._context.__exit__(exc_type, exc, tb)
+
+    @staticmethod
+    def should_store_io() -> bool:
+        """Whether forward passes of extended modules are recorded now."""
+        return _context.recording_enabled()
+
+
+def memory_cleanup(module: nn.Module) -> None:
+    """BackPACK's ``memory_cleanup``: nothing to do, curvext stores no inputs
+    or outputs on modules (the recorded calls go with the autograd graph)."""
+
+
+# ---------------------------------------------------------------------------
+# install(): `import backpack` gives this package
+# ---------------------------------------------------------------------------
+#: The module names ``install`` points at this package's modules.
+_ALIASES = {"backpack": __name__, "backpack.extensions": extensions.__name__}
+
+
+class _MissingSubmodules(importlib.abc.MetaPathFinder):
+    """After :func:`install`: a clear error for ``backpack.*`` modules that the
+    compatibility layer does not provide (``backpack.utils``, ...)."""
+
+    def find_spec(self, fullname, path=None, target=None):
+        if fullname.split(".")[0] != "backpack" or fullname in _ALIASES:
+            return None
+        raise ModuleNotFoundError(
+            f"No module named {fullname!r}: curvext.compat.backpack.install() made "
+            "`backpack` curvext's BackPACK compatibility layer, which provides "
+            f"{' and '.join(sorted(_ALIASES))} only. Import what curvext offers "
+            "instead (curvext, curvext.extensions, curvext.operators).",
+            name=fullname,
+        )
+
+
+_FINDER = _MissingSubmodules()
+
+
+def _is_ours(name: str) -> bool:
+    return sys.modules.get(name) is sys.modules.get(_ALIASES.get(name, ""), False)
+
+
+def install() -> None:
+    """Make ``import backpack`` resolve to this package.
+
+    After it, ``import backpack``, ``import backpack.extensions``, ``from
+    backpack import backpack, extend`` and ``from backpack.extensions import
+    DiagGGNExact`` give curvext's compatibility layer, so code written for
+    BackPACK runs on curvext unchanged. Other ``backpack.*`` modules raise
+    ``ModuleNotFoundError`` naming what is provided. Calling it again does
+    nothing; :func:`uninstall` undoes it.
+
+    Raises:
+        RuntimeError: If the real BackPACK was imported in this process
+            already (its objects could not be redirected any more).
+    """
+    imported = sorted(
+        name
+        for name in sys.modules
+        if name.split(".")[0] == "backpack" and not (name in _ALIASES and _is_ours(name))
+    )
+    if imported:
+        where = getattr(sys.modules[imported[0]], "__file__", None) or imported[0]
+        raise RuntimeError(
+            "curvext.compat.backpack.install(): the real BackPACK is imported in this "
+            f"process already ({imported[0]} from {where}), so `import backpack` can "
+            "no longer be redirected to curvext. Call install() before anything "
+            "imports backpack (first thing in your script), or import from "
+            "curvext.compat.backpack directly: `from curvext.compat.backpack import "
+            "backpack, extend`."
+        )
+    for alias, name in _ALIASES.items():
+        sys.modules[alias] = sys.modules[name]
+    if _FINDER not in sys.meta_path:
+        sys.meta_path.insert(0, _FINDER)
+
+
+def uninstall() -> None:
+    """Undo :func:`install`: ``import backpack`` finds the real BackPACK again."""
+    for alias in _ALIASES:
+        if alias in sys.modules and _is_ours(alias):
+            del sys.modules[alias]
+    if _FINDER in sys.meta_path:
+        sys.meta_path.remove(_FINDER)
+
+
+def installed() -> bool:
+    """Whether :func:`install` is in effect."""
+    return all(alias in sys.modules and _is_ours(alias) for alias in _ALIASES)
