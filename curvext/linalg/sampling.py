@@ -8,10 +8,13 @@ probes themselves.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
+
+from curvext.linalg.adapter import as_square_operator
+from curvext.linalg.checks import assert_positive_int, check_distribution
 
 
 def random_vectors(
@@ -44,6 +47,19 @@ def random_vectors(
         signs = torch.randint(0, 2, (dim, num), generator=generator, dtype=dtype, device=device)
         return signs.mul_(2).sub_(1)
     return torch.randn(dim, num, generator=generator, dtype=dtype, device=device)
+
+
+def probed(
+    A, num_matvecs: int, distribution: str, generator: Optional[torch.Generator], owner: str
+) -> Tuple[Tensor, Tensor]:
+    """The probes ``Ω [P, k]`` of a Hutchinson estimator and ``A Ω``, after its
+    argument checks (``A`` square, ``num_matvecs`` a positive int, a known
+    distribution; the errors name ``owner``)."""
+    A = as_square_operator(A, owner)
+    num_matvecs = assert_positive_int(num_matvecs, "num_matvecs", owner)
+    check_distribution(distribution, owner)
+    probes = random_vectors(A.dim, num_matvecs, distribution, A.dtype, A.device, generator)
+    return probes, A @ probes
 
 
 def column_dots(first: Tensor, second: Tensor) -> Tensor:

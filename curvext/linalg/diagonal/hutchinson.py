@@ -7,9 +7,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from curvext.linalg.adapter import as_square_operator
-from curvext.linalg.checks import assert_positive_int, check_distribution
-from curvext.linalg.sampling import random_vectors, sum_column_products
+from curvext.linalg.sampling import probed, sum_column_products
 
 
 def hutchinson_diag(
@@ -52,9 +50,5 @@ def hutchinson_diag(
         >>> hutchinson_diag(A, num_matvecs=2).tolist()  # exact for a diagonal A
         [1.0, 2.0, 3.0]
     """
-    owner = "hutchinson_diag"
-    A = as_square_operator(A, owner)
-    num_matvecs = assert_positive_int(num_matvecs, "num_matvecs", owner)
-    check_distribution(distribution, owner)
-    probes = random_vectors(A.dim, num_matvecs, distribution, A.dtype, A.device, generator)
-    return sum_column_products(probes, A @ probes).div_(num_matvecs)
+    probes, products = probed(A, num_matvecs, distribution, generator, "hutchinson_diag")
+    return sum_column_products(probes, products).div_(num_matvecs)

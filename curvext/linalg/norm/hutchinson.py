@@ -7,9 +7,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from curvext.linalg.adapter import as_square_operator
-from curvext.linalg.checks import assert_positive_int, check_distribution
-from curvext.linalg.sampling import column_dots, random_vectors
+from curvext.linalg.sampling import column_dots, probed
 
 
 def hutchinson_squared_fro(
@@ -52,10 +50,5 @@ def hutchinson_squared_fro(
         >>> hutchinson_squared_fro(A, num_matvecs=5).item()  # exact for A = c I
         12.0
     """
-    owner = "hutchinson_squared_fro"
-    A = as_square_operator(A, owner)
-    num_matvecs = assert_positive_int(num_matvecs, "num_matvecs", owner)
-    check_distribution(distribution, owner)
-    probes = random_vectors(A.dim, num_matvecs, distribution, A.dtype, A.device, generator)
-    products = A @ probes
+    probes, products = probed(A, num_matvecs, distribution, generator, "hutchinson_squared_fro")
     return column_dots(products, products).sum() / num_matvecs

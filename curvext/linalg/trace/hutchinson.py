@@ -7,9 +7,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from curvext.linalg.adapter import as_square_operator
-from curvext.linalg.checks import assert_positive_int, check_distribution
-from curvext.linalg.sampling import column_dots, random_vectors
+from curvext.linalg.sampling import column_dots, probed
 
 
 def hutchinson_trace(
@@ -58,9 +56,5 @@ def hutchinson_trace(
         >>> hutchinson_trace(A, num_matvecs=4).item()  # exact for a diagonal A
         6.0
     """
-    owner = "hutchinson_trace"
-    A = as_square_operator(A, owner)
-    num_matvecs = assert_positive_int(num_matvecs, "num_matvecs", owner)
-    check_distribution(distribution, owner)
-    probes = random_vectors(A.dim, num_matvecs, distribution, A.dtype, A.device, generator)
-    return column_dots(probes, A @ probes).sum() / num_matvecs
+    probes, products = probed(A, num_matvecs, distribution, generator, "hutchinson_trace")
+    return column_dots(probes, products).sum() / num_matvecs
