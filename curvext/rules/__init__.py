@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import List, Tuple
+from typing import Dict, List, Tuple, Type
 
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
@@ -35,6 +35,86 @@ RULED_NAMES = {"weight", "bias"}
 
 #: Modules without a dedicated rule whose generic rule needs to know more.
 GENERIC_RULES = {nn.RNN: RecurrentRule, nn.LSTM: RecurrentRule, nn.GRU: RecurrentRule}
+
+#: Module types whose rules users registered (:func:`register_rule`): their
+#: parameters may have any names.
+USER_RULES: Dict[type, Type[ModuleRule]] = {}
+
+
+def register_rule(
+    module_type: Type[nn.Module], rule_class: Type[ModuleRule], replace: bool = False
+) -> None:
+    """Give curvext a rule for your own module type (BackPACK's ``set_module_extension``).
+
+    Without a rule, a module that owns parameters gets the generic rule:
+    exact, but it re-runs the module once per sample (``torch.func``) and
+    checks the result. A rule computes the per-sample vectors from what the
+    forward pass recorded, as fast as the module's own backward. Write a
+    subclass of :class:`~curvext.rules.base.ModuleRule` with one method,
+    ``per_sample(name, grads)``: for the parameter ``name``, the vectors
+    ``[K, N, *p.shape]``, where ``grads`` holds one tensor per recorded call
+    of the module, ``[K, *output.shape]`` (``K`` columns pushed back to the
+    module's output, samples on axis 1), and ``self.calls[i].args`` /
+    ``.kwargs`` are that call's inputs (detached). Every extension then
+    works (GGN diagonals, KFAC with the whole block as one factor, GGN
+    eigenpairs, first-order statistics); a rule may override the families of
+    :mod:`curvext.rules.families` where it knows a faster way. The rule is
+    used for modules of exactly ``module_type`` (not subclasses), on every
+    call that ran the module's own ``forward`` (a module with a forward
+    pre-hook or a parametrization keeps the generic rule).
+
+    Args:
+        module_type: The ``nn.Module`` subclass.
+        rule_class: A subclass of ``ModuleRule``.
+        replace: Allow replacing a rule curvext or an earlier call gave the type.
+
+    Raises:
+        TypeError: If ``module_type`` is not an ``nn.Module`` subclass or
+            ``rule_class`` not a ``ModuleRule`` subclass.
+        ValueError: If the type has a rule already and ``replace`` is false.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> from curvext import backpack, extend
+        >>> from curvext.extensions import GGNDiag
+        >>> from curvext.rules import ModuleRule, register_rule
+        >>> class Scale(nn.Module):  # y = x * weight, elementwise over features
+        ...     def __init__(self, dim):
+        ...         super().__init__()
+        ...         self.weight = nn.Parameter(torch.ones(dim))
+        ...     def forward(self, x):
+        ...         return x * self.weight
+        >>> class ScaleRule(ModuleRule):
+        ...     def per_sample(self, name, grads):
+        ...         # d y / d weight = x: the vectors are g * x, one call at a time
+        ...         return sum(g * call.args[0] for call, g in zip(self.calls, grads))
+        >>> register_rule(Scale, ScaleRule)
+        >>> model = extend(nn.Sequential(nn.Linear(3, 4), Scale(4)))
+        >>> loss_fn = extend(nn.MSELoss())
+        >>> loss = loss_fn(model(torch.randn(5, 3)), torch.randn(5, 4))
+        >>> with backpack(GGNDiag()):
+        ...     loss.backward()
+        >>> model[1].weight.ggn_diag.shape
+        torch.Size([4])
+    """
+    if not (isinstance(module_type, type) and issubclass(module_type, nn.Module)):
+        raise TypeError(
+            f"register_rule: module_type must be an nn.Module subclass, got {module_type!r}."
+        )
+    if not (isinstance(rule_class, type) and issubclass(rule_class, ModuleRule)):
+        raise TypeError(
+            f"register_rule: rule_class must be a subclass of curvext.rules.ModuleRule "
+            f"(implementing per_sample), got {rule_class!r}."
+        )
+    current = RULES.get(module_type)
+    if current is not None and not replace:
+        raise ValueError(
+            f"register_rule: {module_type.__name__} has a rule already "
+            f"({current.__name__}); pass replace=True to use {rule_class.__name__} instead."
+        )
+    RULES[module_type] = rule_class
+    USER_RULES[module_type] = rule_class
 
 
 def rules_for(
@@ -82,7 +162,10 @@ def runs_plain_forward(module: nn.Module, calls: List[ModuleCall]) -> bool:
     return (
         all(call.plain for call in calls)
         and not parametrize.is_parametrized(module)
-        and all(name in RULED_NAMES for name in module._parameters)
+        and (
+            type(module) in USER_RULES  # a user's rule knows its parameters' names
+            or all(name in RULED_NAMES for name in module._parameters)
+        )
     )
 
 
@@ -154,6 +237,7 @@ class SharedParameterRule(ModuleRule):
 
 __all__ = [
     "ModuleRule",
+    "register_rule",
     "PerSampleRule",
     "GramRule",
     "KroneckerRule",
