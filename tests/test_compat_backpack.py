@@ -132,6 +132,17 @@ def test_exact_extensions_store_backpacks_names_and_numbers(setup):
             assert_same(ours[param][attribute], value, f"{setup} {param}.{attribute}")
 
 
+@pytest.mark.parametrize("setup", ["mlp-ce", "mlp-mse", "cnn-ce"])
+def test_ggnmp_multiplies_like_backpacks(setup):
+    """``p.ggnmp(M)``: the same products as BackPACK's block-diagonal GGNMP."""
+    theirs = run(bp, setup, bpext.GGNMP())
+    ours = run(compat, setup, cext.GGNMP())
+    generator = torch.Generator().manual_seed(0)
+    for (name, mine), (_, reference) in zip(ours.named_parameters(), theirs.named_parameters()):
+        matrix = torch.randn(3, *mine.shape, generator=generator, dtype=mine.dtype)
+        assert_same(mine.ggnmp(matrix), reference.ggnmp(matrix), f"{setup} {name}.ggnmp")
+
+
 def test_subsampling():
     extensions = ("BatchGrad", {"subsampling": [3, 0]}), ("SqrtGGNExact", {"subsampling": [1]})
     theirs = results(run(bp, "cnn-ce", *(getattr(bpext, n)(**kw) for n, kw in extensions)))
@@ -276,9 +287,7 @@ def test_every_backpack_extension_exists():
     assert all(hasattr(cext, name) for name in bpext.__all__)
 
 
-@pytest.mark.parametrize(
-    "name", ["DiagHessian", "BatchDiagHessian", "KFRA", "HBP", "HMP", "GGNMP", "PCHMP"]
-)
+@pytest.mark.parametrize("name", ["DiagHessian", "BatchDiagHessian", "KFRA", "HBP", "HMP", "PCHMP"])
 def test_missing_extensions_are_refused_at_construction(name):
     with pytest.raises(NotImplementedError, match=f"{name} .*not yet in curvext.*Instead: "):
         getattr(cext, name)()

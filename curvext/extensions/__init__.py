@@ -9,6 +9,7 @@ from curvext.extensions.first_order import BatchGrad, BatchL2Grad, SumGradSquare
 from curvext.extensions.ggn_diag import BatchGGNDiag, GGNDiag
 from curvext.extensions.ggn_eigen import GGNEigen
 from curvext.extensions.ggn_eigen_derivatives import DampedNewtonStep, GGNDirectionalDerivatives
+from curvext.extensions.ggn_mp import GGNMP
 from curvext.extensions.kfac import KFAC
 from curvext.extensions.sqrt_ggn import SqrtGGN
 
@@ -20,6 +21,7 @@ __all__ = [
     "GGNDirectionalDerivatives",
     "DampedNewtonStep",
     "SqrtGGN",
+    "GGNMP",
     "KFAC",
     "BatchGrad",
     "BatchL2Grad",

@@ -229,6 +229,12 @@ class ModuleRule:
                 out.add_(flat @ flat.T)
         return out
 
+    def gram_dots(self, name: str, factor: Tensor, matrix: Tensor) -> Tensor:
+        r""":math:`v_{nk} \cdot m_j` for each ``m_j`` of ``matrix [J, *p.shape]``,
+        ``[K N, J]`` (rows ``k * N + n``, as :meth:`gram`'s)."""
+        flat = factor.flatten(0, 1)
+        return flat @ matrix.to(flat.dtype).reshape(matrix.shape[0], -1).T
+
     def gram_vectors(self, name: str, factor: Tensor, coefficients: Tensor) -> Tensor:
         r""":math:`\sum_{nk} c_{nk,j} v_{nk}` for each column ``j`` of
         ``coefficients [K N, J]``, ``[J, *p.shape]``."""

@@ -310,6 +310,20 @@ class FactoredRule(ModuleRule):
             out.view(shape).addcmul_(block, input_gram[:, None, :])
         return super().add_gram(factors, out)
 
+    def gram_dots(self, name, factor, matrix):
+        if not self._factored_gram(name):
+            return super().gram_dots(name, factor, matrix)
+        grad_side, input_side = factor[:, :, 0], self.inputs()[:, 0, :, 0]  # one group
+        num = matrix.shape[0]
+        # v_nk . m_j = g_nk^T M_j a_n in the weight's layout, without v_nk
+        if self.grad_first:
+            matrices = matrix.reshape(num, grad_side.shape[-1], input_side.shape[-1])
+            right = torch.einsum("jdi,ni->njd", matrices.to(grad_side.dtype), input_side)
+        else:
+            matrices = matrix.reshape(num, input_side.shape[-1], grad_side.shape[-1])
+            right = torch.einsum("jid,ni->njd", matrices.to(grad_side.dtype), input_side)
+        return torch.einsum("knd,njd->knj", grad_side, right).flatten(0, 1)
+
     def gram_vectors(self, name, factor, coefficients):
         if not self._factored_gram(name):
             return super().gram_vectors(name, factor, coefficients)

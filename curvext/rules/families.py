@@ -11,8 +11,9 @@ public method:
   new rule must write) and the reductions ``ModuleRule`` derives from it
   (``diag``, ``batch_diag``, ``batch_l2``, ``sample_sum``, ``sum_norm_sq``,
   ``chunked``). GGN diagonals, first-order statistics, square roots.
-- :class:`GramRule` — the Gram matrix of the per-sample vectors and the map
-  back to parameter space (GGN eigenpairs); derived from ``per_sample`` by
+- :class:`GramRule` — the Gram matrix of the per-sample vectors, their dot
+  products with given vectors and the map back to parameter space (GGN
+  eigenpairs, block products ``GGNMP``); derived from ``per_sample`` by
   default, factored by the Linear/Conv rules.
 - :class:`KroneckerRule` — the KFAC factors; without Kronecker structure
   the whole GGN block is the single factor (derived by default).
@@ -94,6 +95,9 @@ class GramRule(PerSampleRule, Protocol):
 
     def add_gram(self, factors: Dict[str, Tensor], out: Tensor) -> Tensor:
         """Add the Gram blocks of several parameters of the rule to ``out`` (in place)."""
+
+    def gram_dots(self, name: str, factor: Tensor, matrix: Tensor) -> Tensor:
+        r""":math:`v_{nk} \cdot m_j` per ``m_j`` of ``matrix [J, *p.shape]``, ``[K N, J]``."""
 
     def gram_vectors(self, name: str, factor: Tensor, coefficients: Tensor) -> Tensor:
         r""":math:`\sum_{nk} c_{nk,j} v_{nk}` per column ``j`` of ``coefficients

@@ -18,10 +18,11 @@ class                  curvext extension                    attribute on each ``
 ``BatchL2Grad()``      ``BatchL2Grad()``                    ``batch_l2``
 ``SumGradSquared()``   ``SumGradSquared()``                 ``sum_grad_squared``
 ``Variance()``         ``Variance()``                       ``variance``
+``GGNMP()``            ``GGNMP()``                          ``ggnmp`` (a function)
 =====================  ===================================  =========================
 
-``DiagHessian``, ``BatchDiagHessian``, ``KFRA``, ``HBP``, ``HMP``, ``GGNMP``
-and ``PCHMP`` exist so that imports work, and raise ``NotImplementedError``
+``DiagHessian``, ``BatchDiagHessian``, ``KFRA``, ``HBP``, ``HMP`` and
+``PCHMP`` exist so that imports work, and raise ``NotImplementedError``
 when constructed, naming what to use instead.
 
 Example:
@@ -56,6 +57,7 @@ from curvext.extensions import SqrtGGN as _SqrtGGN
 from curvext.extensions import SumGradSquared as _SumGradSquared
 from curvext.extensions import Variance as _Variance
 from curvext.extensions.base import check_mc_samples
+from curvext.extensions.ggn_mp import GGNMP as _GGNMP
 
 
 # ---------------------------------------------------------------------------
@@ -324,16 +326,16 @@ class HMP(_NotInCurvext):
     )
 
 
-class GGNMP(_NotInCurvext):
-    """Not in curvext yet (BackPACK: block-diagonal GGN-matrix products, ``p.ggnmp``)."""
+class GGNMP(_GGNMP):
+    """Block-diagonal GGN-matrix products: ``p.ggnmp(M)`` for ``M`` ``[V, *p.shape]``.
 
-    computes = "block-diagonal GGN-matrix products, p.ggnmp"
-    instead = (
-        "curvext.operators.GGNOperator(model, loss_fn, params, data) for matrix-free "
-        "GGN products (one layer's parameters as params for its block), or "
-        "SqrtGGNExact(): V = p.sqrt_ggn_exact.flatten(0, 1).flatten(1) gives the "
-        "block as V.T @ V."
-    )
+    Args:
+        savefield: The attribute the product function is stored in.
+    """
+
+    def __init__(self, savefield: str = "ggnmp"):
+        super().__init__()
+        self.savefield = savefield
 
 
 class PCHMP(_NotInCurvext):
