@@ -232,6 +232,11 @@ class LinearOperator:
         if operand is None:
             return NotImplemented
         matrix, form = operand
+        if matrix.is_complex():  # the cast to a real dtype would drop the imaginary part
+            raise TypeError(
+                f"{type(self).__name__} @ x: x is complex ({matrix.dtype}); the operator is "
+                "real: multiply x.real and x.imag separately."
+            )
         result_dtype = self._result_dtype(matrix.dtype)
         product = self._matmat(matrix.to(self.device, self.dtype)).to(result_dtype)
         return self._format_result(product, form)

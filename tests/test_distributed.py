@@ -103,6 +103,12 @@ def _checks(rank: int) -> dict:
     results["empty: ggn @ V"] = GGNOperator(model, loss_fn, params, empty_shard) @ V
     results["empty: kron"] = KronOperator.from_data(model, loss_fn, empty_shard).to_dense()
     results["empty: ekfac"] = EKFACOperator.from_data(model, loss_fn, empty_shard).to_dense()
+    # π-damping gives a bias its weight's damping of the shared G: sharing survives the sums
+    for name, part in (("kron", shard), ("empty: kron", empty_shard)):
+        damped = KronOperator.from_data(model, loss_fn, part).inverse(
+            damping=DAMPING, use_heuristic_damping=True
+        )
+        results[f"{name} pi-damped inverse @ V"] = damped @ V
 
     # refusals, on both ranks in step
     errors = results["errors"] = {}
@@ -312,6 +318,17 @@ def check_from_data(runs, problem):
             torch.testing.assert_close(value, reference, msg=f"{key}, rank {rank}")
 
 
+def check_pi_damping_keeps_the_shared_factor(runs, problem):
+    """The heuristic inverse over shards is that of one process over all the data
+    (where the weight's and bias's G is one tensor, the bias gets the weight's π)."""
+    model, loss_fn, X, y, V = problem
+    whole = KronOperator.from_data(model, loss_fn, batches_of(X, y), distributed=False)
+    expected = whole.inverse(damping=DAMPING, use_heuristic_damping=True) @ V
+    for key in ("kron pi-damped inverse @ V", "empty: kron pi-damped inverse @ V"):
+        for rank, value in each_rank(runs, key):
+            torch.testing.assert_close(value, expected, msg=f"{key}, rank {rank}")
+
+
 def check_a_rank_without_batches(runs, problem):
     model, loss_fn, X, y, V = problem
     expected = {
@@ -368,6 +385,7 @@ CHECKS = [
     check_explicit_group_and_opting_out,
     check_from_data,
     check_a_rank_without_batches,
+    check_pi_damping_keeps_the_shared_factor,
     check_refusals,
 ]
 

@@ -192,3 +192,24 @@ def test_plot_from_a_log_file(tiny_run, monitor_digits):
     for mine, theirs in zip(read, records, strict=True):
         assert mine["top_eigvals"] == pytest.approx(theirs["top_eigvals"])
     check_figure(plot_records(read, lr=lr), read, lr)
+
+
+def test_plot_arguments_are_checked():
+    records = synthetic_records(1.0, 50.0)
+    with pytest.raises(ValueError, match=r"lr=0.*pass a number > 0"):
+        plot_records(records, lr=0)
+    with pytest.raises(ValueError, match=r"average=0.*int >= 1"):
+        plot_records(records, lr=0.1, average=0)
+
+
+def test_a_nan_noise_scale_leaves_the_running_mean_of_the_others():
+    """A logged batch of one sample has no noise scale (NaN); the running mean
+    of the others goes on."""
+    records = synthetic_records(1.0, 50.0, steps=8)
+    records[3]["noise_scale"] = float("nan")
+    axes = panels(plot_records(records, lr=0.1, average=3))
+    running = [line for line in axes["noise"].get_lines() if "mean" in line.get_label()][0]
+    values = list(running.get_ydata())
+    expected = [r["noise_scale"] for r in records]
+    assert values[4] == pytest.approx((expected[2] + expected[4]) / 2)
+    assert all(v == v for v in values)  # no NaN

@@ -51,3 +51,33 @@ def test_wrong_shape_names_the_parameter():
     param = next(iter(params.values()))
     with pytest.raises(ValueError, match=r"p.ggnmp of .*expected a tensor \[V, "):
         param.ggnmp(torch.zeros(2, param.numel() + 1))
+
+
+def test_the_stored_function_keeps_no_graph():
+    """``p.ggnmp`` keeps the layer's inputs, not the autograd graph of the pass."""
+    import gc
+    import weakref
+
+    from torch import nn
+
+    from curvext import backpack, extend
+
+    model = extend(nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)))
+    loss_fn = extend(nn.CrossEntropyLoss())
+    hidden = model[1](model[0](torch.randn(5, 3)))  # the input of the last Linear call
+    output = model[2](hidden)
+
+    class Probe:  # autograd nodes take no weak references: a marker in one's metadata
+        pass
+
+    probe = Probe()
+    hidden.grad_fn.metadata["probe"] = probe
+    node = weakref.ref(probe)
+    del probe
+    loss = loss_fn(output, torch.tensor([0, 1, 1, 0, 1]))
+    with backpack(GGNMP()):
+        loss.backward()
+    del output, loss, hidden
+    gc.collect()
+    assert node() is None
+    assert model[0].weight.ggnmp(torch.ones(4, 3)).shape == (4, 3)

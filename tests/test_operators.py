@@ -322,10 +322,26 @@ def factor_dampings_reference(factors, damping, heuristic, min_damping):
 
 
 def damped_kron_reference(params, damping, heuristic=False, min_damping=1e-8):
+    """Factor-wise damped blocks; with the heuristic a one-factor block whose
+    factor is also a factor of a two-factor block (the engine stores a bias's
+    G as the very tensor of its weight's) gets that factor's π-damping there,
+    as curvlinops damps biases."""
+    dampings = {
+        id(p): factor_dampings_reference(p.kfac, damping, heuristic, min_damping) for p in params
+    }
+    if heuristic:
+        for p in params:
+            if len(p.kfac) == 1:
+                for other in params:
+                    positions = [i for i, f in enumerate(other.kfac) if f is p.kfac[0]]
+                    if len(other.kfac) == 2 and positions:
+                        dampings[id(p)] = [dampings[id(other)][positions[0]]]
     blocks = []
     for p in params:
-        dampings = factor_dampings_reference(p.kfac, damping, heuristic, min_damping)
-        blocks.append(kron([f + d * torch.eye(f.shape[0]) for f, d in zip(p.kfac, dampings)]))
+        factors = p.kfac
+        blocks.append(
+            kron([f + d * torch.eye(f.shape[0]) for f, d in zip(factors, dampings[id(p)])])
+        )
     return torch.block_diag(*blocks)
 
 
@@ -340,7 +356,7 @@ UNDAMPED_SETTINGS = [(0.0, False, 1e-8), (0.0, True, 1e-4)]
 
 
 # type-2 factors of 7 samples are singular: undamped inverses only on random factors
-# (with the heuristic, one-factor blocks get plain damping, here 0)
+# (with the heuristic, unshared one-factor blocks get plain damping, here 0)
 @pytest.mark.parametrize(
     "builder, damping, heuristic, min_damping",
     [("random", *s) for s in DAMPED_SETTINGS + UNDAMPED_SETTINGS]
@@ -572,3 +588,24 @@ def test_combining_mismatched_operators():
         diagonal * diagonal
     with pytest.raises(ValueError, match="must be finite"):
         diagonal + math.inf
+
+
+def test_sums_of_kron_operators_keep_a_shared_factor_shared():
+    """K + K' where the weight's and bias's G differ: the summed G is one
+    tensor for both blocks again, so the bias keeps its weight's π-damping."""
+    model = engine_model()
+    params = list(model[0].parameters())  # Linear: weight [G, A], bias [G]
+    G, A = params[0].kfac
+    assert params[1].kfac[0] is G
+    first = KronOperator.from_params(params)
+    doubled = 2 * G
+    second = KronOperator(params, [[doubled, A], [doubled]])
+    total = first + second
+    assert total.factors[0][0] is total.factors[1][0]
+    for p in params:  # the reference reads the sum's factors off the parameters
+        p.kfac = [3 * G, A] if p.dim() == 2 else None
+    shared = params[0].kfac[0]
+    params[1].kfac = [shared]
+    expected = damped_kron_reference(params, 1e-2, heuristic=True)
+    inverse = total.inverse(damping=1e-2, use_heuristic_damping=True)
+    assert_close(inverse.to_dense(), torch.linalg.inv(expected))

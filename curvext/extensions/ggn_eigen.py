@@ -149,7 +149,7 @@ class GGNEigen(Extension):
         if top_k is not None and criterion is not None:
             raise ValueError(
                 f"{owner} got both top_k and criterion; pass one of them (top_k=k is "
-                "criterion=lambda evals: range(len(evals) - k, len(evals)))."
+                "criterion=lambda evals: range(k): the eigenvalues come largest first)."
             )
         self.top_k = top_k
         self.criterion = criterion

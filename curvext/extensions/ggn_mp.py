@@ -11,6 +11,8 @@ product is two contractions with it, never the ``[P, P]`` block.
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 from typing import Callable, Optional
 
 import torch
@@ -29,7 +31,7 @@ class GGNMP(Extension):
     axis multiplied by the parameter's diagonal block of the GGN (of the
     batch's loss, normalised as the loss is). It keeps the layer's inputs and
     the pushed-back columns (``K·N`` of them) alive until the next backward
-    pass through the parameter, which removes it.
+    pass through the parameter, which removes it (not the autograd graph).
 
     Args:
         mc_samples: 0 (default) for the exact GGN, ``M > 0`` for a Monte-Carlo
@@ -64,6 +66,7 @@ class GGNMP(Extension):
     ) -> Callable[[Tensor], Tensor]:
         param = rule.param(name)
         shape, where = tuple(param.shape), f"{type(rule.module).__name__}.{name}"
+        rule = _without_graph(rule)
 
         def ggnmp(matrix: Tensor) -> Tensor:
             # computed in the factor's dtype, returned in the promoted one (as `@`)
@@ -83,6 +86,15 @@ class GGNMP(Extension):
             return product[0] if single else product
 
         return ggnmp
+
+
+def _without_graph(rule: GramRule) -> GramRule:
+    """A shallow copy of ``rule`` whose calls hold no autograd nodes: the
+    function stored on the parameter keeps the layer's inputs, not the
+    graph (nor, through its nodes, the other modules' calls)."""
+    light = copy.copy(rule)
+    light.calls = [dataclasses.replace(call, edges=[], input_nodes=[]) for call in rule.calls]
+    return light
 
 
 __all__ = ["GGNMP"]

@@ -342,6 +342,16 @@ def plot_records(
         ValueError: If there is no record of ``group``.
         ImportError: If matplotlib is not installed.
     """
+    if lr is not None and not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
+        raise ValueError(
+            f"EigenLogger.plot(lr={lr!r}): lr is the (S)GD learning rate whose stability "
+            "limit 2 / lr is drawn; pass a number > 0, or None to draw no limit."
+        )
+    if isinstance(average, bool) or not isinstance(average, int) or average < 1:
+        raise ValueError(
+            f"EigenLogger.plot(average={average!r}): the running mean of the noise scale "
+            "covers this many logged steps; pass an int >= 1."
+        )
     # nothing to plot is the first thing to say, with or without matplotlib
     records = [record for record in records if record.get("group", 0) == group]
     if not records:
@@ -398,8 +408,9 @@ def plot_records(
         window = min(average, len(noise))
         running = []
         for i in range(len(noise)):
-            recent = noise[max(0, i - window + 1) : i + 1]
-            running.append(sum(recent) / len(recent))
+            # a batch of one sample or a zero gradient logs NaN: left out of the mean
+            recent = [v for v in noise[max(0, i - window + 1) : i + 1] if math.isfinite(v)]
+            running.append(sum(recent) / len(recent) if recent else math.nan)
         noise_ax.plot(steps, noise, color="tab:gray", lw=0.8, label="per batch")
         noise_ax.plot(
             steps, running, color="black", lw=1.5, label=f"mean of the last\n{window} logged"

@@ -136,25 +136,28 @@ def accumulate_over_data(
 
     sums = data_pass.run(local, device=params[0].device)
     combined: List[List[Tensor]] = [[] for _ in params]
-    scaled_slots = set()
+    entries: List[Tensor] = []
     for tag, total in sums:
-        position, scaled = divmod(tag, 2)
-        if scaled:
-            scaled_slots.add((position, len(combined[position])))
+        if tag >= 0:
+            position, scaled = divmod(tag, 2)
+            # in place: the sums are this function's own tensors
+            total.div_(data_pass.loss_denominator if scaled else data_pass.num_samples)
+        else:  # a shared factor: the sum of an earlier entry (normalised there)
+            position, source = divmod(-1 - tag, _ALIAS_BASE)
+            total = entries[source]
+        entries.append(total)
         combined[position].append(total)
-    shared = SharedFactors(combined)
-    for position, block in enumerate(combined):
-        for slot, total in enumerate(block):
-            if shared.key(position, slot) == (position, slot):  # a shared sum is divided once
-                # in place: the sums are this function's own tensors
-                scaled = (position, slot) in scaled_slots
-                total.div_(data_pass.loss_denominator if scaled else data_pass.num_samples)
     return params, combined
+
+
+#: Alias markers of :func:`_local_sums`: ``-1 - (position · _ALIAS_BASE + source)``.
+_ALIAS_BASE = 2**24
 
 
 def _local_sums(model, loss_fn, data_pass, extension, params, touched, owner):
     """This process's weighted sums over ``data_pass``, tagged ``2 · position +
-    loss_scaled`` (position: the parameter's index in ``params``)."""
+    loss_scaled`` (position: the parameter's index in ``params``), a shared
+    sum's later places as alias markers (negative tags, see below)."""
     savefield = extension.savefield
     extension.begin_data_pass()
     totals: List[Optional[List[Tensor]]] = [None] * len(params)
@@ -198,11 +201,21 @@ def _local_sums(model, loss_fn, data_pass, extension, params, touched, owner):
             param.__dict__.pop(savefield, None)
     if totals[0] is None:
         return []
-    return [
-        (2 * position + int(scaled), total)
-        for position, (block, block_flags) in enumerate(zip(totals, flags))
-        for total, scaled in zip(block, block_flags)
-    ]
+    # a sum shared by two blocks (a weight's and its bias's G) is sent once; its
+    # second place gets an empty marker naming the first, so that it is shared
+    # again after a sum over ranks (which returns new tensors) and on ranks
+    # without batches (the markers travel in the layout)
+    entries, index_of = [], {}
+    for position, (block, block_flags) in enumerate(zip(totals, flags)):
+        for slot, (total, scaled) in enumerate(zip(block, block_flags)):
+            source = aliases.get((position, slot))
+            if source is None:
+                index_of[position, slot] = len(entries)
+                entries.append((2 * position + int(scaled), total))
+            else:
+                marker = -1 - (position * _ALIAS_BASE + index_of[source])
+                entries.append((marker, total.new_zeros(0)))
+    return entries
 
 
 def _add_batch(totals, aliases, batch_values, flags, scaled_weight, batch_size, accumulated=None):

@@ -225,8 +225,12 @@ class KronOperator(CurvatureOperator):
             ((8, 8), torch.Size([8]))
         """
         params = collect_params(params, f"{cls.__name__}.from_params")
+        detached: dict = {}  # one detached tensor per stored one: a shared G stays shared
         factors = [
-            [f.detach() for f in stored(p, index, "kfac", f"{cls.__name__}.from_params")]
+            [
+                detached.setdefault(id(f), f.detach())
+                for f in stored(p, index, "kfac", f"{cls.__name__}.from_params")
+            ]
             for index, p in enumerate(params)
         ]
         return cls(params, factors)
@@ -428,6 +432,7 @@ class KronOperator(CurvatureOperator):
     def _add_same(self, other: "KronOperator") -> "KronOperator":
         """Exact sum: in each block all factors but at most one must agree."""
         factors, scales = [], []
+        sums: dict = {}  # a shared factor's sum is computed once and stays shared
         for index, (mine, theirs) in enumerate(zip(self.factors, other.factors)):
             if [f.shape for f in mine] != [f.shape for f in theirs]:
                 raise ValueError(
@@ -442,7 +447,10 @@ class KronOperator(CurvatureOperator):
             elif len(differ) == 1:
                 j = differ[0]
                 summed = list(mine)
-                summed[j] = s_mine * mine[j] + s_theirs * theirs[j]
+                key = (self.shared.key(index, j), other.shared.key(index, j), s_mine, s_theirs)
+                if key not in sums:
+                    sums[key] = s_mine * mine[j] + s_theirs * theirs[j]
+                summed[j] = sums[key]
                 factors.append(summed)
                 scales.append(1.0)
             else:

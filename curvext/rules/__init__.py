@@ -107,7 +107,7 @@ def register_rule(
             f"register_rule: rule_class must be a subclass of curvext.rules.ModuleRule "
             f"(implementing per_sample), got {rule_class!r}."
         )
-    current = RULES.get(module_type)
+    current = RULES.get(module_type) or GENERIC_RULES.get(module_type)
     if current is not None and not replace:
         raise ValueError(
             f"register_rule: {module_type.__name__} has a rule already "

@@ -114,12 +114,23 @@ class GenericRule(ModuleRule):
     reproduce the forward pass."""
 
     def check(self):
-        note_once(
-            type(self.module),
-            f"curvext has no dedicated rule for {type(self.module).__name__}; its "
-            "parameters use the generic torch.func rule (exact, but it re-runs the "
-            "module per sample and is slower).",
-        )
+        from curvext.rules import RULES  # the registry (rules/__init__ imports this module)
+
+        name = type(self.module).__name__
+        if type(self.module) in RULES:  # a dedicated rule that cannot apply to this call
+            message = (
+                f"curvext's rule for {name} ({RULES[type(self.module)].__name__}) does not "
+                "apply here: the module ran with a forward pre-hook, a parametrization or "
+                "other parameters than its rule knows (pruning, weight_norm, ...); its "
+                "parameters use the generic torch.func rule (exact, but slower)."
+            )
+        else:
+            message = (
+                f"curvext has no dedicated rule for {name}; its parameters use the generic "
+                "torch.func rule (exact, but it re-runs the module per sample and is "
+                "slower). curvext.rules.register_rule gives it one."
+            )
+        note_once(type(self.module), message)
 
     def batch_axis(self, shape) -> Optional[int]:
         """The first axis of size ``N`` (second first if ``batch_first=False``)."""
