@@ -12,7 +12,7 @@ from typing import Iterator, Optional, Tuple
 
 import torch
 
-from curvext.extensions.base import Extension
+from curvext.extensions.base import GRADIENT, Extension
 
 _state = threading.local()
 
@@ -30,6 +30,31 @@ def recording_enabled() -> bool:
 def current_run_log() -> Optional[list]:
     """List that the engine appends to each time it runs inside the context."""
     return getattr(_state, "run_log", None)
+
+
+def pending_passes() -> Optional[dict]:
+    """Backward passes without an extended loss that the engine completes when
+    they end (graph task id → what the first-order extensions read); None
+    outside a context and in one without first-order extensions. Dropped with
+    the context: a pass that raised leaves nothing behind."""
+    return getattr(_state, "pending", None)
+
+
+def no_loss_extensions() -> Tuple[Extension, ...]:
+    """The active extensions computed on a backward pass without an extended
+    loss (first-order ones and those reading no columns), or ``()``."""
+    return getattr(_state, "no_loss", ())
+
+
+def _no_loss_extensions(extensions: Tuple[Extension, ...]) -> Tuple[Extension, ...]:
+    chosen = tuple(e for e in extensions if e.any_backward or not e.column_sets())
+    reads_gradient = any(e.any_backward and GRADIENT in e.column_sets() for e in chosen)
+    return chosen if reads_gradient else ()
+
+
+#: What the engine appends to the run log for a backward pass that computed
+#: first-order extensions without an extended loss.
+NO_LOSS_RUN = "<no extended loss>"
 
 
 def max_columns_per_backward() -> Optional[int]:
@@ -98,26 +123,59 @@ class backpack:  # noqa: N801 - lower case like BackPACK's context, users know i
             active_extensions(),
             current_run_log(),
             max_columns_per_backward(),
+            pending_passes(),
+            no_loss_extensions(),
         )
         _state.extensions = self.extensions
         _state.run_log = []
         _state.max_columns = self.max_columns
+        # read by the engine's hook on every recorded output node in a backward
+        # pass: None makes it return at once for contexts without first-order
+        _state.no_loss = _no_loss_extensions(self.extensions)
+        _state.pending = {} if _state.no_loss else None
         return self
 
     def __exit__(self, exc_type, exc, tb):
         run_log = _state.run_log
-        _state.extensions, _state.run_log, _state.max_columns = self._saved
+        (
+            _state.extensions,
+            _state.run_log,
+            _state.max_columns,
+            _state.pending,
+            _state.no_loss,
+        ) = self._saved
         self._single_thread.__exit__(exc_type, exc, tb)
-        if exc_type is None and self.extensions and not run_log:
-            names = ", ".join(type(e).__name__ for e in self.extensions)
-            raise RuntimeError(
-                f"backpack({names}) computed nothing: no backward pass inside the "
-                "context went through a loss function wrapped with "
-                "curvext.extend. Call `loss_fn = extend(loss_fn)` on a "
-                "torch.nn loss module (MSELoss, CrossEntropyLoss, "
-                "BCEWithLogitsLoss) and call loss.backward() inside the context."
-            )
+        if exc_type is None and self.extensions:
+            _check_computed(self.extensions, run_log)
         return False
+
+
+def _check_computed(extensions: Tuple[Extension, ...], run_log: list) -> None:
+    """Refuse a context whose extensions computed nothing: no backward pass
+    reached an extended module, or (for all but the first-order extensions)
+    none reached an extended loss."""
+    if any(entry != NO_LOSS_RUN for entry in run_log):
+        return  # an extended loss was reached: every extension ran
+    need_loss = [e for e in extensions if not e.any_backward and e.column_sets()]
+    if run_log and not need_loss:
+        return
+    names = ", ".join(type(e).__name__ for e in (need_loss if run_log else extensions))
+    if not need_loss:
+        raise RuntimeError(
+            f"backpack({names}) computed nothing: no backward pass inside the "
+            "context went through a module wrapped with curvext.extend. Call "
+            "`model = extend(model)` before the forward pass (outside of "
+            "curvext.disable()) and call backward() inside the context."
+        )
+    raise RuntimeError(
+        f"backpack({names}) computed nothing: no backward pass inside the "
+        "context went through a loss function wrapped with "
+        "curvext.extend. Call `loss_fn = extend(loss_fn)` on a "
+        "torch.nn loss module (MSELoss, CrossEntropyLoss, "
+        "BCEWithLogitsLoss) and call loss.backward() inside the context "
+        "(first-order extensions such as BatchGrad need no extended loss; "
+        "the others need the loss's curvature)."
+    )
 
 
 @contextmanager

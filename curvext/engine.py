@@ -16,6 +16,14 @@ When ``loss.backward()`` reaches the input of an extended loss inside a
    module rule, and store the results on the parameters.
 
 The ordinary backward then continues and fills ``.grad`` as usual.
+
+A backward pass that reaches no extended loss (``out[:, i].sum().backward()``)
+computes the first-order extensions only (``Extension.any_backward``), as
+BackPACK does: :func:`output_grad_hook`, a pre-hook on every autograd node
+holding a recorded output, collects the gradient arriving there (the one
+column "gradient"), and when the pass ends :func:`_run_without_loss` reduces
+them with the same rules and stores the results. Second-order extensions
+still need the loss (the context says that they computed nothing).
 """
 
 from __future__ import annotations
@@ -29,11 +37,31 @@ import torch
 from torch import Tensor, nn
 from torch.autograd.graph import GradientEdge, get_gradient_edge
 
-from curvext.context import active_extensions, current_run_log, max_columns_per_backward
+from curvext.context import (
+    NO_LOSS_RUN,
+    active_extensions,
+    current_run_log,
+    max_columns_per_backward,
+    no_loss_extensions,
+)
+from curvext.context import _state as _context_state
 from curvext.extend import EXTENDED_TREE
-from curvext.extensions.base import ColumnSet, Combine, Extension, RunInfo, sum_partials
+from curvext.extensions.base import (
+    GRADIENT,
+    ColumnSet,
+    Combine,
+    Extension,
+    RunInfo,
+    sum_partials,
+)
 from curvext.losses import LossRule, loss_rule
-from curvext.recording import ModuleCall, collect_calls, flattened_samples
+from curvext.recording import (
+    METADATA_KEY,
+    ModuleCall,
+    collect_calls,
+    collect_reached_calls,
+    flattened_samples,
+)
 from curvext.rules.assign import assign
 from curvext.rules.base import slice_columns
 from curvext.rules.generic import note_once
@@ -246,6 +274,12 @@ def _run(edge, loss, calls, consumers, grad, extensions):
         for rule in rules:
             rule.release()
 
+    _store_results(extensions, targets, calls, partials, info)
+
+
+def _store_results(extensions, targets, calls, partials, info: RunInfo) -> None:
+    """Finalise the combined ``partials`` of every extension and target and
+    store them, after removing the results of earlier backward passes."""
     stored_before = _forget_stored(calls, targets)
     for ext_index, ext in enumerate(extensions):
         results = []
@@ -422,3 +456,136 @@ def _backpropagate(
             outputs.append(result.to(call_dtype))
         call_grads[id(call)] = outputs[0] if len(outputs) == 1 else tuple(outputs)
     return call_grads
+
+
+# ---------------------------------------------------------------------------
+# First-order extensions on a backward pass without an extended loss
+# ---------------------------------------------------------------------------
+class FirstOrderPass:
+    """The gradients that one backward pass (graph task) without an extended
+    loss brought to recorded module outputs, collected by
+    :func:`output_grad_hook` until the pass ends.
+
+    Attributes:
+        extensions: The active extensions computed without a loss.
+        nodes: The recorded output nodes the pass executed, in order.
+        grads: ``(id(call), output index) → gradient`` (``None``: none arrived).
+        batch_size: ``N``, axis 0 of the first output reached (the one
+            nearest the backpropagated scalar).
+    """
+
+    def __init__(self, extensions: Tuple[Extension, ...]):
+        self.extensions = extensions
+        self.nodes = []
+        self.grads: Dict[Tuple[int, int], object] = {}
+        self.batch_size = None
+
+    def add(self, node, grad_outputs) -> None:
+        self.nodes.append(node)
+        for slot in node.metadata.get(METADATA_KEY, ()):
+            grad = grad_outputs[slot.output_nr]
+            self.grads[(id(slot.call), slot.index)] = None if grad is None else grad.detach()
+            shape = slot.call.output_shapes[slot.index]
+            if self.batch_size is None and len(shape) > 0:
+                self.batch_size = shape[0]
+
+
+def output_grad_hook(grad_outputs):
+    """Pre-hook of every autograd node holding a recorded module output.
+
+    Inside a ``backpack`` context with first-order extensions, a backward
+    pass that reaches no extended loss collects the gradient arriving at each
+    recorded output; when the pass ends (a callback queued on the autograd
+    engine), :func:`_finish_pass` turns them into the extensions' results.
+    Outside such a context, and in a pass that reaches an extended loss
+    (``LossCall`` ran in it), it returns at once.
+    """
+    passes = getattr(_context_state, "pending", None)
+    if passes is None or getattr(_engine, "running", False):
+        return None
+    task = torch._C._current_graph_task_id()
+    last = getattr(_engine, "last_run", None)
+    if last is not None and last[0] == task:
+        return None  # the loss path computed this pass
+    collected = passes.get(task)
+    if collected is None:
+        collected = passes[task] = FirstOrderPass(no_loss_extensions())
+        torch.autograd.Variable._execution_engine.queue_callback(lambda: _finish_pass(passes, task))
+    collected.add(torch._C._current_autograd_node(), grad_outputs)
+    return None
+
+
+def _finish_pass(passes: dict, task: int) -> None:
+    collected = passes.pop(task, None)
+    last = getattr(_engine, "last_run", None)
+    if collected is None or (last is not None and last[0] == task):
+        return  # an extended loss was reached after all: its results stand
+    _engine.running = True
+    try:
+        _run_without_loss(collected)
+    finally:
+        _engine.running = False
+    run_log = current_run_log()
+    if run_log is not None:
+        run_log.append(NO_LOSS_RUN)
+
+
+def _run_without_loss(collected: FirstOrderPass) -> None:
+    """Reduce the collected output gradients (one column: the gradient) with
+    each module's rule and store the first-order results."""
+    calls, consumers = collect_reached_calls(collected.nodes)
+    collected.nodes = []
+    try:
+        _check_calls(calls)
+        if collected.batch_size is None:
+            raise RuntimeError(
+                "The backward pass reached only 0-dimensional outputs of extended "
+                "modules; curvext takes the samples from axis 0 of the modules' "
+                "outputs and cannot compute per-sample quantities here."
+            )
+        extensions = collected.extensions
+        targets = assign(calls, consumers, collected.batch_size)
+        call_grads = {id(call): _call_grads(call, collected) for call in calls}
+        partials = {}
+        for ext_index, ext in enumerate(extensions):
+            if GRADIENT not in ext.column_sets():
+                continue
+            for target_index, target in enumerate(targets):
+                partial = ext.reduce(target.rule, target.name, target.grads(call_grads))
+                partials[(ext_index, target_index, GRADIENT)] = partial
+        del call_grads
+        for rule in {id(t.rule): t.rule for t in targets}.values():
+            rule.release()
+        info = RunInfo(batch_size=collected.batch_size, normalization=1.0)
+        _store_results(extensions, targets, calls, partials, info)
+    except RuntimeError as error:
+        if "backward through the graph a second time" not in str(error):
+            raise
+        raise RuntimeError(
+            "curvext needed the autograd graph of a module it cannot re-run per "
+            "sample (it replays the recorded graph) after a backward pass without an "
+            "extended loss had freed it. Call backward(retain_graph=True) inside the "
+            "context, or compute the loss with an extended loss module."
+        ) from error
+    finally:
+        collected.grads = {}
+        for call in calls:  # the edges hold graph nodes: release them now
+            call.edges = []
+
+
+def _call_grads(call: ModuleCall, collected: FirstOrderPass):
+    """The one-column gradients ``[1, N, ...]`` of ``call``'s outputs (zeros
+    for an output no gradient reached), in its parameters' dtype."""
+    param = next(call.module.parameters(), None)
+    arrived = [collected.grads.get((id(call), i)) for i in range(len(call.output_shapes))]
+    some = next((g for g in arrived if g is not None), None)
+    dtype = param.dtype if param is not None and param.is_floating_point() else None
+    dtype = dtype or (some.dtype if some is not None else torch.get_default_dtype())
+    device = some.device if some is not None else (param.device if param is not None else None)
+    outputs = [
+        torch.zeros(1, *shape, dtype=dtype, device=device)
+        if grad is None
+        else grad.unsqueeze(0).to(dtype)
+        for grad, shape in zip(arrived, call.output_shapes)
+    ]
+    return outputs[0] if len(outputs) == 1 else tuple(outputs)

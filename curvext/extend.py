@@ -134,8 +134,23 @@ def _record_call(module: nn.Module, args, kwargs, output):
         return None
     call = ModuleCall(module, detach_tree(args), detach_tree(kwargs), couples_samples=coupled)
     _how_it_ran(call, raw_inputs)
-    attach(call, graph_inputs((args, kwargs)), outputs, positions)
+    for node in attach(call, graph_inputs((args, kwargs)), outputs, positions):
+        # first-order extensions on a backward pass without an extended loss
+        # read the gradient that reaches the output here (curvext.engine)
+        node.register_prehook(_output_grad_hook())
     return output
+
+
+def _output_grad_hook():
+    global _OUTPUT_GRAD_HOOK
+    if _OUTPUT_GRAD_HOOK is None:
+        from curvext.engine import output_grad_hook  # the engine imports this module
+
+        _OUTPUT_GRAD_HOOK = output_grad_hook
+    return _OUTPUT_GRAD_HOOK
+
+
+_OUTPUT_GRAD_HOOK = None
 
 
 def _how_it_ran(call: ModuleCall, raw_inputs) -> None:

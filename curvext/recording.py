@@ -176,9 +176,16 @@ def _collect_graph_inputs(obj, found: List[Tensor]) -> None:
         found.extend(t for t in leaves if isinstance(t, Tensor) and t.requires_grad)
 
 
-def attach(call: ModuleCall, inputs: List[Tensor], outputs: List[Tensor], positions: List[int]):
-    """Store ``call`` on the autograd nodes that produced ``outputs``."""
+def attach(
+    call: ModuleCall, inputs: List[Tensor], outputs: List[Tensor], positions: List[int]
+) -> List[Node]:
+    """Store ``call`` on the autograd nodes that produced ``outputs``.
+
+    Returns the nodes that hold no record before this call (the caller
+    registers its gradient hook on each node once).
+    """
     call.output_positions = list(positions)
+    new_nodes = []
     output_edges = [get_gradient_edge(tensor) for tensor in outputs]
     output_nodes = {edge.node for edge in output_edges}
     for tensor in inputs:
@@ -188,8 +195,12 @@ def attach(call: ModuleCall, inputs: List[Tensor], outputs: List[Tensor], positi
             call.input_nodes.append(node)
     for index, (tensor, edge) in enumerate(zip(outputs, output_edges)):
         call.output_shapes.append(tensor.shape)
-        slots = edge.node.metadata.setdefault(METADATA_KEY, [])
-        slots.append(OutputSlot(call, index, edge.output_nr))
+        metadata = edge.node.metadata
+        if METADATA_KEY not in metadata:
+            metadata[METADATA_KEY] = []
+            new_nodes.append(edge.node)
+        metadata[METADATA_KEY].append(OutputSlot(call, index, edge.output_nr))
+    return new_nodes
 
 
 def collect_calls(root: Node) -> Tuple[List[ModuleCall], Dict[Node, Set[Node]]]:
@@ -210,6 +221,42 @@ def collect_calls(root: Node) -> Tuple[List[ModuleCall], Dict[Node, Set[Node]]]:
             continue
         seen.add(node)
         for slot in node.metadata.get(METADATA_KEY, ()):
+            call = calls.setdefault(id(slot.call), slot.call)
+            if not call.edges:
+                call.edges = [None] * len(call.output_shapes)
+            call.edges[slot.index] = GradientEdge(node, slot.output_nr)
+        for next_node, _ in node.next_functions:
+            if next_node is not None and hasattr(next_node, "variable"):
+                consumers.setdefault(next_node, set()).add(node)
+            stack.append(next_node)
+    return list(calls.values()), consumers
+
+
+def collect_reached_calls(
+    reached: List[Node],
+) -> Tuple[List[ModuleCall], Dict[Node, Set[Node]]]:
+    """:func:`collect_calls` for a backward pass without a root known to
+    curvext: the graph below the recorded output nodes in ``reached`` (those
+    the backward pass executed), not entering a node with records that is
+    not among them (the backward pass did not get there: ``inputs=`` of
+    ``backward`` or ``torch.autograd.grad`` stopped before it).
+
+    Only calls with an output on a reached node are returned.
+    """
+    reached_set = set(reached)
+    calls: Dict[int, ModuleCall] = {}
+    consumers: Dict[Node, Set[Node]] = {}
+    seen = set()
+    stack = list(reached)
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        slots = node.metadata.get(METADATA_KEY, ())
+        if slots and node not in reached_set:
+            continue
+        for slot in slots:
             call = calls.setdefault(id(slot.call), slot.call)
             if not call.edges:
                 call.edges = [None] * len(call.output_shapes)

@@ -62,10 +62,12 @@ def test_reduction_none_refused(loss_fn):
             loss.backward()
 
 
+# first-order extensions run on any backward (BackPACK's semantics): see
+# tests/test_first_order_any_backward.py
 @pytest.mark.parametrize(
     "make_extension",
-    [GGNDiag, SqrtGGN, lambda: KFAC("type-2"), BatchGrad],
-    ids=["GGNDiag", "SqrtGGN", "KFAC", "BatchGrad"],
+    [GGNDiag, SqrtGGN, lambda: KFAC("type-2")],
+    ids=["GGNDiag", "SqrtGGN", "KFAC"],
 )
 def test_loss_not_extended(make_extension):
     model = extend(nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)))

@@ -113,6 +113,10 @@ class Extension:
     #: (``None``: the engine's byte budget decides); the data-set passes of
     #: KFAC/EKFAC set one column.
     columns_per_backward: Optional[int] = None
+    #: Whether the extension is also computed on a backward pass that reaches
+    #: no extended loss (first-order statistics of the gradient that arrives
+    #: at the modules' outputs, as BackPACK's); the others need a loss.
+    any_backward: bool = False
 
     def column_set(self) -> Optional[ColumnSet]:
         """The columns this extension reduces, or ``None`` if it needs none."""

@@ -4,6 +4,14 @@ The individual gradient of sample ``n`` is the gradient of its term
 :math:`c\,\ell_n` of the loss, so the individual gradients sum to ``p.grad``
 (BackPACK's convention). They are the per-sample vectors of the single
 column "loss gradient".
+
+As BackPACK's, they are computed on any backward pass through extended
+modules, with or without an extended loss (``out[:, i].sum().backward()``):
+sample ``n`` is entry ``n`` of axis 0 of the modules' outputs, and its
+individual gradient is the gradient of the backpropagated scalar through
+sample ``n``'s entries of the outputs (no rescaling), so for a network that
+does not mix samples they sum to ``p.grad``. ``Variance`` divides by that
+``N``, as BackPACK does.
 """
 
 from __future__ import annotations
@@ -15,6 +23,8 @@ from curvext.rules.families import Grads, PerSampleRule
 
 
 class _FirstOrder(Extension):
+    any_backward = True
+
     def column_set(self):
         return GRADIENT
 
