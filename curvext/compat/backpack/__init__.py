@@ -44,7 +44,7 @@ from typing import Callable, Optional
 from torch import nn
 
 import curvext.context as _context
-from curvext.compat.backpack import extensions
+from curvext.compat.backpack import context, extensions
 from curvext.extend import extend as _extend
 from curvext.extensions.base import Extension
 
@@ -54,6 +54,7 @@ __all__ = [
     "disable",
     "memory_cleanup",
     "extensions",
+    "context",
     "install",
     "uninstall",
     "installed",
@@ -153,7 +154,11 @@ def memory_cleanup(module: nn.Module) -> None:
 # install(): `import backpack` gives this package
 # ---------------------------------------------------------------------------
 #: The module names ``install`` points at this package's modules.
-_ALIASES = {"backpack": __name__, "backpack.extensions": extensions.__name__}
+_ALIASES = {
+    "backpack": __name__,
+    "backpack.extensions": extensions.__name__,
+    "backpack.context": context.__name__,
+}
 
 
 class _MissingSubmodules(importlib.abc.MetaPathFinder):
@@ -182,9 +187,10 @@ def _is_ours(name: str) -> bool:
 def install() -> None:
     """Make ``import backpack`` resolve to this package.
 
-    After it, ``import backpack``, ``import backpack.extensions``, ``from
-    backpack import backpack, extend`` and ``from backpack.extensions import
-    DiagGGNExact`` give curvext's compatibility layer, so code written for
+    After it, ``import backpack``, ``import backpack.extensions``,
+    ``backpack.context`` (``CTX``), ``from backpack import backpack, extend``
+    and ``from backpack.extensions import DiagGGNExact`` give curvext's
+    compatibility layer, so code written for
     BackPACK runs on curvext unchanged. Other ``backpack.*`` modules raise
     ``ModuleNotFoundError`` naming what is provided. Calling it again does
     nothing; :func:`uninstall` undoes it.
