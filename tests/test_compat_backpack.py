@@ -377,12 +377,41 @@ def test_install_runs_backpack_code_unchanged():
 
         assert sys.modules["backpack"] is curvext.compat.backpack
         assert backpack.__module__ == "curvext.compat.backpack"
+
+        # the helper modules BackPACK's clients import (Cockpit, laplace-torch)
+        from backpack.context import CTX
+        from backpack.core.derivatives.convnd import weight_jac_t_save_memory
+        from backpack.extensions.backprop_extension import BackpropExtension
+        from backpack.hessianfree.hvp import hessian_vector_product
+        from backpack.utils.convert_parameters import vector_to_parameter_list
+        import backpack.utils.convert_parameters as convert
+
+        assert isinstance(DiagGGNExact(), BackpropExtension)
+        loss = lossfunc(model(torch.randn(5, 3)), torch.randint(0, 2, (5,)))
+        with backpack(DiagGGNExact()):
+            assert CTX.is_extension_active(DiagGGNExact) and CTX.get_active_exts()
+            loss.backward()  # a context that computes nothing is refused at exit
+        assert not CTX.is_extension_active(DiagGGNExact)
+        CTX.remove_hooks()
+        with weight_jac_t_save_memory(save_memory=True):
+            pass
+        params = list(model.parameters())
+        flat = convert.parameters_to_vector(params)
+        views = vector_to_parameter_list(flat, params)
+        assert all(torch.equal(a, b) for a, b in zip(views, params))
+        # H v against the dense Hessian of a quadratic form: f = x^T A x / 2 has H = sym(A)
+        x = torch.randn(3, requires_grad=True, dtype=torch.float64)
+        A = torch.randn(3, 3, dtype=torch.float64)
+        v = torch.randn(3, dtype=torch.float64)
+        (Hv,) = hessian_vector_product(x @ A @ x / 2, [x], [v])
+        assert torch.allclose(Hv, (A + A.T) / 2 @ v)
+
         try:
             import backpack.utils.examples
         except ModuleNotFoundError as error:
             assert "compatibility layer" in str(error), error
         else:
-            raise AssertionError("backpack.utils imported")
+            raise AssertionError("backpack.utils.examples imported")
 
         curvext.compat.backpack.uninstall()
         assert "backpack" not in sys.modules and "backpack.extensions" not in sys.modules

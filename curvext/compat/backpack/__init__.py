@@ -44,7 +44,7 @@ from typing import Callable, Optional
 from torch import nn
 
 import curvext.context as _context
-from curvext.compat.backpack import context, extensions
+from curvext.compat.backpack import context, core, extensions, hessianfree, utils
 from curvext.extend import extend as _extend
 from curvext.extensions.base import Extension
 
@@ -157,7 +157,15 @@ def memory_cleanup(module: nn.Module) -> None:
 _ALIASES = {
     "backpack": __name__,
     "backpack.extensions": extensions.__name__,
+    "backpack.extensions.backprop_extension": extensions.__name__,
     "backpack.context": context.__name__,
+    "backpack.utils": utils.__name__,
+    "backpack.utils.convert_parameters": utils.__name__,
+    "backpack.hessianfree": hessianfree.__name__,
+    "backpack.hessianfree.hvp": hessianfree.__name__,
+    "backpack.core": core.__name__,
+    "backpack.core.derivatives": core.__name__,
+    "backpack.core.derivatives.convnd": core.__name__,
 }
 
 
@@ -178,6 +186,8 @@ class _MissingSubmodules(importlib.abc.MetaPathFinder):
 
 
 _FINDER = _MissingSubmodules()
+#: This package's modules that install() gave a ``__path__`` (uninstall() takes it back).
+_MADE_PACKAGES: set = set()
 
 
 def _is_ours(name: str) -> bool:
@@ -188,7 +198,11 @@ def install() -> None:
     """Make ``import backpack`` resolve to this package.
 
     After it, ``import backpack``, ``import backpack.extensions``,
-    ``backpack.context`` (``CTX``), ``from backpack import backpack, extend``
+    ``backpack.context`` (``CTX``), ``backpack.extensions.backprop_extension``
+    (``BackpropExtension``), ``backpack.utils.convert_parameters``,
+    ``backpack.hessianfree.hvp`` and
+    ``backpack.core.derivatives.convnd.weight_jac_t_save_memory`` (accepted,
+    no effect), ``from backpack import backpack, extend``
     and ``from backpack.extensions import DiagGGNExact`` give curvext's
     compatibility layer, so code written for
     BackPACK runs on curvext unchanged. Other ``backpack.*`` modules raise
@@ -216,6 +230,16 @@ def install() -> None:
         )
     for alias, name in _ALIASES.items():
         sys.modules[alias] = sys.modules[name]
+    for alias in _ALIASES:  # `backpack.utils.convert_parameters` as an attribute too
+        parent, _, child = alias.rpartition(".")
+        if parent and not hasattr(sys.modules[parent], child):
+            setattr(sys.modules[parent], child, sys.modules[alias])
+        module = sys.modules[alias]
+        if not hasattr(module, "__path__"):
+            # a package to the import system, so that `backpack.utils.examples`
+            # reaches _FINDER's message instead of "'backpack.utils' is not a package"
+            module.__path__ = []
+            _MADE_PACKAGES.add(module.__name__)
     if _FINDER not in sys.meta_path:
         sys.meta_path.insert(0, _FINDER)
 
@@ -225,6 +249,9 @@ def uninstall() -> None:
     for alias in _ALIASES:
         if alias in sys.modules and _is_ours(alias):
             del sys.modules[alias]
+    for name in _MADE_PACKAGES:
+        vars(sys.modules[name]).pop("__path__", None)
+    _MADE_PACKAGES.clear()
     if _FINDER in sys.meta_path:
         sys.meta_path.remove(_FINDER)
 

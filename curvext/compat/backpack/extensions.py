@@ -56,8 +56,12 @@ from curvext.extensions import GGNDiag as _GGNDiag
 from curvext.extensions import SqrtGGN as _SqrtGGN
 from curvext.extensions import SumGradSquared as _SumGradSquared
 from curvext.extensions import Variance as _Variance
-from curvext.extensions.base import check_mc_samples
+from curvext.extensions.base import Extension, check_mc_samples
 from curvext.extensions.ggn_mp import GGNMP as _GGNMP
+
+#: BackPACK's base class of every extension (``backpack.extensions.backprop_extension``):
+#: curvext's, so ``isinstance(ext, BackpropExtension)`` holds for every extension here.
+BackpropExtension = Extension
 
 
 # ---------------------------------------------------------------------------
