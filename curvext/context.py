@@ -36,7 +36,8 @@ def pending_passes() -> Optional[dict]:
     """Backward passes without an extended loss that the engine completes when
     they end (graph task id → what the first-order extensions read); None
     outside a context and in one without first-order extensions. Dropped with
-    the context: a pass that raised leaves nothing behind."""
+    the context: a pass that raised keeps what it collected (its output
+    gradients) until the context exits, and nothing after."""
     return getattr(_state, "pending", None)
 
 

@@ -234,6 +234,12 @@ def _run(edge, loss, calls, consumers, grad, extensions):
     offsets = [sum(sizes[:i]) for i in range(len(sizes) + 1)]
     mc_columns = _draw_mc_columns(sets, loss)
 
+    # first-order results of a loss pass come from the gradient of the loss;
+    # fingerprints of it at each module output let output_grad_hook check that
+    # the backward brings no other gradient there (_check_gradient_column)
+    checked = {} if no_loss_extensions() and GRADIENT in sets else None
+    _engine.gradient_column = (torch._C._current_graph_task_id(), checked, {id(c) for c in calls})
+
     partials: Dict[Tuple[int, int], object] = {}
     total = offsets[-1]
     step = _chunk_size(used_calls, loss, total, extensions) if total else 1
@@ -246,6 +252,14 @@ def _run(edge, loss, calls, consumers, grad, extensions):
         pieces = _overlaps(offsets, start, stop)
         columns = _columns(sets, offsets, pieces, loss, mc_columns, grad)
         call_grads = _backpropagate(edge, used_calls, columns, loss.input.dtype)
+        if checked is not None and GRADIENT in sets:
+            column = offsets[sets.index(GRADIENT)] - start
+            if 0 <= column < stop - start:
+                for call in used_calls:
+                    grads = call_grads[id(call)]
+                    grads = grads if isinstance(grads, tuple) else (grads,)
+                    for index, g in enumerate(grads):
+                        checked[(id(call), index)] = _fingerprint(g[column])
         for set_index, lo, hi in pieces:
             set_grads = {
                 key: slice_columns(g, lo - start, hi - start) for key, g in call_grads.items()
@@ -506,13 +520,62 @@ def output_grad_hook(grad_outputs):
     task = torch._C._current_graph_task_id()
     last = getattr(_engine, "last_run", None)
     if last is not None and last[0] == task:
-        return None  # the loss path computed this pass
+        _check_gradient_column(task, grad_outputs)  # the loss path computed this pass
+        return None
+    if torch.is_grad_enabled():  # backward(create_graph=True)
+        raise RuntimeError(
+            "backward(create_graph=True) inside backpack(...) with first-order "
+            "extensions and no extended loss: curvext's per-sample results are not "
+            "differentiable (BackPACK's are), so derivatives through them would "
+            "silently miss terms. Call backward without create_graph for the "
+            "extensions, and differentiate in a separate pass."
+        )
     collected = passes.get(task)
     if collected is None:
         collected = passes[task] = FirstOrderPass(no_loss_extensions())
         torch.autograd.Variable._execution_engine.queue_callback(lambda: _finish_pass(passes, task))
     collected.add(torch._C._current_autograd_node(), grad_outputs)
     return None
+
+
+def _fingerprint(grad: Tensor) -> Tuple[float, float]:
+    """A weighted sum of ``grad``'s entries and its scale, in float64 (weights
+    spread over [1, 2] so that a change rarely cancels)."""
+    flat = grad.detach().reshape(-1).double()
+    weights = torch.linspace(1.0, 2.0, flat.numel(), dtype=flat.dtype, device=flat.device)
+    return float(flat @ weights), float(flat.abs() @ weights)
+
+
+def _check_gradient_column(task: int, grad_outputs) -> None:
+    """In a pass whose first-order results came from the extended loss, refuse
+    gradient that reaches a module output from elsewhere (a term added to the
+    loss outside the loss module, on a module's output): the results would
+    miss it while ``p.grad`` has it."""
+    recorded = getattr(_engine, "gradient_column", None)
+    if recorded is None or recorded[0] != task or recorded[1] is None:
+        return
+    _, checked, loss_calls = recorded
+    node = torch._C._current_autograd_node()
+    for slot in node.metadata.get(METADATA_KEY, ()):
+        grad = grad_outputs[slot.output_nr]
+        if grad is None:
+            continue
+        expected = checked.get((id(slot.call), slot.index))
+        if expected is None and id(slot.call) in loss_calls:
+            continue  # a call no rule reads (a container around a ruled module)
+        value, scale = _fingerprint(grad)
+        tolerance = 1e-4 * max(scale, expected[1] if expected else 0.0) + 1e-30
+        if expected is None or abs(value - expected[0]) > tolerance:
+            name = type(slot.call.module).__name__
+            raise RuntimeError(
+                f"The backward pass brings gradient to the output of {name} that does "
+                "not come from the extended loss (a term added to the loss outside the "
+                "loss module, e.g. a penalty on an intermediate output), so the "
+                "first-order extensions, computed from the loss, would miss it. "
+                "Include the term in the loss module's input, or compute the "
+                "first-order quantities in a backward pass of the whole objective "
+                "without an extended loss (loss_fn unextended)."
+            )
 
 
 def _finish_pass(passes: dict, task: int) -> None:

@@ -415,6 +415,9 @@ def test_install_runs_backpack_code_unchanged():
 
         curvext.compat.backpack.uninstall()
         assert "backpack" not in sys.modules and "backpack.extensions" not in sys.modules
+        from curvext.compat.backpack import utils as compat_utils
+        assert not hasattr(compat_utils, "convert_parameters")  # install's attributes gone
+        assert not hasattr(compat_utils, "__path__")
         import backpack  # the real one again
         assert backpack.__file__.endswith("backpack/__init__.py"), backpack.__file__
         print("ok")

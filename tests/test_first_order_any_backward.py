@@ -519,3 +519,44 @@ def test_compat_layer_without_loss():
     for name, param in model.named_parameters():
         assert_close(param.grad_batch, reference[name][[0, 3]], msg=name)
     assert sorted(map(id, seen)) == sorted([id(model[0]), id(model[2])])
+
+
+# ---- refusals found in review: never silently wrong -----------------------------
+
+
+def test_create_graph_without_a_loss_is_refused():
+    """BackPACK's results of a create_graph pass are differentiable, curvext's
+    are not: derivatives through them would silently miss terms."""
+    model = extend(nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)))
+    x = torch.randn(5, 3, requires_grad=True)
+    with pytest.raises(RuntimeError, match="create_graph=True"):
+        with backpack(BatchGrad()):
+            model(x)[:, 0].sum().backward(create_graph=True)
+
+
+def _penalised_step(extensions, penalty_on_aux: bool):
+    torch.manual_seed(0)
+    first, head, aux = nn.Linear(3, 4), nn.Linear(4, 2), nn.Linear(4, 1)
+    first, head, aux = extend(first), extend(head), extend(aux)
+    loss_fn = extend(nn.CrossEntropyLoss())
+    x, y = torch.randn(5, 3), torch.randint(0, 2, (5,))
+    h = first(x)
+    loss = loss_fn(head(torch.tanh(h)), y)
+    extra = aux(h).pow(2).sum() if penalty_on_aux else 0.5 * h.pow(2).sum()
+    with backpack(*extensions):
+        (loss + extra).backward()
+
+
+@pytest.mark.parametrize("penalty_on_aux", [False, True], ids=["on a hidden output", "aux"])
+def test_gradient_from_outside_the_loss_is_refused(penalty_on_aux):
+    """A term added outside the loss module reaches a module output: the
+    first-order results, computed from the loss, would miss it (BackPACK
+    attributes it); refused, naming the module."""
+    with pytest.raises(RuntimeError, match="does not come from the extended loss"):
+        _penalised_step((BatchGrad(),), penalty_on_aux)
+
+
+def test_second_order_extensions_keep_the_loss_with_a_penalty():
+    """Without first-order extensions the loss path defines everything (the
+    GGN is the loss's): no refusal."""
+    _penalised_step((GGNDiag(),), penalty_on_aux=False)

@@ -188,6 +188,8 @@ class _MissingSubmodules(importlib.abc.MetaPathFinder):
 _FINDER = _MissingSubmodules()
 #: This package's modules that install() gave a ``__path__`` (uninstall() takes it back).
 _MADE_PACKAGES: set = set()
+#: ``(module name, attribute)`` that install() set for dotted access (uninstall() removes them).
+_SET_ATTRIBUTES: list = []
 
 
 def _is_ours(name: str) -> bool:
@@ -234,6 +236,7 @@ def install() -> None:
         parent, _, child = alias.rpartition(".")
         if parent and not hasattr(sys.modules[parent], child):
             setattr(sys.modules[parent], child, sys.modules[alias])
+            _SET_ATTRIBUTES.append((sys.modules[parent].__name__, child))
         module = sys.modules[alias]
         if not hasattr(module, "__path__"):
             # a package to the import system, so that `backpack.utils.examples`
@@ -250,8 +253,15 @@ def uninstall() -> None:
         if alias in sys.modules and _is_ours(alias):
             del sys.modules[alias]
     for name in _MADE_PACKAGES:
-        vars(sys.modules[name]).pop("__path__", None)
+        module = sys.modules.get(name)
+        if module is not None:
+            vars(module).pop("__path__", None)
     _MADE_PACKAGES.clear()
+    for name, attribute in _SET_ATTRIBUTES:
+        module = sys.modules.get(name)
+        if module is not None:
+            vars(module).pop(attribute, None)
+    _SET_ATTRIBUTES.clear()
     if _FINDER in sys.meta_path:
         sys.meta_path.remove(_FINDER)
 
