@@ -211,25 +211,7 @@ def collect_calls(root: Node) -> Tuple[List[ModuleCall], Dict[Node, Set[Node]]]:
     accumulators (``node.variable`` is the leaf tensor, e.g. a parameter)
     map to the nodes that consume them.
     """
-    calls: Dict[int, ModuleCall] = {}
-    consumers: Dict[Node, Set[Node]] = {}
-    seen = set()
-    stack = [root]
-    while stack:
-        node = stack.pop()
-        if node is None or node in seen:
-            continue
-        seen.add(node)
-        for slot in node.metadata.get(METADATA_KEY, ()):
-            call = calls.setdefault(id(slot.call), slot.call)
-            if not call.edges:
-                call.edges = [None] * len(call.output_shapes)
-            call.edges[slot.index] = GradientEdge(node, slot.output_nr)
-        for next_node, _ in node.next_functions:
-            if next_node is not None and hasattr(next_node, "variable"):
-                consumers.setdefault(next_node, set()).add(node)
-            stack.append(next_node)
-    return list(calls.values()), consumers
+    return _walk([root], None)
 
 
 def collect_reached_calls(
@@ -243,18 +225,25 @@ def collect_reached_calls(
 
     Only calls with an output on a reached node are returned.
     """
-    reached_set = set(reached)
+    return _walk(list(reached), set(reached))
+
+
+def _walk(
+    roots: List[Node], reached: Optional[Set[Node]]
+) -> Tuple[List[ModuleCall], Dict[Node, Set[Node]]]:
+    """The walk of :func:`collect_calls` from ``roots``; with ``reached``, a
+    node holding records that is not in it is not entered."""
     calls: Dict[int, ModuleCall] = {}
     consumers: Dict[Node, Set[Node]] = {}
     seen = set()
-    stack = list(reached)
+    stack = list(roots)
     while stack:
         node = stack.pop()
         if node is None or node in seen:
             continue
         seen.add(node)
         slots = node.metadata.get(METADATA_KEY, ())
-        if slots and node not in reached_set:
+        if slots and reached is not None and node not in reached:
             continue
         for slot in slots:
             call = calls.setdefault(id(slot.call), slot.call)
