@@ -63,6 +63,7 @@ from harness import (
     machine_line,
     mb,
     measure_quietly,
+    memory_method,
     pct,
     peak_memory,
     rel_diff,
@@ -421,11 +422,7 @@ def render(results, args, device, started, elapsed) -> str:
         "Unit = forward + loss + backward inside "
         "the extension context. Peak MB = extra memory of one unit over what "
         "is allocated before it ("
-        + (
-            "torch.cuda.max_memory_allocated"
-            if device.type == "cuda"
-            else "peak RSS in a fresh process per cell"
-        )
+        + memory_method(device)
         + f"). Target: ratio <= {TARGET_RATIO} on the rows marked.",
         "",
         "Models: "

@@ -95,6 +95,7 @@ from harness import (  # noqa: E402
     machine_line,
     mb,
     measure_quietly,
+    memory_method,
     pct,
     peak_memory,
     run_memory_probe,
@@ -523,13 +524,7 @@ def main(argv=None):
 def render(
     eigen_rows, step_rows, args, device, machine, source, load_start, started, elapsed
 ) -> str:
-    memory = (
-        "n/a (--no-memory)"
-        if args.no_memory
-        else "torch.cuda.max_memory_allocated"
-        if device.type == "cuda"
-        else "peak RSS in a fresh process per cell"
-    )
+    memory = memory_method(device, args.no_memory)
     lines = [
         f"# GGNEigen vs ViViT, and the cost of eigenvalue logging ({device.type})",
         "",

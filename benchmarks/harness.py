@@ -333,6 +333,15 @@ def write_report(report: str, raw: dict, out: str):
 # --------------------------------------------------------------------------
 # report lines
 # --------------------------------------------------------------------------
+def memory_method(device: torch.device, no_memory: bool = False) -> str:
+    """How the report's peak memory was measured, in words."""
+    if no_memory:
+        return "n/a (--no-memory)"
+    if device.type == "cuda":
+        return "torch.cuda.max_memory_allocated"
+    return "peak RSS in a fresh process per cell"
+
+
 def version(package: str) -> str:
     from importlib.metadata import version as installed
 

@@ -124,6 +124,7 @@ from harness import (  # noqa: E402
     machine_line,
     mb,
     measure_quietly,
+    memory_method,
     pct,
     peak_memory,
     rel_diff,
@@ -547,13 +548,7 @@ def measure_distributed(model_name: str, args) -> dict:
 # report
 # --------------------------------------------------------------------------
 def render(rows, args, device, machine, source, load_start, started, elapsed) -> str:
-    memory = (
-        "n/a (--no-memory)"
-        if args.no_memory
-        else "torch.cuda.max_memory_allocated"
-        if device.type == "cuda"
-        else "peak RSS in a fresh process per cell"
-    )
+    memory = memory_method(device, args.no_memory)
     lines = [
         f"# Matrix-free curvature: curvext vs curvlinops and dattri ({device.type})",
         "",

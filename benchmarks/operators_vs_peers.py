@@ -100,6 +100,7 @@ from harness import (  # noqa: E402
     machine_line,
     mb,
     measure_quietly,
+    memory_method,
     pct,
     peak_memory,
     rel_diff,
@@ -464,13 +465,7 @@ def verdict(result: dict) -> str:
 # report
 # --------------------------------------------------------------------------
 def render(results, args, device, machine, source, load_start, started, elapsed) -> str:
-    memory = (
-        "n/a (--no-memory)"
-        if args.no_memory
-        else "torch.cuda.max_memory_allocated"
-        if device.type == "cuda"
-        else "peak RSS in a fresh process per cell"
-    )
+    memory = memory_method(device, args.no_memory)
     models = sorted({r["model"] for r in results}, key=list(DESCRIPTIONS).index)
     lines = [
         f"# curvext operators vs curvlinops and laplace-torch ({device.type})",
