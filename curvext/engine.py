@@ -41,6 +41,7 @@ from curvext.context import (
     NO_LOSS_RUN,
     active_extensions,
     current_run_log,
+    disable,
     max_columns_per_backward,
     no_loss_extensions,
 )
@@ -48,6 +49,7 @@ from curvext.context import _state as _context_state
 from curvext.extend import EXTENDED_TREE
 from curvext.extensions.base import (
     GRADIENT,
+    RESIDUAL,
     ColumnSet,
     Combine,
     Extension,
@@ -64,6 +66,7 @@ from curvext.recording import (
 )
 from curvext.rules.assign import assign
 from curvext.rules.base import slice_columns
+from curvext.rules.curvature import CurvedNode, curved_nodes
 from curvext.rules.generic import note_once
 
 #: Bytes of module-output gradients that one chunk of columns may hold when
@@ -208,13 +211,23 @@ def run(loss_call: LossCall, edge: GradientEdge, grad: Tensor, extensions: Tuple
     if samples is not None:
         _check_sample_major(calls, loss_call.input.shape[0], samples)
     try:
-        _run(edge, loss, calls, consumers, grad, extensions)
+        _run(edge, loss, calls, consumers, grad, extensions, lambda: _loss_gradient(loss_call))
     finally:
         for call in calls:  # the edges hold graph nodes: release them now
             call.edges = []
 
 
-def _run(edge, loss, calls, consumers, grad, extensions):
+def _loss_gradient(loss_call: LossCall) -> Tensor:
+    """Gradient of the loss module's own output w.r.t. its input (what
+    arrives at the loss input may be scaled: ``GradScaler``, ``3 * loss``)."""
+    with torch.enable_grad(), disable():
+        loss_input = loss_call.input.detach().requires_grad_()
+        value = loss_call.module(loss_input, loss_call.target)
+        (gradient,) = torch.autograd.grad(value, loss_input)
+    return gradient
+
+
+def _run(edge, loss, calls, consumers, grad, extensions, loss_gradient):
     loss_name = type(loss.module).__name__
     if not calls:
         raise RuntimeError(
@@ -288,7 +301,116 @@ def _run(edge, loss, calls, consumers, grad, extensions):
         for rule in rules:
             rule.release()
 
+    if RESIDUAL in sets:
+        _add_residuals(edge, loss_gradient(), loss, used_calls, extensions, targets, partials)
+        for rule in rules:
+            rule.release()
     _store_results(extensions, targets, calls, partials, info)
+
+
+def _add_residuals(edge, loss_gradient, loss, used_calls, extensions, targets, partials):
+    r"""Add the second-order terms of the graph's curved operations to the
+    partials of the extensions reading :data:`RESIDUAL`.
+
+    For an elementwise ``y = phi(x)`` with loss gradient ``g`` at ``y``, the
+    term is :math:`J_x^\top \operatorname{diag}(d) J_x`, ``d = g phi''(x)``.
+    One column per feature ``f`` of ``x``, :math:`\sqrt{|d_{:,f}|}\, e_f`
+    (all samples at once), is pushed from ``x`` to the module outputs; each
+    column's gradients there are split by the sign of ``d`` per sample (the
+    samples do not mix, as everywhere in the engine), and the extension's
+    reduction of the negative part is subtracted from that of the positive
+    part.
+    """
+    handled: Dict[int, tuple] = {}
+    for target in targets:
+        for rule, _ in target.owners:
+            handled.setdefault(id(rule), (rule.calls, []))[1].append(target.param)
+    nodes = curved_nodes(edge.node, list(handled.values()))
+    if not nodes:
+        return
+    at_outputs = torch.autograd.grad(
+        [edge],
+        [node.output for node in nodes],
+        grad_outputs=[loss_gradient.to(loss.input.dtype)],
+        retain_graph=True,
+        allow_unused=True,
+    )
+    readers = [(i, ext) for i, ext in enumerate(extensions) if RESIDUAL in ext.column_sets()]
+    for node, gradient in zip(nodes, at_outputs):
+        if gradient is not None:
+            _add_node_residual(node, gradient, loss, used_calls, readers, targets, partials)
+
+
+def _add_node_residual(
+    node: CurvedNode, gradient: Tensor, loss, used_calls, readers, targets, partials
+) -> None:
+    samples = loss.batch_size
+    shape = gradient.shape
+    if gradient.dim() == 0 or shape[0] != samples:
+        raise NotImplementedError(
+            f"The Hessian diagonal needs the samples on axis 0 of the input of "
+            f"{node.name.replace('Backward0', '')} (shape {tuple(shape)}, {samples} "
+            "samples): move the batch axis first before the activation."
+        )
+    curvature = (gradient * node.second_derivative.to(gradient.dtype)).reshape(samples, -1)
+    features = curvature.ne(0).any(0).nonzero().flatten()
+    if features.numel() == 0:
+        return
+    scale, positive = curvature.abs().sqrt(), curvature > 0
+    itemsize = curvature.element_size()
+    per_column = itemsize * (
+        curvature.numel() + sum(s.numel() for c in used_calls for s in c.output_shapes)
+    )
+    requested = max_columns_per_backward()
+    step = requested or max(1, CHUNK_BYTES // max(per_column, 1))
+    for start in range(0, features.numel(), step):
+        chosen = features[start : start + step]
+        columns = curvature.new_zeros(chosen.numel(), samples, curvature.shape[1])
+        picks = torch.arange(chosen.numel(), device=chosen.device)
+        columns[picks, :, chosen] = scale[:, chosen].T
+        call_grads = _backpropagate(
+            node.input, used_calls, columns.reshape(-1, *shape), gradient.dtype
+        )
+        mask = positive[:, chosen].T  # [columns, N]
+        plus = {key: _masked(grads, mask, samples) for key, grads in call_grads.items()}
+        minus = {
+            key: _map_grads(lambda g, p: g - p, grads, plus[key])
+            for key, grads in call_grads.items()
+        }
+        for ext_index, ext in readers:
+            for target_index, target in enumerate(targets):
+                part = ext.reduce_residual(
+                    target.rule, target.name, target.grads(plus), target.grads(minus)
+                )
+                slot = (ext_index, target_index, RESIDUAL)
+                if ext.combine is Combine.CAT:
+                    partials.setdefault(slot, []).append(part)
+                else:
+                    partials[slot] = part if slot not in partials else partials[slot] + part
+        del call_grads, plus, minus, columns
+        for target in targets:
+            target.rule.release()
+
+
+def _map_grads(function, grads, *others):
+    """``function`` applied to a call's gradients (a tensor, or a tuple of them)."""
+    if isinstance(grads, tuple):
+        return tuple(function(g, *(o[i] for o in others)) for i, g in enumerate(grads))
+    return function(grads, *others)
+
+
+def _masked(grads, mask: Tensor, samples: int):
+    """The entries of ``grads [columns, N, ...]`` where ``mask [columns, N]``."""
+
+    def keep(g: Tensor) -> Tensor:
+        if g.dim() < 2 or g.shape[1] != samples:
+            raise NotImplementedError(
+                f"The Hessian diagonal needs the samples on axis 0 of every module "
+                f"output; one has shape {tuple(g.shape[1:])} for {samples} samples."
+            )
+        return g * mask.reshape(*mask.shape, *([1] * (g.dim() - 2))).to(g.dtype)
+
+    return _map_grads(keep, grads)
 
 
 def _store_results(extensions, targets, calls, partials, info: RunInfo) -> None:

@@ -10,6 +10,7 @@ from curvext.extensions.ggn_diag import BatchGGNDiag, GGNDiag
 from curvext.extensions.ggn_eigen import GGNEigen
 from curvext.extensions.ggn_eigen_derivatives import DampedNewtonStep, GGNDirectionalDerivatives
 from curvext.extensions.ggn_mp import GGNMP
+from curvext.extensions.hessian_diag import BatchDiagHessian, DiagHessian
 from curvext.extensions.kfac import KFAC
 from curvext.extensions.sqrt_ggn import SqrtGGN
 
@@ -17,6 +18,8 @@ __all__ = [
     "Extension",
     "GGNDiag",
     "BatchGGNDiag",
+    "DiagHessian",
+    "BatchDiagHessian",
     "GGNEigen",
     "GGNDirectionalDerivatives",
     "DampedNewtonStep",

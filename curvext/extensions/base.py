@@ -35,7 +35,10 @@ class ColumnSet:
     Attributes:
         kind: ``"exact"`` (the exact square root of the loss Hessian, ``K`` =
             the loss rule's ``num_exact_columns``), ``"mc"`` (``samples``
-            Monte-Carlo columns) or ``"grad"`` (the loss gradient, one column).
+            Monte-Carlo columns), ``"grad"`` (the loss gradient, one column) or
+            ``"residual"`` (the second-order terms of the graph's curved
+            operations, pushed from each operation's input, not from the loss:
+            no loss-input columns; see :mod:`curvext.rules.curvature`).
         samples: ``M`` for ``"mc"``; 0 otherwise.
     """
 
@@ -46,6 +49,8 @@ class ColumnSet:
         """Number of columns ``K`` of this set for the loss rule ``loss``."""
         if self.kind == "exact":
             return loss.num_exact_columns
+        if self.kind == "residual":
+            return 0
         return self.samples if self.kind == "mc" else 1
 
 
@@ -53,6 +58,9 @@ class ColumnSet:
 EXACT = ColumnSet("exact")
 #: The gradient of the loss w.r.t. its input (first-order extensions).
 GRADIENT = ColumnSet("grad")
+#: The Hessian's second-order terms of curved operations (``tanh``, ...):
+#: reduced twice per chunk, the engine subtracting the negative part.
+RESIDUAL = ColumnSet("residual")
 
 
 def monte_carlo(samples: int) -> ColumnSet:
@@ -141,6 +149,18 @@ class Extension:
         """
         raise NotImplementedError
 
+    def reduce_residual(
+        self, rule: PerSampleRule, name: str, positive: Grads, negative: Grads
+    ) -> Any:
+        """Partial result for one chunk of :data:`RESIDUAL` columns.
+
+        The Hessian's second-order terms are signed: ``positive`` holds the
+        columns' gradients where the term is positive, ``negative`` where it
+        is negative (each entry is in one of them). The default subtracts the
+        two reductions (diagonals).
+        """
+        return self.reduce(rule, name, positive) - self.reduce(rule, name, negative)
+
     def finalize(self, rule: PerSampleRule, name: str, partial: Any, info: RunInfo) -> Any:
         """The value stored as ``p.<savefield>``."""
         return partial
@@ -171,4 +191,13 @@ def sum_partials(first, second):
     return first + second
 
 
-__all__ = ["Extension", "RunInfo", "ColumnSet", "Combine", "EXACT", "GRADIENT", "monte_carlo"]
+__all__ = [
+    "Extension",
+    "RunInfo",
+    "ColumnSet",
+    "Combine",
+    "EXACT",
+    "GRADIENT",
+    "RESIDUAL",
+    "monte_carlo",
+]

@@ -1,0 +1,333 @@
+r"""The second-order terms of the graph's own operations (Hessian diagonals).
+
+The Hessian of a loss :math:`L(\theta)` computed through a graph of
+operations is the GGN plus one term per operation that is curved in its
+inputs:
+
+.. math::
+    \nabla^2_\theta L = J^\top \nabla^2 \ell \, J
+        + \sum_{a} J_a^\top \operatorname{diag}(g_a \odot \phi_a''(x_a)) J_a
+
+for elementwise operations :math:`y_a = \phi_a(x_a)` (``tanh``, ``sigmoid``,
+GELU, ...), with :math:`g_a` the gradient of the loss w.r.t. :math:`y_a`
+and :math:`J_a` the Jacobian of :math:`x_a` w.r.t. the parameters. Linear
+operations (views, sums, pooling by averages, piecewise linear activations)
+add nothing. A product of two tensors (matrix products, convolutions,
+``x * y``) is curved only across its two factors, so it adds nothing to the
+*diagonal* unless one parameter reaches both factors (attention's
+:math:`QK^\top`, a weight tied across two layers, ``x * x``). Everything
+else (softmax or normalisation of a tensor that depends on parameters,
+division by one, an operation this module does not know) is refused, naming
+the operation.
+
+:func:`curved_nodes` walks the graph below the loss input and returns the
+elementwise operations with their :math:`\phi''(x_a)`; the engine pushes the
+columns :math:`\sqrt{|g_a \phi_a''|}\, e_f` from each one's input
+(:mod:`curvext.engine`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Set, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.autograd.graph import GradientEdge, Node
+
+from curvext.recording import ModuleCall
+
+#: Operations without second-order term: linear, or piecewise linear
+#: (second derivative zero almost everywhere).
+LINEAR_OPS = frozenset(
+    """
+    AccumulateGrad AddBackward0 AddBackward1 SubBackward0 SubBackward1 NegBackward0
+    ViewBackward0 UnsafeViewBackward0 ReshapeAliasBackward0 AsStridedBackward0
+    CloneBackward0 ToCopyBackward0 AliasBackward0 ExpandBackward0 RepeatBackward0
+    SliceBackward0 SelectBackward0 NarrowBackward0 IndexBackward0 IndexSelectBackward0
+    GatherBackward0 TakeBackward0 TransposeBackward0 PermuteBackward0 TBackward0
+    SqueezeBackward0 SqueezeBackward1 SqueezeBackward2 UnsqueezeBackward0 FlipBackward0
+    RollBackward0 CatBackward0 StackBackward0 SplitBackward0 SplitWithSizesBackward0
+    UnbindBackward0 SumBackward0 SumBackward1 MeanBackward0 MeanBackward1 CumsumBackward0
+    ConstantPadNdBackward0 ReflectionPad1DBackward0 ReflectionPad2DBackward0
+    ReplicationPad1DBackward0 ReplicationPad2DBackward0 PixelShuffleBackward0
+    PixelUnshuffleBackward0 Im2ColBackward0 Col2ImBackward0 TrilBackward0 TriuBackward0
+    ReluBackward0 ThresholdBackward0 LeakyReluBackward0 LeakyReluBackward1
+    HardtanhBackward0 HardtanhBackward1 HardsigmoidBackward0 AbsBackward0
+    MaxBackward0 MaxBackward1 MinBackward0 MinBackward1 AmaxBackward0 AminBackward0
+    MaxPool1DWithIndicesBackward0 MaxPool2DWithIndicesBackward0
+    MaxPool3DWithIndicesBackward0 AdaptiveMaxPool1DBackward0 AdaptiveMaxPool2DBackward0
+    AdaptiveMaxPool3DBackward0 AvgPool2DBackward0 AvgPool3DBackward0
+    AdaptiveAvgPool2DBackward0 AdaptiveAvgPool3DBackward0 UpsampleNearest1DBackward0
+    UpsampleNearest2DBackward0 UpsampleLinear1DBackward0 UpsampleBilinear2DBackward0
+    NativeDropoutBackward0 EmbeddingBackward0 WhereBackward0 MaskedFillBackward0
+    BackwardHookFunctionBackward
+    """.split()
+)
+
+#: Products: for each, the positions of its factors among ``next_functions``
+#: (other inputs enter additively, as the bias of ``addmm``).
+PRODUCT_OPS: Dict[str, Tuple[int, ...]] = {
+    "MulBackward0": (0, 1),
+    "MmBackward0": (0, 1),
+    "BmmBackward0": (0, 1),
+    "MvBackward0": (0, 1),
+    "DotBackward0": (0, 1),
+    "AddmmBackward0": (1, 2),
+    "AddmvBackward0": (1, 2),
+    "BaddbmmBackward0": (1, 2),
+    "ConvolutionBackward0": (0, 1),
+    "PreluKernelBackward0": (0, 1),
+    # affine in its input with the running statistics (train mode is
+    # refused by the engine: it couples the samples)
+    "NativeBatchNormBackward0": (0, 1),
+    "CudnnBatchNormBackward0": (0, 1),
+}
+
+
+def _from_input(function: Callable[..., Tensor]) -> Callable[[Node], Tensor]:
+    """``phi''(x)`` by differentiating ``function`` twice at the saved input."""
+
+    def second(node: Node) -> Tensor:
+        x = node._saved_self.detach()
+        with torch.enable_grad():
+            x = x.requires_grad_()
+            (first,) = torch.autograd.grad(function(node, x).sum(), x, create_graph=True)
+            (second,) = torch.autograd.grad(first.sum(), x)
+        return second
+
+    return second
+
+
+def _tanh(node: Node) -> Tensor:
+    y = node._saved_result
+    return -2 * y * (1 - y * y)
+
+
+def _sigmoid(node: Node) -> Tensor:
+    y = node._saved_result
+    return y * (1 - y) * (1 - 2 * y)
+
+
+def _elu_from_result(node: Node) -> Tensor:
+    # inplace ELU saves its result y; for x < 0, y = s a (exp(i x) - 1) and
+    # phi'' = s a i^2 exp(i x) = i^2 (y + s a)
+    y, alpha = node._saved_result, node._saved_alpha
+    scale, input_scale = node._saved_scale, node._saved_input_scale
+    negative = input_scale**2 * (y + scale * alpha)
+    return torch.where(y > 0, torch.zeros_like(y), negative)
+
+
+#: ``phi''(x_a)`` of the elementwise operations, from what their node saved.
+SECOND_DERIVATIVES: Dict[str, Callable[[Node], Tensor]] = {
+    "TanhBackward0": _tanh,
+    "SigmoidBackward0": _sigmoid,
+    "ExpBackward0": lambda node: node._saved_result,
+    "SqrtBackward0": lambda node: -0.25 / node._saved_result**3,
+    "RsqrtBackward0": lambda node: 0.75 * node._saved_result**5,
+    "ReciprocalBackward0": lambda node: 2 * node._saved_result**3,
+    "EluBackward1": _elu_from_result,
+    "GeluBackward0": _from_input(lambda n, x: F.gelu(x, approximate=n._saved_approximate)),
+    "SiluBackward0": _from_input(lambda n, x: F.silu(x)),
+    "MishBackward0": _from_input(lambda n, x: F.mish(x)),
+    "HardswishBackward0": _from_input(lambda n, x: F.hardswish(x)),
+    "SoftplusBackward0": _from_input(
+        lambda n, x: F.softplus(x, beta=n._saved_beta, threshold=n._saved_threshold)
+    ),
+    "EluBackward0": _from_input(
+        lambda n, x: (
+            n._saved_scale
+            * torch.where(x > 0, x, n._saved_alpha * torch.expm1(n._saved_input_scale * x))
+        )
+    ),
+    "CeluBackward0": _from_input(lambda n, x: F.celu(x, alpha=n._saved_alpha)),
+    "LogSigmoidBackward0": _from_input(lambda n, x: F.logsigmoid(x)),
+    "LogBackward0": _from_input(lambda n, x: torch.log(x)),
+    "SinBackward0": _from_input(lambda n, x: torch.sin(x)),
+    "CosBackward0": _from_input(lambda n, x: torch.cos(x)),
+    "PowBackward0": _from_input(lambda n, x: x**n._saved_exponent),
+}
+
+
+@dataclass(eq=False)
+class CurvedNode:
+    """An elementwise operation ``y = phi(x)`` whose ``phi''`` is not zero.
+
+    Attributes:
+        name: The autograd node's class name (``TanhBackward0``).
+        output: Gradient edge of ``y`` (where the loss gradient ``g`` is read).
+        input: Gradient edge of ``x`` (where the columns start).
+        second_derivative: ``phi''(x)``, shaped like ``x``.
+    """
+
+    name: str
+    output: GradientEdge
+    input: GradientEdge
+    second_derivative: Tensor
+
+
+#: What the refusals recommend instead.
+_INSTEAD = (
+    "For the diagonal of this Hessian use a matrix-free estimate: "
+    "curvext.linalg.hutchinson_diag or xdiag on curvext.operators.HessianOperator "
+    "(or GGNDiag for the GGN's)."
+)
+
+
+def _op(node: Node) -> str:
+    return type(node).__name__.replace("Backward0", "").replace("Backward1", "")
+
+
+def curved_nodes(
+    root: Node, owners: List[Tuple[List[ModuleCall], List[Tensor]]]
+) -> List[CurvedNode]:
+    """The elementwise curved operations below ``root`` that parameters reach.
+
+    Args:
+        root: The loss input's autograd node.
+        owners: For each rule, its calls and the parameters it handles.
+
+    Raises:
+        NotImplementedError: for an operation whose second-order term is not
+            elementwise (and reached by parameters), naming it; or for a
+            curved operation inside a module call whose own parameters it
+            reaches (the module's rule reads gradients at the module's output
+            only).
+    """
+    reach, bits = _parameter_reach(root)
+    inside = _call_regions(owners, bits)
+    found = []
+    for node, params in reach.items():
+        if not params:
+            continue
+        name = type(node).__name__
+        if name in LINEAR_OPS:
+            continue
+        if name in PRODUCT_OPS:
+            _check_product(node, reach)
+            continue
+        if name == "NativeLayerNormBackward0" or name == "NativeGroupNormBackward0":
+            if reach.get(node.next_functions[0][0], 0):
+                raise NotImplementedError(
+                    f"The Hessian diagonal through {_op(node)} is not computed: the "
+                    "normalisation of a tensor that depends on parameters has a "
+                    "second-order term that is not elementwise. " + _INSTEAD
+                )
+            continue
+        if name not in SECOND_DERIVATIVES:
+            raise NotImplementedError(
+                f"curvext does not know the second-order term of the operation "
+                f"{_op(node)} ({name}), which parameters reach, so it cannot compute "
+                f"the Hessian diagonal exactly. " + _INSTEAD
+            )
+        producer, output_nr = node.next_functions[0]
+        if producer is None or not reach.get(producer, 0):
+            continue
+        owner = inside.get(node)
+        if owner is not None and reach[producer] & owner[1]:
+            raise NotImplementedError(
+                f"{_op(node)} inside {type(owner[0].module).__name__} acts on a tensor "
+                f"that depends on that module's own parameters; curvext reads the "
+                "module's gradients at its output and cannot add this second-order "
+                "term. Apply the activation outside the module (as nn.Tanh() after "
+                "it). " + _INSTEAD
+            )
+        found.append(
+            CurvedNode(
+                name=name,
+                output=GradientEdge(node, 0),
+                input=GradientEdge(producer, output_nr),
+                second_derivative=SECOND_DERIVATIVES[name](node).detach(),
+            )
+        )
+    return found
+
+
+def _parameter_reach(root: Node) -> Tuple[Dict[Node, int], Dict[Node, int]]:
+    """For every node below ``root``: a bit mask of the leaves with
+    ``requires_grad`` (parameters) it depends on; and each leaf's bit."""
+    bits: Dict[Node, int] = {}
+    reach: Dict[Node, int] = {}
+    order: List[Node] = []
+    seen: Set[Node] = set()
+    stack: List[Tuple[Node, bool]] = [(root, False)]
+    while stack:  # post-order without recursion (deep graphs)
+        node, done = stack.pop()
+        if done:
+            order.append(node)
+            continue
+        if node in seen:
+            continue
+        seen.add(node)
+        stack.append((node, True))
+        for child, _ in node.next_functions:
+            if child is not None and child not in seen:
+                stack.append((child, False))
+    for node in order:
+        mask = 0
+        if hasattr(node, "variable"):
+            mask = bits.setdefault(node, 1 << len(bits))
+        for child, _ in node.next_functions:
+            if child is not None:
+                mask |= reach.get(child, 0)
+        reach[node] = mask
+    return reach, bits
+
+
+def _check_product(node: Node, reach: Dict[Node, int]) -> None:
+    name = type(node).__name__
+    if name in ("NativeBatchNormBackward0", "CudnnBatchNormBackward0"):
+        if getattr(node, "_saved_training", False):
+            return  # refused by the engine for every extension (couples samples)
+    masks = []
+    for index in PRODUCT_OPS[name]:
+        if index < len(node.next_functions):
+            child = node.next_functions[index][0]
+            masks.append(reach.get(child, 0) if child is not None else 0)
+    for i, first in enumerate(masks):
+        for second in masks[i + 1 :]:
+            if first & second:
+                raise NotImplementedError(
+                    f"The Hessian diagonal through {_op(node)} is not computed: a "
+                    "parameter reaches both of its factors (attention's scores, a "
+                    "weight tied across layers, x * x), so its second-order term is "
+                    "not elementwise. " + _INSTEAD
+                )
+
+
+def _call_regions(
+    owners: List[Tuple[List[ModuleCall], List[Tensor]]], bits: Dict[Node, int]
+) -> Dict[Node, Tuple[ModuleCall, int]]:
+    """Nodes inside each call (between its outputs and its inputs) → the call
+    and the bit mask (``bits``) of the parameters its rule handles."""
+    regions: Dict[Node, Tuple[ModuleCall, int]] = {}
+    for rule_calls, params in owners:
+        own = {id(p) for p in params}
+        for call in rule_calls:
+            _add_region(call, own, bits, regions)
+    return regions
+
+
+def _add_region(call: ModuleCall, own: Set[int], bits: Dict[Node, int], regions) -> None:
+    stop = set(call.input_nodes)
+    nodes, mask = [], 0
+    seen: Set[Node] = set()
+    stack = [edge.node for edge in call.edges if edge is not None]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen or node in stop:
+            continue
+        seen.add(node)
+        if hasattr(node, "variable"):
+            if id(node.variable) in own:
+                mask |= bits.get(node, 0)
+            continue
+        nodes.append(node)
+        stack.extend(child for child, _ in node.next_functions)
+    if mask:
+        for node in nodes:
+            regions.setdefault(node, (call, mask))
+
+
+__all__ = ["CurvedNode", "curved_nodes", "LINEAR_OPS", "PRODUCT_OPS", "SECOND_DERIVATIVES"]
