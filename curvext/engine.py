@@ -337,12 +337,22 @@ def _add_residuals(edge, loss_gradient, loss, used_calls, extensions, targets, p
     )
     readers = [(i, ext) for i, ext in enumerate(extensions) if RESIDUAL in ext.column_sets()]
     for node, gradient in zip(nodes, at_outputs):
-        if gradient is not None:
-            _add_node_residual(node, gradient, loss, used_calls, readers, targets, partials)
+        reached = {id(call) for call in node.calls}
+        # only the parameters whose rules read a call below the node get a term
+        indices = [
+            i
+            for i, target in enumerate(targets)
+            if any(id(c) in reached for rule, _ in target.owners for c in rule.calls)
+        ]
+        calls = {id(c): c for i in indices for rule, _ in targets[i].owners for c in rule.calls}
+        if gradient is not None and indices:
+            _add_node_residual(
+                node, gradient, loss, list(calls.values()), readers, targets, indices, partials
+            )
 
 
 def _add_node_residual(
-    node: CurvedNode, gradient: Tensor, loss, used_calls, readers, targets, partials
+    node: CurvedNode, gradient: Tensor, loss, used_calls, readers, targets, indices, partials
 ) -> None:
     samples = loss.batch_size
     shape = gradient.shape
@@ -378,7 +388,8 @@ def _add_node_residual(
             for key, grads in call_grads.items()
         }
         for ext_index, ext in readers:
-            for target_index, target in enumerate(targets):
+            for target_index in indices:
+                target = targets[target_index]
                 part = ext.reduce_residual(
                     target.rule, target.name, target.grads(plus), target.grads(minus)
                 )
@@ -388,8 +399,8 @@ def _add_node_residual(
                 else:
                     partials[slot] = part if slot not in partials else partials[slot] + part
         del call_grads, plus, minus, columns
-        for target in targets:
-            target.rule.release()
+        for target_index in indices:
+            targets[target_index].rule.release()
 
 
 def _map_grads(function, grads, *others):

@@ -159,12 +159,15 @@ class CurvedNode:
         output: Gradient edge of ``y`` (where the loss gradient ``g`` is read).
         input: Gradient edge of ``x`` (where the columns start).
         second_derivative: ``phi''(x)``, shaped like ``x``.
+        calls: The recorded calls with an output below ``x`` (the only ones
+            its columns reach).
     """
 
     name: str
     output: GradientEdge
     input: GradientEdge
     second_derivative: Tensor
+    calls: List[ModuleCall]
 
 
 #: What the refusals recommend instead.
@@ -195,7 +198,18 @@ def curved_nodes(
             reaches (the module's rule reads gradients at the module's output
             only).
     """
-    reach, bits = _parameter_reach(root)
+    order = _post_order(root)
+    # bit masks of the parameters (their accumulators) each node depends on,
+    # and of the recorded call outputs below each node
+    bits = {node: 1 << i for i, node in enumerate(n for n in order if hasattr(n, "variable"))}
+    reach = _reach(order, lambda node: bits.get(node, 0))
+    calls = list({id(c): c for rule_calls, _ in owners for c in rule_calls}.values())
+    call_bits: Dict[Node, int] = {}
+    for index, call in enumerate(calls):
+        for edge in call.edges:
+            if edge is not None:
+                call_bits[edge.node] = call_bits.get(edge.node, 0) | 1 << index
+    below = _reach(order, lambda node: call_bits.get(node, 0))
     inside = _call_regions(owners, bits)
     found = []
     for node, params in reach.items():
@@ -239,20 +253,18 @@ def curved_nodes(
                 output=GradientEdge(node, 0),
                 input=GradientEdge(producer, output_nr),
                 second_derivative=SECOND_DERIVATIVES[name](node).detach(),
+                calls=[c for i, c in enumerate(calls) if below.get(producer, 0) >> i & 1],
             )
         )
     return found
 
 
-def _parameter_reach(root: Node) -> Tuple[Dict[Node, int], Dict[Node, int]]:
-    """For every node below ``root``: a bit mask of the leaves with
-    ``requires_grad`` (parameters) it depends on; and each leaf's bit."""
-    bits: Dict[Node, int] = {}
-    reach: Dict[Node, int] = {}
+def _post_order(root: Node) -> List[Node]:
+    """The nodes below ``root``, every node after all the nodes it depends on."""
     order: List[Node] = []
     seen: Set[Node] = set()
     stack: List[Tuple[Node, bool]] = [(root, False)]
-    while stack:  # post-order without recursion (deep graphs)
+    while stack:  # without recursion: graphs may be deep
         node, done = stack.pop()
         if done:
             order.append(node)
@@ -264,15 +276,20 @@ def _parameter_reach(root: Node) -> Tuple[Dict[Node, int], Dict[Node, int]]:
         for child, _ in node.next_functions:
             if child is not None and child not in seen:
                 stack.append((child, False))
+    return order
+
+
+def _reach(order: List[Node], own_bits: Callable[[Node], int]) -> Dict[Node, int]:
+    """For every node of ``order``: the bits of ``own_bits`` of it and of
+    every node below it."""
+    reach: Dict[Node, int] = {}
     for node in order:
-        mask = 0
-        if hasattr(node, "variable"):
-            mask = bits.setdefault(node, 1 << len(bits))
+        mask = own_bits(node)
         for child, _ in node.next_functions:
             if child is not None:
                 mask |= reach.get(child, 0)
         reach[node] = mask
-    return reach, bits
+    return reach
 
 
 def _check_product(node: Node, reach: Dict[Node, int]) -> None:
