@@ -344,25 +344,57 @@ def _add_residuals(edge, loss_gradient, loss, used_calls, extensions, targets, p
             for i, target in enumerate(targets)
             if any(id(c) in reached for rule, _ in target.owners for c in rule.calls)
         ]
+        if gradient is None or not indices:
+            continue
+        samples = loss.batch_size
+        if gradient.dim() == 0 or gradient.shape[0] != samples:
+            raise NotImplementedError(
+                f"The Hessian diagonal needs the samples on axis 0 of the input of "
+                f"{node.name.replace('Backward0', '')} (shape {tuple(gradient.shape)}, "
+                f"{samples} samples): move the batch axis first before the activation."
+            )
+        curvature = gradient * node.second_derivative.to(gradient.dtype)
+        indices = _add_direct(node, curvature, readers, targets, indices, partials)
         calls = {id(c): c for i in indices for rule, _ in targets[i].owners for c in rule.calls}
-        if gradient is not None and indices:
+        if indices:
             _add_node_residual(
-                node, gradient, loss, list(calls.values()), readers, targets, indices, partials
+                node, curvature, list(calls.values()), readers, targets, indices, partials
             )
 
 
+def _add_direct(node: CurvedNode, curvature, readers, targets, indices, partials) -> List[int]:
+    """Add the term of ``node`` for the parameters of the call whose output is
+    the node's input, where the rule computes it from the curvature alone
+    (:meth:`~curvext.rules.base.ModuleRule.output_curvature_diag`). Returns
+    the target indices left for the columns."""
+    left = []
+    for target_index in indices:
+        target = targets[target_index]
+        rule = target.rule
+        direct = len(target.owners) == 1 and [
+            (e.node, e.output_nr) for c in rule.calls for e in c.edges
+        ] == [(node.input.node, node.input.output_nr)]
+        if not direct:
+            left.append(target_index)
+            continue
+        parts = [ext.reduce_curvature(rule, target.name, curvature) for _, ext in readers]
+        if any(part is None for part in parts):
+            left.append(target_index)
+            continue
+        for (ext_index, ext), part in zip(readers, parts):
+            slot = (ext_index, target_index, RESIDUAL)
+            if ext.combine is Combine.CAT:
+                partials.setdefault(slot, []).append(part)
+            else:
+                partials[slot] = part if slot not in partials else partials[slot] + part
+    return left
+
+
 def _add_node_residual(
-    node: CurvedNode, gradient: Tensor, loss, used_calls, readers, targets, indices, partials
+    node: CurvedNode, curvature, used_calls, readers, targets, indices, partials
 ) -> None:
-    samples = loss.batch_size
-    shape = gradient.shape
-    if gradient.dim() == 0 or shape[0] != samples:
-        raise NotImplementedError(
-            f"The Hessian diagonal needs the samples on axis 0 of the input of "
-            f"{node.name.replace('Backward0', '')} (shape {tuple(shape)}, {samples} "
-            "samples): move the batch axis first before the activation."
-        )
-    curvature = (gradient * node.second_derivative.to(gradient.dtype)).reshape(samples, -1)
+    samples, shape = curvature.shape[0], curvature.shape
+    curvature = curvature.reshape(samples, -1)
     features = curvature.ne(0).any(0).nonzero().flatten()
     if features.numel() == 0:
         return
@@ -379,7 +411,7 @@ def _add_node_residual(
         picks = torch.arange(chosen.numel(), device=chosen.device)
         columns[picks, :, chosen] = scale[:, chosen].T
         call_grads = _backpropagate(
-            node.input, used_calls, columns.reshape(-1, *shape), gradient.dtype
+            node.input, used_calls, columns.reshape(-1, *shape), curvature.dtype
         )
         mask = positive[:, chosen].T  # [columns, N]
         plus = {key: _masked(grads, mask, samples) for key, grads in call_grads.items()}

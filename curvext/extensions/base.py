@@ -161,6 +161,13 @@ class Extension:
         """
         return self.reduce(rule, name, positive) - self.reduce(rule, name, negative)
 
+    def reduce_curvature(self, rule: PerSampleRule, name: str, curvature: Tensor) -> Any:
+        """Partial result of the :data:`RESIDUAL` term of an elementwise op
+        applied directly to the output of ``rule``'s only call, from its
+        diagonal curvature ``[N, *output]`` (no columns); ``None`` (the
+        default) makes the engine push the columns instead."""
+        return None
+
     def finalize(self, rule: PerSampleRule, name: str, partial: Any, info: RunInfo) -> Any:
         """The value stored as ``p.<savefield>``."""
         return partial

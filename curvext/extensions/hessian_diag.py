@@ -51,6 +51,11 @@ class DiagHessian(Extension):
     def reduce(self, rule: PerSampleRule, name: str, grads: Grads) -> Tensor:
         return rule.diag(name, grads)
 
+    def reduce_curvature(
+        self, rule: PerSampleRule, name: str, curvature: Tensor
+    ) -> Optional[Tensor]:
+        return rule.output_curvature_diag(name, curvature, per_sample=False)
+
     def finalize(
         self,
         rule: PerSampleRule,
@@ -74,3 +79,8 @@ class BatchDiagHessian(DiagHessian):
 
     def reduce(self, rule: PerSampleRule, name: str, grads: Grads) -> Tensor:
         return rule.batch_diag(name, grads)
+
+    def reduce_curvature(
+        self, rule: PerSampleRule, name: str, curvature: Tensor
+    ) -> Optional[Tensor]:
+        return rule.output_curvature_diag(name, curvature, per_sample=True)

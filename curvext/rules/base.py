@@ -155,6 +155,17 @@ class ModuleRule:
         ``grad_factor``, ``outer``, ``kfac_factors(input_sum=...)`` apply)."""
         return False
 
+    def output_curvature_diag(
+        self, name: str, curvature: Tensor, per_sample: bool
+    ) -> Optional[Tensor]:
+        r""":math:`\sum_f d_{nf} (J_n^\top e_f)^2` summed over ``n`` (shape of
+        ``p``) or not (``per_sample``: ``[N, *p.shape]``), for a diagonal
+        curvature ``d [N, *output]`` at the output of the rule's only call:
+        the Hessian term of an elementwise op applied to that output, without
+        one column per output entry. ``None`` where the rule has no such
+        shortcut (the engine then pushes the columns)."""
+        return None
+
     # reductions derived from per_sample, chunked over columns
     def chunked(self, name: str, grads: List[Tensor], reduce) -> Tensor:
         """``reduce(per_sample(name, chunk))`` summed over chunks of columns

@@ -83,6 +83,7 @@ class ConvTransposeRule(ConvRule):
     """``ConvTransposeNd``: ``A`` is the input, ``G`` the output-column patches."""
 
     grad_first = False
+    entry_grad_side = False
 
     def input_side(self, call):
         inputs = call.args[0]

@@ -85,9 +85,13 @@ class FactoredRule(ModuleRule):
         grad_first: Whether the leading axis of the weight belongs to the
             output side (``[out, in, ...]``: Linear, Conv) or to the input
             side (``[in, out, ...]``: ConvTranspose).
+        entry_grad_side: Whether :meth:`grad_side` only rearranges the
+            output's entries (Linear, Conv), each becoming one entry of ``G``;
+            not ConvTranspose, whose ``G`` holds patches of the output.
     """
 
     grad_first = True
+    entry_grad_side = True
 
     def input_side(self, call: ModuleCall) -> Tensor:
         """``A [N, groups, d_in, T]`` of the weight."""
@@ -177,6 +181,21 @@ class FactoredRule(ModuleRule):
 
     def outer_product_vectors(self, name: str) -> bool:
         return name != "bias"
+
+    def output_curvature_diag(self, name, curvature, per_sample):
+        # each output entry is one entry of G (not for ConvTranspose's patches),
+        # so J^T e_f is outer(e_(o, t), A[:, t]) and its square is e_o ⊗ A[:, t]^2
+        if len(self.calls) != 1 or len(self.calls[0].edges) != 1 or not self.entry_grad_side:
+            return None
+        side = self.bias_side if name == "bias" else self.grad_side
+        weights = side(self.calls[0], curvature.unsqueeze(0))[0]  # [N, groups, d_grad, T]
+        lead = "n" if per_sample else ""
+        if name == "bias":
+            diag = weights.sum(-1) if per_sample else weights.sum((0, -1))
+            return self._to_param(name, diag, len(lead))
+        layout = "goi" if self.grad_first else "gio"
+        diag = torch.einsum(f"ngot,ngit->{lead}{layout}", weights, self.inputs().square())
+        return self._to_param(name, diag, len(lead))
 
     def outer(self, grad_side: Tensor, input_side: Tensor) -> Tensor:
         """Per-sample vectors ``[K, N, groups, ., .]`` in the weight's order."""

@@ -80,6 +80,13 @@ class PerSampleRule(Protocol):
     def sum_norm_sq(self, name: str, grads: Grads) -> Tensor:
         r""":math:`\|\sum_n v_{nk}\|^2`, ``[K]``."""
 
+    def output_curvature_diag(
+        self, name: str, curvature: Tensor, per_sample: bool
+    ) -> Optional[Tensor]:
+        r""":math:`\sum_f d_{nf} (J_n^\top e_f)^2` for a diagonal curvature
+        ``d [N, *output]`` at the output of the rule's only call (summed over
+        ``n`` unless ``per_sample``), or ``None`` without a shortcut."""
+
     def release(self) -> None:
         """Forget what was cached for the current chunk of columns."""
 
