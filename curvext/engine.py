@@ -468,7 +468,7 @@ def _store_results(extensions, targets, calls, partials, info: RunInfo) -> None:
             for key in keys:
                 partial = partials.pop((ext_index, target_index, key), None)
                 if ext.combine is Combine.CAT and partial is not None:
-                    partial = torch.cat(partial) if len(partial) > 1 else partial[0]
+                    partial = _concatenate(partial)
                 parts.append(partial)
             # an extension reading several column sets gets one partial per set
             partial = tuple(parts) if len(keys) > 1 else (parts[0] if parts else None)
@@ -482,6 +482,14 @@ def _store_results(extensions, targets, calls, partials, info: RunInfo) -> None:
         tree = getattr(target.rule.module, EXTENDED_TREE, None)
         if tree is not None:
             tree.holders[id(target.param)] = weakref.ref(target.param)
+
+
+def _concatenate(parts: list):
+    """The partials of column chunks joined along the column axis (tuples
+    of partials component by component)."""
+    if isinstance(parts[0], tuple):
+        return tuple(_concatenate(list(component)) for component in zip(*parts))
+    return torch.cat(parts) if len(parts) > 1 else parts[0]
 
 
 #: Attribute of a parameter naming the results curvext stored on it last.

@@ -10,7 +10,7 @@ from curvext.extensions.ggn_diag import BatchGGNDiag, GGNDiag
 from curvext.extensions.ggn_eigen import GGNEigen
 from curvext.extensions.ggn_eigen_derivatives import DampedNewtonStep, GGNDirectionalDerivatives
 from curvext.extensions.ggn_mp import GGNMP
-from curvext.extensions.hessian_diag import BatchDiagHessian, DiagHessian
+from curvext.extensions.hessian import HMP, PCHMP, BatchDiagHessian, DiagHessian
 from curvext.extensions.kfac import KFAC
 from curvext.extensions.sqrt_ggn import SqrtGGN
 
@@ -25,6 +25,8 @@ __all__ = [
     "DampedNewtonStep",
     "SqrtGGN",
     "GGNMP",
+    "HMP",
+    "PCHMP",
     "KFAC",
     "BatchGrad",
     "BatchL2Grad",

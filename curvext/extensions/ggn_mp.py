@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-from typing import Callable, Optional
+from typing import Callable, List, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -64,28 +64,40 @@ class GGNMP(Extension):
     def finalize(
         self, rule: GramRule, name: str, partial: Optional[Tensor], info: RunInfo
     ) -> Callable[[Tensor], Tensor]:
-        param = rule.param(name)
-        shape, where = tuple(param.shape), f"{type(rule.module).__name__}.{name}"
-        rule = _without_graph(rule)
+        return block_product(self.savefield, rule, name, [(partial, 1.0)])
 
-        def ggnmp(matrix: Tensor) -> Tensor:
-            # computed in the factor's dtype, returned in the promoted one (as `@`)
-            single = tuple(matrix.shape) == shape
-            matrices = matrix.unsqueeze(0) if single else matrix
-            if matrices.dim() < 1 or tuple(matrices.shape[1:]) != shape:
-                raise ValueError(
-                    f"p.ggnmp of {where}: expected a tensor [V, *{list(shape)}] (or one "
-                    f"vector {list(shape)}), got {list(matrix.shape)}."
-                )
-            if partial is None:  # the loss does not depend on the parameter
-                return matrix.new_zeros(matrix.shape)
-            matrices = matrices.to(partial.device)
-            coefficients = rule.gram_dots(name, partial, matrices)  # [K N, V]
-            product = rule.gram_vectors(name, partial, coefficients)
-            product = product.to(torch.promote_types(partial.dtype, matrix.dtype))
-            return product[0] if single else product
 
-        return ggnmp
+def block_product(
+    attribute: str, rule: GramRule, name: str, terms: List[Tuple[Optional[Tensor], float]]
+) -> Callable[[Tensor], Tensor]:
+    r"""The function stored as ``p.<attribute>``: ``M [V, *p.shape]`` (or one
+    vector) ↦ :math:`\sum_{(F, s)} s \sum_{nk} v_{nk} (v_{nk}^\top M)` over the
+    Gram factors ``F`` of ``terms`` (``None``: no vectors) and their signs ``s``."""
+    param = rule.param(name)
+    shape, where = tuple(param.shape), f"{type(rule.module).__name__}.{name}"
+    rule = _without_graph(rule)
+    terms = [(factor, sign) for factor, sign in terms if factor is not None and sign != 0]
+
+    def product(matrix: Tensor) -> Tensor:
+        # computed in the factors' dtype, returned in the promoted one (as `@`)
+        single = tuple(matrix.shape) == shape
+        matrices = matrix.unsqueeze(0) if single else matrix
+        if matrices.dim() < 1 or tuple(matrices.shape[1:]) != shape:
+            raise ValueError(
+                f"p.{attribute} of {where}: expected a tensor [V, *{list(shape)}] (or one "
+                f"vector {list(shape)}), got {list(matrix.shape)}."
+            )
+        if not terms:  # the loss does not depend on the parameter
+            return matrix.new_zeros(matrix.shape)
+        total = None
+        for factor, sign in terms:
+            coefficients = rule.gram_dots(name, factor, matrices.to(factor.device))  # [K N, V]
+            part = rule.gram_vectors(name, factor, coefficients)
+            total = sign * part if total is None else total.add_(part, alpha=sign)
+        total = total.to(torch.promote_types(terms[0][0].dtype, matrix.dtype))
+        return total[0] if single else total
+
+    return product
 
 
 def _without_graph(rule: GramRule) -> GramRule:
