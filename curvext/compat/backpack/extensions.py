@@ -19,11 +19,14 @@ class                  curvext extension                    attribute on each ``
 ``SumGradSquared()``   ``SumGradSquared()``                 ``sum_grad_squared``
 ``Variance()``         ``Variance()``                       ``variance``
 ``GGNMP()``            ``GGNMP()``                          ``ggnmp`` (a function)
+``DiagHessian()``      ``DiagHessian()``                    ``diag_h``
+``BatchDiagHessian()`` ``BatchDiagHessian()``               ``diag_h_batch``
+``HMP()``              ``HMP()``                            ``hmp`` (a function)
+``PCHMP(modify=)``     ``PCHMP(modify=)``                   ``pchmp`` (a function)
 =====================  ===================================  =========================
 
-``DiagHessian``, ``BatchDiagHessian``, ``KFRA``, ``HBP``, ``HMP`` and
-``PCHMP`` exist so that imports work, and raise ``NotImplementedError``
-when constructed, naming what to use instead.
+``KFRA`` and ``HBP`` exist so that imports work, and raise
+``NotImplementedError`` when constructed, naming what to use instead.
 
 Example:
     >>> import torch
@@ -48,10 +51,14 @@ from curvext.compat.backpack._conventions import (
     kfac_layout,
     subsample,
 )
+from curvext.extensions import HMP as _HMP
 from curvext.extensions import KFAC as _CurvextKFAC
+from curvext.extensions import PCHMP as _PCHMP
+from curvext.extensions import BatchDiagHessian as _BatchDiagHessian
 from curvext.extensions import BatchGGNDiag as _BatchGGNDiag
 from curvext.extensions import BatchGrad as _BatchGrad
 from curvext.extensions import BatchL2Grad as _BatchL2Grad
+from curvext.extensions import DiagHessian as _DiagHessian
 from curvext.extensions import GGNDiag as _GGNDiag
 from curvext.extensions import SqrtGGN as _SqrtGGN
 from curvext.extensions import SumGradSquared as _SumGradSquared
@@ -277,31 +284,19 @@ class _NotInCurvext:
         )
 
 
-_HESSIAN_DIAGONAL = (
-    "estimate the Hessian diagonal with curvext.linalg.hutchinson_diag("
-    "curvext.operators.HessianOperator(model, loss_fn, params, data), num_matvecs)"
-)
+# ---------------------------------------------------------------------------
+# The Hessian: the same numbers, BackPACK's names
+# ---------------------------------------------------------------------------
+class DiagHessian(_DiagHessian):
+    """Diagonal of the loss Hessian, ``p.diag_h`` (shape of ``p``)."""
+
+    savefield = "diag_h"
 
 
-class DiagHessian(_NotInCurvext):
-    """Not in curvext yet (BackPACK: the Hessian diagonal, ``p.diag_h``)."""
+class BatchDiagHessian(_BatchDiagHessian):
+    """Per-sample Hessian diagonals, ``p.diag_h_batch`` ``[N, *p.shape]``."""
 
-    computes = "the Hessian diagonal, p.diag_h"
-    instead = (
-        "DiagGGNExact() for the GGN diagonal (the same as the Hessian's for networks "
-        f"piecewise linear in each layer's parameters, such as ReLU networks), or "
-        f"{_HESSIAN_DIAGONAL}."
-    )
-
-
-class BatchDiagHessian(_NotInCurvext):
-    """Not in curvext yet (BackPACK: per-sample Hessian diagonals, ``p.diag_h_batch``)."""
-
-    computes = "per-sample Hessian diagonals, p.diag_h_batch"
-    instead = (
-        f"BatchDiagGGNExact() for per-sample GGN diagonals, or {_HESSIAN_DIAGONAL} "
-        "on the data of one sample."
-    )
+    savefield = "diag_h_batch"
 
 
 class KFRA(_NotInCurvext):
@@ -319,15 +314,15 @@ class HBP(_NotInCurvext):
     instead = "KFLR() or KFAC(mc_samples=...), or curvext.extensions.KFAC(fisher_type=...)."
 
 
-class HMP(_NotInCurvext):
-    """Not in curvext yet (BackPACK: block-diagonal Hessian-matrix products, ``p.hmp``)."""
+class HMP(_HMP):
+    """Block-diagonal Hessian-matrix products: ``p.hmp(M)`` for ``M`` ``[V, *p.shape]``.
 
-    computes = "block-diagonal Hessian-matrix products, p.hmp"
-    instead = (
-        "curvext.operators.HessianOperator(model, loss_fn, params, data) for "
-        "matrix-free Hessian products (pass one layer's parameters as params for "
-        "its diagonal block)."
-    )
+    Args:
+        savefield: The attribute the product function is stored in.
+    """
+
+    def __init__(self, savefield: str = "hmp"):
+        self.savefield = savefield
 
 
 class GGNMP(_GGNMP):
@@ -342,14 +337,18 @@ class GGNMP(_GGNMP):
         self.savefield = savefield
 
 
-class PCHMP(_NotInCurvext):
-    """Not in curvext yet (BackPACK: positive-curvature Hessian products, ``p.pchmp``)."""
+class PCHMP(_PCHMP):
+    """Positive-curvature Hessian products: ``p.pchmp(M)`` for ``M`` ``[V, *p.shape]``.
 
-    computes = "block-diagonal positive-curvature Hessian-matrix products, p.pchmp"
-    instead = (
-        "the GGN, curvext's positive semi-definite curvature: "
-        "curvext.operators.GGNOperator(model, loss_fn, params, data)."
-    )
+    Args:
+        savefield: The attribute the product function is stored in.
+        modify: ``"clip"`` (default) or ``"abs"``: what happens to the negative
+            second-order terms of the curved activations.
+    """
+
+    def __init__(self, savefield: str = "pchmp", modify: str = "clip"):
+        super().__init__(modify=modify)
+        self.savefield = savefield
 
 
 __all__ = [
