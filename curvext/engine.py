@@ -353,6 +353,7 @@ def _add_residuals(edge, loss_gradient, loss, used_calls, extensions, targets, p
                 f"{node.name.replace('Backward0', '')} (shape {tuple(gradient.shape)}, "
                 f"{samples} samples): move the batch axis first before the activation."
             )
+        _check_samples_apart(node, gradient)
         curvature = gradient * node.second_derivative.to(gradient.dtype)
         indices = _add_direct(node, curvature, readers, targets, indices, partials)
         calls = {id(c): c for i in indices for rule, _ in targets[i].owners for c in rule.calls}
@@ -360,6 +361,29 @@ def _add_residuals(edge, loss_gradient, loss, used_calls, extensions, targets, p
             _add_node_residual(
                 node, curvature, list(calls.values()), readers, targets, indices, partials
             )
+
+
+def _check_samples_apart(node: CurvedNode, gradient: Tensor) -> None:
+    """Refuse unless axis 0 of the op's input holds the samples: a column on
+    sample 0 alone must reach sample 0 alone of every module output below
+    (a batch axis moved elsewhere with as many entries as samples, as in
+    ``tanh(h.transpose(0, 1))`` with ``T == N``, would pass a shape check)."""
+    samples = gradient.shape[0]
+    if samples < 2:
+        return
+    probe = torch.zeros_like(gradient)
+    probe[0] = 1
+    reached = _backpropagate(node.input, node.calls, probe.unsqueeze(0), gradient.dtype)
+    for call_grads in reached.values():
+        for grads in call_grads if isinstance(call_grads, tuple) else (call_grads,):
+            if grads.dim() < 2 or grads.shape[1] != samples or grads[0, 1:].any():
+                raise NotImplementedError(
+                    f"The Hessian diagonal needs the samples on axis 0 of the input of "
+                    f"{node.name.replace('Backward0', '')} and of every module output "
+                    f"below it; entry 0 of axis 0 there (shape {tuple(gradient.shape)}) "
+                    "reaches several samples of a module output. Keep the batch axis "
+                    "first up to the activation (transpose after it)."
+                )
 
 
 def _add_direct(node: CurvedNode, curvature, readers, targets, indices, partials) -> List[int]:

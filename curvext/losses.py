@@ -138,7 +138,8 @@ class _EntrywiseLossRule(LossRule):
         raise NotImplementedError
 
     def exact_columns(self, start, stop):
-        scale = (self.normalization * self.entry_hessian()).flatten(1).sqrt()
+        # [N, entries per sample]; a 1-D input [N] has one entry per sample
+        scale = (self.normalization * self.entry_hessian()).reshape(self.batch_size, -1).sqrt()
         return _unit_columns(scale, start, stop).reshape(-1, *self.input.shape)
 
 

@@ -62,7 +62,21 @@ LINEAR_OPS = frozenset(
     AdaptiveAvgPool2DBackward0 AdaptiveAvgPool3DBackward0 UpsampleNearest1DBackward0
     UpsampleNearest2DBackward0 UpsampleLinear1DBackward0 UpsampleBilinear2DBackward0
     NativeDropoutBackward0 EmbeddingBackward0 WhereBackward0 MaskedFillBackward0
-    BackwardHookFunctionBackward
+    BackwardHookFunctionBackward RsubBackward0 RsubBackward1 ClampBackward0 ClampBackward1
+    ClampMinBackward0 ClampMaxBackward0 MaximumBackward0 MinimumBackward0 FmaxBackward0
+    FminBackward0 SoftshrinkBackward0 HardshrinkBackward0 RreluWithNoiseBackward0
+    UnsafeSplitBackward0 UnsafeSplitWithSizesBackward0 CopySlices DiagonalBackward0
+    DiagEmbedBackward0 UnfoldBackward0 MaskedSelectBackward0 ScatterBackward0
+    ScatterBackward1 ScatterAddBackward0 IndexPutBackward0 IndexFillBackward0
+    IndexAddBackward0 IndexCopyBackward0 UpsampleBicubic2DBackward0
+    UpsampleNearestExact1DBackward0 UpsampleNearestExact2DBackward0
+    UpsampleNearest3DBackward0 UpsampleTrilinear3DBackward0 ReplicationPad3DBackward0
+    ReflectionPad3DBackward0 NansumBackward0 TraceBackward0 SortBackward0 TopkBackward0
+    KthvalueBackward0 MedianBackward0 MedianBackward1 CummaxBackward0 CumminBackward0
+    NarrowCopyBackward0 ChannelShuffleBackward0 NanToNumBackward0 SgnBackward0
+    SignBackward0 RoundBackward0 FloorBackward0 CeilBackward0 TruncBackward0
+    AvgPool1DBackward0 AdaptiveAvgPool1DBackward0 ExpandAsBackward0 ViewAsBackward0
+    LerpBackward0 FracBackward0 TrilBackward0
     """.split()
 )
 
@@ -78,6 +92,7 @@ PRODUCT_OPS: Dict[str, Tuple[int, ...]] = {
     "AddmvBackward0": (1, 2),
     "BaddbmmBackward0": (1, 2),
     "ConvolutionBackward0": (0, 1),
+    "AddcmulBackward0": (1, 2),
     "PreluKernelBackward0": (0, 1),
     # affine in its input with the running statistics (train mode is
     # refused by the engine: it couples the samples)
@@ -119,6 +134,12 @@ def _elu_from_result(node: Node) -> Tensor:
     return torch.where(y > 0, torch.zeros_like(y), negative)
 
 
+def _celu_from_result(node: Node) -> Tensor:
+    # inplace CELU: for x < 0, y = a (exp(x / a) - 1) and phi'' = exp(x / a) / a
+    y, alpha = node._saved_result, node._saved_alpha
+    return torch.where(y > 0, torch.zeros_like(y), (y + alpha) / alpha**2)
+
+
 #: ``phi''(x_a)`` of the elementwise operations, from what their node saved.
 SECOND_DERIVATIVES: Dict[str, Callable[[Node], Tensor]] = {
     "TanhBackward0": _tanh,
@@ -128,6 +149,7 @@ SECOND_DERIVATIVES: Dict[str, Callable[[Node], Tensor]] = {
     "RsqrtBackward0": lambda node: 0.75 * node._saved_result**5,
     "ReciprocalBackward0": lambda node: 2 * node._saved_result**3,
     "EluBackward1": _elu_from_result,
+    "CeluBackward1": _celu_from_result,
     "GeluBackward0": _from_input(lambda n, x: F.gelu(x, approximate=n._saved_approximate)),
     "SiluBackward0": _from_input(lambda n, x: F.silu(x)),
     "MishBackward0": _from_input(lambda n, x: F.mish(x)),
@@ -229,6 +251,15 @@ def curved_nodes(
                     "second-order term that is not elementwise. " + _INSTEAD
                 )
             continue
+        if name in ("DivBackward0", "DivBackward1", "DivBackward2"):
+            divisor = node.next_functions[1][0] if len(node.next_functions) > 1 else None
+            if divisor is None or not reach.get(divisor, 0):
+                continue  # a division by a constant is linear
+            raise NotImplementedError(
+                f"The Hessian diagonal through {_op(node)} is not computed: the "
+                "divisor depends on parameters, so its second-order term is not "
+                "elementwise in what curvext tracks. " + _INSTEAD
+            )
         if name not in SECOND_DERIVATIVES:
             raise NotImplementedError(
                 f"curvext does not know the second-order term of the operation "
