@@ -1228,7 +1228,53 @@ REFUSALS = {
         (3,),
         r"Tanh inside ScaledInput acts on a tensor that depends on that module's own",
     ),
+    # autograd hides an in-place op on a view inside CopySlices (these gave
+    # wrong numbers before the refusal)
+    "in-place-tanh-on-a-view": (
+        lambda: Between(_in_place_on_view(lambda v: v.tanh_())),
+        (3,),
+        r"in-place Tanh on a view .* Write it out of place",
+    ),
+    "in-place-division-on-a-view": (
+        lambda: Between(_in_place_on_view(lambda v: v.div_(v.detach().abs() + 1))),
+        (3,),
+        r"in-place Div on a view",
+    ),
+    "in-place-elu-on-a-view": (
+        lambda: Between(_in_place_on_view(lambda v: F.elu(v, inplace=True))),
+        (3,),
+        r"in-place Elu on a view",
+    ),
 }
+
+
+def _in_place_on_view(op: Callable[[Tensor], Tensor]) -> Callable[[Tensor], Tensor]:
+    """``h`` with ``op`` applied in place to its first two columns."""
+
+    def apply(h: Tensor) -> Tensor:
+        h = h * 1.0  # not the Linear's own output
+        op(h[:, :2])
+        return h
+
+    return apply
+
+
+class InputTimesActivation(nn.Module):
+    """``b(sigmoid(a(x)) * x.sum(1))`` with ``x.requires_grad``: the input is
+    a leaf of the graph but no parameter, so the product has one factor
+    that parameters reach."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(3, 4), nn.Linear(4, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.b(torch.sigmoid(self.a(x)) * x.sum(1, keepdim=True))
+
+
+def test_input_with_requires_grad_is_not_a_parameter():
+    X, y = data("ce", 3)
+    check(seeded(0, InputTimesActivation), nn.CrossEntropyLoss(), X.requires_grad_(), y)
 
 
 def refusal_data(in_shape):

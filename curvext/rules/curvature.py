@@ -65,7 +65,7 @@ LINEAR_OPS = frozenset(
     BackwardHookFunctionBackward RsubBackward0 RsubBackward1 ClampBackward0 ClampBackward1
     ClampMinBackward0 ClampMaxBackward0 MaximumBackward0 MinimumBackward0 FmaxBackward0
     FminBackward0 SoftshrinkBackward0 HardshrinkBackward0 RreluWithNoiseBackward0
-    UnsafeSplitBackward0 UnsafeSplitWithSizesBackward0 CopySlices DiagonalBackward0
+    UnsafeSplitBackward0 UnsafeSplitWithSizesBackward0 DiagonalBackward0
     DiagEmbedBackward0 UnfoldBackward0 MaskedSelectBackward0 ScatterBackward0
     ScatterBackward1 ScatterAddBackward0 IndexPutBackward0 IndexFillBackward0
     IndexAddBackward0 IndexCopyBackward0 UpsampleBicubic2DBackward0
@@ -76,7 +76,7 @@ LINEAR_OPS = frozenset(
     NarrowCopyBackward0 ChannelShuffleBackward0 NanToNumBackward0 SgnBackward0
     SignBackward0 RoundBackward0 FloorBackward0 CeilBackward0 TruncBackward0
     AvgPool1DBackward0 AdaptiveAvgPool1DBackward0 ExpandAsBackward0 ViewAsBackward0
-    LerpBackward0 FracBackward0 TrilBackward0
+    LerpBackward0 FracBackward0 TrilBackward0 CopyBackwards
     """.split()
 )
 
@@ -222,8 +222,11 @@ def curved_nodes(
     """
     order = _post_order(root)
     # bit masks of the parameters (their accumulators) each node depends on,
-    # and of the recorded call outputs below each node
-    bits = {node: 1 << i for i, node in enumerate(n for n in order if hasattr(n, "variable"))}
+    # and of the recorded call outputs below each node; inputs with
+    # requires_grad are not parameters
+    handled = {id(p) for _, params in owners for p in params}
+    leaves = [n for n in order if hasattr(n, "variable") and id(n.variable) in handled]
+    bits = {node: 1 << i for i, node in enumerate(leaves)}
     reach = _reach(order, lambda node: bits.get(node, 0))
     calls = list({id(c): c for rule_calls, _ in owners for c in rule_calls}.values())
     call_bits: Dict[Node, int] = {}
@@ -251,6 +254,17 @@ def curved_nodes(
                     "second-order term that is not elementwise. " + _INSTEAD
                 )
             continue
+        if name == "CopySlices":  # an in-place op on a view: the op is wrapped
+            wrapped = getattr(node, "_wrapped_node", None)
+            if wrapped is not None and type(wrapped).__name__ in LINEAR_OPS:
+                continue
+            wrapped_name = _op(wrapped) if wrapped is not None else "operation"
+            raise NotImplementedError(
+                f"The Hessian diagonal through an in-place {wrapped_name} on a view "
+                "(x[:, :k].tanh_(), x[:, :k] /= y) is not computed: autograd hides the "
+                "operation inside CopySlices. Write it out of place "
+                "(torch.cat([x[:, :k].tanh(), x[:, k:]], 1)). " + _INSTEAD
+            )
         if name in ("DivBackward0", "DivBackward1", "DivBackward2"):
             divisor = node.next_functions[1][0] if len(node.next_functions) > 1 else None
             if divisor is None or not reach.get(divisor, 0):
