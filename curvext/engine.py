@@ -48,6 +48,7 @@ from curvext.context import (
 from curvext.context import _state as _context_state
 from curvext.extend import EXTENDED_TREE
 from curvext.extensions.base import (
+    AVERAGED,
     GRADIENT,
     RESIDUAL,
     ColumnSet,
@@ -64,6 +65,7 @@ from curvext.recording import (
     collect_reached_calls,
     flattened_samples,
 )
+from curvext.recursion import averaged_output_curvature
 from curvext.rules.assign import assign
 from curvext.rules.base import slice_columns
 from curvext.rules.curvature import CurvedNode, curved_nodes
@@ -305,7 +307,31 @@ def _run(edge, loss, calls, consumers, grad, extensions, loss_gradient):
         _add_residuals(edge, loss_gradient(), loss, used_calls, extensions, targets, partials)
         for rule in rules:
             rule.release()
+    if AVERAGED in sets:
+        _add_averaged(edge, loss, extensions, targets, partials)
     _store_results(extensions, targets, calls, partials, info)
+
+
+def _add_averaged(edge, loss, extensions, targets, partials) -> None:
+    """Partials of the extensions reading :data:`AVERAGED` (KFRA) from the
+    batch-averaged curvature at each call output (:mod:`curvext.recursion`)."""
+    if loss.batch_size != loss.input.shape[0]:
+        raise NotImplementedError(
+            f"KFRA needs one row of the {type(loss.module).__name__} input per sample; "
+            "this loss input holds the positions of several rows per sample (a "
+            "flattened sequence). Use KFAC(fisher_type='type-2') instead."
+        )
+    columns = loss.exact_columns(0, loss.num_exact_columns).flatten(2)
+    summed_hessian = torch.einsum("kni,knj->ij", columns, columns)
+    calls = {id(c): c for t in targets for rule, _ in t.owners for c in rule.calls}
+    matrices = averaged_output_curvature(
+        edge, summed_hessian, list(calls.values()), loss.input.shape
+    )
+    for ext_index, ext in enumerate(extensions):
+        if AVERAGED in ext.column_sets():
+            for target_index, target in enumerate(targets):
+                partial = ext.reduce_averaged(target.rule, target.name, matrices)
+                partials[(ext_index, target_index, AVERAGED)] = partial
 
 
 def _add_residuals(edge, loss_gradient, loss, used_calls, extensions, targets, partials):

@@ -157,6 +157,18 @@ def test_hessian_diagonals_are_backpacks(setup):
             assert_same(ours[param][attribute], value, f"{setup} {param}.{attribute}")
 
 
+@pytest.mark.parametrize("setup", SETUPS)
+def test_kfra_is_backpacks(setup):
+    """``KFRA``: BackPACK's factors (batch-averaged backpropagation, BackPACK's
+    scaling on convolutions)."""
+    theirs = results(run(bp, setup, bpext.KFRA()))
+    ours = results(run(compat, setup, cext.KFRA()))
+    assert ours.keys() == theirs.keys()
+    for param, attributes in theirs.items():
+        assert ours[param].keys() == attributes.keys() == {"kfra"}, param
+        assert_same(ours[param]["kfra"], attributes["kfra"], f"{setup} {param}.kfra")
+
+
 @pytest.mark.parametrize("setup", ["mlp-ce", "mlp-mse", "cnn-ce"])
 @pytest.mark.parametrize("name, options", [("HMP", {}), ("HMP", {"savefield": "h"})])
 def test_hessian_products_are_backpacks(setup, name, options):
@@ -318,7 +330,7 @@ def test_every_backpack_extension_exists():
     assert all(hasattr(cext, name) for name in bpext.__all__)
 
 
-@pytest.mark.parametrize("name", ["KFRA", "HBP"])
+@pytest.mark.parametrize("name", ["HBP"])
 def test_missing_extensions_are_refused_at_construction(name):
     with pytest.raises(NotImplementedError, match=f"{name} .*not yet in curvext.*Instead: "):
         getattr(cext, name)()

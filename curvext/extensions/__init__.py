@@ -11,7 +11,7 @@ from curvext.extensions.ggn_eigen import GGNEigen
 from curvext.extensions.ggn_eigen_derivatives import DampedNewtonStep, GGNDirectionalDerivatives
 from curvext.extensions.ggn_mp import GGNMP
 from curvext.extensions.hessian import HMP, PCHMP, BatchDiagHessian, DiagHessian
-from curvext.extensions.kfac import KFAC
+from curvext.extensions.kfac import KFAC, KFRA
 from curvext.extensions.sqrt_ggn import SqrtGGN
 
 __all__ = [
@@ -28,6 +28,7 @@ __all__ = [
     "HMP",
     "PCHMP",
     "KFAC",
+    "KFRA",
     "BatchGrad",
     "BatchL2Grad",
     "SumGradSquared",

@@ -38,7 +38,8 @@ class ColumnSet:
             Monte-Carlo columns), ``"grad"`` (the loss gradient, one column) or
             ``"residual"`` (the second-order terms of the graph's curved
             operations, pushed from each operation's input, not from the loss:
-            no loss-input columns; see :mod:`curvext.rules.curvature`).
+            no loss-input columns; see :mod:`curvext.rules.curvature`) or
+            ``"average"`` (no columns: batch-averaged matrices, KFRA).
         samples: ``M`` for ``"mc"``; 0 otherwise.
     """
 
@@ -49,7 +50,7 @@ class ColumnSet:
         """Number of columns ``K`` of this set for the loss rule ``loss``."""
         if self.kind == "exact":
             return loss.num_exact_columns
-        if self.kind == "residual":
+        if self.kind in ("residual", "average"):
             return 0
         return self.samples if self.kind == "mc" else 1
 
@@ -61,6 +62,9 @@ GRADIENT = ColumnSet("grad")
 #: The Hessian's second-order terms of curved operations (``tanh``, ...):
 #: reduced twice per chunk, the engine subtracting the negative part.
 RESIDUAL = ColumnSet("residual")
+#: No columns: the batch-averaged curvature at each module output
+#: (:mod:`curvext.recursion`, KFRA), read with :meth:`Extension.reduce_averaged`.
+AVERAGED = ColumnSet("average")
 
 
 def monte_carlo(samples: int) -> ColumnSet:
@@ -168,6 +172,12 @@ class Extension:
         default) makes the engine push the columns instead."""
         return None
 
+    def reduce_averaged(self, rule: PerSampleRule, name: str, matrices: dict) -> Any:
+        """Partial result of :data:`AVERAGED` from the batch-averaged curvature
+        ``[D, D]`` at the output of each call of the graph (``id(call)`` →
+        matrix, see :mod:`curvext.recursion`)."""
+        raise NotImplementedError
+
     def finalize(self, rule: PerSampleRule, name: str, partial: Any, info: RunInfo) -> Any:
         """The value stored as ``p.<savefield>``."""
         return partial
@@ -206,5 +216,6 @@ __all__ = [
     "EXACT",
     "GRADIENT",
     "RESIDUAL",
+    "AVERAGED",
     "monte_carlo",
 ]

@@ -37,6 +37,7 @@ import torch
 from torch import Tensor
 
 from curvext.extensions.base import (
+    AVERAGED,
     EXACT,
     GRADIENT,
     Extension,
@@ -129,3 +130,58 @@ class KFAC(Extension):
     ) -> List[Tensor]:
         output_factor = self.output_factor(rule, name, partial, info)
         return rule.kfac_factors(name, output_factor, self.kfac_approx)
+
+
+class KFRA(Extension):
+    r"""Kronecker factors from batch-averaged curvature backpropagation, ``p.kfra``.
+
+    BackPACK's KFRA (Botev et al., 2017): the summed loss Hessian is
+    backpropagated as one dense matrix, averaged over the batch after every
+    operation (:mod:`curvext.recursion`), and a layer's output-side factor
+    is that matrix at its output; the input-side factor is
+    :math:`\frac1N \sum_{n,t} a a^\top`. ``p.kfra`` is ``[G, A]`` for weights
+    and ``[G]`` for biases, in BackPACK's scaling (for convolutions, ``G`` is
+    summed over output positions and ``A`` over input patches, both without
+    a division by the number of positions). Linear and Conv layers
+    (``groups=1``) along a single path of operations, as BackPACK's
+    ``nn.Sequential``; elsewhere refused, naming what to use instead.
+
+    Example:
+        >>> import torch
+        >>> from curvext import backpack, extend
+        >>> model = extend(torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(),
+        ...                                    torch.nn.Linear(4, 2)))
+        >>> loss_fn = extend(torch.nn.CrossEntropyLoss())
+        >>> loss = loss_fn(model(torch.randn(5, 3)), torch.tensor([0, 1, 1, 0, 1]))
+        >>> with backpack(KFRA()):
+        ...     loss.backward()
+        >>> [tuple(f.shape) for f in model[0].weight.kfra]
+        [(4, 4), (3, 3)]
+    """
+
+    savefield = "kfra"
+
+    def column_sets(self):
+        return (AVERAGED,)
+
+    def reduce_averaged(self, rule: KroneckerRule, name: str, matrices: dict) -> Tensor:
+        module = type(rule.module).__name__
+        if not rule.outer_product_vectors("weight" if name == "bias" else name):
+            raise NotImplementedError(
+                f"KFRA is defined for Linear and Conv layers (as BackPACK's); "
+                f"{module}.{name} has no Kronecker structure. Use "
+                "KFAC(fisher_type='type-2') instead."
+            )
+        if len(rule.calls) != 1 or getattr(rule.module, "groups", 1) != 1:
+            raise NotImplementedError(
+                f"KFRA needs each layer called once and without groups; {module} is "
+                f"called {len(rule.calls)} times (groups "
+                f"{getattr(rule.module, 'groups', 1)}). Use KFAC(fisher_type='type-2')."
+            )
+        return rule.dense_grad_factor(name, matrices[id(rule.calls[0])])
+
+    def finalize(self, rule: KroneckerRule, name: str, partial: Tensor, info: RunInfo):
+        if name == "bias":
+            return [partial]
+        positions = rule.inputs().shape[-1]
+        return [partial, rule.kfac_input_factor(name, "expand") * positions]

@@ -182,6 +182,20 @@ class FactoredRule(ModuleRule):
     def outer_product_vectors(self, name: str) -> bool:
         return name != "bias"
 
+    def dense_grad_factor(self, name: str, matrix: Tensor) -> Tensor:
+        """The output-side factor of a dense curvature ``matrix`` ``[D, D]``
+        w.r.t. the output of the rule's only call (``D`` entries per sample):
+        both sides in ``G``'s layout, summed over positions (KFRA)."""
+        (call,) = self.calls
+        shape = call.output_shapes[0][1:]
+        side = self.bias_side if name == "bias" else self.grad_side
+
+        def reduce_rows(rows: Tensor) -> Tensor:
+            mapped = side(call, rows.reshape(rows.shape[0], 1, *shape))  # [R, 1, g, d, T]
+            return mapped.sum(-1).reshape(rows.shape[0], -1)
+
+        return reduce_rows(reduce_rows(matrix).T.contiguous())
+
     def output_curvature_diag(self, name, curvature, per_sample):
         # each output entry is one entry of G (not for ConvTranspose's patches),
         # so J^T e_f is outer(e_(o, t), A[:, t]) and its square is e_o ⊗ A[:, t]^2

@@ -23,10 +23,12 @@ class                  curvext extension                    attribute on each ``
 ``BatchDiagHessian()`` ``BatchDiagHessian()``               ``diag_h_batch``
 ``HMP()``              ``HMP()``                            ``hmp`` (a function)
 ``PCHMP(modify=)``     ``PCHMP(modify=)``                   ``pchmp`` (a function)
+``KFRA()``             ``KFRA()``                           ``kfra``
 =====================  ===================================  =========================
 
-``KFRA`` and ``HBP`` exist so that imports work, and raise
-``NotImplementedError`` when constructed, naming what to use instead.
+``HBP`` (the configurable base class of BackPACK's KFAC, KFLR and KFRA)
+exists so that imports work, and raises ``NotImplementedError`` when
+constructed, naming what to use instead.
 
 Example:
     >>> import torch
@@ -53,6 +55,7 @@ from curvext.compat.backpack._conventions import (
 )
 from curvext.extensions import HMP as _HMP
 from curvext.extensions import KFAC as _CurvextKFAC
+from curvext.extensions import KFRA as _KFRA
 from curvext.extensions import PCHMP as _PCHMP
 from curvext.extensions import BatchDiagHessian as _BatchDiagHessian
 from curvext.extensions import BatchGGNDiag as _BatchGGNDiag
@@ -299,12 +302,9 @@ class BatchDiagHessian(_BatchDiagHessian):
     savefield = "diag_h_batch"
 
 
-class KFRA(_NotInCurvext):
-    """Not in curvext yet (BackPACK: Kronecker factors with batch-averaged
-    backpropagation, ``p.kfra``)."""
-
-    computes = "Kronecker factors from batch-averaged Hessian backpropagation, p.kfra"
-    instead = "KFLR() (factors from the exact loss Hessian) or KFAC(mc_samples=...)."
+class KFRA(_KFRA):
+    """Kronecker factors from batch-averaged Hessian backpropagation, ``p.kfra``
+    (curvext's ``KFRA``, in BackPACK's scaling)."""
 
 
 class HBP(_NotInCurvext):
