@@ -469,6 +469,15 @@ def test_linear_tensor_ops(fn):
     check(model, nn.CrossEntropyLoss(), X, y)
 
 
+def _sees_inside_copy_slices() -> bool:
+    """Whether this torch exposes the op an in-place write on a view wraps
+    (``CopySlices._wrapped_node``, torch >= 2.6 or so); without it curvext
+    refuses every such write, linear ones (circular padding) included."""
+    h = torch.zeros(2, requires_grad=True) * 1
+    h[:1].mul_(2)
+    return hasattr(h.grad_fn, "_wrapped_node")
+
+
 def test_circular_padding_after_a_layer():
     def make():
         return nn.Sequential(
@@ -480,6 +489,10 @@ def test_circular_padding_after_a_layer():
         )
 
     X, y = data("ce", 3, in_shape=(1, 4, 4))
+    if not _sees_inside_copy_slices():
+        with pytest.raises(NotImplementedError, match="in-place operation on a view"):
+            run(seeded(0, make), nn.CrossEntropyLoss(), X, y, DiagHessian())
+        return
     check(seeded(0, make), nn.CrossEntropyLoss(), X, y)
 
 
@@ -1233,17 +1246,17 @@ REFUSALS = {
     "in-place-tanh-on-a-view": (
         lambda: Between(_in_place_on_view(lambda v: v.tanh_())),
         (3,),
-        r"in-place Tanh on a view .* Write it out of place",
+        r"in-place (Tanh|operation) on a view .* Write it out of place",
     ),
     "in-place-division-on-a-view": (
         lambda: Between(_in_place_on_view(lambda v: v.div_(v.detach().abs() + 1))),
         (3,),
-        r"in-place Div on a view",
+        r"in-place (Div|operation) on a view",
     ),
     "in-place-elu-on-a-view": (
         lambda: Between(_in_place_on_view(lambda v: F.elu(v, inplace=True))),
         (3,),
-        r"in-place Elu on a view",
+        r"in-place (Elu|operation) on a view",
     ),
 }
 

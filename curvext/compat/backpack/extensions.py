@@ -308,10 +308,10 @@ class KFRA(_KFRA):
 
 
 class HBP(_NotInCurvext):
-    """Not in curvext yet (BackPACK: the base class of KFAC, KFLR and KFRA)."""
+    """Not in curvext (BackPACK: the configurable base class of KFAC, KFLR and KFRA)."""
 
     computes = "Hessian backpropagation with configurable strategies"
-    instead = "KFLR() or KFAC(mc_samples=...), or curvext.extensions.KFAC(fisher_type=...)."
+    instead = "KFLR(), KFAC(mc_samples=...) or KFRA(), or curvext.extensions.KFAC(fisher_type=...)."
 
 
 class HMP(_HMP):
