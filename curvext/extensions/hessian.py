@@ -53,13 +53,30 @@ class DiagHessian(Extension):
     def column_sets(self) -> Tuple:
         return (EXACT, RESIDUAL)
 
+    #: Whether the diagonals are per sample (``BatchDiagHessian``).
+    per_sample = False
+
+    # Linear/Conv layers with one position add up the squared output sides
+    # (``rule.diag_weights``, [N, groups, out]) over all columns and terms and
+    # form the [N, out, in] diagonal once, in ``finalize``
     def reduce(self, rule: PerSampleRule, name: str, grads: Grads) -> Tensor:
-        return rule.diag(name, grads)
+        if rule.compact_diag(name):
+            return rule.diag_weights(name, grads)
+        return rule.batch_diag(name, grads) if self.per_sample else rule.diag(name, grads)
+
+    def reduce_residual(
+        self, rule: PerSampleRule, name: str, positive: Grads, negative: Grads
+    ) -> Tensor:
+        if rule.compact_diag(name):
+            return rule.diag_weights(name, positive) - rule.diag_weights(name, negative)
+        return rule.signed_diag(name, positive, negative, self.per_sample)
 
     def reduce_curvature(
         self, rule: PerSampleRule, name: str, curvature: Tensor
     ) -> Optional[Tensor]:
-        return rule.output_curvature_diag(name, curvature, per_sample=False)
+        if rule.compact_diag(name):
+            return rule.curvature_weights(name, curvature)
+        return rule.output_curvature_diag(name, curvature, self.per_sample)
 
     def finalize(
         self,
@@ -69,7 +86,10 @@ class DiagHessian(Extension):
         info: RunInfo,
     ) -> Tensor:
         ggn, residual = partial
-        return ggn if residual is None else ggn + residual
+        total = ggn if residual is None else ggn + residual
+        if rule.compact_diag(name):
+            return rule.diag_from_weights(name, total, self.per_sample)
+        return total
 
 
 class BatchDiagHessian(DiagHessian):
@@ -81,14 +101,7 @@ class BatchDiagHessian(DiagHessian):
     """
 
     savefield = "batch_hessian_diag"
-
-    def reduce(self, rule: PerSampleRule, name: str, grads: Grads) -> Tensor:
-        return rule.batch_diag(name, grads)
-
-    def reduce_curvature(
-        self, rule: PerSampleRule, name: str, curvature: Tensor
-    ) -> Optional[Tensor]:
-        return rule.output_curvature_diag(name, curvature, per_sample=True)
+    per_sample = True
 
 
 class HMP(Extension):

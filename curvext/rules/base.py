@@ -166,6 +166,33 @@ class ModuleRule:
         shortcut (the engine then pushes the columns)."""
         return None
 
+    def compact_diag(self, name: str) -> bool:
+        r"""Whether :meth:`diag_weights` gives a compact form of the per-sample
+        diagonal that adds up over columns and terms (Linear/Conv with one
+        position: :math:`\sum_k G^2` ``[N, groups, d_grad]``), turned into the
+        diagonal once by :meth:`diag_from_weights`."""
+        return False
+
+    def diag_weights(self, name: str, grads: List[Tensor]) -> Tensor:
+        """The compact form of :meth:`compact_diag` for ``grads``."""
+        raise NotImplementedError
+
+    def curvature_weights(self, name: str, curvature: Tensor) -> Optional[Tensor]:
+        """:meth:`output_curvature_diag` in the compact form of :meth:`diag_weights`."""
+        return None
+
+    def diag_from_weights(self, name: str, weights: Tensor, per_sample: bool) -> Tensor:
+        """The diagonal (``[N, *p.shape]`` for ``per_sample``) from summed weights."""
+        raise NotImplementedError
+
+    def signed_diag(
+        self, name: str, positive: List[Tensor], negative: List[Tensor], per_sample: bool
+    ) -> Tensor:
+        """:meth:`diag` (or :meth:`batch_diag` for ``per_sample``) of the
+        ``positive`` columns minus that of the ``negative`` ones."""
+        reduce = self.batch_diag if per_sample else self.diag
+        return reduce(name, positive) - reduce(name, negative)
+
     # reductions derived from per_sample, chunked over columns
     def chunked(self, name: str, grads: List[Tensor], reduce) -> Tensor:
         """``reduce(per_sample(name, chunk))`` summed over chunks of columns

@@ -182,6 +182,30 @@ class FactoredRule(ModuleRule):
     def outer_product_vectors(self, name: str) -> bool:
         return name != "bias"
 
+    def compact_diag(self, name):
+        return self.single_position()
+
+    def diag_weights(self, name, grads):
+        return self.squares(name, grads)[0]
+
+    def curvature_weights(self, name, curvature):
+        if not self.output_curvature_diag_applies():
+            return None
+        side = self.bias_side if name == "bias" else self.grad_side
+        return side(self.calls[0], curvature.unsqueeze(0))[0, ..., 0]  # [N, groups, d_grad]
+
+    def diag_from_weights(self, name, weights, per_sample):
+        lead = "n" if per_sample else ""
+        if name == "bias":
+            return self._to_param(name, weights if per_sample else weights.sum(0), len(lead))
+        layout = "goi" if self.grad_first else "gio"
+        diag = torch.einsum(f"ngo,ngi->{lead}{layout}", weights, self.inputs()[..., 0].square())
+        return self._to_param(name, diag, len(lead))
+
+    def output_curvature_diag_applies(self) -> bool:
+        """Whether :meth:`output_curvature_diag` has its shortcut."""
+        return len(self.calls) == 1 and len(self.calls[0].edges) == 1 and self.entry_grad_side
+
     def dense_grad_factor(self, name: str, matrix: Tensor) -> Tensor:
         """The output-side factor of a dense curvature ``matrix`` ``[D, D]``
         w.r.t. the output of the rule's only call (``D`` entries per sample):
@@ -199,7 +223,7 @@ class FactoredRule(ModuleRule):
     def output_curvature_diag(self, name, curvature, per_sample):
         # each output entry is one entry of G (not for ConvTranspose's patches),
         # so J^T e_f is outer(e_(o, t), A[:, t]) and its square is e_o ⊗ A[:, t]^2
-        if len(self.calls) != 1 or len(self.calls[0].edges) != 1 or not self.entry_grad_side:
+        if not self.output_curvature_diag_applies():
             return None
         side = self.bias_side if name == "bias" else self.grad_side
         weights = side(self.calls[0], curvature.unsqueeze(0))[0]  # [N, groups, d_grad, T]

@@ -80,6 +80,21 @@ class PerSampleRule(Protocol):
     def sum_norm_sq(self, name: str, grads: Grads) -> Tensor:
         r""":math:`\|\sum_n v_{nk}\|^2`, ``[K]``."""
 
+    def compact_diag(self, name: str) -> bool:
+        """Whether the rule has a compact summable form of the per-sample diagonal."""
+
+    def diag_weights(self, name: str, grads: Grads) -> Tensor:
+        """That compact form (:meth:`compact_diag`)."""
+
+    def curvature_weights(self, name: str, curvature: Tensor) -> Optional[Tensor]:
+        """:meth:`output_curvature_diag` in the form of :meth:`diag_weights`."""
+
+    def diag_from_weights(self, name: str, weights: Tensor, per_sample: bool) -> Tensor:
+        """The diagonal from summed :meth:`diag_weights`."""
+
+    def signed_diag(self, name: str, positive: Grads, negative: Grads, per_sample: bool) -> Tensor:
+        """``diag`` (``batch_diag`` for ``per_sample``) of ``positive`` minus ``negative``."""
+
     def output_curvature_diag(
         self, name: str, curvature: Tensor, per_sample: bool
     ) -> Optional[Tensor]:
