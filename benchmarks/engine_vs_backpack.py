@@ -5,6 +5,7 @@ Run from the repository root::
     python benchmarks/engine_vs_backpack.py                      # CPU, full
     python benchmarks/engine_vs_backpack.py --device cuda        # GPU
     python benchmarks/engine_vs_backpack.py --quick              # smoke run
+    python benchmarks/engine_vs_backpack.py --rows diag_h,batch_diag_h   # Hessian rows only
 
 Both contenders live in ONE process and see the same weights and the same
 data. The timed unit is ``forward + loss + backward`` with the extension
@@ -36,6 +37,39 @@ Models (float32, batch 128, random MNIST-sized inputs ``[128, 1, 28, 28]``,
   Linear(128, 10) -- 235,146 parameters.
 * ``cnn``: Conv2d(1, 16, 3), ReLU, MaxPool2d(2), Conv2d(16, 32, 3), ReLU,
   MaxPool2d(2), Flatten, Linear(32*5*5, 10) -- 12,810 parameters.
+* ``mlp-sigmoid``, ``cnn-tanh``: the same with Sigmoid, resp. Tanh, instead
+  of ReLU (same parameters).
+
+Rows and models: every row names the models it runs on, and ``--models``
+(default all four) and ``--rows`` (default all) select among those pairs.
+The GGN, KFAC, SqrtGGN and first-order rows (and the plain backward) run on
+``mlp`` and ``cnn``, as in the published tables; the Hessian rows
+(``diag_h``: ``DiagHessian()`` vs ``DiagHessian()``, ``batch_diag_h``:
+``BatchDiagHessian()`` vs ``BatchDiagHessian()``, target ratio <= 0.67 AND
+no more peak memory than BackPACK) run on ``mlp-sigmoid`` and ``cnn-tanh``
+only: on a ReLU network the Hessian diagonal is the GGN diagonal (ReLU's
+second derivative is zero almost everywhere), so they would repeat
+``ggn_exact``/``batch_ggn``. Asking for a row on none of its models (say
+``--models mlp --rows diag_h``) is an error.
+
+Batch of the Hessian rows on ``cnn-tanh``: 2, not 128, on every device (the
+model column says ``cnn-tanh (batch 2)``). BackPACK's ``DiagHessian``/``BatchDiagHessian``
+push, for every activation, the square root of its diagonal second-order
+term as a dense ``[F, N, F]`` tensor (F = features per sample of the
+activation), split into a positive and a negative part, through the layers
+below it. The first Tanh of the CNN has F = 16*26*26 = 10,816, so at batch
+128 that tensor alone is 10,816^2 * 128 * 4 B = 60 GB; measured on CPU
+(peak RSS over the setup, one unit), BackPACK needs about 1.7 GB per sample
+(1.7 GB at batch 1, 3.4 GB at 2, 6.7 GB at 4) and several seconds per sample
+on 2 cores. Batch 2 is the smallest batch at which the per-sample
+(sign-split) terms and ``BatchDiagHessian`` differ from batch 1's trivial
+case, fits a machine with 8 GB, and keeps the row to minutes. The
+``mlp-sigmoid`` rows (F = 256 and 128) use batch 128 like every other row.
+
+Slow rows: a row stops repeating (after at least one repeat) once its timed
+runs took ``--max-time`` seconds (default 60; no ReLU row comes near it), and
+a cell whose median unit exceeds 2 s gets its peak memory from 1 unit instead
+of the median of 3.
 """
 
 from __future__ import annotations
@@ -50,7 +84,8 @@ import statistics
 import time
 import warnings
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional
+from dataclasses import field as dataclass_field
+from typing import Callable, Dict, List, Optional, Tuple
 
 import backpack as bp
 import backpack.extensions as bpx
@@ -88,43 +123,56 @@ warnings.filterwarnings("ignore", message="Full backward hook is firing")
 # --------------------------------------------------------------------------
 # models and data
 # --------------------------------------------------------------------------
-MODEL_DESCRIPTIONS = {
-    "mlp": "Flatten, Linear(784,256), ReLU, Linear(256,128), ReLU, Linear(128,10)",
-    "cnn": (
-        "Conv2d(1,16,3), ReLU, MaxPool2d(2), Conv2d(16,32,3), ReLU, MaxPool2d(2), "
+ACTIVATIONS = {"mlp": nn.ReLU, "cnn": nn.ReLU, "mlp-sigmoid": nn.Sigmoid, "cnn-tanh": nn.Tanh}
+BASE_MODELS = ("mlp", "cnn")  # what the GGN, KFAC, SqrtGGN and first-order rows run on
+CURVED_MODELS = ("mlp-sigmoid", "cnn-tanh")  # what the Hessian rows run on
+# batch of the Hessian rows on cnn-tanh: BackPACK needs ~1.7 GB per sample (docstring)
+HESSIAN_CNN_BATCH = 2
+SINGLE_PROBE_SECONDS = 2.0  # a cell whose median unit is slower: memory from 1 unit
+
+
+def _description(name: str) -> str:
+    act = ACTIVATIONS[name].__name__
+    if name.startswith("mlp"):
+        return f"Flatten, Linear(784,256), {act}, Linear(256,128), {act}, Linear(128,10)"
+    return (
+        f"Conv2d(1,16,3), {act}, MaxPool2d(2), Conv2d(16,32,3), {act}, MaxPool2d(2), "
         "Flatten, Linear(800,10)"
-    ),
-}
+    )
+
+
+MODEL_DESCRIPTIONS = {name: _description(name) for name in ACTIVATIONS}
 
 
 def build_model(name: str) -> nn.Module:
-    if name == "mlp":
+    if name not in ACTIVATIONS:
+        raise ValueError(f"unknown model {name!r}; use one of {sorted(MODEL_DESCRIPTIONS)}")
+    act = ACTIVATIONS[name]
+    if name.startswith("mlp"):
         return nn.Sequential(
             nn.Flatten(),
             nn.Linear(784, 256),
-            nn.ReLU(),
+            act(),
             nn.Linear(256, 128),
-            nn.ReLU(),
+            act(),
             nn.Linear(128, NUM_CLASSES),
         )
-    if name == "cnn":
-        return nn.Sequential(
-            nn.Conv2d(1, 16, 3),
-            nn.ReLU(),
-            nn.MaxPool2d(2),
-            nn.Conv2d(16, 32, 3),
-            nn.ReLU(),
-            nn.MaxPool2d(2),
-            nn.Flatten(),
-            nn.Linear(32 * 5 * 5, NUM_CLASSES),
-        )
-    raise ValueError(f"unknown model {name!r}; use one of {sorted(MODEL_DESCRIPTIONS)}")
+    return nn.Sequential(
+        nn.Conv2d(1, 16, 3),
+        act(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(16, 32, 3),
+        act(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(32 * 5 * 5, NUM_CLASSES),
+    )
 
 
-def make_data(device: torch.device, seed: int):
+def make_data(device: torch.device, seed: int, batch: int = BATCH):
     generator = torch.Generator().manual_seed(seed)
-    inputs = torch.randn(BATCH, 1, 28, 28, generator=generator)
-    targets = torch.randint(0, NUM_CLASSES, (BATCH,), generator=generator)
+    inputs = torch.randn(batch, 1, 28, 28, generator=generator)
+    targets = torch.randint(0, NUM_CLASSES, (batch,), generator=generator)
     return inputs.to(device), targets.to(device)
 
 
@@ -143,6 +191,12 @@ class Row:
     # how to check agreement: "tensor", "kron", "gram" (V^T V probed: the exact
     # square roots have C-1 (curvext) and C (BackPACK) columns), None (MC)
     compare: Optional[str]
+    models: Tuple[str, ...] = BASE_MODELS  # the models the row runs on
+    batches: Dict[str, int] = dataclass_field(default_factory=dict)  # per model, else BATCH
+    memory_target: bool = False  # the target also asks for no more peak memory
+
+    def batch(self, model: str) -> int:
+        return self.batches.get(model, BATCH)
 
 
 ROWS: List[Row] = [
@@ -257,6 +311,32 @@ ROWS: List[Row] = [
         False,
         "tensor",
     ),
+    Row(
+        "diag_h",
+        "DiagHessian() vs DiagHessian()",
+        lambda: cx.DiagHessian(),
+        lambda: bpx.DiagHessian(),
+        "hessian_diag",
+        "diag_h",
+        True,
+        "tensor",
+        models=CURVED_MODELS,
+        batches={"cnn-tanh": HESSIAN_CNN_BATCH},
+        memory_target=True,
+    ),
+    Row(
+        "batch_diag_h",
+        "BatchDiagHessian() vs BatchDiagHessian()",
+        lambda: cx.BatchDiagHessian(),
+        lambda: bpx.BatchDiagHessian(),
+        "batch_hessian_diag",
+        "diag_h_batch",
+        True,
+        "tensor",
+        models=CURVED_MODELS,
+        batches={"cnn-tanh": HESSIAN_CNN_BATCH},
+        memory_target=True,
+    ),
 ]
 ROWS_BY_KEY = {row.key: row for row in ROWS}
 
@@ -331,8 +411,10 @@ class Cell:
 
 def make_cell(spec: dict, device: torch.device) -> Cell:
     """The cell of ``--memory-probe``: one (contender, model, row)."""
+    row = ROWS_BY_KEY[spec["row"]]
     contender = make_contenders(spec["model"], device, spec["seed"], [spec["kind"]])
-    return Cell(contender[spec["kind"]], ROWS_BY_KEY[spec["row"]], make_data(device, spec["seed"]))
+    data = make_data(device, spec["seed"], row.batch(spec["model"]))
+    return Cell(contender[spec["kind"]], row, data)
 
 
 # --------------------------------------------------------------------------
@@ -399,7 +481,50 @@ def agreement(contenders: Dict[str, Contender], row: Row) -> str:
     return f"{worst:.0e}" + (" (Linear only)" if skipped else "")
 
 
+def per_parameter_diffs(contenders: Dict[str, Contender], row: Row) -> Optional[Dict[str, float]]:
+    """``||curvext - BackPACK|| / ||BackPACK||`` per parameter (``"tensor"`` rows
+    only; kept in the raw ``.json``)."""
+    if row.compare != "tensor":
+        return None
+    diffs = {}
+    pairs = zip(
+        contenders["curvext"].model.named_parameters(),
+        contenders["backpack"].model.named_parameters(),
+    )
+    for (name, p_cx), (_, p_bp) in pairs:
+        a, b = getattr(p_cx, row.cx_field, None), getattr(p_bp, row.bp_field, None)
+        if a is not None and b is not None and a.shape == b.shape:
+            diffs[name] = rel_diff(a, b)
+    return diffs
+
+
+def verdict(result: dict) -> str:
+    """``meets``/``**misses**`` the target (rows without one: empty); the
+    Hessian rows also ask for no more peak memory than BackPACK."""
+    row = result["row"]
+    if not row.target:
+        return ""
+    fast = result["curvext_ms"] / result["backpack_ms"] <= TARGET_RATIO
+    lean = (
+        not row.memory_target
+        or result["curvext_mem"] is None
+        or result["backpack_mem"] is None
+        or result["curvext_mem"] <= result["backpack_mem"]
+    )
+    if fast and lean:
+        return "meets"
+    if not row.memory_target:
+        return "**misses**"
+    return "**misses** (" + " and ".join(["time"] * (not fast) + ["memory"] * (not lean)) + ")"
+
+
+def model_cell(result: dict) -> str:
+    batch = result["batch"]
+    return result["model"] + (f" (batch {batch})" if batch != BATCH else "")
+
+
 def render(results, args, device, started, elapsed) -> str:
+    models = [m for m in MODEL_DESCRIPTIONS if any(r["model"] == m for r in results)]
     lines = [
         f"# curvext vs BackPACK ({device.type})",
         "",
@@ -410,24 +535,26 @@ def render(results, args, device, started, elapsed) -> str:
         f"Load average (1, 5, 15 min) at start: {args.load_start}; at end: "
         f"{load_average()} (other processes on the machine distort timings).",
         "",
-        f"Run {started:%Y-%m-%d %H:%M} UTC, {elapsed:.0f} s: batch {BATCH}, float32, "
+        f"Run {started:%Y-%m-%d %H:%M} UTC, {elapsed:.0f} s: batch {BATCH} (unless the "
+        "model column names another), float32, "
         f"CrossEntropyLoss, median of at least {args.repeats} interleaved repeats "
         + (
             f"(more, up to {args.max_repeats}, while a row's timed runs took less "
-            f"than {args.min_time:g} s) "
+            f"than {args.min_time:g} s; "
             if args.min_time > 0
-            else ""
+            else "("
         )
+        + f"fewer, at least 1, once they took {args.max_time:g} s) "
         + f"after {args.warmup} warm-up runs each (repeats per row: column `n`). "
         "Unit = forward + loss + backward inside "
         "the extension context. Peak MB = extra memory of one unit over what "
         "is allocated before it ("
         + memory_method(device)
-        + f"). Target: ratio <= {TARGET_RATIO} on the rows marked.",
+        + f"; one unit instead of the median of 3 where the unit took over "
+        f"{SINGLE_PROBE_SECONDS:g} s). Target: ratio <= {TARGET_RATIO} on the rows "
+        "marked; for the Hessian rows also no more peak memory than BackPACK.",
         "",
-        "Models: "
-        + "; ".join(f"`{name}` = {MODEL_DESCRIPTIONS[name]}" for name in args.models)
-        + ".",
+        "Models: " + "; ".join(f"`{name}` = {MODEL_DESCRIPTIONS[name]}" for name in models) + ".",
         "",
         "| model | extension | curvext ms | BackPACK ms | ratio (curvext/BackPACK) "
         "| curvext peak MB | BackPACK peak MB | target | n | other load | max rel. diff |",
@@ -437,14 +564,11 @@ def render(results, args, device, started, elapsed) -> str:
     for result in results:
         row = result["row"]
         ratio = result["curvext_ms"] / result["backpack_ms"]
-        if row.target:
-            mark = "meets" if ratio <= TARGET_RATIO else "**misses**"
-        else:
-            mark = ""
         lines.append(
-            f"| {result['model']} | {row.label} | {result['curvext_ms']:.2f} | "
+            f"| {model_cell(result)} | {row.label} | {result['curvext_ms']:.2f} | "
             f"{result['backpack_ms']:.2f} | {ratio:.2f} | {mb(result['curvext_mem'])} | "
-            f"{mb(result['backpack_mem'])} | {mark} | {len(result['times_ms']['curvext'])} "
+            f"{mb(result['backpack_mem'])} | {verdict(result)} | "
+            f"{len(result['times_ms']['curvext'])} "
             f"| {pct(result['foreign_load'])} | {result['agreement']} |"
         )
         if "torch_ms" in result:
@@ -452,6 +576,13 @@ def render(results, args, device, started, elapsed) -> str:
                 f"- `{result['model']}`: plain PyTorch (model not extended) "
                 f"{result['torch_ms']:.2f} ms, peak {mb(result['torch_mem'])} MB."
             )
+    if any(r["batch"] != BATCH for r in results):
+        notes.append(
+            f"- Hessian rows on `cnn-tanh`: batch {HESSIAN_CNN_BATCH}, because BackPACK's "
+            "DiagHessian/BatchDiagHessian push a dense `[F, N, F]` square root of each "
+            "activation's second-order term (F = 16*26*26 = 10,816 at the first Tanh): "
+            "about 1.7 GB per sample, 60 GB at batch 128."
+        )
     lines += [
         "",
         "Ratio < 1 means curvext is faster. `max rel. diff`: largest relative "
@@ -459,7 +590,9 @@ def render(results, args, device, started, elapsed) -> str:
         "(KFAC: of the Kronecker product, from the normalised factors and their "
         "norms); MC rows draw different samples and are not compared. The "
         "plain-backward row runs both extended models outside any extension "
-        "context (the cost of the hooks). `other load`: share of all CPUs that "
+        "context (the cost of the hooks). The Hessian rows run on the Sigmoid/Tanh "
+        "models only (on ReLU models the Hessian diagonal is the GGN diagonal). "
+        "`other load`: share of all CPUs that "
         "other processes used while the row was timed (rows above "
         f"{100 * args.busy_threshold:.0f}% were retried up to {args.busy_retries} "
         "times after waiting for quiet; a high value means the row is unreliable).",
@@ -477,15 +610,42 @@ def parse_args(argv=None):
     add_common_arguments(
         parser, repeats=7, warmup=2, min_time=2.0, max_repeats=31, busy_retries=3, quiet_wait=120.0
     )
-    parser.add_argument("--models", default="mlp,cnn", help="comma-separated: mlp,cnn")
+    parser.add_argument(
+        "--max-time",
+        type=float,
+        default=60.0,
+        help="stop repeating a row (after at least one repeat) once its timed runs "
+        "took this many seconds: the cnn-tanh Hessian rows take seconds per unit",
+    )
+    parser.add_argument(
+        "--models",
+        default=",".join(MODEL_DESCRIPTIONS),
+        help="comma-separated: " + ",".join(MODEL_DESCRIPTIONS) + " (each row runs only "
+        "on its own models: the Hessian rows on mlp-sigmoid,cnn-tanh, the others on mlp,cnn)",
+    )
     parser.add_argument(
         "--rows",
-        default=",".join(r.key for r in ROWS),
-        help="comma-separated row keys: " + ",".join(r.key for r in ROWS),
+        default=None,
+        help="comma-separated row keys (default: all, each on its models among --models): "
+        + ",".join(r.key for r in ROWS),
     )
     args = finish_common_arguments(parser.parse_args(argv), "engine")
     args.models = [m for m in args.models.split(",") if m]
-    args.rows = [ROWS_BY_KEY[key] for key in args.rows.split(",") if key]
+    unknown = [m for m in args.models if m not in MODEL_DESCRIPTIONS]
+    if unknown:
+        parser.error(f"unknown models {unknown}; use some of {','.join(MODEL_DESCRIPTIONS)}")
+    explicit = args.rows is not None
+    keys = [key for key in (args.rows or ",".join(ROWS_BY_KEY)).split(",") if key]
+    unknown = [key for key in keys if key not in ROWS_BY_KEY]
+    if unknown:
+        parser.error(f"unknown rows {unknown}; use some of {','.join(ROWS_BY_KEY)}")
+    args.rows = [ROWS_BY_KEY[key] for key in keys]
+    idle = [row for row in args.rows if not set(row.models) & set(args.models)]
+    if args.memory_probe is None and (explicit and idle or len(idle) == len(args.rows)):
+        parser.error(
+            "; ".join(f"row {row.key} runs on {','.join(row.models)} only" for row in idle)
+            + f", and --models is {','.join(args.models)}"
+        )
     return args
 
 
@@ -503,8 +663,11 @@ def main(argv=None):
 
     results = []
     for model_name in args.models:
-        data = make_data(device, args.seed)
         for row in args.rows:
+            if model_name not in row.models:
+                continue
+            batch = row.batch(model_name)
+            data = make_data(device, args.seed, batch)
             kinds = ["curvext", "backpack"] + (["torch"] if row.key == "none" else [])
             contenders = make_contenders(model_name, device, args.seed, kinds)
             cells = {kind: Cell(contender, row, data) for kind, contender in contenders.items()}
@@ -514,25 +677,28 @@ def main(argv=None):
             ms = {kind: statistics.median(values) for kind, values in times.items()}
             result = {
                 "model": model_name,
+                "batch": batch,
                 "row": row,
                 "times_ms": times,
                 "foreign_load": foreign,
                 "curvext_ms": ms["curvext"],
                 "backpack_ms": ms["backpack"],
                 "agreement": agreement(contenders, row),
+                "diffs": per_parameter_diffs(contenders, row),
             }
             if "torch" in ms:
                 result["torch_ms"] = ms["torch"]
             for kind, cell in cells.items():
                 spec = {"kind": kind, "model": model_name, "row": row.key, "seed": args.seed}
+                runs = 1 if ms[kind] > 1e3 * SINGLE_PROBE_SECONDS else 3
                 result[f"{kind}_mem"] = (
-                    None if args.no_memory else peak_memory(__file__, spec, cell, device)
+                    None if args.no_memory else peak_memory(__file__, spec, cell, device, runs)
                 )
             results.append(result)
             print(
-                f"{model_name:4s} {row.label:50s} x{len(times['curvext']):<3d}"
-                f"curvext {ms['curvext']:8.2f} ms  "
-                f"BackPACK {ms['backpack']:8.2f} ms  ratio "
+                f"{model_cell(result):22s} {row.label:50s} x{len(times['curvext']):<3d}"
+                f"curvext {ms['curvext']:9.2f} ms  "
+                f"BackPACK {ms['backpack']:9.2f} ms  ratio "
                 f"{ms['curvext'] / ms['backpack']:.2f}  "
                 f"mem {mb(result['curvext_mem'])} / {mb(result['backpack_mem'])} MB  "
                 f"diff {result['agreement']}  other load {pct(foreign)}",
