@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Set, Tuple
+from typing import Callable, Dict, List, Optional, Set, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -255,6 +255,39 @@ def _walk(
                 consumers.setdefault(next_node, set()).add(node)
             stack.append(next_node)
     return list(calls.values()), consumers
+
+
+def post_order(root: Node) -> List[Node]:
+    """The nodes below ``root``, every node after all the nodes it depends on."""
+    order: List[Node] = []
+    seen: Set[Node] = set()
+    stack: List[Tuple[Node, bool]] = [(root, False)]
+    while stack:  # without recursion: graphs may be deep
+        node, done = stack.pop()
+        if done:
+            order.append(node)
+            continue
+        if node in seen:
+            continue
+        seen.add(node)
+        stack.append((node, True))
+        for child, _ in node.next_functions:
+            if child is not None and child not in seen:
+                stack.append((child, False))
+    return order
+
+
+def reach_masks(order: List[Node], own_bits: Callable[[Node], int]) -> Dict[Node, int]:
+    """For every node of ``order``: the bits of ``own_bits`` of it and of
+    every node below it."""
+    reach: Dict[Node, int] = {}
+    for node in order:
+        mask = own_bits(node)
+        for child, _ in node.next_functions:
+            if child is not None:
+                mask |= reach.get(child, 0)
+        reach[node] = mask
+    return reach
 
 
 #: Autograd nodes that only move entries of their input (views, copies,

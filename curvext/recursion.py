@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 from torch.autograd.graph import GradientEdge, Node
 
-from curvext.recording import ModuleCall
+from curvext.recording import ModuleCall, post_order, reach_masks
 
 #: Most entries of one chunk of columns ``[k, *shape]`` pushed at once.
 CHUNK_ELEMENTS = 2**24
@@ -91,24 +91,9 @@ def averaged_output_curvature(
 
 def _calls_below(root: Node, outputs: Dict) -> Dict[Node, bool]:
     """Whether a wanted call output lies at or below each node."""
-    order, seen, stack = [], set(), [(root, False)]
-    while stack:
-        node, done = stack.pop()
-        if done:
-            order.append(node)
-            continue
-        if node in seen:
-            continue
-        seen.add(node)
-        stack.append((node, True))
-        stack.extend((child, False) for child, _ in node.next_functions if child is not None)
     output_nodes = {node for node, _ in outputs}
-    below: Dict[Node, bool] = {}
-    for node in order:
-        below[node] = node in output_nodes or any(
-            below.get(child, False) for child, _ in node.next_functions if child is not None
-        )
-    return below
+    masks = reach_masks(post_order(root), lambda node: int(node in output_nodes))
+    return {node: bool(mask) for node, mask in masks.items()}
 
 
 def _sandwich(

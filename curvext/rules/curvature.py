@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.graph import GradientEdge, Node
 
-from curvext.recording import ModuleCall
+from curvext.recording import ModuleCall, post_order, reach_masks
 
 #: Operations without second-order term: linear, or piecewise linear
 #: (second derivative zero almost everywhere).
@@ -220,21 +220,21 @@ def curved_nodes(
             reaches (the module's rule reads gradients at the module's output
             only).
     """
-    order = _post_order(root)
+    order = post_order(root)
     # bit masks of the parameters (their accumulators) each node depends on,
     # and of the recorded call outputs below each node; inputs with
     # requires_grad are not parameters
     handled = {id(p) for _, params in owners for p in params}
     leaves = [n for n in order if hasattr(n, "variable") and id(n.variable) in handled]
     bits = {node: 1 << i for i, node in enumerate(leaves)}
-    reach = _reach(order, lambda node: bits.get(node, 0))
+    reach = reach_masks(order, lambda node: bits.get(node, 0))
     calls = list({id(c): c for rule_calls, _ in owners for c in rule_calls}.values())
     call_bits: Dict[Node, int] = {}
     for index, call in enumerate(calls):
         for edge in call.edges:
             if edge is not None:
                 call_bits[edge.node] = call_bits.get(edge.node, 0) | 1 << index
-    below = _reach(order, lambda node: call_bits.get(node, 0))
+    below = reach_masks(order, lambda node: call_bits.get(node, 0))
     inside = _call_regions(owners, bits)
     found = []
     for node, params in reach.items():
@@ -302,39 +302,6 @@ def curved_nodes(
             )
         )
     return found
-
-
-def _post_order(root: Node) -> List[Node]:
-    """The nodes below ``root``, every node after all the nodes it depends on."""
-    order: List[Node] = []
-    seen: Set[Node] = set()
-    stack: List[Tuple[Node, bool]] = [(root, False)]
-    while stack:  # without recursion: graphs may be deep
-        node, done = stack.pop()
-        if done:
-            order.append(node)
-            continue
-        if node in seen:
-            continue
-        seen.add(node)
-        stack.append((node, True))
-        for child, _ in node.next_functions:
-            if child is not None and child not in seen:
-                stack.append((child, False))
-    return order
-
-
-def _reach(order: List[Node], own_bits: Callable[[Node], int]) -> Dict[Node, int]:
-    """For every node of ``order``: the bits of ``own_bits`` of it and of
-    every node below it."""
-    reach: Dict[Node, int] = {}
-    for node in order:
-        mask = own_bits(node)
-        for child, _ in node.next_functions:
-            if child is not None:
-                mask |= reach.get(child, 0)
-        reach[node] = mask
-    return reach
 
 
 def _check_product(node: Node, reach: Dict[Node, int]) -> None:
