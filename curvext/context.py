@@ -72,7 +72,7 @@ class backpack:  # noqa: N801 - lower case like BackPACK's context, users know i
             batched backward. More columns are processed in chunks whose
             results are summed (or concatenated for ``SqrtGGN``). ``None``
             (default) picks a chunk size from the size of the recorded
-            module outputs (at most ``curvext.engine.CHUNK_BYTES`` = 8 MiB of
+            module outputs (at most ``curvext.push.CHUNK_BYTES`` = 8 MiB of
             output gradients per chunk: the batched backward of convolutions
             and max-pooling loops over columns and copies, so large chunks
             only cost memory).

@@ -46,6 +46,7 @@ from curvext.context import (
     no_loss_extensions,
 )
 from curvext.context import _state as _context_state
+from curvext.curvature_terms import add_averaged, add_residuals
 from curvext.extend import EXTENDED_TREE
 from curvext.extensions.base import (
     AVERAGED,
@@ -58,6 +59,7 @@ from curvext.extensions.base import (
     sum_partials,
 )
 from curvext.losses import LossRule, loss_rule
+from curvext.push import CHUNK_BYTES, backpropagate
 from curvext.recording import (
     METADATA_KEY,
     ModuleCall,
@@ -65,25 +67,8 @@ from curvext.recording import (
     collect_reached_calls,
     flattened_samples,
 )
-from curvext.recursion import averaged_output_curvature
 from curvext.rules.assign import assign
 from curvext.rules.base import slice_columns
-from curvext.rules.curvature import CurvedNode, curved_nodes
-from curvext.rules.generic import note_once
-
-#: Bytes of module-output gradients that one chunk of columns may hold when
-#: ``backpack(max_columns=None)`` (at least one column per chunk). Small on
-#: purpose: the batched backward (``is_grads_batched``, PyTorch's legacy vmap)
-#: has no batching rule for ``convolution_backward`` or
-#: ``max_pool2d_with_indices_backward`` and loops over the columns there, then
-#: copies the results into one tensor; and every column held at once costs
-#: its gradients and the backward's intermediates (several times the module
-#: outputs). Measured on CPU (10 batches of 128, type-2 KFAC, 9 columns): the
-#: benchmark CNN (7.5 MB of outputs per column) took 850 ms with one column
-#: per backward and 1550 ms with all 9 in one, with 58 MB instead of 226 MB
-#: peak memory; the MLP (0.2 MB per column) stays in one chunk, where batching
-#: beats nine plain backward passes (93 ms vs 120 ms).
-CHUNK_BYTES = 2**23
 
 _engine = threading.local()
 
@@ -266,7 +251,7 @@ def _run(edge, loss, calls, consumers, grad, extensions, loss_gradient):
         stop = min(start + step, total)
         pieces = _overlaps(offsets, start, stop)
         columns = _columns(sets, offsets, pieces, loss, mc_columns, grad)
-        call_grads = _backpropagate(edge, used_calls, columns, loss.input.dtype)
+        call_grads = backpropagate(edge, used_calls, columns, loss.input.dtype)
         if checked is not None and GRADIENT in sets:
             column = offsets[sets.index(GRADIENT)] - start
             if 0 <= column < stop - start:
@@ -304,206 +289,12 @@ def _run(edge, loss, calls, consumers, grad, extensions, loss_gradient):
             rule.release()
 
     if RESIDUAL in sets:
-        _add_residuals(edge, loss_gradient(), loss, used_calls, extensions, targets, partials)
+        add_residuals(edge, loss_gradient(), loss, used_calls, extensions, targets, partials)
         for rule in rules:
             rule.release()
     if AVERAGED in sets:
-        _add_averaged(edge, loss, extensions, targets, partials)
+        add_averaged(edge, loss, extensions, targets, partials)
     _store_results(extensions, targets, calls, partials, info)
-
-
-def _add_averaged(edge, loss, extensions, targets, partials) -> None:
-    """Partials of the extensions reading :data:`AVERAGED` (KFRA) from the
-    batch-averaged curvature at each call output (:mod:`curvext.recursion`)."""
-    if loss.batch_size != loss.input.shape[0]:
-        raise NotImplementedError(
-            f"KFRA needs one row of the {type(loss.module).__name__} input per sample; "
-            "this loss input holds the positions of several rows per sample (a "
-            "flattened sequence). Use KFAC(fisher_type='type-2') instead."
-        )
-    columns = loss.exact_columns(0, loss.num_exact_columns).flatten(2)
-    summed_hessian = torch.einsum("kni,knj->ij", columns, columns)
-    calls = {id(c): c for t in targets for rule, _ in t.owners for c in rule.calls}
-    matrices = averaged_output_curvature(
-        edge, summed_hessian, list(calls.values()), loss.input.shape
-    )
-    for ext_index, ext in enumerate(extensions):
-        if AVERAGED in ext.column_sets():
-            for target_index, target in enumerate(targets):
-                partial = ext.reduce_averaged(target.rule, target.name, matrices)
-                partials[(ext_index, target_index, AVERAGED)] = partial
-
-
-def _add_residuals(edge, loss_gradient, loss, used_calls, extensions, targets, partials):
-    r"""Add the second-order terms of the graph's curved operations to the
-    partials of the extensions reading :data:`RESIDUAL`.
-
-    For an elementwise ``y = phi(x)`` with loss gradient ``g`` at ``y``, the
-    term is :math:`J_x^\top \operatorname{diag}(d) J_x`, ``d = g phi''(x)``.
-    One column per feature ``f`` of ``x``, :math:`\sqrt{|d_{:,f}|}\, e_f`
-    (all samples at once), is pushed from ``x`` to the module outputs; each
-    column's gradients there are split by the sign of ``d`` per sample (the
-    samples do not mix, as everywhere in the engine), and the extension's
-    reduction of the negative part is subtracted from that of the positive
-    part.
-    """
-    handled: Dict[int, tuple] = {}
-    for target in targets:
-        for rule, _ in target.owners:
-            handled.setdefault(id(rule), (rule.calls, []))[1].append(target.param)
-    nodes = curved_nodes(edge.node, list(handled.values()))
-    if not nodes:
-        return
-    at_outputs = torch.autograd.grad(
-        [edge],
-        [node.output for node in nodes],
-        grad_outputs=[loss_gradient.to(loss.input.dtype)],
-        retain_graph=True,
-        allow_unused=True,
-    )
-    readers = [(i, ext) for i, ext in enumerate(extensions) if RESIDUAL in ext.column_sets()]
-    for node, gradient in zip(nodes, at_outputs):
-        reached = {id(call) for call in node.calls}
-        # only the parameters whose rules read a call below the node get a term
-        indices = [
-            i
-            for i, target in enumerate(targets)
-            if any(id(c) in reached for rule, _ in target.owners for c in rule.calls)
-        ]
-        if gradient is None or not indices:
-            continue
-        samples = loss.batch_size
-        if gradient.dim() == 0 or gradient.shape[0] != samples:
-            raise NotImplementedError(
-                f"The Hessian diagonal needs the samples on axis 0 of the input of "
-                f"{node.name.replace('Backward0', '')} (shape {tuple(gradient.shape)}, "
-                f"{samples} samples): move the batch axis first before the activation."
-            )
-        _check_samples_apart(node, gradient)
-        curvature = gradient * node.second_derivative.to(gradient.dtype)
-        indices = _add_direct(node, curvature, readers, targets, indices, partials)
-        calls = {id(c): c for i in indices for rule, _ in targets[i].owners for c in rule.calls}
-        if indices:
-            _add_node_residual(
-                node, curvature, list(calls.values()), readers, targets, indices, partials
-            )
-
-
-def _check_samples_apart(node: CurvedNode, gradient: Tensor) -> None:
-    """Refuse unless axis 0 of the op's input holds the samples: a column on
-    sample 0 alone must reach sample 0 alone of every module output below
-    (a batch axis moved elsewhere with as many entries as samples, as in
-    ``tanh(h.transpose(0, 1))`` with ``T == N``, would pass a shape check)."""
-    samples = gradient.shape[0]
-    if samples < 2:
-        return
-    probe = torch.zeros_like(gradient)
-    probe[0] = 1
-    reached = _backpropagate(node.input, node.calls, probe.unsqueeze(0), gradient.dtype)
-    for call_grads in reached.values():
-        for grads in call_grads if isinstance(call_grads, tuple) else (call_grads,):
-            if grads.dim() < 2 or grads.shape[1] != samples or grads[0, 1:].any():
-                raise NotImplementedError(
-                    f"The Hessian diagonal needs the samples on axis 0 of the input of "
-                    f"{node.name.replace('Backward0', '')} and of every module output "
-                    f"below it; entry 0 of axis 0 there (shape {tuple(gradient.shape)}) "
-                    "reaches several samples of a module output. Keep the batch axis "
-                    "first up to the activation (transpose after it)."
-                )
-
-
-def _add_direct(node: CurvedNode, curvature, readers, targets, indices, partials) -> List[int]:
-    """Add the term of ``node`` for the parameters of the call whose output is
-    the node's input, where the rule computes it from the curvature alone
-    (:meth:`~curvext.rules.base.ModuleRule.output_curvature_diag`). Returns
-    the target indices left for the columns."""
-    left = []
-    for target_index in indices:
-        target = targets[target_index]
-        rule = target.rule
-        direct = len(target.owners) == 1 and [
-            (e.node, e.output_nr) for c in rule.calls for e in c.edges
-        ] == [(node.input.node, node.input.output_nr)]
-        if not direct:
-            left.append(target_index)
-            continue
-        parts = [ext.reduce_curvature(rule, target.name, curvature) for _, ext in readers]
-        if any(part is None for part in parts):
-            left.append(target_index)
-            continue
-        for (ext_index, ext), part in zip(readers, parts):
-            slot = (ext_index, target_index, RESIDUAL)
-            if ext.combine is Combine.CAT:
-                partials.setdefault(slot, []).append(part)
-            else:
-                partials[slot] = part if slot not in partials else partials[slot] + part
-    return left
-
-
-def _add_node_residual(
-    node: CurvedNode, curvature, used_calls, readers, targets, indices, partials
-) -> None:
-    samples, shape = curvature.shape[0], curvature.shape
-    curvature = curvature.reshape(samples, -1)
-    features = curvature.ne(0).any(0).nonzero().flatten()
-    if features.numel() == 0:
-        return
-    scale, positive = curvature.abs().sqrt(), curvature > 0
-    itemsize = curvature.element_size()
-    per_column = itemsize * (
-        curvature.numel() + sum(s.numel() for c in used_calls for s in c.output_shapes)
-    )
-    requested = max_columns_per_backward()
-    step = requested or max(1, CHUNK_BYTES // max(per_column, 1))
-    for start in range(0, features.numel(), step):
-        chosen = features[start : start + step]
-        columns = curvature.new_zeros(chosen.numel(), samples, curvature.shape[1])
-        picks = torch.arange(chosen.numel(), device=chosen.device)
-        columns[picks, :, chosen] = scale[:, chosen].T
-        call_grads = _backpropagate(
-            node.input, used_calls, columns.reshape(-1, *shape), curvature.dtype
-        )
-        mask = positive[:, chosen].T  # [columns, N]
-        plus = {key: _masked(grads, mask, samples) for key, grads in call_grads.items()}
-        minus = {
-            key: _map_grads(lambda g, p: g - p, grads, plus[key])
-            for key, grads in call_grads.items()
-        }
-        for ext_index, ext in readers:
-            for target_index in indices:
-                target = targets[target_index]
-                part = ext.reduce_residual(
-                    target.rule, target.name, target.grads(plus), target.grads(minus)
-                )
-                slot = (ext_index, target_index, RESIDUAL)
-                if ext.combine is Combine.CAT:
-                    partials.setdefault(slot, []).append(part)
-                else:
-                    partials[slot] = part if slot not in partials else partials[slot] + part
-        del call_grads, plus, minus, columns
-        for target_index in indices:
-            targets[target_index].rule.release()
-
-
-def _map_grads(function, grads, *others):
-    """``function`` applied to a call's gradients (a tensor, or a tuple of them)."""
-    if isinstance(grads, tuple):
-        return tuple(function(g, *(o[i] for o in others)) for i, g in enumerate(grads))
-    return function(grads, *others)
-
-
-def _masked(grads, mask: Tensor, samples: int):
-    """The entries of ``grads [columns, N, ...]`` where ``mask [columns, N]``."""
-
-    def keep(g: Tensor) -> Tensor:
-        if g.dim() < 2 or g.shape[1] != samples:
-            raise NotImplementedError(
-                f"The Hessian diagonal needs the samples on axis 0 of every module "
-                f"output; one has shape {tuple(g.shape[1:])} for {samples} samples."
-            )
-        return g * mask.reshape(*mask.shape, *([1] * (g.dim() - 2))).to(g.dtype)
-
-    return _map_grads(keep, grads)
 
 
 def _store_results(extensions, targets, calls, partials, info: RunInfo) -> None:
@@ -636,63 +427,6 @@ def _columns(sets, offsets, pieces, loss, mc_columns, grad) -> Tensor:
         else:
             columns.append(grad.unsqueeze(0))
     return torch.cat(columns) if len(columns) > 1 else columns[0]
-
-
-def _backpropagate(
-    edge: GradientEdge, calls: List[ModuleCall], columns: Tensor, dtype: torch.dtype
-) -> Dict[int, object]:
-    """Gradients ``[k, N, ...]`` of every recorded output of ``calls``, keyed by
-    ``id(call)``; a call with several outputs gets a tuple.
-
-    Each call's columns are cast to the dtype of its module's parameters
-    (under autocast, bfloat16 gradients meet float32 inputs and weights).
-    """
-    edges = [e for call in calls for e in call.edges if e is not None]
-    columns = columns.to(dtype)
-    single = columns.shape[0] == 1  # a plain backward avoids vmap's overhead
-
-    def backward(grad_output: Tensor, batched: bool):
-        return torch.autograd.grad(
-            [edge],
-            edges,
-            grad_outputs=[grad_output],
-            retain_graph=True,
-            allow_unused=True,
-            is_grads_batched=batched,
-        )
-
-    if single:
-        results = [None if r is None else r.unsqueeze(0) for r in backward(columns[0], False)]
-    else:
-        try:
-            results = backward(columns, True)
-        except RuntimeError as error:
-            # a backward without batching rule (a custom autograd.Function
-            # calling detach, say): one plain backward per column, still exact
-            note_once(
-                ("columns", str(error)[:80]),
-                f"The batched backward of curvext failed ({error}); it backpropagates "
-                "one column at a time instead (exact, slower). backpack(max_columns=1) "
-                "skips the attempt.",
-            )
-            per_column = [backward(column, False) for column in columns]
-            results = [
-                None if parts[0] is None else torch.stack(parts) for parts in zip(*per_column)
-            ]
-    results = iter(results)
-    num_cols = columns.shape[0]
-    call_grads: Dict[int, object] = {}
-    for call in calls:
-        param = next(call.module.parameters(), None)
-        call_dtype = param.dtype if param is not None and param.is_floating_point() else dtype
-        outputs = []
-        for output_edge, shape in zip(call.edges, call.output_shapes, strict=True):
-            result = next(results) if output_edge is not None else None
-            if result is None:
-                result = columns.new_zeros(num_cols, *shape)
-            outputs.append(result.to(call_dtype))
-        call_grads[id(call)] = outputs[0] if len(outputs) == 1 else tuple(outputs)
-    return call_grads
 
 
 # ---------------------------------------------------------------------------
