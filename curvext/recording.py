@@ -257,6 +257,23 @@ def _walk(
     return list(calls.values()), consumers
 
 
+def call_region(call: ModuleCall) -> List[Node]:
+    """The nodes between ``call``'s recorded outputs and its inputs (the
+    operations of its forward, and the leaves they read, such as its
+    parameters' accumulators)."""
+    stop = set(call.input_nodes)
+    region, seen = [], set()
+    stack = [edge.node for edge in call.edges if edge is not None]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen or node in stop:
+            continue
+        seen.add(node)
+        region.append(node)
+        stack.extend(child for child, _ in node.next_functions)
+    return region
+
+
 def post_order(root: Node) -> List[Node]:
     """The nodes below ``root``, every node after all the nodes it depends on."""
     order: List[Node] = []

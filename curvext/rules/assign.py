@@ -23,7 +23,7 @@ from typing import Dict, List, Set, Tuple
 from torch import Tensor, nn
 from torch.autograd.graph import Node, get_gradient_edge
 
-from curvext.recording import ModuleCall
+from curvext.recording import ModuleCall, call_region
 from curvext.rules import SharedParameterRule, rules_for
 from curvext.rules.base import ModuleRule, own_trainable
 
@@ -48,22 +48,12 @@ class Target:
 def _inside_consumers(calls: List[ModuleCall], accumulators: Set[Node]) -> Set[Node]:
     """Nodes inside ``calls`` (between outputs and inputs) that consume a
     parameter through one of ``accumulators``."""
-    consumers = set()
-    for call in calls:
-        stop = set(call.input_nodes)
-        seen = set()
-        stack = [edge.node for edge in call.edges if edge is not None]
-        while stack:
-            node = stack.pop()
-            if node is None or node in seen or node in stop:
-                continue
-            seen.add(node)
-            for next_node, _ in node.next_functions:
-                if next_node in accumulators:
-                    consumers.add(node)
-                else:
-                    stack.append(next_node)
-    return consumers
+    return {
+        node
+        for call in calls
+        for node in call_region(call)
+        if any(child in accumulators for child, _ in node.next_functions)
+    }
 
 
 def _used_outside(

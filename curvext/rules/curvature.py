@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.graph import GradientEdge, Node
 
-from curvext.recording import ModuleCall, post_order, reach_masks
+from curvext.recording import ModuleCall, call_region, post_order, reach_masks
 
 #: Operations without second-order term: linear, or piecewise linear
 #: (second derivative zero almost everywhere).
@@ -339,24 +339,15 @@ def _call_regions(
 
 
 def _add_region(call: ModuleCall, own: Set[int], bits: Dict[Node, int], regions) -> None:
-    stop = set(call.input_nodes)
-    nodes, mask = [], 0
-    seen: Set[Node] = set()
-    stack = [edge.node for edge in call.edges if edge is not None]
-    while stack:
-        node = stack.pop()
-        if node is None or node in seen or node in stop:
-            continue
-        seen.add(node)
-        if hasattr(node, "variable"):
-            if id(node.variable) in own:
-                mask |= bits.get(node, 0)
-            continue
-        nodes.append(node)
-        stack.extend(child for child, _ in node.next_functions)
+    region = call_region(call)
+    mask = 0
+    for node in region:
+        if hasattr(node, "variable") and id(node.variable) in own:
+            mask |= bits.get(node, 0)
     if mask:
-        for node in nodes:
-            regions.setdefault(node, (call, mask))
+        for node in region:
+            if not hasattr(node, "variable"):
+                regions.setdefault(node, (call, mask))
 
 
 __all__ = ["CurvedNode", "curved_nodes", "LINEAR_OPS", "PRODUCT_OPS", "SECOND_DERIVATIVES"]
