@@ -171,11 +171,13 @@ def _check_computed(extensions: Tuple[Extension, ...], run_log: list) -> None:
     raise RuntimeError(
         f"backpack({names}) computed nothing: no backward pass inside the "
         "context went through a loss function wrapped with "
-        "curvext.extend. Call `loss_fn = extend(loss_fn)` on a "
-        "torch.nn loss module (MSELoss, CrossEntropyLoss, "
-        "BCEWithLogitsLoss) and call loss.backward() inside the context "
-        "(first-order extensions such as BatchGrad need no extended loss; "
-        "the others need the loss's curvature)."
+        "curvext.extend whose input a model computed. Call `loss_fn = "
+        "extend(loss_fn)` on a torch.nn loss module (MSELoss, "
+        "CrossEntropyLoss, BCEWithLogitsLoss), pass it the output of a model "
+        "wrapped with extend (an input that is a leaf tensor, created with "
+        "requires_grad=True, has no parameters before it), and call "
+        "loss.backward() inside the context (first-order extensions such as "
+        "BatchGrad need no extended loss; the others need the loss's curvature)."
     )
 
 

@@ -558,3 +558,15 @@ def test_multithreading_nested_contexts():
         assert not multithreading()
         loss_fn(model(X), y).backward()
     assert multithreading()
+
+
+def test_a_loss_on_a_leaf_input_says_that_no_model_computed_it():
+    """BackPACK's own suite backpropagates ``extend(MSELoss())(y_pred, y)``
+    with ``y_pred`` a leaf: nothing to compute, and the message must not
+    claim that the loss was not extended."""
+    prediction = torch.rand(5, 1, requires_grad=True)
+    loss = extend(nn.MSELoss())(prediction, torch.randn(5, 1))
+    message = f"{COMPUTED_NOTHING}.*whose input a model computed.*leaf"
+    with pytest.raises(RuntimeError, match=message):
+        with backpack(GGNDiag()):
+            loss.backward()

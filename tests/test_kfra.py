@@ -90,6 +90,12 @@ REFUSALS = {
         (3,),
         r"LayerNorm.weight has no Kronecker structure",
     ),
+    # a wrong layout gave wrong factors before the refusal (BackPACK's suite)
+    "conv-transpose": (
+        lambda: nn.Sequential(nn.ConvTranspose1d(2, 2, 2), nn.Flatten(), nn.Linear(10, 2)),
+        (2, 4),
+        r"KFRA of ConvTranspose1d is not in curvext",
+    ),
     "grouped-conv": (
         lambda: nn.Sequential(nn.Conv1d(2, 2, 2, groups=2), nn.Flatten(), nn.Linear(6, 2)),
         (2, 4),

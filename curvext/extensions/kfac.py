@@ -172,6 +172,12 @@ class KFRA(Extension):
                 f"{module}.{name} has no Kronecker structure. Use "
                 "KFAC(fisher_type='type-2') instead."
             )
+        if not rule.grad_first:
+            raise NotImplementedError(
+                f"KFRA of {module} is not in curvext: its weight [in, out, ...] puts "
+                "the output side second, and BackPACK's layout for it is not "
+                "reproduced. Use KFAC(fisher_type='type-2') (curvext's layout) instead."
+            )
         if len(rule.calls) != 1 or getattr(rule.module, "groups", 1) != 1:
             raise NotImplementedError(
                 f"KFRA needs each layer called once and without groups; {module} is "
