@@ -483,3 +483,16 @@ def test_install_after_real_backpack_import_raises():
     assert result.returncode == 0, result.stderr
     assert "real BackPACK is imported" in result.stdout
     assert "before anything imports backpack" in result.stdout
+
+
+def test_converter_and_fail_modes_exist_with_backpacks_values():
+    """Names BackPACK's own tests and clients import: the converter (curvext
+    needs none: the module itself) and the ``fail_mode`` strings."""
+    model = nn.Sequential(nn.Linear(2, 2))
+    assert compat.convert_module_to_backpack(model, False) is model
+    real = pytest.importorskip("backpack.extensions.backprop_extension")
+    assert (cext.FAIL_ERROR, cext.FAIL_WARN, cext.FAIL_SILENT) == (
+        real.FAIL_ERROR,
+        real.FAIL_WARN,
+        real.FAIL_SILENT,
+    )

@@ -51,6 +51,7 @@ from curvext.extensions.base import Extension
 __all__ = [
     "backpack",
     "extend",
+    "convert_module_to_backpack",
     "disable",
     "memory_cleanup",
     "extensions",
@@ -126,6 +127,12 @@ def extend(module: nn.Module, debug: bool = False, use_converter: bool = False) 
     ``use_converter`` are accepted; curvext needs no converter and returns
     ``module`` itself)."""
     return _extend(module)
+
+
+def convert_module_to_backpack(module: nn.Module, debug: bool = False) -> nn.Module:
+    """BackPACK's converter (``torch.fx`` rewrites of residual connections,
+    in-place ops, ...): curvext needs none, so ``module`` itself."""
+    return module
 
 
 class disable:  # noqa: N801 - BackPACK's name

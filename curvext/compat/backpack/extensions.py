@@ -69,6 +69,10 @@ from curvext.extensions import Variance as _Variance
 from curvext.extensions.base import Extension, check_mc_samples
 from curvext.extensions.ggn_mp import GGNMP as _GGNMP
 
+#: BackPACK's ``fail_mode`` values (``backpack.extensions.backprop_extension``):
+#: curvext has no unsupported modules to fail on, and raises where it refuses.
+FAIL_ERROR, FAIL_WARN, FAIL_SILENT = "ERROR", "WARNING", "SILENT"
+
 #: BackPACK's base class of every extension (``backpack.extensions.backprop_extension``):
 #: curvext's, so ``isinstance(ext, BackpropExtension)`` holds for every extension here.
 BackpropExtension = Extension
