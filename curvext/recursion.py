@@ -106,10 +106,17 @@ def _sandwich(
     # J_n^T M: the rows of M (symmetric) pushed for every sample at once
     columns = matrix.unsqueeze(1).expand(-1, samples, -1)
     first, input_shape = _push(output, inputs, columns, shape)  # [D_out, N, D_in]
-    if input_shape[:1] != shape[:1]:
+    # a column on sample 0 alone must come back on sample 0 alone (a transpose
+    # with as many positions as samples would pass a shape check)
+    probe = matrix.new_zeros(1, samples, matrix.shape[0])
+    probe[0, 0] = 1
+    reached, _ = _push(output, inputs, probe, shape)
+    if input_shape[:1] != shape[:1] or reached[0, 1:].any():
         raise NotImplementedError(
-            f"KFRA needs the samples on axis 0 of every tensor on its path; "
-            f"{type(output.node).__name__} maps {tuple(shape)} to {tuple(input_shape)}."
+            f"KFRA needs the samples on axis 0 of every tensor on its path, apart: "
+            f"{type(output.node).__name__} maps {tuple(shape)} to {tuple(input_shape)} "
+            "and mixes the entries of axis 0. Keep the batch axis first, or use "
+            "KFAC(fisher_type='type-2')."
         )
     # J_n^T (J_n^T M)^T per sample: the columns of the first result, averaged
     second, _ = _push(output, inputs, first.permute(2, 1, 0), shape)  # [D_in, N, D_in]

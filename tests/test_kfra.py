@@ -83,7 +83,21 @@ class TwoPaths(nn.Module):
         return self.b(h + torch.tanh(h))
 
 
+class TimeMajor(nn.Module):
+    """``out(tanh(a(x).transpose(0, 1)).transpose(0, 1))`` with ``T == N``:
+    the shapes keep ``N`` on axis 0, the samples are not there."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.out = nn.Linear(3, 3), nn.Linear(3 * 4, 2)
+
+    def forward(self, x):
+        h = torch.tanh(self.a(x).transpose(0, 1)).transpose(0, 1)
+        return self.out(h.reshape(h.shape[0], -1))
+
+
 REFUSALS = {
+    "samples-moved-off-axis-0": (TimeMajor, (4, 3), r"samples on axis 0 .* mixes"),
     "two-paths": (TwoPaths, (3,), r"single path of operations.*splits.*fisher_type='type-2'"),
     "layer-norm": (
         lambda: nn.Sequential(nn.Linear(3, 3), nn.LayerNorm(3), nn.Linear(3, 2)),
