@@ -495,12 +495,22 @@ def output_grad_hook(grad_outputs):
     return None
 
 
+#: Entries of a gradient that :func:`_fingerprint` weighs one by one.
+FINGERPRINT_ENTRIES = 4096
+
+
 def _fingerprint(grad: Tensor) -> Tuple[float, float]:
-    """A weighted sum of ``grad``'s entries and its scale, in float64 (weights
-    spread over [1, 2] so that a change rarely cancels)."""
-    flat = grad.detach().reshape(-1).double()
-    weights = torch.linspace(1.0, 2.0, flat.numel(), dtype=flat.dtype, device=flat.device)
-    return float(flat @ weights), float(flat.abs() @ weights)
+    """The sum of ``grad``'s entries plus a weighted sum of at most
+    :data:`FINGERPRINT_ENTRIES` of them (evenly strided; weights spread over
+    [1, 2] so that a change rarely cancels), and its scale, in float64,
+    without a copy of ``grad`` (a full float64 copy and weight vector cost
+    the CNN benchmark 30 MB and 10 ms per backward)."""
+    flat = grad.detach().reshape(-1)
+    sample = flat[:: max(1, flat.numel() // FINGERPRINT_ENTRIES)].double()
+    weights = torch.linspace(1.0, 2.0, sample.numel(), dtype=sample.dtype, device=flat.device)
+    total = flat.sum(dtype=torch.float64)
+    magnitude = torch.linalg.vector_norm(flat, 1, dtype=torch.float64)
+    return float(sample @ weights + total), float(sample.abs() @ weights + magnitude)
 
 
 def _check_gradient_column(task: int, grad_outputs) -> None:
