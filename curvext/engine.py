@@ -500,16 +500,16 @@ FINGERPRINT_ENTRIES = 4096
 
 
 def _fingerprint(grad: Tensor) -> Tuple[float, float]:
-    """The sum of ``grad``'s entries plus a weighted sum of at most
-    :data:`FINGERPRINT_ENTRIES` of them (evenly strided; weights spread over
-    [1, 2] so that a change rarely cancels), and its scale, in float64,
-    without a copy of ``grad`` (a full float64 copy and weight vector cost
-    the CNN benchmark 30 MB and 10 ms per backward)."""
+    """The sum of ``grad``'s entries plus a weighted sum (in float64) of at
+    most :data:`FINGERPRINT_ENTRIES` of them (evenly strided; weights spread
+    over [1, 2] so that a change rarely cancels), and its scale, without a
+    copy of ``grad`` (a full float64 copy and weight vector cost the CNN
+    benchmark 30 MB and 10 ms per backward)."""
     flat = grad.detach().reshape(-1)
     sample = flat[:: max(1, flat.numel() // FINGERPRINT_ENTRIES)].double()
     weights = torch.linspace(1.0, 2.0, sample.numel(), dtype=sample.dtype, device=flat.device)
-    total = flat.sum(dtype=torch.float64)
-    magnitude = torch.linalg.vector_norm(flat, 1, dtype=torch.float64)
+    # in the gradient's dtype: a float64 reduction would copy it first
+    total, magnitude = flat.sum().double(), torch.linalg.vector_norm(flat, 1).double()
     return float(sample @ weights + total), float(sample.abs() @ weights + magnitude)
 
 
