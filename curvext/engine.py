@@ -500,16 +500,19 @@ FINGERPRINT_ENTRIES = 4096
 
 
 def _fingerprint(grad: Tensor) -> Tuple[float, float]:
-    """The sum of ``grad``'s entries plus a weighted sum (in float64) of at
-    most :data:`FINGERPRINT_ENTRIES` of them (evenly strided; weights spread
+    """The sum of ``grad``'s entries (in float32 or wider) plus a weighted
+    sum (in float64) of at most :data:`FINGERPRINT_ENTRIES` of them (evenly strided; weights spread
     over [1, 2] so that a change rarely cancels), and its scale, without a
     copy of ``grad`` (a full float64 copy and weight vector cost the CNN
     benchmark 30 MB and 10 ms per backward)."""
     flat = grad.detach().reshape(-1)
     sample = flat[:: max(1, flat.numel() // FINGERPRINT_ENTRIES)].double()
     weights = torch.linspace(1.0, 2.0, sample.numel(), dtype=sample.dtype, device=flat.device)
-    # in the gradient's dtype: a float64 reduction would copy it first
-    total, magnitude = flat.sum().double(), torch.linalg.vector_norm(flat, 1).double()
+    # in float32 at least (bfloat16 sums are too coarse for the check), but
+    # not in float64 for float32 gradients: that reduction would copy them
+    accumulate = torch.promote_types(flat.dtype, torch.float32)
+    total = flat.sum(dtype=accumulate).double()
+    magnitude = torch.linalg.vector_norm(flat, 1, dtype=accumulate).double()
     return float(sample @ weights + total), float(sample.abs() @ weights + magnitude)
 
 
