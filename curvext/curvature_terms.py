@@ -86,14 +86,7 @@ def add_residuals(edge, loss_gradient, loss, used_calls, extensions, targets, pa
         ]
         if gradient is None or not indices:
             continue
-        samples = loss.batch_size
-        if gradient.dim() == 0 or gradient.shape[0] != samples:
-            raise NotImplementedError(
-                f"The Hessian diagonal needs the samples on axis 0 of the input of "
-                f"{node.name.replace('Backward0', '')} (shape {tuple(gradient.shape)}, "
-                f"{samples} samples): move the batch axis first before the activation."
-            )
-        _check_samples_apart(node, gradient)
+        _check_samples_apart(node, gradient, loss.batch_size)
         curvature = gradient * node.second_derivative.to(gradient.dtype)
         indices = _add_direct(node, curvature, readers, targets, indices, partials)
         calls = {id(c): c for i in indices for rule, _ in targets[i].owners for c in rule.calls}
@@ -103,12 +96,18 @@ def add_residuals(edge, loss_gradient, loss, used_calls, extensions, targets, pa
             )
 
 
-def _check_samples_apart(node: CurvedNode, gradient: Tensor) -> None:
-    """Refuse unless axis 0 of the op's input holds the samples: a column on
-    sample 0 alone must reach sample 0 alone of every module output below
-    (a batch axis moved elsewhere with as many entries as samples, as in
-    ``tanh(h.transpose(0, 1))`` with ``T == N``, would pass a shape check)."""
-    samples = gradient.shape[0]
+def _check_samples_apart(node: CurvedNode, gradient: Tensor, samples: int) -> None:
+    """Refuse unless axis 0 of the op's input holds the ``samples``: its size,
+    and a column on sample 0 alone must reach sample 0 alone of every module
+    output below (a batch axis moved elsewhere with as many entries as
+    samples, as in ``tanh(h.transpose(0, 1))`` with ``T == N``, would pass
+    the size check)."""
+    if gradient.dim() == 0 or gradient.shape[0] != samples:
+        raise NotImplementedError(
+            f"The Hessian diagonal needs the samples on axis 0 of the input of "
+            f"{node.name.replace('Backward0', '')} (shape {tuple(gradient.shape)}, "
+            f"{samples} samples): move the batch axis first before the activation."
+        )
     if samples < 2:
         return
     probe = torch.zeros_like(gradient)
@@ -146,11 +145,7 @@ def _add_direct(node: CurvedNode, curvature, readers, targets, indices, partials
             left.append(target_index)
             continue
         for (ext_index, ext), part in zip(readers, parts):
-            slot = (ext_index, target_index, RESIDUAL)
-            if ext.combine is Combine.CAT:
-                partials.setdefault(slot, []).append(part)
-            else:
-                partials[slot] = part if slot not in partials else partials[slot] + part
+            _accumulate(partials, (ext_index, target_index, RESIDUAL), ext, part)
     return left
 
 
@@ -189,14 +184,18 @@ def _add_node_residual(
                 part = ext.reduce_residual(
                     target.rule, target.name, target.grads(plus), target.grads(minus)
                 )
-                slot = (ext_index, target_index, RESIDUAL)
-                if ext.combine is Combine.CAT:
-                    partials.setdefault(slot, []).append(part)
-                else:
-                    partials[slot] = part if slot not in partials else partials[slot] + part
+                _accumulate(partials, (ext_index, target_index, RESIDUAL), ext, part)
         del call_grads, plus, minus, columns
         for target_index in indices:
             targets[target_index].rule.release()
+
+
+def _accumulate(partials, slot, ext, part) -> None:
+    """Add ``part`` to the partial in ``slot`` (appended for ``Combine.CAT``)."""
+    if ext.combine is Combine.CAT:
+        partials.setdefault(slot, []).append(part)
+    else:
+        partials[slot] = part if slot not in partials else partials[slot] + part
 
 
 def _map_grads(function, grads, *others):

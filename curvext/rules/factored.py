@@ -148,11 +148,13 @@ class FactoredRule(ModuleRule):
             grads,
             lambda: sum_of_squares(self.grad_factor(name, grads)[..., 0]),
         )
-        if name == "bias":
-            return squared, None
+        return squared, (None if name == "bias" else self._squared_inputs())
+
+    def _squared_inputs(self) -> Tensor:
+        """:math:`A^2` ``[N, groups, d_in]`` for ``T = 1``, computed once."""
         if getattr(self, "_input_squares", None) is None:
             self._input_squares = self.inputs()[..., 0].square()
-        return squared, self._input_squares
+        return self._input_squares
 
     def _shared(self, what: str, name: str, grads: List[Tensor], compute):
         """``compute()``, reused by weight and bias when their columns coincide.
@@ -191,16 +193,26 @@ class FactoredRule(ModuleRule):
     def curvature_weights(self, name, curvature):
         if not self.output_curvature_diag_applies():
             return None
-        side = self.bias_side if name == "bias" else self.grad_side
-        return side(self.calls[0], curvature.unsqueeze(0))[0, ..., 0]  # [N, groups, d_grad]
+        return self._curvature_side(name, curvature)[..., 0]  # [N, groups, d_grad]
 
     def diag_from_weights(self, name, weights, per_sample):
         lead = "n" if per_sample else ""
         if name == "bias":
             return self._to_param(name, weights if per_sample else weights.sum(0), len(lead))
-        layout = "goi" if self.grad_first else "gio"
-        diag = torch.einsum(f"ngo,ngi->{lead}{layout}", weights, self.inputs()[..., 0].square())
+        inputs = self._squared_inputs()
+        if not per_sample and weights.shape[1] == 1:  # one group: a plain matrix product
+            left, right = weights[:, 0], inputs[:, 0]
+            diag = left.T @ right if self.grad_first else right.T @ left
+        else:
+            layout = "goi" if self.grad_first else "gio"
+            diag = torch.einsum(f"ngo,ngi->{lead}{layout}", weights, inputs)
         return self._to_param(name, diag, len(lead))
+
+    def _curvature_side(self, name: str, curvature: Tensor) -> Tensor:
+        """A diagonal curvature ``[N, *output]`` of the only call's output in
+        ``G``'s layout, ``[N, groups, d_grad, T]``."""
+        side = self.bias_side if name == "bias" else self.grad_side
+        return side(self.calls[0], curvature.unsqueeze(0))[0]
 
     def output_curvature_diag_applies(self) -> bool:
         """Whether :meth:`output_curvature_diag` has its shortcut."""
@@ -225,8 +237,7 @@ class FactoredRule(ModuleRule):
         # so J^T e_f is outer(e_(o, t), A[:, t]) and its square is e_o ⊗ A[:, t]^2
         if not self.output_curvature_diag_applies():
             return None
-        side = self.bias_side if name == "bias" else self.grad_side
-        weights = side(self.calls[0], curvature.unsqueeze(0))[0]  # [N, groups, d_grad, T]
+        weights = self._curvature_side(name, curvature)  # [N, groups, d_grad, T]
         lead = "n" if per_sample else ""
         if name == "bias":
             diag = weights.sum(-1) if per_sample else weights.sum((0, -1))
@@ -249,16 +260,7 @@ class FactoredRule(ModuleRule):
 
     def diag(self, name, grads):
         if self.single_position():
-            grad_squares, input_squares = self.squares(name, grads)
-            if input_squares is None:
-                return self._to_param(name, grad_squares.sum(0), 0)
-            if grad_squares.shape[1] == 1:  # one group: a plain matrix product
-                left, right = grad_squares[:, 0], input_squares[:, 0]
-                diag = left.T @ right if self.grad_first else right.T @ left
-            else:
-                side = "goi" if self.grad_first else "gio"
-                diag = torch.einsum(f"ngo,ngi->{side}", grad_squares, input_squares)
-            return self._to_param(name, diag, 0)
+            return self.diag_from_weights(name, self.diag_weights(name, grads), False)
         if name == "bias":
             return self._to_param(
                 name, sum_of_squares(self.grad_factor(name, grads).sum(-1)).sum(0), 0
@@ -267,12 +269,7 @@ class FactoredRule(ModuleRule):
 
     def batch_diag(self, name, grads):
         if self.single_position():
-            grad_squares, input_squares = self.squares(name, grads)
-            if input_squares is None:
-                return self._to_param(name, grad_squares, 1)
-            side = "ngoi" if self.grad_first else "ngio"
-            diag = torch.einsum(f"ngo,ngi->{side}", grad_squares, input_squares)
-            return self._to_param(name, diag, 1)
+            return self.diag_from_weights(name, self.diag_weights(name, grads), True)
         if name == "bias":
             return self._to_param(name, sum_of_squares(self.grad_factor(name, grads).sum(-1)), 1)
         return self._to_param(name, self._column_loop(name, grads), 1)
