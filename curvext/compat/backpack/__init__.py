@@ -39,12 +39,13 @@ from __future__ import annotations
 
 import importlib.abc
 import sys
+import warnings
 from typing import Callable, Optional
 
 from torch import nn
 
 import curvext.context as _context
-from curvext.compat.backpack import context, core, extensions, hessianfree, utils
+from curvext.compat.backpack import context, core, custom_module, extensions, hessianfree, utils
 from curvext.extend import extend as _extend
 from curvext.extensions.base import Extension
 
@@ -116,6 +117,16 @@ class backpack(_context.backpack):  # noqa: N801 - BackPACK's name
                     "or call curvext.compat.backpack.install() before anything imports "
                     "backpack so that backpack.extensions is curvext's."
                 )
+            module_extensions = getattr(ext, "__dict__", {}).get("_module_extensions")
+            if module_extensions:
+                warnings.warn(
+                    f"{type(ext).__name__} has BackPACK module extensions for "
+                    f"{', '.join(sorted(m.__name__ for m in module_extensions))}, which "
+                    "curvext does not call: it computes the extension for these modules "
+                    "with its own rules (the generic rule, exact, where it has none). "
+                    "Give curvext a rule with curvext.rules.register_rule to make one faster.",
+                    stacklevel=2,
+                )
         if extension_hook is not None:
             exts = exts + (_ExtensionHook(extension_hook),)
         super().__init__(*exts, max_columns=max_columns, debug=debug)
@@ -163,17 +174,60 @@ def memory_cleanup(module: nn.Module) -> None:
 #: The module names ``install`` points at this package's modules.
 _ALIASES = {
     "backpack": __name__,
-    "backpack.extensions": extensions.__name__,
-    "backpack.extensions.backprop_extension": extensions.__name__,
     "backpack.context": context.__name__,
-    "backpack.utils": utils.__name__,
-    "backpack.utils.convert_parameters": utils.__name__,
-    "backpack.hessianfree": hessianfree.__name__,
-    "backpack.hessianfree.hvp": hessianfree.__name__,
+    **{
+        f"backpack.{name}": extensions.__name__
+        for name in (
+            "extensions",
+            "extensions.backprop_extension",
+            "extensions.module_extension",
+            "extensions.curvature",
+            "extensions.firstorder",
+            "extensions.firstorder.base",
+            "extensions.secondorder",
+            "extensions.secondorder.hbp",
+        )
+    },
+    **{
+        f"backpack.utils{name}": utils.__name__
+        for name in (
+            "",
+            ".convert_parameters",
+            ".kroneckers",
+            ".subsampling",
+            ".conv",
+            ".conv_transpose",
+            ".examples",
+            ".module_classification",
+        )
+    },
+    **{
+        f"backpack.hessianfree{name}": hessianfree.__name__
+        for name in ("", ".hvp", ".rop", ".lop", ".ggnvp")
+    },
+    **{
+        f"backpack.custom_module{name}": custom_module.__name__
+        for name in (
+            "",
+            ".branching",
+            ".pad",
+            ".permute",
+            ".reduce_tuple",
+            ".scale_module",
+            ".slicing",
+        )
+    },
     "backpack.core": core.__name__,
     "backpack.core.derivatives": core.__name__,
-    "backpack.core.derivatives.convnd": core.__name__,
+    **{f"backpack.core.derivatives.{name}": core.__name__ for name in core.DERIVATIVE_MODULES},
 }
+
+
+def _provided() -> str:
+    """The provided modules, one entry per package: ``backpack.utils.*``."""
+    packages = sorted({".".join(alias.split(".")[:2]) for alias in _ALIASES})
+    nested = {p for p in packages if any(a.startswith(p + ".") for a in _ALIASES)}
+    return ", ".join(f"{p}[.*]" if p in nested and p != "backpack" else p for p in packages)
 
 
 class _MissingSubmodules(importlib.abc.MetaPathFinder):
@@ -186,8 +240,8 @@ class _MissingSubmodules(importlib.abc.MetaPathFinder):
         raise ModuleNotFoundError(
             f"No module named {fullname!r}: curvext.compat.backpack.install() made "
             "`backpack` curvext's BackPACK compatibility layer, which provides "
-            f"{' and '.join(sorted(_ALIASES))} only. Import what curvext offers "
-            "instead (curvext, curvext.extensions, curvext.operators).",
+            f"BackPACK's public modules ({_provided()}), not its internals. Import "
+            "what curvext offers instead (curvext, curvext.extensions, curvext.operators).",
             name=fullname,
         )
 

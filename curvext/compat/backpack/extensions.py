@@ -26,9 +26,12 @@ class                  curvext extension                    attribute on each ``
 ``KFRA()``             ``KFRA()``                           ``kfra``
 =====================  ===================================  =========================
 
-``HBP`` (the configurable base class of BackPACK's KFAC, KFLR and KFRA)
-exists so that imports work, and raises ``NotImplementedError`` when
-constructed, naming what to use instead.
+``HBP(curv_type, loss_hessian_strategy, backprop_strategy, ea_strategy)``,
+BackPACK's configurable base of KFAC, KFLR and KFRA, gives those three for
+their configurations (``Curvature.GGN``) and refuses the others, naming what
+to use instead. ``set_module_extension`` is accepted on every class; curvext
+computes every extension for every module with its own rules and warns that
+it does not call BackPACK module extensions.
 
 Example:
     >>> import torch
@@ -45,7 +48,9 @@ Example:
 
 from __future__ import annotations
 
-from typing import List, Optional
+from typing import List, Optional, Type
+
+from torch import nn
 
 from curvext.compat.backpack._conventions import (
     backpack_exact_columns,
@@ -68,6 +73,7 @@ from curvext.extensions import SumGradSquared as _SumGradSquared
 from curvext.extensions import Variance as _Variance
 from curvext.extensions.base import Extension, check_mc_samples
 from curvext.extensions.ggn_mp import GGNMP as _GGNMP
+from curvext.rules import GENERIC_RULES, RULES
 
 #: BackPACK's ``fail_mode`` values (``backpack.extensions.backprop_extension``):
 #: curvext has no unsupported modules to fail on, and raises where it refuses.
@@ -79,9 +85,72 @@ BackpropExtension = Extension
 
 
 # ---------------------------------------------------------------------------
+# BackPACK's per-module extensions (set_module_extension)
+# ---------------------------------------------------------------------------
+class ModuleExtension:
+    """BackPACK's base class of the per-module part of an extension
+    (``backpack.extensions.module_extension``).
+
+    curvext does not call module extensions: its rules compute every
+    extension for a module type (:func:`curvext.rules.register_rule`), and its
+    generic rule computes them exactly for any module without one. The class
+    exists so that BackPACK code defining one imports and constructs.
+
+    Args:
+        params: The parameter names the extension has a method for.
+
+    Raises:
+        NotImplementedError: If a method for one of ``params`` is missing.
+    """
+
+    def __init__(self, params: Optional[List[str]] = None):
+        self._params = list(params or [])
+        for name in self._params:
+            if not hasattr(self, name):
+                raise NotImplementedError(
+                    f"{type(self).__name__} declares parameter {name!r} but has no method "
+                    f"{name}(ext, module, g_inp, g_out, backproped)."
+                )
+
+
+class FirstOrderModuleExtension(ModuleExtension):
+    """BackPACK's base class of first-order module extensions
+    (``backpack.extensions.firstorder.base``); see :class:`ModuleExtension`."""
+
+
+class _ModuleExtensions:
+    """BackPACK's ``set_module_extension`` on every extension class here."""
+
+    def set_module_extension(
+        self, module: Type[nn.Module], extension: ModuleExtension, overwrite: bool = False
+    ) -> None:
+        """Register BackPACK's module extension ``extension`` for ``module`` (a type).
+
+        curvext computes this extension for every module type already (its
+        own rule, or the generic one, exact, for types it has no rule for)
+        and does not call ``extension``: :func:`backpack` warns when an
+        extension with module extensions runs. For a faster rule of your own
+        use :func:`curvext.rules.register_rule`.
+
+        Raises:
+            ValueError: If ``module`` has a module extension (or a curvext rule)
+                already and ``overwrite`` is false.
+        """
+        registered = vars(self).setdefault("_module_extensions", {})
+        rule = RULES.get(module) or GENERIC_RULES.get(module)
+        if not overwrite and (module in registered or rule is not None):
+            current = registered.get(module) or f"curvext's {rule.__name__}"
+            raise ValueError(
+                f"{type(self).__name__}.set_module_extension: {module.__name__} maps to "
+                f"{current} already; pass overwrite=True to replace it."
+            )
+        registered[module] = extension
+
+
+# ---------------------------------------------------------------------------
 # First order: the same numbers and names as curvext's
 # ---------------------------------------------------------------------------
-class BatchGrad(_BatchGrad):
+class BatchGrad(_ModuleExtensions, _BatchGrad):
     """Individual gradients ``p.grad_batch``, ``[N, *p.shape]`` (they sum to ``p.grad``).
 
     Args:
@@ -98,19 +167,19 @@ class BatchGrad(_BatchGrad):
         return subsample(partial, 0, self.subsampling)
 
 
-class BatchL2Grad(_BatchL2Grad):
+class BatchL2Grad(_ModuleExtensions, _BatchL2Grad):
     """Squared L2 norms of the individual gradients, ``p.batch_l2`` ``[N]``."""
 
     savefield = "batch_l2"
 
 
-class SumGradSquared(_SumGradSquared):
+class SumGradSquared(_ModuleExtensions, _SumGradSquared):
     """Sum of the squared individual gradients, ``p.sum_grad_squared``."""
 
     savefield = "sum_grad_squared"
 
 
-class Variance(_Variance):
+class Variance(_ModuleExtensions, _Variance):
     """Variance of the individual gradients, ``p.variance``."""
 
     savefield = "variance"
@@ -119,7 +188,7 @@ class Variance(_Variance):
 # ---------------------------------------------------------------------------
 # GGN diagonals: the same numbers, BackPACK's names
 # ---------------------------------------------------------------------------
-class DiagGGNExact(_GGNDiag):
+class DiagGGNExact(_ModuleExtensions, _GGNDiag):
     """Diagonal of the GGN, ``p.diag_ggn_exact`` (shape of ``p``)."""
 
     savefield = "diag_ggn_exact"
@@ -128,7 +197,7 @@ class DiagGGNExact(_GGNDiag):
         super().__init__(mc_samples=0)
 
 
-class DiagGGNMC(_GGNDiag):
+class DiagGGNMC(_ModuleExtensions, _GGNDiag):
     """Monte-Carlo estimate of the GGN diagonal, ``p.diag_ggn_mc``.
 
     Args:
@@ -142,7 +211,7 @@ class DiagGGNMC(_GGNDiag):
         super().__init__(check_mc_samples(type(self).__name__, mc_samples, 1))
 
 
-class BatchDiagGGNExact(_BatchGGNDiag):
+class BatchDiagGGNExact(_ModuleExtensions, _BatchGGNDiag):
     """Per-sample GGN diagonals, ``p.diag_ggn_exact_batch`` ``[N, *p.shape]``."""
 
     savefield = "diag_ggn_exact_batch"
@@ -151,7 +220,7 @@ class BatchDiagGGNExact(_BatchGGNDiag):
         super().__init__(mc_samples=0)
 
 
-class BatchDiagGGNMC(_BatchGGNDiag):
+class BatchDiagGGNMC(_ModuleExtensions, _BatchGGNDiag):
     """Per-sample MC GGN diagonals, ``p.diag_ggn_mc_batch`` ``[N, *p.shape]``."""
 
     savefield = "diag_ggn_mc_batch"
@@ -163,7 +232,7 @@ class BatchDiagGGNMC(_BatchGGNDiag):
 # ---------------------------------------------------------------------------
 # Kronecker factors: BackPACK's convention for shared weights
 # ---------------------------------------------------------------------------
-class _BackpackKronecker(_CurvextKFAC):
+class _BackpackKronecker(_ModuleExtensions, _CurvextKFAC):
     r"""curvext's KFAC with BackPACK's factors for Linear and Conv layers.
 
     ``[G, A]`` for weights and ``[G]`` for biases, with
@@ -224,7 +293,7 @@ class KFLR(_BackpackKronecker):
 # ---------------------------------------------------------------------------
 # Square roots of the GGN
 # ---------------------------------------------------------------------------
-class SqrtGGNExact(_SqrtGGN):
+class SqrtGGNExact(_ModuleExtensions, _SqrtGGN):
     """Exact GGN square root, ``p.sqrt_ggn_exact`` ``[C, N, *p.shape]``.
 
     ``V = p.sqrt_ggn_exact.flatten(0, 1).flatten(1)`` has ``V.T @ V`` = GGN
@@ -253,7 +322,7 @@ class SqrtGGNExact(_SqrtGGN):
         self._mixing.clear()  # nothing of this pass's loss is kept
 
 
-class SqrtGGNMC(_SqrtGGN):
+class SqrtGGNMC(_ModuleExtensions, _SqrtGGN):
     """MC GGN square root, ``p.sqrt_ggn_mc`` ``[M, N, *p.shape]``.
 
     Args:
@@ -272,53 +341,121 @@ class SqrtGGNMC(_SqrtGGN):
 
 
 # ---------------------------------------------------------------------------
-# Not in curvext yet
-# ---------------------------------------------------------------------------
-class _NotInCurvext:
-    """A BackPACK extension curvext does not compute: refused at construction."""
-
-    #: What the extension computes.
-    computes = ""
-    #: What to use instead.
-    instead = ""
-
-    def __init__(self, *args, **kwargs):
-        name = type(self).__name__
-        raise NotImplementedError(
-            f"backpack.extensions.{name} ({self.computes}) is not yet in curvext: "
-            f"curvext.compat.backpack maps BackPACK's extensions onto what curvext "
-            f"computes, and curvext has no {name}. Instead: {self.instead}"
-        )
-
-
-# ---------------------------------------------------------------------------
 # The Hessian: the same numbers, BackPACK's names
 # ---------------------------------------------------------------------------
-class DiagHessian(_DiagHessian):
+class DiagHessian(_ModuleExtensions, _DiagHessian):
     """Diagonal of the loss Hessian, ``p.diag_h`` (shape of ``p``)."""
 
     savefield = "diag_h"
 
 
-class BatchDiagHessian(_BatchDiagHessian):
+class BatchDiagHessian(_ModuleExtensions, _BatchDiagHessian):
     """Per-sample Hessian diagonals, ``p.diag_h_batch`` ``[N, *p.shape]``."""
 
     savefield = "diag_h_batch"
 
 
-class KFRA(_KFRA):
+class KFRA(_ModuleExtensions, _KFRA):
     """Kronecker factors from batch-averaged Hessian backpropagation, ``p.kfra``
     (curvext's ``KFRA``, in BackPACK's scaling)."""
 
 
-class HBP(_NotInCurvext):
-    """Not in curvext (BackPACK: the configurable base class of KFAC, KFLR and KFRA)."""
+# ---------------------------------------------------------------------------
+# HBP: BackPACK's configurable Kronecker extension
+# ---------------------------------------------------------------------------
+class Curvature:
+    """BackPACK's curvature types of ``HBP`` (``backpack.extensions.curvature``)."""
 
-    computes = "Hessian backpropagation with configurable strategies"
-    instead = "KFLR(), KFAC(mc_samples=...) or KFRA(), or curvext.extensions.KFAC(fisher_type=...)."
+    HESSIAN = "hessian"
+    GGN = "ggn"
+    PCH_ABS = "pch-abs"
+    PCH_CLIP = "pch-clip"
+    CHOICES = [HESSIAN, GGN, PCH_CLIP, PCH_ABS]
 
 
-class HMP(_HMP):
+class LossHessianStrategy:
+    """How ``HBP`` represents the loss Hessian: exactly, sampled, summed."""
+
+    EXACT = "exact"
+    SAMPLING = "sampling"
+    SUM = "sum"
+    CHOICES = [EXACT, SAMPLING, SUM]
+
+
+class BackpropStrategy:
+    """How ``HBP`` backpropagates it: square-root columns or a batch average."""
+
+    SQRT = "sqrt"
+    BATCH_AVERAGE = "average"
+    CHOICES = [BATCH_AVERAGE, SQRT]
+
+
+class ExpectationApproximation:
+    """``HBP``'s expectation approximation (BackPACK has one)."""
+
+    BOTEV_MARTENS = "E[J^T E(H) J]"
+    CHOICES = [BOTEV_MARTENS]
+
+
+class HBP:
+    """BackPACK's configurable Kronecker extension: the configurations that are
+    KFAC, KFLR and KFRA give those extensions, storing in ``savefield``.
+
+    - ``LossHessianStrategy.SAMPLING``, ``BackpropStrategy.SQRT``: ``KFAC()``
+    - ``LossHessianStrategy.EXACT``, ``BackpropStrategy.SQRT``: ``KFLR()``
+    - ``LossHessianStrategy.SUM``, ``BackpropStrategy.BATCH_AVERAGE``: ``KFRA()``
+
+    all with ``curv_type=Curvature.GGN`` and the (only) expectation
+    approximation ``BOTEV_MARTENS``.
+
+    Raises:
+        NotImplementedError: For the curvatures with second-order terms of the
+            network (Hessian, PCH) and the other strategy pairs.
+    """
+
+    def __new__(
+        cls,
+        curv_type: str,
+        loss_hessian_strategy: str,
+        backprop_strategy: str,
+        ea_strategy: str,
+        savefield: str = "hbp",
+    ):
+        for value, options in (
+            (curv_type, Curvature),
+            (loss_hessian_strategy, LossHessianStrategy),
+            (backprop_strategy, BackpropStrategy),
+            (ea_strategy, ExpectationApproximation),
+        ):
+            if value not in options.CHOICES:
+                raise ValueError(
+                    f"HBP: unknown {options.__name__} {value!r}; expected one of {options.CHOICES}."
+                )
+        if curv_type != Curvature.GGN:
+            raise NotImplementedError(
+                f"HBP(curv_type={curv_type!r}): Kronecker factors with the second-order "
+                "terms of the network are not in curvext. The exact Hessian (and its "
+                "positive-curvature part) is there block by block: HMP() and PCHMP() for "
+                "products with each parameter's block, DiagHessian() for its diagonal."
+            )
+        chosen = {
+            (LossHessianStrategy.SAMPLING, BackpropStrategy.SQRT): KFAC,
+            (LossHessianStrategy.EXACT, BackpropStrategy.SQRT): KFLR,
+            (LossHessianStrategy.SUM, BackpropStrategy.BATCH_AVERAGE): KFRA,
+        }.get((loss_hessian_strategy, backprop_strategy))
+        if chosen is None:
+            raise NotImplementedError(
+                f"HBP(loss_hessian_strategy={loss_hessian_strategy!r}, "
+                f"backprop_strategy={backprop_strategy!r}) is not in curvext: the "
+                "configurations of KFAC (sampling, sqrt), KFLR (exact, sqrt) and KFRA "
+                "(sum, average) are."
+            )
+        extension = chosen()
+        extension.savefield = savefield
+        return extension
+
+
+class HMP(_ModuleExtensions, _HMP):
     """Block-diagonal Hessian-matrix products: ``p.hmp(M)`` for ``M`` ``[V, *p.shape]``.
 
     Args:
@@ -329,7 +466,7 @@ class HMP(_HMP):
         self.savefield = savefield
 
 
-class GGNMP(_GGNMP):
+class GGNMP(_ModuleExtensions, _GGNMP):
     """Block-diagonal GGN-matrix products: ``p.ggnmp(M)`` for ``M`` ``[V, *p.shape]``.
 
     Args:
@@ -341,7 +478,7 @@ class GGNMP(_GGNMP):
         self.savefield = savefield
 
 
-class PCHMP(_PCHMP):
+class PCHMP(_ModuleExtensions, _PCHMP):
     """Positive-curvature Hessian products: ``p.pchmp(M)`` for ``M`` ``[V, *p.shape]``.
 
     Args:
