@@ -293,7 +293,8 @@ def test_hbp_configurations_are_backpacks_extensions(name):
         loss = library.extend(nn.CrossEntropyLoss())(model(X), y)
         with library.backpack(extension):
             loss.backward()
-        stored.append([getattr(p, "hbp" if library is compat else name) for p in model.parameters()])
+        savefield = "hbp" if library is compat else name
+        stored.append([getattr(p, savefield) for p in model.parameters()])
     for ours, theirs in zip(*stored):
         assert len(ours) == len(theirs)
         for mine, reference_factor in zip(ours, theirs):
@@ -341,7 +342,7 @@ def test_set_module_extension_is_accepted_and_announced():
     model = compat.extend(nn.Sequential(nn.Linear(2, 3), Scale()))
     X, y = torch.randn(4, 2), torch.randn(4, 3)
     loss = compat.extend(nn.MSELoss(reduction="sum"))(model(X), y)
-    with pytest.warns(UserWarning, match="module extensions for Scale, which curvext does not call"):
+    with pytest.warns(UserWarning, match="extensions for Scale, which curvext does not call"):
         context = compat.backpack(grad_batch)
     with context:
         loss.backward()
