@@ -330,9 +330,54 @@ def test_every_backpack_extension_exists():
     assert all(hasattr(cext, name) for name in bpext.__all__)
 
 
-def test_kfac_refuses_transposed_convolutions():
-    model = compat.extend(nn.Sequential(nn.ConvTranspose2d(2, 3, 2), nn.Flatten()))
-    loss = compat.extend(nn.MSELoss())(model(torch.randn(2, 2, 3, 3)), torch.randn(2, 48))
+TRANSPOSED = {
+    "1d": (nn.ConvTranspose1d(2, 3, 3, stride=2, padding=1), (4,)),
+    "2d": (nn.ConvTranspose2d(2, 3, (2, 3), dilation=(1, 2)), (3, 3)),
+    "3d": (nn.ConvTranspose3d(2, 2, 2, stride=2), (2, 2, 2)),
+}
+
+
+@pytest.mark.parametrize("name", ["KFLR", "KFAC"])
+@pytest.mark.parametrize("dims", TRANSPOSED)
+def test_kronecker_factors_of_transposed_convolutions_are_backpacks(dims, name):
+    """BackPACK factors ``weight.transpose(0, 1)``: ``[G, A]`` with ``A`` from
+    the input spread over the output positions (KFAC: the same draw through
+    the same seed gives different labels, so only the deterministic ``A``)."""
+    layer, spatial = TRANSPOSED[dims]
+    torch.manual_seed(6)
+    base = nn.Sequential(copy.deepcopy(layer), nn.Sigmoid(), nn.Flatten()).double()
+    X = torch.randn(3, 2, *spatial, dtype=torch.float64)
+    y = torch.randn_like(base(X))
+    stored = []
+    for library, extensions in ((compat, cext), (bp, bpext)):
+        model = library.extend(copy.deepcopy(base))
+        loss = library.extend(nn.MSELoss())(model(X), y)
+        with pytest.warns(UserWarning, match="transpose"):
+            with library.backpack(getattr(extensions, name)()):
+                loss.backward()
+        stored.append([getattr(p, name.lower()) for p in model.parameters()])
+    for ours, theirs in zip(*stored):
+        if name == "KFLR":
+            assert_same(ours, theirs, name)
+        else:  # only A: MC draws differ
+            assert [f.shape for f in ours] == [f.shape for f in theirs]
+            if len(ours) == 2:
+                assert_same(ours[1], theirs[1], name)
+
+
+@pytest.mark.parametrize(
+    "layer, call",
+    [
+        (nn.ConvTranspose2d(2, 4, 2, groups=2), {}),
+        (nn.ConvTranspose2d(2, 3, 3, stride=2, output_padding=1), {}),
+        (nn.ConvTranspose2d(2, 3, 3, stride=2), {"output_size": [8, 8]}),
+    ],
+    ids=["groups", "output_padding", "output_size"],
+)
+def test_kflr_refuses_transposed_convolutions_backpack_has_no_factors_for(layer, call):
+    model = compat.extend(copy.deepcopy(layer))
+    out = model(torch.randn(2, 2, 3, 3), **call)
+    loss = compat.extend(nn.MSELoss())(out.flatten(1), torch.randn_like(out.flatten(1)))
     with pytest.raises(NotImplementedError, match="ConvTranspose2d.*curvext.extensions.KFAC"):
         with compat.backpack(cext.KFLR()):
             loss.backward()

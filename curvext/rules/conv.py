@@ -20,6 +20,11 @@ from torch import Tensor, nn
 from curvext.rules.factored import FactoredRule
 
 _CONV_FUNCTIONS = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+_CONV_TRANSPOSE_FUNCTIONS = {
+    1: F.conv_transpose1d,
+    2: F.conv_transpose2d,
+    3: F.conv_transpose3d,
+}
 
 
 def unfold(
@@ -44,6 +49,35 @@ def unfold(
     )
     conv = _CONV_FUNCTIONS[inputs.dim() - 2]
     patches = conv(inputs, one_hot, None, stride, padding, dilation, channels)
+    return patches.reshape(batch, channels * kernel_numel, -1)
+
+
+def unfold_transposed(
+    inputs: Tensor,
+    kernel_size: Sequence[int],
+    stride: Sequence[int],
+    padding: Sequence[int],
+    dilation: Sequence[int],
+) -> Tensor:
+    """The input of a transposed convolution spread over its output,
+    ``[B, C · prod(kernel), X]`` for ``inputs [B, C, *spatial]``.
+
+    Entry ``(c, k)`` at output position ``x`` is the input pixel of channel
+    ``c`` that kernel element ``k`` carries to ``x`` (a transposed
+    convolution with one-hot kernels per channel; ``X`` the output positions
+    without ``output_padding``), so the layer's output is
+    ``weight.transpose(0, 1).flatten(1) @`` these columns.
+    """
+    batch, channels = inputs.shape[:2]
+    kernel_numel = math.prod(kernel_size)
+    one_hot = torch.eye(kernel_numel, dtype=inputs.dtype, device=inputs.device)
+    one_hot = one_hot.reshape(1, kernel_numel, *kernel_size).repeat(
+        channels, *[1] * (len(kernel_size) + 1)
+    )
+    transposed = _CONV_TRANSPOSE_FUNCTIONS[inputs.dim() - 2]
+    patches = transposed(
+        inputs, one_hot, stride=stride, padding=padding, groups=channels, dilation=dilation
+    )
     return patches.reshape(batch, channels * kernel_numel, -1)
 
 

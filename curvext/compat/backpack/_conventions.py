@@ -29,6 +29,8 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor, nn
 
+from curvext.rules.conv import unfold_transposed
+
 #: Most elements of curvext's exact columns materialised at once while the
 #: per-position square-root blocks are read out of them.
 _BLOCK_ELEMENTS = 2**24
@@ -122,19 +124,44 @@ _BACKPACK_KRONECKER = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
 def kfac_layout(rule) -> str:
-    """``"backpack"``, ``"refuse"`` or ``"curvext"``: how the compat KFAC/KFLR
-    factor the parameters of ``rule``.
+    """``"backpack"``, ``"transposed"``, ``"refuse"`` or ``"curvext"``: how the
+    compat KFAC/KFLR factor the parameters of ``rule``.
 
     ``"backpack"``: Linear and Conv layers with curvext's outer-product rule
-    (BackPACK's convention, see the module docstring). ``"refuse"``:
-    transposed convolutions, whose kernel BackPACK factors on the input side
-    (curvext on the output side). ``"curvext"``: everything else (layers
-    BackPACK has no KFAC for: curvext's own factors).
+    (BackPACK's convention, see the module docstring). ``"transposed"``:
+    transposed convolutions, whose weight BackPACK factors as
+    ``weight.transpose(0, 1)`` ``[C_out, C_in · prod(kernel)]``, the kernel on
+    the input side (:func:`transposed_input_factor`). ``"refuse"``:
+    transposed convolutions BackPACK has no factors for (``groups > 1``) or
+    whose output these factors do not describe (``output_padding``).
+    ``"curvext"``: everything else (layers BackPACK has no KFAC for:
+    curvext's own factors).
     """
     if not rule.outer_product_vectors("weight"):
         return "curvext"
-    if isinstance(rule.module, nn.modules.conv._ConvTransposeNd):
-        return "refuse"
-    if isinstance(rule.module, _BACKPACK_KRONECKER) and rule.grad_first:
+    module = rule.module
+    if isinstance(module, nn.modules.conv._ConvTransposeNd):
+        plain = module.groups == 1 and not any(module.output_padding)
+        plain = plain and all(len(c.args) < 2 and "output_size" not in c.kwargs for c in rule.calls)
+        return "transposed" if plain else "refuse"
+    if isinstance(module, _BACKPACK_KRONECKER) and rule.grad_first:
         return "backpack"
     return "curvext"
+
+
+def transposed_input_factor(rule) -> Tensor:
+    r"""BackPACK's input-side factor of a transposed convolution's weight:
+    :math:`\frac1N \sum_{n,x} u u^\top` over the columns ``u`` of the input
+    spread over the output positions (:func:`curvext.rules.conv.unfold_transposed`),
+    ``[C_in · prod(kernel), C_in · prod(kernel)]``."""
+    module = rule.module
+    columns = torch.cat(
+        [
+            unfold_transposed(
+                call.args[0], module.kernel_size, module.stride, module.padding, module.dilation
+            )
+            for call in rule.calls
+        ],
+        dim=-1,
+    ).to(module.weight.dtype)
+    return torch.einsum("nix,njx->ij", columns, columns) / columns.shape[0]

@@ -48,6 +48,7 @@ Example:
 
 from __future__ import annotations
 
+import warnings
 from typing import List, Optional, Type
 
 from torch import nn
@@ -57,6 +58,7 @@ from curvext.compat.backpack._conventions import (
     check_subsampling,
     kfac_layout,
     subsample,
+    transposed_input_factor,
 )
 from curvext.extensions import HMP as _HMP
 from curvext.extensions import KFAC as _CurvextKFAC
@@ -239,9 +241,10 @@ class _BackpackKronecker(_ModuleExtensions, _CurvextKFAC):
     :math:`G = \sum_{n,k} \bar g \bar g^\top` (:math:`\bar g` the column
     summed over output positions) and :math:`A = \frac{1}{N}\sum_{n,t} a
     a^\top` (:math:`a` the input patches). For a Linear layer on ``[N, in]``
-    (one position) this is curvext's KFAC exactly. Other layers with
-    parameters (BackPACK has no KFAC for them) get curvext's factors;
-    transposed convolutions are refused.
+    (one position) this is curvext's KFAC exactly. Transposed convolutions
+    get BackPACK's factors of ``weight.transpose(0, 1)`` (with a warning, as
+    in BackPACK). Other layers with parameters (BackPACK has no KFAC for
+    them) get curvext's factors.
     """
 
     def reduce(self, rule, name, grads):
@@ -249,18 +252,32 @@ class _BackpackKronecker(_ModuleExtensions, _CurvextKFAC):
         if layout == "refuse":
             raise NotImplementedError(
                 f"{type(self).__name__} of curvext.compat.backpack does not support "
-                f"{type(rule.module).__name__} yet: BackPACK factorises its kernel "
-                "(as weight.transpose(0, 1)) with the kernel on the input side, curvext "
-                "on the output side, and the two are different approximations. Use "
+                f"{rule.module} (groups > 1, output_padding or output_size): BackPACK "
+                "has no Kronecker factors for it, and its factors of transposed "
+                "convolutions (of weight.transpose(0, 1), the unfolded input without "
+                "output_padding) do not describe this layer's output. Use "
                 "curvext.extensions.KFAC, whose p.kfac satisfies torch.kron(*p.kfac) "
                 "~ GGN block of p.flatten()."
             )
+        if layout == "transposed":  # G: the bias's factor, columns summed over positions
+            return rule.kfac_grad_factor("bias", grads, "reduce")
         approx = "reduce" if layout == "backpack" else self.kfac_approx
         return rule.kfac_grad_factor(name, grads, approx)
 
     def finalize(self, rule, name, partial, info):
         grad_factor = self.output_factor(rule, name, partial, info)
-        if kfac_layout(rule) != "backpack":
+        layout = kfac_layout(rule)
+        if layout == "transposed":
+            if name == "bias":
+                return [grad_factor]
+            warnings.warn(
+                f"{type(self).__name__} of {rule.module}: as in BackPACK, the factors "
+                "[G, A] of a transposed convolution approximate the GGN block of "
+                "weight.transpose(0, 1) (shape [C_out, C_in, *kernel]), not of weight.",
+                stacklevel=2,
+            )
+            return [grad_factor, transposed_input_factor(rule)]
+        if layout != "backpack":
             return rule.kfac_factors(name, grad_factor, self.kfac_approx)
         factors = rule.kfac_factors(name, grad_factor, "expand")
         if len(factors) == 2:  # [G, A]: A averaged over N, not over N * positions

@@ -21,12 +21,11 @@ from typing import Callable, Iterable, List, Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
-from torch.nn import functional
 from torch.nn.utils import parameters_to_vector
 
 from curvext.compat.backpack._conventions import subsample as _subsample
 from curvext.compat.backpack.hessianfree import ggn_vector_product
-from curvext.rules.conv import unfold
+from curvext.rules.conv import unfold, unfold_transposed
 
 
 def vector_to_parameter_list(vec: Tensor, parameters: Iterable[Tensor]) -> List[Tensor]:
@@ -176,29 +175,13 @@ def unfold_by_conv(input: Tensor, module: nn.Module) -> Tensor:
 
 
 def unfold_by_conv_transpose(input: Tensor, module: nn.Module) -> Tensor:
-    """The unfolded input of a ``ConvTransposeNd`` ``[N, C_in · prod(kernel), X]``.
-
-    Entry ``(c, k)`` at output position ``x`` is the input pixel of channel
-    ``c`` that kernel element ``k`` carries to ``x`` (a transposed
-    convolution with one-hot kernels per channel), ``X`` the output positions
-    without ``output_padding``.
-    """
-    channels, kernel = input.shape[1], module.kernel_size
-    kernel_numel = math.prod(kernel)
-    one_hot = torch.eye(kernel_numel, dtype=input.dtype, device=input.device)
-    one_hot = one_hot.reshape(1, kernel_numel, *kernel).repeat(channels, *[1] * (len(kernel) + 1))
-    transposed = {1: functional.conv_transpose1d, 2: functional.conv_transpose2d}.get(
-        len(kernel), functional.conv_transpose3d
+    """The unfolded input of a ``ConvTransposeNd`` ``[N, C_in · prod(kernel), X]``:
+    entry ``(c, k)`` at output position ``x`` is the input pixel of channel
+    ``c`` that kernel element ``k`` carries to ``x`` (``X`` the output
+    positions without ``output_padding``)."""
+    return unfold_transposed(
+        input, module.kernel_size, module.stride, module.padding, module.dilation
     )
-    patches = transposed(
-        input,
-        one_hot,
-        stride=module.stride,
-        padding=module.padding,
-        groups=channels,
-        dilation=module.dilation,
-    )
-    return patches.reshape(input.shape[0], channels * kernel_numel, -1)
 
 
 # ---------------------------------------------------------------------------
