@@ -18,17 +18,25 @@ from typing import Dict, List
 
 import torch
 from torch import Tensor
+from torch.autograd.graph import GradientEdge
 
 from curvext.context import max_columns_per_backward
 from curvext.extensions.base import AVERAGED, RESIDUAL, Combine
 from curvext.push import CHUNK_BYTES, backpropagate
 from curvext.recursion import averaged_output_curvature
-from curvext.rules.curvature import CurvedNode, curved_nodes
+from curvext.rules.curvature import (
+    LINEAR_OPS,
+    PRODUCT_OPS,
+    SECOND_DERIVATIVES,
+    CurvedNode,
+    curved_nodes,
+)
 
 
-def add_averaged(edge, loss, extensions, targets, partials) -> None:
+def add_averaged(edge, loss, loss_gradient, extensions, targets, partials) -> None:
     """Partials of the extensions reading :data:`AVERAGED` (KFRA) from the
-    batch-averaged curvature at each call output (:mod:`curvext.recursion`)."""
+    batch-averaged curvature at each call output (:mod:`curvext.recursion`),
+    one recursion per kind of curvature the extensions ask for."""
     if loss.batch_size != loss.input.shape[0]:
         raise NotImplementedError(
             f"KFRA needs one row of the {type(loss.module).__name__} input per sample; "
@@ -37,15 +45,60 @@ def add_averaged(edge, loss, extensions, targets, partials) -> None:
         )
     columns = loss.exact_columns(0, loss.num_exact_columns).flatten(2)
     summed_hessian = torch.einsum("kni,knj->ij", columns, columns)
-    calls = {id(c): c for t in targets for rule, _ in t.owners for c in rule.calls}
-    matrices = averaged_output_curvature(
-        edge, summed_hessian, list(calls.values()), loss.input.shape
-    )
+    calls = list({id(c): c for t in targets for rule, _ in t.owners for c in rule.calls}.values())
+    by_curvature: Dict[str, dict] = {}
     for ext_index, ext in enumerate(extensions):
-        if AVERAGED in ext.column_sets():
-            for target_index, target in enumerate(targets):
-                partial = ext.reduce_averaged(target.rule, target.name, matrices)
-                partials[(ext_index, target_index, AVERAGED)] = partial
+        if AVERAGED not in ext.column_sets():
+            continue
+        curvature = ext.averaged_curvature
+        if curvature not in by_curvature:
+            residual = None
+            if curvature != "ggn":
+                gradient = loss_gradient().to(loss.input.dtype)
+                residual = _summed_residual(edge, gradient, curvature)
+            by_curvature[curvature] = averaged_output_curvature(
+                edge, summed_hessian, calls, loss.input.shape, residual
+            )
+        for target_index, target in enumerate(targets):
+            partial = ext.reduce_averaged(target.rule, target.name, by_curvature[curvature])
+            partials[(ext_index, target_index, AVERAGED)] = partial
+
+
+#: How the averaged recursion treats second-order terms (BackPACK's curvatures).
+_RESIDUAL_MODIFICATIONS = {
+    "hessian": lambda d: d,
+    "pch-abs": torch.abs,
+    "pch-clip": lambda d: d.clamp(min=0),
+}
+
+
+def _summed_residual(edge, loss_gradient: Tensor, curvature: str):
+    r"""``node ↦`` :math:`\sum_n g_n \odot \phi''(x_n)` (flattened per sample,
+    modified for the positive-curvature variants) for an elementwise curved
+    operation, ``None`` for one without a second-order term in its input."""
+    modify = _RESIDUAL_MODIFICATIONS[curvature]
+
+    def residual(node):
+        name = type(node).__name__
+        if name in LINEAR_OPS or name in PRODUCT_OPS:
+            return None  # linear in the tensor on the path
+        if name not in SECOND_DERIVATIVES:
+            raise NotImplementedError(
+                f"KFRA of the {curvature} curvature adds the second-order terms of "
+                f"elementwise operations; {name.replace('Backward0', '')} on its path has "
+                "one that is not elementwise (or unknown to curvext). Use the GGN "
+                "(KFRA()), or HMP()/DiagHessian() for the exact Hessian block by block."
+            )
+        (gradient,) = torch.autograd.grad(
+            [edge],
+            [GradientEdge(node, 0)],
+            grad_outputs=[loss_gradient],
+            retain_graph=True,
+        )
+        terms = gradient * SECOND_DERIVATIVES[name](node).detach().to(gradient.dtype)
+        return modify(terms.sum(0).flatten())
+
+    return residual
 
 
 def add_residuals(edge, loss_gradient, loss, used_calls, extensions, targets, partials):

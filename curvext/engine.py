@@ -293,7 +293,7 @@ def _run(edge, loss, calls, consumers, grad, extensions, loss_gradient):
         for rule in rules:
             rule.release()
     if AVERAGED in sets:
-        add_averaged(edge, loss, extensions, targets, partials)
+        add_averaged(edge, loss, loss_gradient, extensions, targets, partials)
     _store_results(extensions, targets, calls, partials, info)
 
 

@@ -25,7 +25,7 @@ the rows of the result), so any differentiable operation works.
 
 from __future__ import annotations
 
-from typing import Dict, List, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -38,7 +38,11 @@ CHUNK_ELEMENTS = 2**24
 
 
 def averaged_output_curvature(
-    edge: GradientEdge, summed_hessian: Tensor, calls: List[ModuleCall], shape: torch.Size
+    edge: GradientEdge,
+    summed_hessian: Tensor,
+    calls: List[ModuleCall],
+    shape: torch.Size,
+    residual: Optional[Callable[[Node], Optional[Tensor]]] = None,
 ) -> Dict[int, Tensor]:
     """:math:`\\bar G` ``[D, D]`` at the output of each of ``calls`` (by ``id``).
 
@@ -48,6 +52,9 @@ def averaged_output_curvature(
             loss input, ``[D, D]``.
         calls: The recorded calls whose parameters need factors.
         shape: Shape of the loss input, ``[N, ...]``.
+        residual: For the Hessian instead of the GGN: given an operation's
+            node, the diagonal ``[D_in]`` added to :math:`\\bar G` at its
+            input (its second-order term summed over the batch), or ``None``.
 
     Raises:
         NotImplementedError: where the recursion leaves a single path (a call
@@ -86,6 +93,9 @@ def averaged_output_curvature(
             )
         following = GradientEdge(*paths[0])
         matrix, shape = _sandwich(current, following, matrix, shape)
+        diagonal = residual(current.node) if residual is not None else None
+        if diagonal is not None:
+            matrix = matrix + torch.diag(diagonal.to(matrix.dtype))
         current = following
 
 

@@ -265,36 +265,30 @@ def test_models_of_custom_modules_give_backpacks_numbers():
 # ---------------------------------------------------------------------------
 LHS, BPS = cext.LossHessianStrategy, cext.BackpropStrategy
 HBP_CONFIGURATIONS = {
-    "kflr": (LHS.EXACT, BPS.SQRT, bpext.KFLR),
-    "kfra": (LHS.SUM, BPS.BATCH_AVERAGE, bpext.KFRA),
+    "kflr": ("ggn", LHS.EXACT, BPS.SQRT),
+    "kfra": ("ggn", LHS.SUM, BPS.BATCH_AVERAGE),
+    "kfra-hessian": ("hessian", LHS.SUM, BPS.BATCH_AVERAGE),
+    "kfra-pch-abs": ("pch-abs", LHS.SUM, BPS.BATCH_AVERAGE),
+    "kfra-pch-clip": ("pch-clip", LHS.SUM, BPS.BATCH_AVERAGE),
 }
 
 
 @pytest.mark.parametrize("name", HBP_CONFIGURATIONS)
-def test_hbp_configurations_are_backpacks_extensions(name):
-    loss_strategy, backprop_strategy, reference = HBP_CONFIGURATIONS[name]
+def test_hbp_configurations_are_backpacks(name):
+    """``HBP(...)`` of curvext and of BackPACK, same configuration: the same factors."""
+    import backpack.extensions.secondorder.hbp as bp_hbp
+
     torch.manual_seed(5)
-    base = nn.Sequential(nn.Linear(4, 5), nn.Sigmoid(), nn.Linear(5, 3))
+    base = nn.Sequential(nn.Linear(4, 5), nn.Sigmoid(), nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3))
     X, y = torch.randn(6, 4), torch.randint(0, 3, (6,))
     stored = []
-    for library, extension in (
-        (
-            compat,
-            cext.HBP(
-                cext.Curvature.GGN,
-                loss_strategy,
-                backprop_strategy,
-                cext.ExpectationApproximation.BOTEV_MARTENS,
-            ),
-        ),
-        (bp, reference()),
-    ):
+    for library, hbp in ((compat, cext), (bp, bp_hbp)):
         model = library.extend(copy.deepcopy(base))
         loss = library.extend(nn.CrossEntropyLoss())(model(X), y)
+        extension = hbp.HBP(*HBP_CONFIGURATIONS[name], hbp.ExpectationApproximation.BOTEV_MARTENS)
         with library.backpack(extension):
             loss.backward()
-        savefield = "hbp" if library is compat else name
-        stored.append([getattr(p, savefield) for p in model.parameters()])
+        stored.append([p.hbp for p in model.parameters()])
     for ours, theirs in zip(*stored):
         assert len(ours) == len(theirs)
         for mine, reference_factor in zip(ours, theirs):
@@ -303,8 +297,8 @@ def test_hbp_configurations_are_backpacks_extensions(name):
 
 def test_hbp_refuses_what_curvext_does_not_compute():
     ea = cext.ExpectationApproximation.BOTEV_MARTENS
-    with pytest.raises(NotImplementedError, match="hessian.*HMP\\(\\).*DiagHessian"):
-        cext.HBP(cext.Curvature.HESSIAN, LHS.SUM, BPS.BATCH_AVERAGE, ea)
+    with pytest.raises(NotImplementedError, match="hessian.*batch-averaged.*HMP\\(\\)"):
+        cext.HBP(cext.Curvature.HESSIAN, LHS.EXACT, BPS.SQRT, ea)
     with pytest.raises(NotImplementedError, match="sampling.*average.*KFRA \\(sum, average\\)"):
         cext.HBP(cext.Curvature.GGN, LHS.SAMPLING, BPS.BATCH_AVERAGE, ea)
     with pytest.raises(ValueError, match="unknown Curvature 'fisher'"):

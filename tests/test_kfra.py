@@ -173,3 +173,99 @@ def test_flattened_sequence_losses_are_refused():
     with pytest.raises(NotImplementedError, match="KFRA needs one row .* per sample"):
         with backpack(KFRA()):
             loss.backward()
+
+
+# ---------------------------------------------------------------------------
+# curvature="hessian" / "pch-*": the second-order terms of the activations
+# ---------------------------------------------------------------------------
+def _three_layers():
+    torch.manual_seed(2)
+    return nn.Sequential(
+        nn.Linear(3, 4), nn.Sigmoid(), nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 2)
+    ).double()
+
+
+@pytest.mark.parametrize("loss_fn", [nn.MSELoss(), nn.CrossEntropyLoss(reduction="sum")])
+def test_hessian_kfra_of_one_sample_is_the_exact_hessian_block(loss_fn):
+    """With one sample the batch average is exact and, for Linear layers,
+    ``G ⊗ a aᵀ`` is the Hessian block: the dense Hessian of the loss in the
+    parameters (``torch.autograd.functional.hessian``, float64)."""
+    model = _three_layers()
+    X = torch.randn(1, 3, dtype=torch.float64)
+    y = (
+        torch.randn(1, 2, dtype=torch.float64)
+        if isinstance(loss_fn, nn.MSELoss)
+        else torch.tensor([1])
+    )
+    names = [name for name, _ in model.named_parameters()]
+    params = [p.detach() for p in model.parameters()]
+
+    def loss_of(*values):
+        return loss_fn(torch.func.functional_call(model, dict(zip(names, values)), (X,)), y)
+
+    blocks = torch.autograd.functional.hessian(loss_of, tuple(params))
+    extended, extended_loss = extend(model), extend(loss_fn)
+    with backpack(KFRA(curvature="hessian")):
+        extended_loss(extended(X), y).backward()
+    for index, (name, param) in enumerate(extended.named_parameters()):
+        block = blocks[index][index].reshape(param.numel(), param.numel())
+        dense = torch.kron(*param.kfra) if len(param.kfra) == 2 else param.kfra[0]
+        torch.testing.assert_close(dense, block, msg=name)
+
+
+@pytest.mark.parametrize("curvature", ["hessian", "pch-abs", "pch-clip"])
+def test_hessian_kfra_matches_the_dense_recursion_with_residuals(curvature):
+    """Several samples: the recursion written out for the two hidden layers,
+    with :math:`\\operatorname{diag}(\\sum_n g_n \\odot \\phi''(x_n))` added at each
+    activation (``g`` the loss gradient at its output, by autograd), modified
+    for the positive-curvature variants."""
+    model = _three_layers()
+    N = 5
+    X, y = torch.randn(N, 3, dtype=torch.float64), torch.randint(0, 2, (N,))
+    loss_fn = nn.CrossEntropyLoss()
+    modify = {"hessian": lambda d: d, "pch-abs": torch.abs, "pch-clip": lambda d: d.clamp(min=0)}
+    first, sigmoid, middle, tanh, last = model
+    pre1 = first(X)
+    hid1 = sigmoid(pre1)
+    pre2 = middle(hid1)
+    hid2 = tanh(pre2)
+    logits = last(hid2)
+    g_hid1, g_hid2 = torch.autograd.grad(loss_fn(logits, y), [hid1, hid2])
+    per_sample = nn.CrossEntropyLoss(reduction="none")
+    summed = sum(
+        torch.autograd.functional.hessian(lambda o, n=n: per_sample(o, y)[n] / N, logits.detach())[
+            n, :, n
+        ]
+        for n in range(N)
+    )
+    s1, t2 = torch.sigmoid(pre1).detach(), torch.tanh(pre2).detach()
+    d2_sigmoid = s1 * (1 - s1) * (1 - 2 * s1)
+    d2_tanh = -2 * t2 * (1 - t2**2)
+    W3, W2 = last.weight.detach(), middle.weight.detach()
+    # through the last layer (linear), then tanh: Jacobian diag(1 - t^2) per sample
+    at_hid2 = W3.T @ summed @ W3
+    D2 = [torch.diag(1 - t2[n] ** 2) for n in range(N)]
+    at_pre2 = sum(D @ at_hid2 @ D for D in D2) / N + torch.diag(
+        modify[curvature]((g_hid2 * d2_tanh).sum(0))
+    )
+    at_hid1 = W2.T @ at_pre2 @ W2
+    D1 = [torch.diag(s1[n] * (1 - s1[n])) for n in range(N)]
+    at_pre1 = sum(D @ at_hid1 @ D for D in D1) / N + torch.diag(
+        modify[curvature]((g_hid1 * d2_sigmoid).sum(0))
+    )
+    extended, extended_loss = extend(model), extend(loss_fn)
+    with backpack(KFRA(curvature=curvature)):
+        extended_loss(extended(X), y).backward()
+    torch.testing.assert_close(model[0].weight.kfra[0], at_pre1.detach())
+    torch.testing.assert_close(model[2].weight.kfra[0], at_pre2.detach())
+    torch.testing.assert_close(model[4].bias.kfra[0], summed)
+
+
+def test_hessian_kfra_refuses_operations_without_an_elementwise_term():
+    model = extend(nn.Sequential(nn.Linear(3, 4), nn.Softmax(dim=1), nn.Linear(4, 2)))
+    loss = extend(nn.MSELoss())(model(torch.randn(4, 3)), torch.randn(4, 2))
+    with pytest.raises(NotImplementedError, match="Softmax.*not elementwise.*KFRA\\(\\)"):
+        with backpack(KFRA(curvature="hessian")):
+            loss.backward()
+    with pytest.raises(ValueError, match="KFRA\\(curvature='fisher'\\)"):
+        KFRA(curvature="fisher")

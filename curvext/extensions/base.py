@@ -172,6 +172,11 @@ class Extension:
         default) makes the engine push the columns instead."""
         return None
 
+    #: The curvature the averaged recursion backpropagates for this
+    #: extension's :data:`AVERAGED` set: ``"ggn"``, ``"hessian"``,
+    #: ``"pch-abs"`` or ``"pch-clip"`` (see :class:`~curvext.extensions.KFRA`).
+    averaged_curvature: str = "ggn"
+
     def reduce_averaged(self, rule: PerSampleRule, name: str, matrices: dict) -> Any:
         """Partial result of :data:`AVERAGED` from the batch-averaged curvature
         ``[D, D]`` at the output of each call of the graph (``id(call)`` →

@@ -146,6 +146,15 @@ class KFRA(Extension):
     (``groups=1``) along a single path of operations, as BackPACK's
     ``nn.Sequential``; elsewhere refused, naming what to use instead.
 
+    Args:
+        curvature: ``"ggn"`` (default), or BackPACK's Hessian variants of the
+            recursion: ``"hessian"`` adds at every elementwise curved
+            operation ``y = phi(x)`` on the path its second-order term
+            :math:`\operatorname{diag}(\sum_n g_n \odot \phi''(x_n))`
+            (``g`` the loss gradient at ``y``), ``"pch-abs"``/``"pch-clip"``
+            its absolute value / positive part. With one sample and Linear
+            layers, ``"hessian"`` gives the exact Hessian blocks.
+
     Example:
         >>> import torch
         >>> from curvext import backpack, extend
@@ -160,6 +169,15 @@ class KFRA(Extension):
     """
 
     savefield = "kfra"
+
+    #: The curvatures the recursion can backpropagate.
+    CURVATURES = ("ggn", "hessian", "pch-abs", "pch-clip")
+
+    def __init__(self, curvature: str = "ggn"):
+        if curvature not in self.CURVATURES:
+            raise ValueError(f"KFRA(curvature={curvature!r}): expected one of {self.CURVATURES}.")
+        #: Which curvature the averaged recursion backpropagates (read by the engine).
+        self.averaged_curvature = curvature
 
     def column_sets(self):
         return (AVERAGED,)

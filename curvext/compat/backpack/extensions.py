@@ -420,14 +420,17 @@ class HBP:
 
     - ``LossHessianStrategy.SAMPLING``, ``BackpropStrategy.SQRT``: ``KFAC()``
     - ``LossHessianStrategy.EXACT``, ``BackpropStrategy.SQRT``: ``KFLR()``
-    - ``LossHessianStrategy.SUM``, ``BackpropStrategy.BATCH_AVERAGE``: ``KFRA()``
+    - ``LossHessianStrategy.SUM``, ``BackpropStrategy.BATCH_AVERAGE``:
+      ``KFRA(curvature=curv_type)``, for every curvature (the GGN, the
+      Hessian and its positive-curvature variants)
 
-    all with ``curv_type=Curvature.GGN`` and the (only) expectation
+    the first two with ``curv_type=Curvature.GGN`` and the (only) expectation
     approximation ``BOTEV_MARTENS``.
 
     Raises:
-        NotImplementedError: For the curvatures with second-order terms of the
-            network (Hessian, PCH) and the other strategy pairs.
+        NotImplementedError: For the other strategy pairs, and the curvatures
+            with second-order terms of the network (Hessian, PCH) outside the
+            batch-averaged recursion.
     """
 
     def __new__(
@@ -448,17 +451,27 @@ class HBP:
                 raise ValueError(
                     f"HBP: unknown {options.__name__} {value!r}; expected one of {options.CHOICES}."
                 )
-        if curv_type != Curvature.GGN:
+        average = (loss_hessian_strategy, backprop_strategy) == (
+            LossHessianStrategy.SUM,
+            BackpropStrategy.BATCH_AVERAGE,
+        )
+        if curv_type != Curvature.GGN and not average:
             raise NotImplementedError(
-                f"HBP(curv_type={curv_type!r}): Kronecker factors with the second-order "
-                "terms of the network are not in curvext. The exact Hessian (and its "
-                "positive-curvature part) is there block by block: HMP() and PCHMP() for "
-                "products with each parameter's block, DiagHessian() for its diagonal."
+                f"HBP(curv_type={curv_type!r}, loss_hessian_strategy="
+                f"{loss_hessian_strategy!r}, backprop_strategy={backprop_strategy!r}): the "
+                "second-order terms of the network are added in the batch-averaged "
+                "recursion only (loss_hessian_strategy='sum', backprop_strategy="
+                "'average', KFRA's). The exact Hessian is there block by block: HMP() and "
+                "PCHMP() for products with each parameter's block, DiagHessian() for its "
+                "diagonal."
             )
+        if average:
+            extension = KFRA(curvature=curv_type)
+            extension.savefield = savefield
+            return extension
         chosen = {
             (LossHessianStrategy.SAMPLING, BackpropStrategy.SQRT): KFAC,
             (LossHessianStrategy.EXACT, BackpropStrategy.SQRT): KFLR,
-            (LossHessianStrategy.SUM, BackpropStrategy.BATCH_AVERAGE): KFRA,
         }.get((loss_hessian_strategy, backprop_strategy))
         if chosen is None:
             raise NotImplementedError(
