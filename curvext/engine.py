@@ -29,6 +29,7 @@ still need the loss (the context says that they computed nothing).
 from __future__ import annotations
 
 import threading
+import warnings
 import weakref
 from collections import OrderedDict
 from typing import Dict, List, Tuple
@@ -124,6 +125,10 @@ class LossCall:
         _engine.running = True
         try:
             run(self, edge, grad.detach(), extensions)
+        except _FromArrivingGradients:
+            # as if no extended loss were reached: the output pre-hooks collect
+            _engine.last_run = previous
+            return None
         finally:
             _engine.running = False
         run_log = current_run_log()
@@ -132,7 +137,38 @@ class LossCall:
         return None
 
 
-def _check_calls(calls: List[ModuleCall]):
+class _FromArrivingGradients(Exception):
+    """Raised by :func:`run` to hand a pass over to the first-order path
+    (:func:`output_grad_hook`), see :func:`_tolerate_coupling`."""
+
+
+def _tolerate_coupling(calls: List[ModuleCall], extensions: Tuple[Extension, ...]) -> bool:
+    """Whether calls that couple the samples (BatchNorm in train mode) are
+    computed from the arriving gradients, with BackPACK's warning: every
+    extension that reads columns is first-order with ``batch_statistics =
+    "warn"`` (BackPACK's first-order extensions in ``curvext.compat.backpack``)."""
+    if not any(call.couples_samples for call in calls):
+        return False
+    readers = [ext for ext in extensions if ext.column_sets()]
+    return bool(readers) and all(
+        ext.any_backward and ext.batch_statistics == "warn" for ext in readers
+    )
+
+
+def _check_calls(calls: List[ModuleCall], extensions: Tuple[Extension, ...] = ()):
+    """Refuse calls that couple the samples, unless :func:`_tolerate_coupling`
+    (then warn, as BackPACK does)."""
+    if _tolerate_coupling(calls, extensions):
+        coupled = next(call for call in calls if call.couples_samples)
+        warnings.warn(
+            f"{coupled.module} normalises with batch statistics (train mode), which "
+            "couples the samples: as in BackPACK, the first-order results are computed "
+            "from the gradient arriving at each module output; their rows sum to the "
+            "gradient but are not per-sample gradients. Call model.eval() for "
+            "per-sample quantities.",
+            stacklevel=2,
+        )
+        return
     for call in calls:
         if call.couples_samples:
             raise RuntimeError(
@@ -195,6 +231,8 @@ def run(loss_call: LossCall, edge: GradientEdge, grad: Tensor, extensions: Tuple
     samples = flattened_samples(edge, loss_call.input)
     loss = loss_rule(loss_call.module, loss_call.input, loss_call.target, samples)
     calls, consumers = collect_calls(edge.node)
+    if _tolerate_coupling(calls, extensions):
+        raise _FromArrivingGradients
     if samples is not None:
         _check_sample_major(calls, loss_call.input.shape[0], samples)
     try:
@@ -569,7 +607,7 @@ def _run_without_loss(collected: FirstOrderPass) -> None:
     calls, consumers = collect_reached_calls(collected.nodes)
     collected.nodes = []
     try:
-        _check_calls(calls)
+        _check_calls(calls, collected.extensions)
         if collected.batch_size is None:
             raise RuntimeError(
                 "The backward pass reached only 0-dimensional outputs of extended "

@@ -383,6 +383,52 @@ def test_kflr_refuses_transposed_convolutions_backpack_has_no_factors_for(layer,
             loss.backward()
 
 
+def batchnorm_train_model():
+    torch.manual_seed(7)
+    return nn.Sequential(
+        nn.Conv1d(2, 3, 2), nn.BatchNorm1d(3), nn.Tanh(), nn.Flatten(), nn.Linear(9, 3)
+    ).double()
+
+
+@pytest.mark.parametrize("with_loss", [True, False], ids=["loss", "no-loss"])
+def test_batch_grad_with_batchnorm_in_train_mode_is_backpacks(with_loss):
+    """BackPACK's ``BatchGrad`` warns and computes from the gradient arriving at
+    each module output (rows summing to the gradient); so does the compat one."""
+    base = batchnorm_train_model()
+    X, y = torch.randn(6, 2, 4, dtype=torch.float64), torch.randint(0, 3, (6,))
+    stored = []
+    for library, extensions in ((compat, cext), (bp, bpext)):
+        model = library.extend(copy.deepcopy(base))
+        out = model(X)
+        loss = library.extend(nn.CrossEntropyLoss())(out, y) if with_loss else out[:, 1].sum()
+        with pytest.warns(UserWarning, match="train"):
+            with library.backpack(extensions.BatchGrad()):
+                loss.backward()
+        stored.append([(p.grad_batch, p.grad) for p in model.parameters()])
+    for (ours, grad), (theirs, their_grad) in zip(*stored):
+        assert_same(ours, theirs, "grad_batch")
+        torch.testing.assert_close(ours.sum(0), grad)
+        torch.testing.assert_close(grad, their_grad)
+
+
+@pytest.mark.parametrize("name", ["BatchL2Grad", "SumGradSquared", "Variance"])
+def test_other_first_order_extensions_refuse_batchnorm_in_train_mode(name):
+    """As BackPACK's (which raise); and curvext's own BatchGrad refuses too."""
+    from curvext import backpack as curvext_backpack
+    from curvext.extensions import BatchGrad
+
+    for context, extension in (
+        (compat.backpack, getattr(cext, name)()),
+        (curvext_backpack, BatchGrad()),
+    ):
+        model = compat.extend(batchnorm_train_model())
+        X, y = torch.randn(6, 2, 4, dtype=torch.float64), torch.randint(0, 3, (6,))
+        loss = compat.extend(nn.CrossEntropyLoss())(model(X), y)
+        with pytest.raises(RuntimeError, match="BatchNorm1d.*batch statistics.*model.eval"):
+            with context(extension):
+                loss.backward()
+
+
 def test_real_backpack_extensions_are_refused():
     with pytest.raises(TypeError, match="real BackPACK.*compat.backpack.extensions.DiagGGNExact"):
         compat.backpack(bpext.DiagGGNExact())

@@ -129,6 +129,12 @@ class Extension:
     #: no extended loss (first-order statistics of the gradient that arrives
     #: at the modules' outputs, as BackPACK's); the others need a loss.
     any_backward: bool = False
+    #: What a first-order (``any_backward``) extension does where BatchNorm
+    #: normalises with batch statistics (train mode), which couples the
+    #: samples: ``"refuse"`` (curvext's) or ``"warn"`` (BackPACK's: compute
+    #: from the gradient arriving at each module output, whose rows sum to the
+    #: gradient but are not per-sample gradients, and warn).
+    batch_statistics: str = "refuse"
 
     def column_set(self) -> Optional[ColumnSet]:
         """The columns this extension reduces, or ``None`` if it needs none."""

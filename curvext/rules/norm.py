@@ -19,8 +19,9 @@ from curvext.rules.base import ModuleRule
 class AffineNormRule(ModuleRule):
     """Shared part; subclasses say how to normalise and where ``γ`` lives."""
 
-    def normalized(self, inputs: Tensor) -> Tensor:
-        r""":math:`\hat x`, shaped like the output."""
+    def normalized(self, inputs: Tensor, call) -> Tensor:
+        r""":math:`\hat x` of ``call`` (a :class:`~curvext.recording.ModuleCall`),
+        shaped like the output."""
         raise NotImplementedError
 
     def param_axes(self, output_dim: int) -> list:
@@ -32,7 +33,7 @@ class AffineNormRule(ModuleRule):
         for call, call_grads in zip(self.calls, grads):
             if name == "weight":
                 inputs = call.args[0].to(call_grads.dtype)  # autocast: half inputs
-                call_grads = call_grads * self.normalized(inputs)
+                call_grads = call_grads * self.normalized(inputs, call)
             call_grads = self.batch_first(call, call_grads, offset=1)
             keep = self.param_axes(call_grads.dim())
             summed = [d for d in range(2, call_grads.dim()) if d not in keep]
@@ -41,13 +42,17 @@ class AffineNormRule(ModuleRule):
 
 
 class BatchNormRule(AffineNormRule):
-    """``BatchNorm1d/2d/3d`` in eval mode with running statistics.
+    r"""``BatchNorm1d/2d/3d`` in eval mode with running statistics.
 
-    Train mode couples samples and is refused by the engine.
+    Train mode couples the samples and is refused by the engine, except for
+    BackPACK's ``BatchGrad`` (``curvext.compat.backpack``), computed from the
+    arriving gradient with :math:`\hat x` from the call's batch statistics.
     """
 
-    def normalized(self, inputs):
+    def normalized(self, inputs, call):
         module = self.module
+        if call.couples_samples:  # the statistics of the batch the call normalised
+            return F.batch_norm(inputs, None, None, eps=module.eps, training=True)
         return F.batch_norm(
             inputs, module.running_mean, module.running_var, eps=module.eps, training=False
         )
@@ -64,7 +69,7 @@ class LayerNormRule(AffineNormRule):
 
     flexible_batch_axis = True
 
-    def normalized(self, inputs):
+    def normalized(self, inputs, call):
         return F.layer_norm(inputs, self.module.normalized_shape, eps=self.module.eps)
 
     def param_axes(self, output_dim):
@@ -75,14 +80,14 @@ class LayerNormRule(AffineNormRule):
 class RMSNormRule(LayerNormRule):
     """``RMSNorm`` over the trailing ``normalized_shape`` axes."""
 
-    def normalized(self, inputs):
+    def normalized(self, inputs, call):
         return F.rms_norm(inputs, self.module.normalized_shape, eps=self.module.eps)
 
 
 class GroupNormRule(AffineNormRule):
     """``GroupNorm`` over groups of channels (axis 1 of the input)."""
 
-    def normalized(self, inputs):
+    def normalized(self, inputs, call):
         return F.group_norm(inputs, self.module.num_groups, eps=self.module.eps)
 
     def param_axes(self, output_dim):

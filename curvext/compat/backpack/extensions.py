@@ -161,6 +161,7 @@ class BatchGrad(_ModuleExtensions, _BatchGrad):
     """
 
     savefield = "grad_batch"
+    batch_statistics = "warn"  # BackPACK: BatchNorm in train mode warns
 
     def __init__(self, subsampling: Optional[List[int]] = None):
         self.subsampling = check_subsampling(type(self).__name__, subsampling)
@@ -185,6 +186,12 @@ class Variance(_ModuleExtensions, _Variance):
     """Variance of the individual gradients, ``p.variance``."""
 
     savefield = "variance"
+
+
+# With BatchNorm in train mode (samples coupled), BatchGrad computes BackPACK's
+# values with BackPACK's warning: from the gradient arriving at each module
+# output, rows that sum to the gradient but are not per-sample gradients. The
+# other three refuse, as BackPACK's do.
 
 
 # ---------------------------------------------------------------------------
