@@ -241,6 +241,36 @@ class BatchDiagGGNMC(_ModuleExtensions, _BatchGGNDiag):
 # ---------------------------------------------------------------------------
 # Kronecker factors: BackPACK's convention for shared weights
 # ---------------------------------------------------------------------------
+def _checked_layout(extension, rule) -> str:
+    """:func:`kfac_layout`, refusing the layers BackPACK has no factors for."""
+    layout = kfac_layout(rule)
+    if layout == "refuse":
+        raise NotImplementedError(
+            f"{type(extension).__name__} of curvext.compat.backpack does not support "
+            f"{rule.module} (groups > 1, output_padding or output_size): BackPACK "
+            "has no Kronecker factors for it, and its factors of transposed "
+            "convolutions (of weight.transpose(0, 1), the unfolded input without "
+            "output_padding) do not describe this layer's output. Use "
+            "curvext.extensions.KFAC, whose p.kfac satisfies torch.kron(*p.kfac) "
+            "~ GGN block of p.flatten()."
+        )
+    return layout
+
+
+def _transposed_factors(extension, rule, name, grad_factor):
+    """BackPACK's factors of a transposed convolution: ``[G]`` for the bias,
+    ``[G, A]`` of ``weight.transpose(0, 1)`` for the weight (with its warning)."""
+    if name == "bias":
+        return [grad_factor]
+    warnings.warn(
+        f"{type(extension).__name__} of {rule.module}: as in BackPACK, the factors "
+        "[G, A] of a transposed convolution approximate the GGN block of "
+        "weight.transpose(0, 1) (shape [C_out, C_in, *kernel]), not of weight.",
+        stacklevel=3,
+    )
+    return [grad_factor, transposed_input_factor(rule)]
+
+
 class _BackpackKronecker(_ModuleExtensions, _CurvextKFAC):
     r"""curvext's KFAC with BackPACK's factors for Linear and Conv layers.
 
@@ -255,17 +285,7 @@ class _BackpackKronecker(_ModuleExtensions, _CurvextKFAC):
     """
 
     def reduce(self, rule, name, grads):
-        layout = kfac_layout(rule)
-        if layout == "refuse":
-            raise NotImplementedError(
-                f"{type(self).__name__} of curvext.compat.backpack does not support "
-                f"{rule.module} (groups > 1, output_padding or output_size): BackPACK "
-                "has no Kronecker factors for it, and its factors of transposed "
-                "convolutions (of weight.transpose(0, 1), the unfolded input without "
-                "output_padding) do not describe this layer's output. Use "
-                "curvext.extensions.KFAC, whose p.kfac satisfies torch.kron(*p.kfac) "
-                "~ GGN block of p.flatten()."
-            )
+        layout = _checked_layout(self, rule)
         if layout == "transposed":  # G: the bias's factor, columns summed over positions
             return rule.kfac_grad_factor("bias", grads, "reduce")
         approx = "reduce" if layout == "backpack" else self.kfac_approx
@@ -275,15 +295,7 @@ class _BackpackKronecker(_ModuleExtensions, _CurvextKFAC):
         grad_factor = self.output_factor(rule, name, partial, info)
         layout = kfac_layout(rule)
         if layout == "transposed":
-            if name == "bias":
-                return [grad_factor]
-            warnings.warn(
-                f"{type(self).__name__} of {rule.module}: as in BackPACK, the factors "
-                "[G, A] of a transposed convolution approximate the GGN block of "
-                "weight.transpose(0, 1) (shape [C_out, C_in, *kernel]), not of weight.",
-                stacklevel=2,
-            )
-            return [grad_factor, transposed_input_factor(rule)]
+            return _transposed_factors(self, rule, name, grad_factor)
         if layout != "backpack":
             return rule.kfac_factors(name, grad_factor, self.kfac_approx)
         factors = rule.kfac_factors(name, grad_factor, "expand")
@@ -381,7 +393,19 @@ class BatchDiagHessian(_ModuleExtensions, _BatchDiagHessian):
 
 class KFRA(_ModuleExtensions, _KFRA):
     """Kronecker factors from batch-averaged Hessian backpropagation, ``p.kfra``
-    (curvext's ``KFRA``, in BackPACK's scaling)."""
+    (curvext's ``KFRA``, in BackPACK's scaling; transposed convolutions in
+    BackPACK's layout, as for ``KFLR``)."""
+
+    def reduce_averaged(self, rule, name, matrices):
+        transposed = rule.outer_product_vectors("weight") and len(rule.calls) == 1
+        if transposed and _checked_layout(self, rule) == "transposed":  # G: the bias's
+            return rule.dense_grad_factor("bias", matrices[id(rule.calls[0])])
+        return super().reduce_averaged(rule, name, matrices)
+
+    def finalize(self, rule, name, partial, info):
+        if rule.outer_product_vectors("weight") and kfac_layout(rule) == "transposed":
+            return _transposed_factors(self, rule, name, partial)
+        return super().finalize(rule, name, partial, info)
 
 
 # ---------------------------------------------------------------------------
