@@ -76,25 +76,8 @@ def R_op(  # noqa: N802 - BackPACK's name
     """
     ys = _as_list(ys)
     dummies = [torch.zeros_like(y, requires_grad=True) for y in ys]
-    transposed = torch.autograd.grad(
-        ys,
-        _as_list(xs),
-        grad_outputs=dummies,
-        create_graph=True,
-        retain_graph=retain_graph,
-        allow_unused=True,
-        materialize_grads=True,
-    )
-    products = torch.autograd.grad(
-        transposed,
-        dummies,
-        grad_outputs=_as_list(vs),
-        create_graph=True,
-        retain_graph=True,
-        allow_unused=True,
-        materialize_grads=True,
-    )
-    return tuple(p.detach() for p in products) if detach else products
+    transposed = L_op(ys, xs, dummies, retain_graph=retain_graph, detach=False)
+    return L_op(transposed, dummies, vs, retain_graph=True, detach=detach)
 
 
 def L_op(  # noqa: N802 - BackPACK's name
