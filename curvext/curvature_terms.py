@@ -25,6 +25,7 @@ from curvext.extensions.base import AVERAGED, RESIDUAL, Combine
 from curvext.push import CHUNK_BYTES, backpropagate
 from curvext.recursion import averaged_output_curvature
 from curvext.rules.curvature import (
+    DIVISIONS,
     LINEAR_OPS,
     PRODUCT_OPS,
     SECOND_DERIVATIVES,
@@ -43,7 +44,8 @@ def add_averaged(edge, loss, loss_gradient, extensions, targets, partials) -> No
             "this loss input holds the positions of several rows per sample (a "
             "flattened sequence). Use KFAC(fisher_type='type-2') instead."
         )
-    columns = loss.exact_columns(0, loss.num_exact_columns).flatten(2)
+    columns = loss.exact_columns(0, loss.num_exact_columns)
+    columns = columns.reshape(*columns.shape[:2], -1)  # [K, N, D]; D = 1 for inputs [N]
     summed_hessian = torch.einsum("kni,knj->ij", columns, columns)
     calls = list({id(c): c for t in targets for rule, _ in t.owners for c in rule.calls}.values())
     by_curvature: Dict[str, dict] = {}
@@ -80,8 +82,16 @@ def _summed_residual(edge, loss_gradient: Tensor, curvature: str):
 
     def residual(node):
         name = type(node).__name__
-        if name in LINEAR_OPS or name in PRODUCT_OPS:
-            return None  # linear in the tensor on the path
+        if name == "CopySlices" and getattr(node, "_wrapped_node", None) is not None:
+            name = type(node._wrapped_node).__name__  # an in-place op on a view
+            if name not in LINEAR_OPS:
+                raise NotImplementedError(
+                    f"KFRA of the {curvature} curvature: an in-place "
+                    f"{name.replace('Backward0', '')} on a view (x[:, :k].tanh_()) hides "
+                    "its operation inside CopySlices. Write it out of place."
+                )
+        if name in LINEAR_OPS or name in PRODUCT_OPS or name in DIVISIONS:
+            return None  # linear in the tensor on the path (x / y: y is off the path)
         if name not in SECOND_DERIVATIVES:
             raise NotImplementedError(
                 f"KFRA of the {curvature} curvature adds the second-order terms of "

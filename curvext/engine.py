@@ -173,9 +173,10 @@ def _check_calls(calls: List[ModuleCall], extensions: Tuple[Extension, ...] = ()
         if call.couples_samples:
             raise RuntimeError(
                 f"{call.module} normalises with batch statistics (train mode), which "
-                "couples the samples of a batch, so per-sample curvature is not "
-                "defined. Call model.eval() (BatchNorm then uses its running "
-                "statistics) or replace BatchNorm with GroupNorm/LayerNorm."
+                "couples the samples of a batch, so per-sample quantities (curvature, "
+                "individual gradients) are not defined. Call model.eval() (BatchNorm "
+                "then uses its running statistics) or replace BatchNorm with "
+                "GroupNorm/LayerNorm."
             )
 
 

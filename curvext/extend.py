@@ -15,7 +15,7 @@ from curvext.recording import (
     graph_outputs,
     separate_outputs,
 )
-from curvext.rules import couples_samples, records_calls
+from curvext.rules import couples_samples, positional_input, records_calls
 
 _HOOK_FLAG = "_curvext_extended"
 #: Attribute holding the id of curvext's forward hook on an extended module.
@@ -132,6 +132,7 @@ def _record_call(module: nn.Module, args, kwargs, output):
     outputs, positions = graph_outputs(output)
     if not outputs:
         return None
+    args, kwargs = positional_input(module, args, kwargs)
     call = ModuleCall(module, detach_tree(args), detach_tree(kwargs), couples_samples=coupled)
     _how_it_ran(call, raw_inputs)
     for node in attach(call, graph_inputs((args, kwargs)), outputs, positions):

@@ -365,6 +365,15 @@ def test_kronecker_factors_of_transposed_convolutions_are_backpacks(dims, name):
                 assert_same(ours[1], theirs[1], name)
 
 
+def test_kfra_refuses_a_transposed_convolution_called_twice():
+    layer = compat.extend(nn.ConvTranspose1d(2, 2, 1))
+    out = layer(layer(torch.randn(3, 2, 4)))
+    loss = compat.extend(nn.MSELoss())(out.flatten(1), torch.randn(3, 8))
+    with pytest.raises(NotImplementedError, match="called 2 times.*KFLR"):
+        with compat.backpack(cext.KFRA()):
+            loss.backward()
+
+
 @pytest.mark.parametrize(
     "layer, call",
     [

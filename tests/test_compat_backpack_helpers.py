@@ -140,6 +140,9 @@ def test_kronecker_products_and_inverses():
         utils.inv_kfacs([S1], shift=[0.1, 0.2])
     with pytest.raises(ValueError, match="two matrices"):
         utils.two_kfacs_to_mat(A, M[:, 0])
+    # a size that merely divides is refused (it would be reshaped into nonsense)
+    with pytest.raises(ValueError, match="expected a matrix \\[18, V\\]"):
+        utils.apply_kfac_mat_prod([A, B, C], torch.randn(12, 4))
 
 
 # ---------------------------------------------------------------------------
@@ -303,8 +306,12 @@ def test_hbp_refuses_what_curvext_does_not_compute():
         cext.HBP(cext.Curvature.GGN, LHS.SAMPLING, BPS.BATCH_AVERAGE, ea)
     with pytest.raises(ValueError, match="unknown Curvature 'fisher'"):
         cext.HBP("fisher", LHS.SUM, BPS.BATCH_AVERAGE, ea)
+    with pytest.raises(NotImplementedError, match="BOTEV_MARTENS"):
+        cext.HBP("ggn", LHS.SUM, BPS.BATCH_AVERAGE, cext.ExpectationApproximation.CHEN)
     kfac = cext.HBP(cext.Curvature.GGN, LHS.SAMPLING, BPS.SQRT, ea, savefield="mine")
     assert isinstance(kfac, cext.KFAC) and kfac.savefield == "mine"
+    # as in BackPACK, KFAC, KFLR and KFRA are HBPs
+    assert all(isinstance(ext, cext.HBP) for ext in (cext.KFAC(), cext.KFLR(), cext.KFRA()))
 
 
 def test_set_module_extension_is_accepted_and_announced():

@@ -719,3 +719,28 @@ def test_raw_inputs_are_not_kept_by_a_call_that_records_nothing():
     model(torch.randn(N, 3, requires_grad=True))
     assert "_curvext_raw_inputs" not in vars(layer)
     copy.deepcopy(model)
+
+
+@pytest.mark.parametrize(
+    "layer, shape",
+    [(nn.Linear(3, 4), (5, 3)), (nn.Conv1d(2, 4, 2), (5, 2, 4)), (nn.Embedding(6, 4), None)],
+    ids=["linear", "conv", "embedding"],
+)
+def test_a_layer_called_with_its_input_as_keyword_is_exact(layer, shape):
+    """``layer(input=x)``: the rules read the input positionally (it was an
+    IndexError). GGN diagonal and per-sample gradients against the dense reference."""
+    torch.manual_seed(8)
+    layer = copy.deepcopy(layer).double()
+    x = torch.randint(0, 6, (5, 3)) if shape is None else torch.randn(*shape, dtype=torch.float64)
+    model = extend(layer)
+    out = model(input=x).flatten(1)
+    head = extend(nn.Linear(out.shape[1], 3).double())
+    logits = head(out)
+    y = torch.randint(0, 3, (5,))
+    params = list(model.parameters()) + list(head.parameters())
+    reference = GraphReference(logits, params, lambda f: F.cross_entropy(f, y))
+    with backpack(GGNDiag(), BatchGrad()):
+        extend(nn.CrossEntropyLoss())(logits, y).backward()
+    assert_close(torch.cat([p.ggn_diag.flatten() for p in params]), reference.ggn().diagonal())
+    per_sample = torch.cat([p.grad_batch.flatten(1) for p in params], dim=1)
+    assert_close(per_sample, reference.per_sample_grads())

@@ -185,18 +185,38 @@ def _three_layers():
     ).double()
 
 
-@pytest.mark.parametrize("loss_fn", [nn.MSELoss(), nn.CrossEntropyLoss(reduction="sum")])
-def test_hessian_kfra_of_one_sample_is_the_exact_hessian_block(loss_fn):
+class HalvedTanh(nn.Module):
+    """``tanh(x / 2)``: a division by a constant (linear) before a curved op."""
+
+    def forward(self, x):
+        return torch.tanh(x / 2.0)
+
+
+class Squeezed(nn.Module):
+    def forward(self, x):
+        return x.squeeze(1)
+
+
+@pytest.mark.parametrize(
+    "loss_fn, make_model",
+    [
+        (nn.MSELoss(), lambda: _three_layers()),
+        (nn.CrossEntropyLoss(reduction="sum"), lambda: _three_layers()),
+        (
+            nn.MSELoss(),
+            lambda: nn.Sequential(nn.Linear(3, 4), HalvedTanh(), nn.Linear(4, 1), Squeezed()),
+        ),
+    ],
+    ids=["mse", "ce-sum", "division-1d-output"],
+)
+def test_hessian_kfra_of_one_sample_is_the_exact_hessian_block(loss_fn, make_model):
     """With one sample the batch average is exact and, for Linear layers,
     ``G ⊗ a aᵀ`` is the Hessian block: the dense Hessian of the loss in the
     parameters (``torch.autograd.functional.hessian``, float64)."""
-    model = _three_layers()
+    torch.manual_seed(2)
+    model = make_model().double()
     X = torch.randn(1, 3, dtype=torch.float64)
-    y = (
-        torch.randn(1, 2, dtype=torch.float64)
-        if isinstance(loss_fn, nn.MSELoss)
-        else torch.tensor([1])
-    )
+    y = torch.randn_like(model(X)) if isinstance(loss_fn, nn.MSELoss) else torch.tensor([1])
     names = [name for name, _ in model.named_parameters()]
     params = [p.detach() for p in model.parameters()]
 

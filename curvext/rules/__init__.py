@@ -180,6 +180,16 @@ def records_calls(module: nn.Module) -> bool:
     return next(module.parameters(), None) is not None or isinstance(module, _BatchNorm)
 
 
+def positional_input(module: nn.Module, args: tuple, kwargs: dict) -> Tuple[tuple, dict]:
+    """``(args, kwargs)`` of a call with the input of a module of a dedicated
+    rule positional: ``linear(input=x)`` reads as ``linear(x)`` (the rules
+    read ``call.args[0]``); other calls unchanged."""
+    if args or "input" not in kwargs or type(module) not in RULES:
+        return args, kwargs
+    rest = {key: value for key, value in kwargs.items() if key != "input"}
+    return (kwargs["input"],), rest
+
+
 def couples_samples(module: nn.Module) -> bool:
     """Whether ``module`` mixes the samples of a batch (BatchNorm in train
     mode, or without running statistics)."""

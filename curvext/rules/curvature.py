@@ -80,6 +80,9 @@ LINEAR_OPS = frozenset(
     """.split()
 )
 
+#: Divisions ``x / y``: linear in ``x``.
+DIVISIONS = frozenset({"DivBackward0", "DivBackward1", "DivBackward2"})
+
 #: Products: for each, the positions of its factors among ``next_functions``
 #: (other inputs enter additively, as the bias of ``addmm``).
 PRODUCT_OPS: Dict[str, Tuple[int, ...]] = {
@@ -265,7 +268,7 @@ def curved_nodes(
                 "operation inside CopySlices. Write it out of place "
                 "(torch.cat([x[:, :k].tanh(), x[:, k:]], 1)). " + _INSTEAD
             )
-        if name in ("DivBackward0", "DivBackward1", "DivBackward2"):
+        if name in DIVISIONS:
             divisor = node.next_functions[1][0] if len(node.next_functions) > 1 else None
             if divisor is None or not reach.get(divisor, 0):
                 continue  # a division by a constant is linear
@@ -350,4 +353,11 @@ def _add_region(call: ModuleCall, own: Set[int], bits: Dict[Node, int], regions)
                 regions.setdefault(node, (call, mask))
 
 
-__all__ = ["CurvedNode", "curved_nodes", "LINEAR_OPS", "PRODUCT_OPS", "SECOND_DERIVATIVES"]
+__all__ = [
+    "CurvedNode",
+    "curved_nodes",
+    "DIVISIONS",
+    "LINEAR_OPS",
+    "PRODUCT_OPS",
+    "SECOND_DERIVATIVES",
+]

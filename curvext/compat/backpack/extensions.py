@@ -48,6 +48,7 @@ Example:
 
 from __future__ import annotations
 
+import abc
 import warnings
 from typing import List, Optional, Type
 
@@ -397,9 +398,14 @@ class KFRA(_ModuleExtensions, _KFRA):
     BackPACK's layout, as for ``KFLR``)."""
 
     def reduce_averaged(self, rule, name, matrices):
-        transposed = rule.outer_product_vectors("weight") and len(rule.calls) == 1
-        if transposed and _checked_layout(self, rule) == "transposed":  # G: the bias's
-            return rule.dense_grad_factor("bias", matrices[id(rule.calls[0])])
+        if rule.outer_product_vectors("weight") and _checked_layout(self, rule) == "transposed":
+            if len(rule.calls) != 1:
+                raise NotImplementedError(
+                    f"KFRA needs each layer called once; {type(rule.module).__name__} is "
+                    f"called {len(rule.calls)} times. Use KFLR() (or curvext's "
+                    "KFAC(fisher_type='type-2')) instead."
+                )
+            return rule.dense_grad_factor("bias", matrices[id(rule.calls[0])])  # G: the bias's
         return super().reduce_averaged(rule, name, matrices)
 
     def finalize(self, rule, name, partial, info):
@@ -439,13 +445,15 @@ class BackpropStrategy:
 
 
 class ExpectationApproximation:
-    """``HBP``'s expectation approximation (BackPACK has one)."""
+    """``HBP``'s expectation approximation: curvext has BackPACK's default,
+    ``BOTEV_MARTENS``; ``CHEN`` is refused."""
 
     BOTEV_MARTENS = "E[J^T E(H) J]"
-    CHOICES = [BOTEV_MARTENS]
+    CHEN = "E(J^T) E(H) E(J)"
+    CHOICES = [BOTEV_MARTENS, CHEN]
 
 
-class HBP:
+class HBP(metaclass=abc.ABCMeta):
     """BackPACK's configurable Kronecker extension: the configurations that are
     KFAC, KFLR and KFRA give those extensions, storing in ``savefield``.
 
@@ -482,6 +490,12 @@ class HBP:
                 raise ValueError(
                     f"HBP: unknown {options.__name__} {value!r}; expected one of {options.CHOICES}."
                 )
+        if ea_strategy != ExpectationApproximation.BOTEV_MARTENS:
+            raise NotImplementedError(
+                f"HBP(ea_strategy={ea_strategy!r}): curvext has BackPACK's default "
+                f"expectation approximation only, ExpectationApproximation.BOTEV_MARTENS "
+                f"({ExpectationApproximation.BOTEV_MARTENS!r})."
+            )
         average = (loss_hessian_strategy, backprop_strategy) == (
             LossHessianStrategy.SUM,
             BackpropStrategy.BATCH_AVERAGE,
@@ -514,6 +528,10 @@ class HBP:
         extension = chosen()
         extension.savefield = savefield
         return extension
+
+
+for _configured in (KFAC, KFLR, KFRA):  # BackPACK's KFAC, KFLR, KFRA are HBPs
+    HBP.register(_configured)
 
 
 class HMP(_ModuleExtensions, _HMP):

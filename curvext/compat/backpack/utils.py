@@ -97,6 +97,12 @@ def kfac_mat_prod(factors: Sequence[Tensor]) -> Callable[[Tensor], Tensor]:
 
     def product(mat: Tensor) -> Tensor:
         vector = is_vector(mat)
+        if mat.dim() not in (1, 2) or mat.shape[0] != math.prod(cols):
+            raise ValueError(
+                f"kfac_mat_prod: expected a matrix [{math.prod(cols)}, V] or a vector "
+                f"[{math.prod(cols)}] for factors with {cols} columns, got shape "
+                f"{tuple(mat.shape)}."
+            )
         result = mat.reshape(*cols, -1)
         for axis, factor in enumerate(factors):  # apply each factor to its axis
             result = torch.tensordot(factor, result, dims=([1], [axis])).movedim(0, axis)
