@@ -15,7 +15,7 @@ from curvext.recording import (
     graph_outputs,
     separate_outputs,
 )
-from curvext.rules import couples_samples, positional_input, records_calls
+from curvext.rules import couples_samples, has_trainable, positional_input, records_calls
 
 _HOOK_FLAG = "_curvext_extended"
 #: Attribute holding the id of curvext's forward hook on an extended module.
@@ -124,7 +124,7 @@ def _record_call(module: nn.Module, args, kwargs, output):
     # modules whose sub-modules own parameters are recorded too: their call
     # covers parameters used without a module call (MultiheadAttention's
     # out_proj, F.linear(x, self.child.weight))
-    trainable = any(p.requires_grad for p in module.parameters())
+    trainable = has_trainable(module)
     coupled = couples_samples(module)
     if not (trainable or coupled):
         return None

@@ -744,3 +744,38 @@ def test_a_layer_called_with_its_input_as_keyword_is_exact(layer, shape):
     assert_close(torch.cat([p.ggn_diag.flatten() for p in params]), reference.ggn().diagonal())
     per_sample = torch.cat([p.grad_batch.flatten(1) for p in params], dim=1)
     assert_close(per_sample, reference.per_sample_grads())
+
+
+class _Block(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(3, 4), nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.b(torch.tanh(self.a(x)))
+
+
+@pytest.mark.parametrize(
+    "make",
+    [_Block, lambda: nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))],
+    ids=["custom-container", "sequential"],
+)
+def test_a_parameter_also_used_in_a_forward_hook_of_its_container_is_not_silently_wrong(make):
+    """A container's forward hook uses a child's bias after the output curvext
+    records: no rule sees that use, so the bias gets nothing and a warning
+    (its per-sample gradients used to miss the hook's term silently); the
+    other parameters stay exact (their per-sample gradients sum to .grad)."""
+    torch.manual_seed(9)
+    model = make().double()
+    last = model.b if isinstance(model, _Block) else model[2]
+    model.register_forward_hook(lambda module, inputs, out: out * last.bias.sum())
+    model = extend(model)
+    X, y = torch.randn(5, 3, dtype=torch.float64), torch.randint(0, 2, (5,))
+    loss = extend(nn.CrossEntropyLoss())(model(X), y)
+    with pytest.warns(UserWarning, match="computes nothing for 1 parameter.*forward hook"):
+        with backpack(BatchGrad()):
+            loss.backward()
+    assert not hasattr(last.bias, "grad_batch")
+    for name, param in model.named_parameters():
+        if param is not last.bias:
+            assert_close(param.grad_batch.sum(0), param.grad)

@@ -174,8 +174,13 @@ def records_calls(module: nn.Module) -> bool:
     parameters (directly or through sub-modules whose parameters its forward
     may use without calling them), or it may couple samples (BatchNorm,
     refused then); never a parametrization, which computes a weight, not a
-    batch (its parameters are covered by the module it parametrizes)."""
+    batch (its parameters are covered by the module it parametrizes), nor a
+    plain ``nn.Sequential`` (its children's records cover it)."""
     if isinstance(module, parametrize.ParametrizationList):
+        return False
+    if type(module) is nn.Sequential:
+        # its forward only calls its children, whose own records cover every
+        # parameter: a record of the container would be read by no rule
         return False
     return next(module.parameters(), None) is not None or isinstance(module, _BatchNorm)
 
@@ -188,6 +193,15 @@ def positional_input(module: nn.Module, args: tuple, kwargs: dict) -> Tuple[tupl
         return args, kwargs
     rest = {key: value for key, value in kwargs.items() if key != "input"}
     return (kwargs["input"],), rest
+
+
+def has_trainable(module: nn.Module) -> bool:
+    """Whether ``module`` or a sub-module has a parameter with ``requires_grad``
+    (its own parameters first: the common case returns without a walk)."""
+    for param in module._parameters.values():
+        if param is not None and param.requires_grad:
+            return True
+    return any(has_trainable(child) for child in module._modules.values() if child is not None)
 
 
 def couples_samples(module: nn.Module) -> bool:
@@ -257,6 +271,7 @@ __all__ = [
     "CurvextNote",
     "RULES",
     "records_calls",
+    "has_trainable",
     "couples_samples",
     "updates_state",
     "constant_rows",

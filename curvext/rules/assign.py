@@ -101,7 +101,7 @@ def assign(
         for leaf in leaves
         if isinstance(leaf, Tensor) and leaf.requires_grad and id(leaf) not in covered
     }
-    extra_names = _nearest_ancestors(modules, excluded, uncovered)
+    extra_names = _nearest_ancestors(modules, excluded, uncovered, calls_by_module, consumers)
 
     owners: Dict[int, list] = OrderedDict()
     params: Dict[int, Tensor] = {}
@@ -115,8 +115,12 @@ def assign(
     return [Target(params[key], owner) for key, owner in owners.items()]
 
 
-def _nearest_ancestors(modules, excluded, uncovered) -> Dict[int, List[str]]:
-    """For each called module, the uncovered parameters it is nearest to."""
+def _nearest_ancestors(
+    modules, excluded, uncovered, calls_by_module, consumers
+) -> Dict[int, List[str]]:
+    """For each called module, the uncovered parameters it is nearest to,
+    among the modules whose calls hold every use of the parameter (a use in
+    a forward hook of the ancestor, after its recorded output, is outside)."""
     extra_names: Dict[int, List[str]] = {key: [] for key in modules}
     if not uncovered:
         return extra_names
@@ -125,6 +129,9 @@ def _nearest_ancestors(modules, excluded, uncovered) -> Dict[int, List[str]]:
         for name, param in module.named_parameters():
             if id(param) not in uncovered or name in excluded[key]:
                 continue  # an owner using it outside its calls cannot cover it
+            node = get_gradient_edge(param).node
+            if not consumers[node] <= _inside_consumers(calls_by_module[key], {node}):
+                continue  # a use outside this module's calls: it cannot cover it
             depth = name.count(".")
             if depth < nearest.get(id(param), (depth + 1,))[0]:
                 nearest[id(param)] = (depth, key, name)
@@ -140,8 +147,9 @@ def _nearest_ancestors(modules, excluded, uncovered) -> Dict[int, List[str]]:
         warnings.warn(
             f"curvext computes nothing for {len(missing)} parameter(s) of shapes "
             f"{shapes}: they reach the loss outside of every call of an extended "
-            "module. Call extend() on the model that uses them (a parent module "
-            "that uses them in its forward covers them).",
+            "module (or also in a forward hook, after the output curvext records). "
+            "Call extend() on the model that uses them (a parent module that uses "
+            "them in its forward covers them), or use them inside a forward.",
             stacklevel=5,
         )
     return extra_names
