@@ -24,14 +24,7 @@ from curvext.context import max_columns_per_backward
 from curvext.extensions.base import AVERAGED, RESIDUAL, Combine
 from curvext.push import CHUNK_BYTES, backpropagate
 from curvext.recursion import averaged_output_curvature
-from curvext.rules.curvature import (
-    DIVISIONS,
-    LINEAR_OPS,
-    PRODUCT_OPS,
-    SECOND_DERIVATIVES,
-    CurvedNode,
-    curved_nodes,
-)
+from curvext.rules.curvature import CurvedNode, curved_nodes, path_second_derivative
 
 
 def add_averaged(edge, loss, loss_gradient, extensions, targets, partials) -> None:
@@ -81,32 +74,16 @@ def _summed_residual(edge, loss_gradient: Tensor, curvature: str):
     modify = _RESIDUAL_MODIFICATIONS[curvature]
 
     def residual(node):
-        name = type(node).__name__
-        if name == "CopySlices" and getattr(node, "_wrapped_node", None) is not None:
-            name = type(node._wrapped_node).__name__  # an in-place op on a view
-            if name not in LINEAR_OPS:
-                raise NotImplementedError(
-                    f"KFRA of the {curvature} curvature: an in-place "
-                    f"{name.replace('Backward0', '')} on a view (x[:, :k].tanh_()) hides "
-                    "its operation inside CopySlices. Write it out of place."
-                )
-        if name in LINEAR_OPS or name in PRODUCT_OPS or name in DIVISIONS:
-            return None  # linear in the tensor on the path (x / y: y is off the path)
-        if name not in SECOND_DERIVATIVES:
-            raise NotImplementedError(
-                f"KFRA of the {curvature} curvature adds the second-order terms of "
-                f"elementwise operations; {name.replace('Backward0', '')} on its path has "
-                "one that is not elementwise (or unknown to curvext). Use the GGN "
-                "(KFRA()), or HMP()/DiagHessian() for the exact Hessian block by block."
-            )
+        second = path_second_derivative(node, f"KFRA of the {curvature} curvature")
+        if second is None:
+            return None  # linear in the tensor on the path
         (gradient,) = torch.autograd.grad(
             [edge],
             [GradientEdge(node, 0)],
             grad_outputs=[loss_gradient],
             retain_graph=True,
         )
-        terms = gradient * SECOND_DERIVATIVES[name](node).detach().to(gradient.dtype)
-        return modify(terms.sum(0).flatten())
+        return modify((gradient * second.to(gradient.dtype)).sum(0).flatten())
 
     return residual
 

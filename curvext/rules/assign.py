@@ -126,12 +126,16 @@ def _nearest_ancestors(
         return extra_names
     nearest: Dict[int, Tuple[int, int, str]] = {}
     for key, module in modules.items():
-        for name, param in module.named_parameters():
-            if id(param) not in uncovered or name in excluded[key]:
-                continue  # an owner using it outside its calls cannot cover it
-            node = get_gradient_edge(param).node
-            if not consumers[node] <= _inside_consumers(calls_by_module[key], {node}):
+        candidates = {
+            get_gradient_edge(param).node: name
+            for name, param in module.named_parameters()
+            if id(param) in uncovered and name not in excluded[key]
+        }  # an owner using it outside its calls cannot cover it
+        inside = _inside_consumers(calls_by_module[key], set(candidates)) if candidates else set()
+        for node, name in candidates.items():
+            if not consumers[node] <= inside:
                 continue  # a use outside this module's calls: it cannot cover it
+            param = node.variable
             depth = name.count(".")
             if depth < nearest.get(id(param), (depth + 1,))[0]:
                 nearest[id(param)] = (depth, key, name)

@@ -27,6 +27,17 @@ _CONV_TRANSPOSE_FUNCTIONS = {
 }
 
 
+def _one_hot_kernels(inputs: Tensor, kernel_size: Sequence[int]) -> Tensor:
+    """One one-hot kernel per channel of ``inputs`` and kernel element,
+    ``[C · prod(kernel), 1, *kernel]`` (a grouped convolution's weight;
+    ``[C, prod(kernel), *kernel]``, the same entries, a transposed one's)."""
+    kernel_numel = math.prod(kernel_size)
+    one_hot = torch.eye(kernel_numel, dtype=inputs.dtype, device=inputs.device)
+    return one_hot.reshape(kernel_numel, 1, *kernel_size).repeat(
+        inputs.shape[1], *[1] * (len(kernel_size) + 1)
+    )
+
+
 def unfold(
     inputs: Tensor,
     kernel_size: Sequence[int],
@@ -42,14 +53,10 @@ def unfold(
     if inputs.dim() == 4 and not isinstance(padding, str):
         return F.unfold(inputs, kernel_size, dilation, padding, stride)
     # any dimension, string padding: convolve with one-hot kernels per channel
-    kernel_numel = math.prod(kernel_size)
-    one_hot = torch.eye(kernel_numel, dtype=inputs.dtype, device=inputs.device)
-    one_hot = one_hot.reshape(kernel_numel, 1, *kernel_size).repeat(
-        channels, *[1] * (len(kernel_size) + 1)
-    )
+    one_hot = _one_hot_kernels(inputs, kernel_size)
     conv = _CONV_FUNCTIONS[inputs.dim() - 2]
     patches = conv(inputs, one_hot, None, stride, padding, dilation, channels)
-    return patches.reshape(batch, channels * kernel_numel, -1)
+    return patches.reshape(batch, one_hot.shape[0], -1)
 
 
 def unfold_transposed(
@@ -69,16 +76,13 @@ def unfold_transposed(
     ``weight.transpose(0, 1).flatten(1) @`` these columns.
     """
     batch, channels = inputs.shape[:2]
-    kernel_numel = math.prod(kernel_size)
-    one_hot = torch.eye(kernel_numel, dtype=inputs.dtype, device=inputs.device)
-    one_hot = one_hot.reshape(1, kernel_numel, *kernel_size).repeat(
-        channels, *[1] * (len(kernel_size) + 1)
-    )
+    one_hot = _one_hot_kernels(inputs, kernel_size)
+    weight = one_hot.reshape(channels, -1, *kernel_size)  # [in, out / groups, *kernel]
     transposed = _CONV_TRANSPOSE_FUNCTIONS[inputs.dim() - 2]
     patches = transposed(
-        inputs, one_hot, stride=stride, padding=padding, groups=channels, dilation=dilation
+        inputs, weight, stride=stride, padding=padding, groups=channels, dilation=dilation
     )
-    return patches.reshape(batch, channels * kernel_numel, -1)
+    return patches.reshape(batch, one_hot.shape[0], -1)
 
 
 class ConvRule(FactoredRule):

@@ -29,7 +29,7 @@ columns :math:`\sqrt{|g_a \phi_a''|}\, e_f` from each one's input
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Set, Tuple
+from typing import Callable, Dict, List, Optional, Set, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -307,6 +307,38 @@ def curved_nodes(
     return found
 
 
+def path_second_derivative(node: Node, what: str) -> Optional[Tensor]:
+    """``phi''(x)`` of the operation of ``node`` in the input on a single path
+    of operations (KFRA's), shaped like ``x``; ``None`` where the operation
+    is linear in that input (a product or a division with its other factor
+    off the path included).
+
+    Raises:
+        NotImplementedError: naming the operation (``what`` says who asks),
+            where its second-order term is not elementwise or unknown, or
+            hidden in ``CopySlices``.
+    """
+    name = type(node).__name__
+    if name == "CopySlices" and getattr(node, "_wrapped_node", None) is not None:
+        name = type(node._wrapped_node).__name__  # an in-place op on a view
+        if name not in LINEAR_OPS:
+            raise NotImplementedError(
+                f"{what}: an in-place {name.replace('Backward0', '')} on a view "
+                "(x[:, :k].tanh_()) hides its operation inside CopySlices. Write it "
+                "out of place."
+            )
+    if name in LINEAR_OPS or name in PRODUCT_OPS or name in DIVISIONS:
+        return None
+    if name not in SECOND_DERIVATIVES:
+        raise NotImplementedError(
+            f"{what} adds the second-order terms of elementwise operations; "
+            f"{name.replace('Backward0', '')} on its path has one that is not "
+            "elementwise (or unknown to curvext). Use the GGN (KFRA()), or "
+            "HMP()/DiagHessian() for the exact Hessian block by block."
+        )
+    return SECOND_DERIVATIVES[name](node).detach()
+
+
 def _check_product(node: Node, reach: Dict[Node, int]) -> None:
     name = type(node).__name__
     if name in ("NativeBatchNormBackward0", "CudnnBatchNormBackward0"):
@@ -356,6 +388,7 @@ def _add_region(call: ModuleCall, own: Set[int], bits: Dict[Node, int], regions)
 __all__ = [
     "CurvedNode",
     "curved_nodes",
+    "path_second_derivative",
     "DIVISIONS",
     "LINEAR_OPS",
     "PRODUCT_OPS",

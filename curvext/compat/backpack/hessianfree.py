@@ -25,6 +25,10 @@ from torch import Tensor, nn
 Tensors = Union[Tensor, Sequence[Tensor]]
 
 
+def _as_list(tensors: Tensors) -> List[Tensor]:
+    return [tensors] if isinstance(tensors, Tensor) else list(tensors)
+
+
 def hessian_vector_product(
     f: Tensor,
     params: Tensors,
@@ -45,22 +49,19 @@ def hessian_vector_product(
     Returns:
         ``H v`` as a tuple shaped like ``params``.
     """
-    params = [params] if isinstance(params, Tensor) else list(params)
-    v = [v] if isinstance(v, Tensor) else list(v)
+    params = _as_list(params)
     if grad_params is None:
         grad_params = torch.autograd.grad(
             f, params, create_graph=True, retain_graph=True, materialize_grads=True
         )
-    else:
-        grad_params = [grad_params] if isinstance(grad_params, Tensor) else list(grad_params)
     products = torch.autograd.grad(
-        grad_params, params, grad_outputs=v, retain_graph=True, materialize_grads=True
+        _as_list(grad_params),
+        params,
+        grad_outputs=_as_list(v),
+        retain_graph=True,
+        materialize_grads=True,
     )
     return tuple(p.detach() for p in products) if detach else products
-
-
-def _as_list(tensors: Tensors) -> List[Tensor]:
-    return [tensors] if isinstance(tensors, Tensor) else list(tensors)
 
 
 def R_op(  # noqa: N802 - BackPACK's name
