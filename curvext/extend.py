@@ -10,8 +10,8 @@ from curvext.losses import SUPPORTED_LOSSES
 from curvext.recording import (
     ModuleCall,
     attach,
+    call_graph_inputs,
     detach_tree,
-    graph_inputs,
     graph_outputs,
     separate_outputs,
 )
@@ -118,7 +118,8 @@ def _record_call(module: nn.Module, args, kwargs, output):
             "the uncompiled model (compiled._orig_mod shares its parameters)."
         )
     # taken at once: a call that records nothing must not keep them alive
-    raw_inputs = vars(module).pop(RAW_INPUTS, None)
+    # (only a module with pre-hooks has them: curvext's pre-hook keeps them)
+    raw_inputs = vars(module).pop(RAW_INPUTS, None) if module._forward_pre_hooks else None
     if not recording_enabled():
         return None
     # modules whose sub-modules own parameters are recorded too: their call
@@ -133,9 +134,12 @@ def _record_call(module: nn.Module, args, kwargs, output):
     if not outputs:
         return None
     args, kwargs = positional_input(module, args, kwargs)
-    call = ModuleCall(module, detach_tree(args), detach_tree(kwargs), couples_samples=coupled)
-    _how_it_ran(call, raw_inputs)
-    for node in attach(call, graph_inputs((args, kwargs)), outputs, positions):
+    call = ModuleCall(
+        module, detach_tree(args), detach_tree(kwargs) if kwargs else {}, couples_samples=coupled
+    )
+    if module._forward_pre_hooks or next(iter(module._forward_hooks)) != vars(module)[HOOK_ID]:
+        _how_it_ran(call, raw_inputs)  # else the call is plain and reproducible
+    for node in attach(call, call_graph_inputs(args, kwargs), outputs, positions):
         # first-order extensions on a backward pass without an extended loss
         # read the gradient that reaches the output here (curvext.engine)
         node.register_prehook(_output_grad_hook())

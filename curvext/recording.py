@@ -68,6 +68,8 @@ def detach_tree(obj):
     """Detach every tensor in a (nested) tuple/list/dict, keep everything else."""
     if isinstance(obj, Tensor):
         return obj.detach()
+    if type(obj) is tuple and len(obj) == 1 and isinstance(obj[0], Tensor):
+        return (obj[0].detach(),)  # the common call, without the generator
     if isinstance(obj, (tuple, list)):
         return type(obj)(detach_tree(o) for o in obj)
     if isinstance(obj, dict):
@@ -158,6 +160,14 @@ def graph_inputs(inputs) -> List[Tensor]:
     return found
 
 
+def call_graph_inputs(args: tuple, kwargs: dict) -> List[Tensor]:
+    """:func:`graph_inputs` of a call's ``(args, kwargs)``, with a fast path
+    for the common call on tensors alone."""
+    if not kwargs and all(isinstance(arg, Tensor) for arg in args):
+        return [arg for arg in args if arg.requires_grad]
+    return graph_inputs((args, kwargs))
+
+
 def _collect_graph_inputs(obj, found: List[Tensor]) -> None:
     # a module-level function, not a closure: a recursive closure is a
     # reference cycle that would keep the inputs alive until the cycle
@@ -186,20 +196,22 @@ def attach(
     """
     call.output_positions = list(positions)
     new_nodes = []
-    output_edges = [get_gradient_edge(tensor) for tensor in outputs]
-    output_nodes = {edge.node for edge in output_edges}
+    # outputs are in the graph (grad_fn set): their node and output_nr are
+    # read directly (get_gradient_edge costs a Python call each, every forward)
+    output_nodes = [tensor.grad_fn for tensor in outputs]
     for tensor in inputs:
-        node = get_gradient_edge(tensor).node
+        node = tensor.grad_fn if tensor.grad_fn is not None else get_gradient_edge(tensor).node
         # an input node that is also an output node would hold itself
         if node not in output_nodes:
             call.input_nodes.append(node)
-    for index, (tensor, edge) in enumerate(zip(outputs, output_edges)):
+    for index, (tensor, node) in enumerate(zip(outputs, output_nodes)):
         call.output_shapes.append(tensor.shape)
-        metadata = edge.node.metadata
-        if METADATA_KEY not in metadata:
-            metadata[METADATA_KEY] = []
-            new_nodes.append(edge.node)
-        metadata[METADATA_KEY].append(OutputSlot(call, index, edge.output_nr))
+        metadata = node.metadata
+        slots = metadata.get(METADATA_KEY)
+        if slots is None:
+            slots = metadata[METADATA_KEY] = []
+            new_nodes.append(node)
+        slots.append(OutputSlot(call, index, tensor.output_nr))
     return new_nodes
 
 

@@ -57,13 +57,18 @@ def _inside_consumers(calls: List[ModuleCall], accumulators: Set[Node]) -> Set[N
 
 
 def _used_outside(
-    module: nn.Module, calls: List[ModuleCall], consumers: Dict[Node, Set[Node]]
+    module: nn.Module,
+    calls: List[ModuleCall],
+    consumers: Dict[Node, Set[Node]],
+    accumulator_of: Dict[int, Node],
 ) -> List[str]:
-    """Own trainable parameters of ``module`` with a use outside its calls."""
+    """Own trainable parameters of ``module`` with a use outside its calls
+    (``accumulator_of``: the gradient accumulator of each leaf in the graph,
+    by the leaf's ``id``)."""
     accumulators = {}
     for name in own_trainable(module):
-        node = get_gradient_edge(module.get_parameter(name)).node
-        if node in consumers:
+        node = accumulator_of.get(id(module._parameters[name]))
+        if node is not None:
             accumulators[node] = name
     if not accumulators:
         return []
@@ -86,8 +91,12 @@ def assign(
     for call in calls:
         calls_by_module.setdefault(id(call.module), []).append(call)
     modules = {key: module_calls[0].module for key, module_calls in calls_by_module.items()}
+    # the accumulators' leaves, read from the graph (get_gradient_edge of a
+    # parameter builds a view each time)
+    accumulator_of = {id(node.variable): node for node in consumers}
     excluded = {
-        key: _used_outside(modules[key], calls_by_module[key], consumers) for key in modules
+        key: _used_outside(modules[key], calls_by_module[key], consumers, accumulator_of)
+        for key in modules
     }
     covered = {
         id(module.get_parameter(name))
@@ -95,7 +104,7 @@ def assign(
         for name in own_trainable(module)
         if name not in excluded[key]
     }
-    leaves = [getattr(node, "variable", None) for node in consumers]
+    leaves = [node.variable for node in consumers]
     uncovered = {
         id(leaf): leaf
         for leaf in leaves
