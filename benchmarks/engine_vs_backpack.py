@@ -37,13 +37,20 @@ Models (float32, batch 128, random MNIST-sized inputs ``[128, 1, 28, 28]``,
   Linear(128, 10) -- 235,146 parameters.
 * ``cnn``: Conv2d(1, 16, 3), ReLU, MaxPool2d(2), Conv2d(16, 32, 3), ReLU,
   MaxPool2d(2), Flatten, Linear(32*5*5, 10) -- 12,810 parameters.
+* ``cnn-cifar``: the ``cnn`` layout on CIFAR-sized inputs ``[128, 3, 32, 32]``
+  with ``padding=1``: Conv2d(3, 16, 3, padding=1), ReLU, MaxPool2d(2),
+  Conv2d(16, 32, 3, padding=1), ReLU, MaxPool2d(2), Flatten,
+  Linear(32*8*8, 10) -- 25,578 parameters. It checks that the engine's
+  chunk size (``curvext.push.CHUNK_BYTES``) is not tuned to the MNIST CNN:
+  a backpropagated column holds 1.7 times the recorded module outputs of
+  ``cnn`` per sample (24,586 entries instead of 14,698).
 * ``mlp-sigmoid``, ``cnn-tanh``: the same with Sigmoid, resp. Tanh, instead
   of ReLU (same parameters).
 
 Rows and models: every row names the models it runs on, and ``--models``
 (default all four) and ``--rows`` (default all) select among those pairs.
 The GGN, KFAC, SqrtGGN and first-order rows (and the plain backward) run on
-``mlp`` and ``cnn``, as in the published tables; the Hessian rows
+``mlp``, ``cnn`` and ``cnn-cifar``; the Hessian rows
 (``diag_h``: ``DiagHessian()`` vs ``DiagHessian()``, ``batch_diag_h``:
 ``BatchDiagHessian()`` vs ``BatchDiagHessian()``, target ratio <= 0.67 AND
 no more peak memory than BackPACK) run on ``mlp-sigmoid`` and ``cnn-tanh``
@@ -123,8 +130,15 @@ warnings.filterwarnings("ignore", message="Full backward hook is firing")
 # --------------------------------------------------------------------------
 # models and data
 # --------------------------------------------------------------------------
-ACTIVATIONS = {"mlp": nn.ReLU, "cnn": nn.ReLU, "mlp-sigmoid": nn.Sigmoid, "cnn-tanh": nn.Tanh}
-BASE_MODELS = ("mlp", "cnn")  # what the GGN, KFAC, SqrtGGN and first-order rows run on
+ACTIVATIONS = {
+    "mlp": nn.ReLU,
+    "cnn": nn.ReLU,
+    "cnn-cifar": nn.ReLU,
+    "mlp-sigmoid": nn.Sigmoid,
+    "cnn-tanh": nn.Tanh,
+}
+# what the GGN, KFAC, SqrtGGN and first-order rows run on
+BASE_MODELS = ("mlp", "cnn", "cnn-cifar")
 CURVED_MODELS = ("mlp-sigmoid", "cnn-tanh")  # what the Hessian rows run on
 # batch of the Hessian rows on cnn-tanh: BackPACK needs ~1.7 GB per sample (docstring)
 HESSIAN_CNN_BATCH = 2
@@ -133,6 +147,11 @@ SINGLE_PROBE_SECONDS = 2.0  # a cell whose median unit is slower: memory from 1 
 
 def _description(name: str) -> str:
     act = ACTIVATIONS[name].__name__
+    if name == "cnn-cifar":
+        return (
+            f"Conv2d(3,16,3,padding=1), {act}, MaxPool2d(2), Conv2d(16,32,3,padding=1), "
+            f"{act}, MaxPool2d(2), Flatten, Linear(2048,10) on inputs [N, 3, 32, 32]"
+        )
     if name.startswith("mlp"):
         return f"Flatten, Linear(784,256), {act}, Linear(256,128), {act}, Linear(128,10)"
     return (
@@ -148,6 +167,17 @@ def build_model(name: str) -> nn.Module:
     if name not in ACTIVATIONS:
         raise ValueError(f"unknown model {name!r}; use one of {sorted(MODEL_DESCRIPTIONS)}")
     act = ACTIVATIONS[name]
+    if name == "cnn-cifar":
+        return nn.Sequential(
+            nn.Conv2d(3, 16, 3, padding=1),
+            act(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(16, 32, 3, padding=1),
+            act(),
+            nn.MaxPool2d(2),
+            nn.Flatten(),
+            nn.Linear(32 * 8 * 8, NUM_CLASSES),
+        )
     if name.startswith("mlp"):
         return nn.Sequential(
             nn.Flatten(),
@@ -169,9 +199,14 @@ def build_model(name: str) -> nn.Module:
     )
 
 
-def make_data(device: torch.device, seed: int, batch: int = BATCH):
+def input_shape(model: str) -> Tuple[int, ...]:
+    """Shape of one input sample of ``model``."""
+    return (3, 32, 32) if model == "cnn-cifar" else (1, 28, 28)
+
+
+def make_data(device: torch.device, seed: int, batch: int = BATCH, model: str = "mlp"):
     generator = torch.Generator().manual_seed(seed)
-    inputs = torch.randn(batch, 1, 28, 28, generator=generator)
+    inputs = torch.randn(batch, *input_shape(model), generator=generator)
     targets = torch.randint(0, NUM_CLASSES, (batch,), generator=generator)
     return inputs.to(device), targets.to(device)
 
@@ -413,7 +448,7 @@ def make_cell(spec: dict, device: torch.device) -> Cell:
     """The cell of ``--memory-probe``: one (contender, model, row)."""
     row = ROWS_BY_KEY[spec["row"]]
     contender = make_contenders(spec["model"], device, spec["seed"], [spec["kind"]])
-    data = make_data(device, spec["seed"], row.batch(spec["model"]))
+    data = make_data(device, spec["seed"], row.batch(spec["model"]), spec["model"])
     return Cell(contender[spec["kind"]], row, data)
 
 
@@ -621,7 +656,7 @@ def parse_args(argv=None):
         "--models",
         default=",".join(MODEL_DESCRIPTIONS),
         help="comma-separated: " + ",".join(MODEL_DESCRIPTIONS) + " (each row runs only "
-        "on its own models: the Hessian rows on mlp-sigmoid,cnn-tanh, the others on mlp,cnn)",
+        "on its own models: the Hessian rows on mlp-sigmoid,cnn-tanh, the others on mlp,cnn,cnn-cifar)",
     )
     parser.add_argument(
         "--rows",
@@ -667,7 +702,7 @@ def main(argv=None):
             if model_name not in row.models:
                 continue
             batch = row.batch(model_name)
-            data = make_data(device, args.seed, batch)
+            data = make_data(device, args.seed, batch, model_name)
             kinds = ["curvext", "backpack"] + (["torch"] if row.key == "none" else [])
             contenders = make_contenders(model_name, device, args.seed, kinds)
             cells = {kind: Cell(contender, row, data) for kind, contender in contenders.items()}

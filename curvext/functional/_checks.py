@@ -5,7 +5,7 @@ Each helper raises with the offending value and the fix in the message.
 
 from __future__ import annotations
 
-from typing import Tuple
+from typing import Callable, Tuple
 
 from torch import Tensor
 
@@ -37,6 +37,17 @@ def as_arguments(x, owner: str) -> Tuple[Tensor, ...]:
             f"func), got {type(x).__name__}."
         )
     return tuple(x)
+
+
+def at_each_x(at_x: Callable, func: Callable, owner: str, **options) -> Callable:
+    """dattri's ``ihvp_<name>(func, ...)`` form of ``ihvp_at_x_<name>``: the
+    returned ``ihvp_func(x, v)`` builds ``at_x(func, *x, **options)`` at the
+    tuple of arguments ``x`` it is given and applies it to ``v``."""
+
+    def ihvp_func(x, v: Tensor) -> Tensor:
+        return at_x(func, *as_arguments(x, owner), **options)(v)
+
+    return ihvp_func
 
 
 def check_argnums(argnums, x: Tuple[Tensor, ...], owner: str) -> int:

@@ -26,7 +26,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from curvext.functional._checks import as_arguments, check_mode
+from curvext.functional._checks import at_each_x, check_mode
 from curvext.functional.hvp import HessianVectorOperator
 from curvext.linalg.checks import assert_positive_int, check_positive
 
@@ -57,20 +57,18 @@ def ihvp_arnoldi(
     """
     check_mode(mode, "ihvp_arnoldi")
 
-    def ihvp_func(x, v: Tensor) -> Tensor:
-        return ihvp_at_x_arnoldi(
-            func,
-            *as_arguments(x, "ihvp_arnoldi"),
-            argnums=argnums,
-            max_iter=max_iter,
-            top_k=top_k,
-            norm_constant=norm_constant,
-            tol=tol,
-            mode=mode,
-            regularization=regularization,
-        )(v)
-
-    return ihvp_func
+    return at_each_x(
+        ihvp_at_x_arnoldi,
+        func,
+        "ihvp_arnoldi",
+        argnums=argnums,
+        max_iter=max_iter,
+        top_k=top_k,
+        norm_constant=norm_constant,
+        tol=tol,
+        mode=mode,
+        regularization=regularization,
+    )
 
 
 def ihvp_at_x_arnoldi(

@@ -16,7 +16,7 @@ from typing import Callable
 
 from torch import Tensor
 
-from curvext.functional._checks import as_arguments, check_mode
+from curvext.functional._checks import at_each_x, check_mode
 from curvext.functional.hvp import HessianVectorOperator
 from curvext.linalg.inverse import CGInverse
 
@@ -46,18 +46,16 @@ def ihvp_cg(
     """
     check_mode(mode, "ihvp_cg")
 
-    def ihvp_func(x, v: Tensor) -> Tensor:
-        return ihvp_at_x_cg(
-            func,
-            *as_arguments(x, "ihvp_cg"),
-            argnums=argnums,
-            max_iter=max_iter,
-            tol=tol,
-            mode=mode,
-            regularization=regularization,
-        )(v)
-
-    return ihvp_func
+    return at_each_x(
+        ihvp_at_x_cg,
+        func,
+        "ihvp_cg",
+        argnums=argnums,
+        max_iter=max_iter,
+        tol=tol,
+        mode=mode,
+        regularization=regularization,
+    )
 
 
 def ihvp_at_x_cg(

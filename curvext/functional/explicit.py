@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 from torch.func import hessian
 
-from curvext.functional._checks import as_arguments, as_rows, check_argnums, flat_dim
+from curvext.functional._checks import as_rows, at_each_x, check_argnums, flat_dim
 
 
 def ihvp_explicit(func: Callable, argnums: int = 0, regularization: float = 0.0) -> Callable:
@@ -44,16 +44,13 @@ def ihvp_explicit(func: Callable, argnums: int = 0, regularization: float = 0.0)
         >>> ihvp_explicit(f)((w,), torch.ones(2, dtype=torch.float64)).tolist()
         [0.5, 0.125]
     """
-
-    def ihvp_func(x, v: Tensor) -> Tensor:
-        return ihvp_at_x_explicit(
-            func,
-            *as_arguments(x, "ihvp_explicit"),
-            argnums=argnums,
-            regularization=regularization,
-        )(v)
-
-    return ihvp_func
+    return at_each_x(
+        ihvp_at_x_explicit,
+        func,
+        "ihvp_explicit",
+        argnums=argnums,
+        regularization=regularization,
+    )
 
 
 def ihvp_at_x_explicit(

@@ -40,7 +40,7 @@ from torch.func import functional_call, jvp, vjp, vmap
 
 from curvext.linear import LinearOperator
 from curvext.operators.base import Operand, operand_like, operand_matrix
-from curvext.operators.matrix_free import padding_rows, zero_padding_rows
+from curvext.operators.matrix_free import padding_rows, parameter_names, zero_padding_rows
 from curvext.operators.passes import DataPass, check_deterministic
 from curvext.torch_quirks import load_forward_ad_quietly
 
@@ -96,15 +96,7 @@ def _named_params(model: Model, params: Params, owner: str) -> Tuple[List[str], 
                 f"model.named_parameters(), e.g. {list(own)[:3]}."
             )
         return names, tensors
-    name_of = {id(p): name for name, p in own.items()}
-    missing = [i for i, t in enumerate(tensors) if id(t) not in name_of]
-    if missing:
-        raise ValueError(
-            f"{owner}: params {missing} (shapes "
-            f"{[tuple(tensors[i].shape) for i in missing]}) are not parameters of "
-            f"model; pass tensors from model.parameters()."
-        )
-    return [name_of[id(t)] for t in tensors], tensors
+    return parameter_names(model, tensors, owner), tensors
 
 
 class _DataJacobian:

@@ -133,6 +133,20 @@ def zero_padding_rows(
     return tuple(tangents)
 
 
+def parameter_names(model: nn.Module, params: Sequence[Tensor], owner: str) -> List[str]:
+    """The names of ``params`` in ``model.named_parameters()``; a tensor that
+    is not a parameter of ``model`` is refused, naming its position and shape."""
+    name_of = {id(p): name for name, p in model.named_parameters()}
+    missing = [i for i, p in enumerate(params) if id(p) not in name_of]
+    if missing:
+        raise ValueError(
+            f"{owner}: params {missing} (shapes "
+            f"{[tuple(params[i].shape) for i in missing]}) are not parameters of "
+            f"model; pass tensors from model.parameters()."
+        )
+    return [name_of[id(p)] for p in params]
+
+
 class _DataSetOperator(CurvatureOperator):
     """A curvature matrix of ``loss_fn(model(X), y)`` summed over ``data`` (see module docstring).
 
@@ -159,14 +173,7 @@ class _DataSetOperator(CurvatureOperator):
                 f"{owner}: params must be a non-empty list of tensors (parameters "
                 f"of model), e.g. list(model.parameters())."
             )
-        names = {id(p): name for name, p in model.named_parameters()}
-        missing = [i for i, p in enumerate(params) if id(p) not in names]
-        if missing:
-            raise ValueError(
-                f"{owner}: params {missing} (shapes "
-                f"{[tuple(params[i].shape) for i in missing]}) are not parameters of "
-                f"model; pass tensors from model.parameters()."
-            )
+        names = parameter_names(model, params, owner)
         reduction = getattr(loss_fn, "reduction", None)
         if reduction not in ("mean", "sum"):
             raise ValueError(
@@ -182,7 +189,7 @@ class _DataSetOperator(CurvatureOperator):
         self.num_data, self.progressbar = num_data, progressbar
         resolve_ranks(distributed, owner)  # reject a wrong value here, not in a product
         self.distributed = distributed
-        self._names = [names[id(p)] for p in params]
+        self._names = names
         self._constant_rows = padding_rows(model, params)
         # with a convolution the Hessian and the GGN take the columns one at a
         # time (or in chunks of _CONV_CHUNK_COLUMNS): see the constants
