@@ -656,7 +656,8 @@ def parse_args(argv=None):
         "--models",
         default=",".join(MODEL_DESCRIPTIONS),
         help="comma-separated: " + ",".join(MODEL_DESCRIPTIONS) + " (each row runs only "
-        "on its own models: the Hessian rows on mlp-sigmoid,cnn-tanh, the others on mlp,cnn,cnn-cifar)",
+        "on its own models: the Hessian rows on mlp-sigmoid,cnn-tanh, the others on "
+        "mlp,cnn,cnn-cifar)",
     )
     parser.add_argument(
         "--rows",
