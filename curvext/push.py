@@ -38,7 +38,8 @@ def backpropagate(
     (under autocast, bfloat16 gradients meet float32 inputs and weights).
     """
     edges = [e for call in calls for e in call.edges if e is not None]
-    columns = columns.to(dtype)
+    if columns.dtype != dtype:
+        columns = columns.to(dtype)
     single = columns.shape[0] == 1  # a plain backward avoids vmap's overhead
 
     def backward(grad_output: Tensor, batched: bool):
@@ -80,7 +81,7 @@ def backpropagate(
             result = next(results) if output_edge is not None else None
             if result is None:
                 result = columns.new_zeros(num_cols, *shape)
-            outputs.append(result.to(call_dtype))
+            outputs.append(result if result.dtype == call_dtype else result.to(call_dtype))
         call_grads[id(call)] = outputs[0] if len(outputs) == 1 else tuple(outputs)
     return call_grads
 

@@ -228,6 +228,16 @@ def is_convolution(module: nn.Module) -> bool:
     return isinstance(module, nn.modules.conv._ConvNd)
 
 
+def is_transposed_convolution(module: nn.Module) -> bool:
+    return isinstance(module, nn.modules.conv._ConvTransposeNd)
+
+
+def is_linear_or_convolution(module: nn.Module) -> bool:
+    """``Linear`` or ``Conv1d/2d/3d`` (not transposed): the layers BackPACK
+    gives Kronecker factors in its own convention."""
+    return isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d))
+
+
 class SharedParameterRule(ModuleRule):
     """One parameter used by several modules (e.g. tied input/output embeddings).
 

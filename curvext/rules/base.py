@@ -315,7 +315,11 @@ def num_columns(call_grads) -> int:
 
 
 def slice_columns(call_grads, start: int, stop: int):
-    """Columns ``start:stop`` of one call's columns."""
+    """Columns ``start:stop`` of one call's columns (the columns themselves
+    when that is all of them)."""
+    first = call_grads[0] if isinstance(call_grads, tuple) else call_grads
+    if start == 0 and stop >= first.shape[0]:
+        return call_grads
     if isinstance(call_grads, tuple):
         return tuple(g[start:stop] for g in call_grads)
     return call_grads[start:stop]

@@ -34,8 +34,16 @@ def _cat(parts: List[Tensor], dim: int) -> Tensor:
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim)
 
 
+#: Entries of ``columns`` up to which :func:`sum_of_squares` squares and sums
+#: in two operations; above, it accumulates column by column (no temporary
+#: as large as ``columns``, one pass over memory).
+SMALL_COLUMNS = 2**18
+
+
 def sum_of_squares(columns: Tensor) -> Tensor:
-    r""":math:`\sum_k x_k^2` over the leading axis, one pass over memory."""
+    r""":math:`\sum_k x_k^2` over the leading axis."""
+    if columns.numel() <= SMALL_COLUMNS:
+        return (columns * columns).sum(0)
     total = columns[0].square()
     for column in columns[1:]:
         total.addcmul_(column, column)
@@ -110,7 +118,8 @@ class FactoredRule(ModuleRule):
         if getattr(self, "_inputs", None) is None:
             inputs = _cat([self.input_side(c) for c in self.calls], dim=-1)
             # under autocast the recorded inputs may be half precision
-            self._inputs = inputs.to(self.module.weight.dtype)
+            dtype = self.module.weight.dtype
+            self._inputs = inputs if inputs.dtype == dtype else inputs.to(dtype)
         return self._inputs
 
     def replace_inputs(self, inputs: Tensor) -> None:

@@ -48,6 +48,7 @@ import curvext.context as _context
 from curvext.compat.backpack import context, core, custom_module, extensions, hessianfree, utils
 from curvext.extend import extend as _extend
 from curvext.extensions.base import Extension
+from curvext.extensions.module_hook import ModuleHook
 
 __all__ = [
     "backpack",
@@ -61,28 +62,6 @@ __all__ = [
     "uninstall",
     "installed",
 ]
-
-
-class _ExtensionHook(Extension):
-    """Calls BackPACK's ``extension_hook`` on each module with parameters,
-    after the extensions before it in the context stored their results."""
-
-    savefield = "_curvext_compat_extension_hook"  # never stored
-    user_facing = False
-
-    def __init__(self, hook: Callable[[nn.Module], None]):
-        self.hook = hook
-
-    def column_sets(self):
-        return ()
-
-    def finalize(self, rule, name, partial, info):
-        return rule.module
-
-    def finalize_all(self, results, info):
-        modules = {id(module): module for _, module in results}
-        for module in modules.values():
-            self.hook(module)
 
 
 class backpack(_context.backpack):  # noqa: N801 - BackPACK's name
@@ -128,7 +107,7 @@ class backpack(_context.backpack):  # noqa: N801 - BackPACK's name
                     stacklevel=2,
                 )
         if extension_hook is not None:
-            exts = exts + (_ExtensionHook(extension_hook),)
+            exts = exts + (ModuleHook(extension_hook),)
         super().__init__(*exts, max_columns=max_columns, debug=debug)
         self.retain_graph = retain_graph
 

@@ -29,6 +29,7 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor, nn
 
+from curvext.rules import is_linear_or_convolution, is_transposed_convolution
 from curvext.rules.conv import unfold_transposed
 
 #: Most elements of curvext's exact columns materialised at once while the
@@ -119,10 +120,6 @@ def _root_blocks(rule, roots: int) -> Tensor:
     return torch.cat(blocks, dim=1)
 
 
-#: Layers whose KFAC factors follow BackPACK's convention.
-_BACKPACK_KRONECKER = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
-
-
 def kfac_layout(rule) -> str:
     """``"backpack"``, ``"transposed"``, ``"refuse"`` or ``"curvext"``: how the
     compat KFAC/KFLR factor the parameters of ``rule``.
@@ -140,11 +137,11 @@ def kfac_layout(rule) -> str:
     if not rule.outer_product_vectors("weight"):
         return "curvext"
     module = rule.module
-    if isinstance(module, nn.modules.conv._ConvTransposeNd):
+    if is_transposed_convolution(module):
         plain = module.groups == 1 and not any(module.output_padding)
         plain = plain and all(len(c.args) < 2 and "output_size" not in c.kwargs for c in rule.calls)
         return "transposed" if plain else "refuse"
-    if isinstance(module, _BACKPACK_KRONECKER) and rule.grad_first:
+    if is_linear_or_convolution(module) and rule.grad_first:
         return "backpack"
     return "curvext"
 
