@@ -252,7 +252,11 @@ class CrossEntropyLossRule(LossRule):
                 target_weight = valid.to(loss_input.dtype)
             else:
                 target_weight = weight[torch.where(valid, target, 0)] * valid
-            self.denominator = float(target_weight.sum())
+            # summed in float32 or wider: under autocast the logits (and so the
+            # mask) may be bfloat16, whose sum of 967 ones is 968
+            self.denominator = float(
+                target_weight.sum(dtype=torch.promote_types(target_weight.dtype, torch.float32))
+            )
             if smoothing > 0:
                 # the smoothing term sum_c w_c (-log p_c) / C has Hessian
                 # mean(w) (diag(p) - pp^T) at every non-ignored position

@@ -66,3 +66,14 @@ def test_integer_padding_is_every_axis():
     expected = F.conv3d(x, weight, None, 1, 1)
     patches = unfold(x, (3, 3, 3), (1, 1, 1), 1, (1, 1, 1))
     torch.testing.assert_close((weight.flatten(1) @ patches).reshape(expected.shape), expected)
+
+
+@pytest.mark.parametrize("shape", [(0, 3, 5, 5), (2, 0, 5, 5)])
+def test_empty_batch_or_channels(shape):
+    """``F.unfold``'s shape for zero samples, and the same rule for zero
+    channels (the compat helper ``unfold_input`` takes any tensor)."""
+    x = torch.randn(*shape)
+    patches = unfold(x, (2, 2), (1, 1), (0, 0), (1, 1))
+    assert patches.shape == (shape[0], shape[1] * 4, 16)
+    if shape[1]:  # F.unfold refuses zero channels
+        assert patches.shape == F.unfold(x, 2).shape

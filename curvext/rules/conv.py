@@ -65,7 +65,8 @@ def unfold(
         if dilation[axis] > 1:
             padded = padded[..., :: dilation[axis]]
     kernel_first = [0, 1, *range(2 + spatial, 2 + 2 * spatial), *range(2, 2 + spatial)]
-    return padded.permute(kernel_first).reshape(batch, channels * math.prod(kernel_size), -1)
+    positions = math.prod(padded.shape[2 : 2 + spatial])  # explicit: B or C may be 0
+    return padded.permute(kernel_first).reshape(batch, channels * math.prod(kernel_size), positions)
 
 
 def _pads(

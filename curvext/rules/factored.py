@@ -41,13 +41,16 @@ SMALL_COLUMNS = 2**18
 
 
 def sum_of_squares(columns: Tensor) -> Tensor:
-    r""":math:`\sum_k x_k^2` over the leading axis."""
+    r""":math:`\sum_k x_k^2` over the leading axis, in ``columns``' dtype;
+    half-precision columns are added up in float32 (a running sum of
+    thousands of bfloat16 squares would lose most of its digits)."""
     if columns.numel() <= SMALL_COLUMNS:
         return (columns * columns).sum(0)
-    total = columns[0].square()
+    accumulate = torch.promote_types(columns.dtype, torch.float32)
+    total = columns[0].to(accumulate).square()
     for column in columns[1:]:
         total.addcmul_(column, column)
-    return total
+    return total.to(columns.dtype)
 
 
 def gram(matrices: Tensor, out: Optional[Tensor] = None, alpha: float = 1.0) -> Tensor:
