@@ -137,8 +137,7 @@ def _record_call(module: nn.Module, args, kwargs, output):
     call = ModuleCall(
         module, detach_tree(args), detach_tree(kwargs) if kwargs else {}, couples_samples=coupled
     )
-    if module._forward_pre_hooks or next(iter(module._forward_hooks)) != vars(module)[HOOK_ID]:
-        _how_it_ran(call, raw_inputs)  # else the call is plain and reproducible
+    _how_it_ran(call, raw_inputs)
     for node in attach(call, call_graph_inputs(args, kwargs), outputs, positions):
         # first-order extensions on a backward pass without an extended loss
         # read the gradient that reaches the output here (curvext.engine)
@@ -176,6 +175,8 @@ def _how_it_ran(call: ModuleCall, raw_inputs) -> None:
     """
     module = call.module
     hooks_before = next(iter(module._forward_hooks), None) != getattr(module, HOOK_ID, None)
+    if not (hooks_before or module._forward_pre_hooks):
+        return  # the common call: plain and reproducible (the defaults)
     pre_hook_id = getattr(module, PRE_HOOK_ID, None)
     user_pre_hooks = [key for key in module._forward_pre_hooks if key != pre_hook_id]
     call.plain = not (hooks_before or user_pre_hooks)

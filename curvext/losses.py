@@ -248,7 +248,7 @@ class CrossEntropyLossRule(LossRule):
                     f"expected {expected}."
                 )
             valid = target != module.ignore_index
-            if module.weight is None:  # every class weighs 1: the mask is the weight
+            if weight is None:  # every class weighs 1: the mask is the weight
                 target_weight = valid.to(loss_input.dtype)
             else:
                 target_weight = weight[torch.where(valid, target, 0)] * valid

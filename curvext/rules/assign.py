@@ -21,7 +21,7 @@ from collections import OrderedDict
 from typing import Dict, List, Set, Tuple
 
 from torch import Tensor, nn
-from torch.autograd.graph import Node, get_gradient_edge
+from torch.autograd.graph import Node
 
 from curvext.recording import ModuleCall, call_region
 from curvext.rules import SharedParameterRule, rules_for
@@ -110,7 +110,9 @@ def assign(
         for leaf in leaves
         if isinstance(leaf, Tensor) and leaf.requires_grad and id(leaf) not in covered
     }
-    extra_names = _nearest_ancestors(modules, excluded, uncovered, calls_by_module, consumers)
+    extra_names = _nearest_ancestors(
+        modules, excluded, uncovered, calls_by_module, consumers, accumulator_of
+    )
 
     owners: Dict[int, list] = OrderedDict()
     params: Dict[int, Tensor] = {}
@@ -125,7 +127,7 @@ def assign(
 
 
 def _nearest_ancestors(
-    modules, excluded, uncovered, calls_by_module, consumers
+    modules, excluded, uncovered, calls_by_module, consumers, accumulator_of
 ) -> Dict[int, List[str]]:
     """For each called module, the uncovered parameters it is nearest to,
     among the modules whose calls hold every use of the parameter (a use in
@@ -136,7 +138,7 @@ def _nearest_ancestors(
     nearest: Dict[int, Tuple[int, int, str]] = {}
     for key, module in modules.items():
         candidates = {
-            get_gradient_edge(param).node: name
+            accumulator_of[id(param)]: name  # uncovered leaves are in the graph
             for name, param in module.named_parameters()
             if id(param) in uncovered and name not in excluded[key]
         }  # an owner using it outside its calls cannot cover it

@@ -26,17 +26,6 @@ _CONV_TRANSPOSE_FUNCTIONS = {
 }
 
 
-def _one_hot_kernels(inputs: Tensor, kernel_size: Sequence[int]) -> Tensor:
-    """One one-hot kernel per channel of ``inputs`` and kernel element,
-    ``[C · prod(kernel), 1, *kernel]`` (a grouped convolution's weight;
-    ``[C, prod(kernel), *kernel]``, the same entries, a transposed one's)."""
-    kernel_numel = math.prod(kernel_size)
-    one_hot = torch.eye(kernel_numel, dtype=inputs.dtype, device=inputs.device)
-    return one_hot.reshape(kernel_numel, 1, *kernel_size).repeat(
-        inputs.shape[1], *[1] * (len(kernel_size) + 1)
-    )
-
-
 def unfold(
     inputs: Tensor,
     kernel_size: Sequence[int],
@@ -75,8 +64,10 @@ def _pads(
     """``F.pad``'s argument (last axis first) for a convolution's ``padding``;
     ``"same"`` pads ``dilation · (k - 1)`` per axis, the extra one at the end,
     as PyTorch does."""
-    if padding == "valid" or isinstance(padding, int):
-        padding = [0 if padding == "valid" else padding] * len(kernel_size)
+    if padding == "valid":
+        padding = 0
+    if isinstance(padding, int):
+        padding = [padding] * len(kernel_size)
     if padding == "same":
         totals = [d * (k - 1) for k, d in zip(kernel_size, dilation)]
         pairs = [(total // 2, total - total // 2) for total in totals]
@@ -102,13 +93,17 @@ def unfold_transposed(
     ``weight.transpose(0, 1).flatten(1) @`` these columns.
     """
     batch, channels = inputs.shape[:2]
-    one_hot = _one_hot_kernels(inputs, kernel_size)
-    weight = one_hot.reshape(channels, -1, *kernel_size)  # [in, out / groups, *kernel]
+    # one one-hot kernel per channel and kernel element: [in, out / groups, *kernel]
+    kernel_numel = math.prod(kernel_size)
+    one_hot = torch.eye(kernel_numel, dtype=inputs.dtype, device=inputs.device)
+    weight = one_hot.reshape(1, kernel_numel, *kernel_size).repeat(
+        channels, *[1] * (len(kernel_size) + 1)
+    )
     transposed = _CONV_TRANSPOSE_FUNCTIONS[inputs.dim() - 2]
     patches = transposed(
         inputs, weight, stride=stride, padding=padding, groups=channels, dilation=dilation
     )
-    return patches.reshape(batch, one_hot.shape[0], -1)
+    return patches.reshape(batch, channels * kernel_numel, -1)
 
 
 class ConvRule(FactoredRule):
