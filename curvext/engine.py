@@ -36,7 +36,7 @@ from typing import Dict, List, Tuple
 
 import torch
 from torch import Tensor, nn
-from torch.autograd.graph import GradientEdge, get_gradient_edge
+from torch.autograd.graph import GradientEdge
 
 from curvext.context import (
     NO_LOSS_RUN,
@@ -69,7 +69,7 @@ from curvext.recording import (
     flattened_samples,
 )
 from curvext.rules.assign import assign
-from curvext.rules.base import slice_columns
+from curvext.rules.base import first_parameter, slice_columns
 
 _engine = threading.local()
 
@@ -93,7 +93,7 @@ class LossCall:
         self.module = module
         self.input = loss_input.detach()
         self.target = target.detach() if isinstance(target, Tensor) else target
-        self.output_nr = get_gradient_edge(loss_input).output_nr
+        self.output_nr = loss_input.output_nr  # loss_input is in the graph (grad_fn set)
         self.graph_task = None
         loss_input.register_hook(self._on_grad)
         if loss_output.grad_fn is not None:
@@ -648,7 +648,7 @@ def _run_without_loss(collected: FirstOrderPass) -> None:
 def _call_grads(call: ModuleCall, collected: FirstOrderPass):
     """The one-column gradients ``[1, N, ...]`` of ``call``'s outputs (zeros
     for an output no gradient reached), in its parameters' dtype."""
-    param = next(call.module.parameters(), None)
+    param = first_parameter(call.module)
     arrived = [collected.grads.get((id(call), i)) for i in range(len(call.output_shapes))]
     some = next((g for g in arrived if g is not None), None)
     dtype = param.dtype if param is not None and param.is_floating_point() else None

@@ -70,7 +70,9 @@ class LossRule:
                 "Hessian (and so every curvature) would be NaN. Clean the targets, "
                 "or mask those entries out of the batch."
             )
-        if not torch.isfinite(loss_input).all():
+        # one sum is finite if every entry is (it can overflow only for
+        # logits near the dtype's largest value: then the entries are checked)
+        if not math.isfinite(loss_input.sum()) and not torch.isfinite(loss_input).all():
             raise ValueError(
                 f"The input of {self.name} contains NaN or Inf values; curvext "
                 "cannot compute curvature from it. Check the model output "
@@ -237,7 +239,7 @@ class CrossEntropyLossRule(LossRule):
                 target = (1 - smoothing) * target + smoothing / num_classes
             shape = [1, num_classes] + [1] * (loss_input.dim() - 2)
             weighted = target if weight is None else target * weight.view(shape)
-            self.position_weight = weighted.sum(1)
+            self._position_weight = weighted.sum(1)
             self.denominator = float(target.shape[0] * target[0, 0].numel())
         else:
             expected = (loss_input.shape[0],) + tuple(loss_input.shape[2:])
@@ -248,22 +250,39 @@ class CrossEntropyLossRule(LossRule):
                     f"expected {expected}."
                 )
             valid = target != module.ignore_index
-            if weight is None:  # every class weighs 1: the mask is the weight
-                target_weight = valid.to(loss_input.dtype)
+            if weight is None:
+                # every class weighs 1: the mask is the weight, and its count
+                # (a sum of booleans, exact in any dtype) the denominator
+                self.denominator = float(valid.sum())
+                if self.denominator < valid.numel():
+                    self._position_weight = valid.to(loss_input.dtype)
+                # else every position weighs 1, with or without smoothing
+                # (1 - s + s * mean(w) = 1): no weight tensor at all
             else:
                 target_weight = weight[torch.where(valid, target, 0)] * valid
-            # summed in float32 or wider: under autocast the logits (and so the
-            # mask) may be bfloat16, whose sum of 967 ones is 968
-            self.denominator = float(
-                target_weight.sum(dtype=torch.promote_types(target_weight.dtype, torch.float32))
-            )
-            if smoothing > 0:
-                # the smoothing term sum_c w_c (-log p_c) / C has Hessian
-                # mean(w) (diag(p) - pp^T) at every non-ignored position
-                mean_weight = 1.0 if weight is None else weight.mean()
-                target_weight = (1 - smoothing) * target_weight + smoothing * mean_weight * valid
-            self.position_weight = target_weight
+                # summed in float32 or wider: under autocast the weights may be
+                # bfloat16, whose sum of 967 ones is 968
+                self.denominator = float(
+                    target_weight.sum(dtype=torch.promote_types(target_weight.dtype, torch.float32))
+                )
+                if smoothing > 0:
+                    # the smoothing term sum_c w_c (-log p_c) / C has Hessian
+                    # mean(w) (diag(p) - pp^T) at every non-ignored position
+                    smoothed = smoothing * weight.mean() * valid
+                    target_weight = (1 - smoothing) * target_weight + smoothed
+                self._position_weight = target_weight
         self.prob = loss_input.softmax(1)
+
+    #: :attr:`position_weight` when some position weighs other than 1 (else
+    #: ``None``: the common case, scaled by a number instead of a tensor).
+    _position_weight: Optional[Tensor] = None
+
+    @property
+    def position_weight(self) -> Tensor:
+        r""":math:`\beta` of every position, ``[N, d1, ...]``."""
+        if self._position_weight is None:
+            return self.input.new_ones(self.input.shape[0], *self.input.shape[2:])
+        return self._position_weight
 
     @property
     def normalization(self) -> float:
@@ -306,9 +325,13 @@ class CrossEntropyLossRule(LossRule):
     def exact_columns(self, start, stop):
         roots = self._roots_per_position
         prob = self.prob.reshape(*self.prob.shape[:2], -1)  # [N, C, T]
-        scale = (self.normalization * self.position_weight.reshape(prob.shape[0], -1)).sqrt()
         if prob.shape[-1] == 1 and prob.shape[1] > 1:
+            if self._position_weight is None:
+                scale = math.sqrt(self.normalization)
+            else:
+                scale = (self.normalization * self._position_weight.reshape(-1, 1)).sqrt()
             return self._single_position_columns(prob[..., 0], scale, start, stop)
+        scale = (self.normalization * self.position_weight.reshape(prob.shape[0], -1)).sqrt()
         index = torch.arange(start, stop, device=prob.device)
         positions, classes = index // roots, index % roots
         values = self._root_values(prob[:, :, positions].permute(2, 0, 1), classes)
@@ -319,7 +342,7 @@ class CrossEntropyLossRule(LossRule):
         columns[torch.arange(stop - start, device=prob.device), :, :, positions] = values
         return columns.reshape(-1, *self.input.shape)
 
-    def _single_position_columns(self, prob: Tensor, scale: Tensor, start: int, stop: int):
+    def _single_position_columns(self, prob: Tensor, scale, start: int, stop: int):
         """:meth:`exact_columns` for inputs ``[N, C]``, ``C > 1``: the columns
         of :meth:`_root_values` straight from ``prob [N, C]`` (a fifth of the
         general path's time on a ``[128, 10]`` input: no position indexing)."""
@@ -329,6 +352,7 @@ class CrossEntropyLossRule(LossRule):
         shared[:, -1:] -= alpha
         unit = torch.eye(prob.shape[1], dtype=prob.dtype, device=prob.device)[start:stop]
         values = shared + unit[:, None, :]  # [k, N, C]
+        # scale: a number, or [N, 1] when positions weigh differently
         values.mul_((prob[:, start:stop].sqrt() * scale).T[:, :, None])
         return values.reshape(-1, *self.input.shape)
 
@@ -336,10 +360,19 @@ class CrossEntropyLossRule(LossRule):
         num_classes = self.input.shape[1]
         prob = self.prob.movedim(1, -1).reshape(-1, num_classes)
         labels = sample_categorical(prob, mc_samples, generator)
-        unit = torch.nn.functional.one_hot(labels, num_classes).to(prob.dtype)
-        columns = prob.unsqueeze(0) - unit  # [M, N*T, C]
-        scale = self.normalization * self.position_weight.reshape(-1, 1) / mc_samples
-        columns = columns * scale.sqrt()
+        # p - e_label per sample: a copy of p with 1 taken from the drawn class
+        # a copy (contiguous() of the expanded prob may be prob itself for M = 1)
+        columns = prob.expand(mc_samples, *prob.shape).clone(memory_format=torch.contiguous_format)
+        columns.scatter_(2, labels.unsqueeze(-1), -1.0, reduce="add")
+        scale = self.normalization / mc_samples
+        if self._position_weight is None:
+            return self._unmove(columns.mul_(math.sqrt(scale)), mc_samples)
+        columns.mul_((scale * self._position_weight.reshape(-1, 1)).sqrt())
+        return self._unmove(columns, mc_samples)
+
+    def _unmove(self, columns: Tensor, mc_samples: int) -> Tensor:
+        """``[M, N*T, C]`` (classes last) → ``[M, *input.shape]``."""
+        num_classes = self.input.shape[1]
         moved_shape = (mc_samples, self.input.shape[0], *self.input.shape[2:], num_classes)
         return columns.reshape(moved_shape).movedim(-1, 2)
 

@@ -11,6 +11,7 @@ from torch import Tensor
 from torch.autograd.graph import GradientEdge
 
 from curvext.recording import ModuleCall
+from curvext.rules.base import first_parameter
 from curvext.rules.generic import note_once
 
 #: Bytes of module-output gradients that one chunk of columns may hold when
@@ -74,7 +75,7 @@ def backpropagate(
     num_cols = columns.shape[0]
     call_grads: Dict[int, object] = {}
     for call in calls:
-        param = next(call.module.parameters(), None)
+        param = first_parameter(call.module)
         call_dtype = param.dtype if param is not None and param.is_floating_point() else dtype
         outputs = []
         for output_edge, shape in zip(call.edges, call.output_shapes, strict=True):

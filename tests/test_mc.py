@@ -256,3 +256,19 @@ def test_categorical_sampler_frequencies_match_the_probabilities():
     assert sample_categorical(torch.ones(3, 1), 5, generator).eq(0).all()
     half = sample_categorical(prob.half(), 1000, generator)
     assert half.min() >= 0 and half.max() <= 3 and not (half[:, 0] == 1).any()
+
+
+@pytest.mark.parametrize("mc_samples", [1, 3])
+@pytest.mark.parametrize("case_name", ["mlp_ce", "mlp_bce", "mlp_mse_sum", "sequence"])
+def test_mc_columns_leave_exact_extensions_of_the_same_pass_exact(case_name, mc_samples):
+    """An MC extension drawn before the exact columns of the same backward
+    pass must not touch what the exact ones read (a sample column built in
+    place on a view of the loss's probabilities made the exact columns of a
+    cross-entropy loss NaN): the exact diagonal equals the dense one."""
+    reference = dense_reference(case_name)
+    model = run_case(CASES_BY_NAME[case_name], SqrtGGN(mc_samples=mc_samples), BatchGGNDiag())
+    for name, param in trainable(model).items():
+        torch.testing.assert_close(
+            param.batch_ggn_diag.sum(0), reference.diag(name), rtol=1e-4, atol=1e-6
+        )
+        assert param.sqrt_ggn.shape[0] == mc_samples

@@ -99,7 +99,7 @@ def assign(
         for key in modules
     }
     covered = {
-        id(module.get_parameter(name))
+        id(module._parameters[name])
         for key, module in modules.items()
         for name in own_trainable(module)
         if name not in excluded[key]

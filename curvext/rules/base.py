@@ -84,7 +84,7 @@ class ModuleRule:
         # rules live for one backward pass: the lookup is done once per name
         cache = self.__dict__.setdefault("_params", {})
         if name not in cache:
-            cache[name] = self.module.get_parameter(name)
+            cache[name] = parameter(self.module, name)
         return cache[name]
 
     #: Whether the samples may sit on any axis of the input and output (the
@@ -323,6 +323,21 @@ def slice_columns(call_grads, start: int, stop: int):
     if isinstance(call_grads, tuple):
         return tuple(g[start:stop] for g in call_grads)
     return call_grads[start:stop]
+
+
+def parameter(module: nn.Module, name: str) -> Tensor:
+    """``module.get_parameter(name)``, without its walk for an own parameter."""
+    own = module._parameters.get(name)
+    return own if own is not None else module.get_parameter(name)
+
+
+def first_parameter(module: nn.Module) -> Optional[Tensor]:
+    """``next(module.parameters(), None)``, without the walk when ``module``
+    owns a parameter (its own come first in that order)."""
+    for param in module._parameters.values():
+        if param is not None:
+            return param
+    return next(module.parameters(), None)
 
 
 def own_trainable(module: nn.Module) -> List[str]:
