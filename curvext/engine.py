@@ -443,10 +443,19 @@ def _draw_mc_columns(sets: List[ColumnSet], loss: LossRule) -> Dict[ColumnSet, T
     seed = int(torch.randint(0, 2**62, (1,)).item())
     columns = {}
     for key in mc_sets:
-        generator = torch.Generator(device=loss.input.device)
+        generator = _generator(loss.input.device)
         generator.manual_seed(seed + key.samples)
         columns[key] = loss.mc_columns(key.samples, generator)
     return columns
+
+
+def _generator(device: torch.device) -> torch.Generator:
+    """This thread's generator for MC columns on ``device`` (reseeded at
+    every use, so one per device and thread suffices)."""
+    generators = _engine.__dict__.setdefault("generators", {})
+    if device not in generators:
+        generators[device] = torch.Generator(device=device)
+    return generators[device]
 
 
 def _columns(sets, offsets, pieces, loss, mc_columns, grad) -> Tensor:

@@ -29,6 +29,9 @@ from curvext.rules.generic import note_once
 CHUNK_BYTES = 2**23
 
 
+_ENGINE = torch.autograd.Variable._execution_engine
+
+
 def backpropagate(
     edge: GradientEdge, calls: List[ModuleCall], columns: Tensor, dtype: torch.dtype
 ) -> Dict[int, object]:
@@ -41,7 +44,9 @@ def backpropagate(
     edges = [e for call in calls for e in call.edges if e is not None]
     if columns.dtype != dtype:
         columns = columns.to(dtype)
-    single = columns.shape[0] == 1  # a plain backward avoids vmap's overhead
+    # a plain backward avoids vmap's overhead (with no edge the engine would
+    # accumulate into .grad instead: torch.autograd.grad refuses that case)
+    single = columns.shape[0] == 1 and bool(edges)
 
     def backward(grad_output: Tensor, batched: bool):
         return torch.autograd.grad(
@@ -54,7 +59,13 @@ def backpropagate(
         )
 
     if single:
-        results = [None if r is None else r.unsqueeze(0) for r in backward(columns[0], False)]
+        # the engine directly: torch.autograd.grad's argument checks and
+        # conversions cost more than this backward on small models, and
+        # these arguments are valid by construction (one edge, a column
+        # shaped like its tensor, edges of this graph)
+        column = columns[0]
+        results = _ENGINE.run_backward((edge,), (column,), True, False, tuple(edges), True, False)
+        results = [None if r is None else r.unsqueeze(0) for r in results]
     else:
         try:
             results = backward(columns, True)

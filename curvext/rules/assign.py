@@ -56,6 +56,24 @@ def _inside_consumers(calls: List[ModuleCall], accumulators: Set[Node]) -> Set[N
     }
 
 
+def _next_to_outputs(calls: List[ModuleCall]) -> Set[Node]:
+    """The output nodes of ``calls`` and their children that are not input
+    nodes: the first two levels of :func:`call_region` (a ``Linear``'s
+    ``AddmmBackward0`` and the ``TBackward0`` of its weight)."""
+    nodes = set()
+    for call in calls:
+        stop = call.input_nodes
+        for edge in call.edges:
+            if edge is not None:
+                nodes.add(edge.node)
+                nodes.update(
+                    child
+                    for child, _ in edge.node.next_functions
+                    if child is not None and child not in stop
+                )
+    return nodes
+
+
 def _used_outside(
     module: nn.Module,
     calls: List[ModuleCall],
@@ -72,6 +90,9 @@ def _used_outside(
             accumulators[node] = name
     if not accumulators:
         return []
+    near = _next_to_outputs(calls)
+    if all(consumers[node] <= near for node in accumulators):
+        return []  # every use at or next to an output node: inside (the common layer)
     inside = _inside_consumers(calls, set(accumulators))
     return [name for node, name in accumulators.items() if not consumers[node] <= inside]
 

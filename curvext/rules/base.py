@@ -112,7 +112,10 @@ class ModuleRule:
         Inputs and outputs of layers with :attr:`flexible_batch_axis` share the
         sample axis of the first output.
         """
-        axis = self.output_axes(call)[0]
+        axes = self.__dict__.setdefault("_first_axes", {})  # rules live for one pass
+        axis = axes.get(id(call), -1)
+        if axis == -1:
+            axis = axes[id(call)] = self.output_axes(call)[0]
         return tensor if not axis else tensor.movedim(axis + offset, offset)
 
     def check_batch(self, batch_size: int):

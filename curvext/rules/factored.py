@@ -180,7 +180,7 @@ class FactoredRule(ModuleRule):
         # the output-side KFAC factor of the weight of Linear/Conv equals the
         # bias's whatever the layout, so it is keyed without the side
         side_key = None if what.startswith("kfac") else side.__func__
-        key = (what, side_key, tuple(id(g) for g in grads))
+        key = (what, side_key, tuple(map(id, grads)))
         last = getattr(self, "_last", None)
         if last is None or last[0] != key:
             last = (key, grads, compute())  # grads kept alive: their ids are the key
