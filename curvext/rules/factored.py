@@ -319,10 +319,12 @@ class FactoredRule(ModuleRule):
         grad_side = self.grad_factor(name, grads)[:, :, 0, :, 0]  # [K, N, d_grad]
         batch, d_grad = grad_side.shape[1:]
         d_in = self.inputs().shape[2]
+        dtype = torch.promote_types(grad_side.dtype, torch.float64)
         if batch * (d_grad + d_in) >= d_grad * d_in:
-            return super().sum_norm_sq(name, grads)
+            # the sums themselves, one product [K, d_grad, d_in] (no einsum)
+            sums = grad_side.mT @ self.inputs()[:, 0, :, 0]
+            return torch.linalg.vector_norm(sums.flatten(1), dim=1, dtype=dtype).square()
         grad_gram = grad_side @ grad_side.mT
-        dtype = torch.promote_types(grad_gram.dtype, torch.float64)
         return (grad_gram * self.input_gram()).sum((1, 2), dtype=dtype)
 
     def input_gram(self) -> Tensor:
