@@ -339,7 +339,10 @@ class CrossEntropyLossRule(LossRule):
         if prob.shape[-1] == 1:
             return values.reshape(-1, *self.input.shape)
         columns = prob.new_zeros(stop - start, *prob.shape)
-        columns[torch.arange(stop - start, device=prob.device), :, :, positions] = values
+        # values may be wider than prob (float32 class weights, bfloat16 logits)
+        columns[torch.arange(stop - start, device=prob.device), :, :, positions] = values.to(
+            prob.dtype
+        )
         return columns.reshape(-1, *self.input.shape)
 
     def _single_position_columns(self, prob: Tensor, scale, start: int, stop: int):

@@ -376,6 +376,21 @@ CASES = [
         tags=frozenset({"positions"}),
     ),
     Case(
+        # one input position, four output positions: the weight's sides have
+        # one position, the bias's (the output's) four
+        "conv_transpose2d_one_input_position",
+        lambda: nn.Sequential(
+            nn.ConvTranspose2d(3, 2, 2),
+            nn.Tanh(),
+            nn.Flatten(),
+            nn.Linear(8, 3),
+        ),
+        nn.CrossEntropyLoss,
+        classification((3, 1, 1), 3),
+        batch_size=5,
+        tags=frozenset({"positions"}),
+    ),
+    Case(
         "conv1d_strings_reflect_circular",
         conv1d_model,
         nn.CrossEntropyLoss,

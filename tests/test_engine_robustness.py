@@ -401,6 +401,29 @@ def test_autocast_bfloat16(name):
         assert relative_error(kron(p.kfac), kron(plain.kfac)) < tol, name
 
 
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+def test_autocast_bfloat16_weighted_cross_entropy_over_positions(smoothing):
+    """bfloat16 logits ``[N, C, T]`` with float32 class weights: the exact
+    columns (several positions) were built from bfloat16 probabilities and
+    float32 weights and failed to be written into their bfloat16 tensor."""
+    torch.manual_seed(0)
+    model32 = nn.Conv1d(2, 3, 1).float()  # the suite's default dtype is float64
+    weight = torch.rand(3).float() + 0.5
+    X, y = torch.randn(4, 2, 5).float(), torch.randint(0, 3, (4, 5))
+    loss64 = nn.CrossEntropyLoss(weight=weight.double(), label_smoothing=smoothing)
+    reference = DenseReference(copy.deepcopy(model32).double(), loss64, X.double(), y)
+    model = extend(copy.deepcopy(model32))
+    loss_fn = extend(nn.CrossEntropyLoss(weight=weight, label_smoothing=smoothing))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = loss_fn(model(X), y)
+    with backpack(GGNDiag(), SqrtGGN()):
+        loss.backward()
+    for name, p in trainable(model).items():
+        assert p.ggn_diag.dtype == torch.float32, name
+        assert relative_error(p.ggn_diag, reference.diag(name)) < AUTOCAST_RTOL, name
+        assert relative_error(implied_ggn_diag(p.sqrt_ggn), reference.diag(name)) < AUTOCAST_RTOL
+
+
 # ---------------------------------------------------------------------------
 # 5. Column chunking with every kind of column set at once
 # ---------------------------------------------------------------------------

@@ -143,8 +143,16 @@ class FactoredRule(ModuleRule):
         side = self.bias_side if name == "bias" else self.grad_side
         return _cat([side(c, g) for c, g in zip(self.calls, grads)], dim=-1)
 
-    def single_position(self) -> bool:
-        """Whether ``T = 1`` (no weight sharing, one call)."""
+    def single_position(self, name: str = "weight") -> bool:
+        """Whether ``T = 1`` in ``G`` of ``name`` (no weight sharing, one call).
+
+        The weight's ``G`` and ``A`` share their positions; so does the bias's
+        ``G`` where :attr:`entry_grad_side` holds. ConvTranspose's bias spans
+        the output's positions, not the input's: a ``1 × 1`` input has one
+        input position and several output positions.
+        """
+        if name == "bias" and not self.entry_grad_side:
+            return sum(call.output_shapes[0][2:].numel() for call in self.calls) == 1
         return self.inputs().shape[-1] == 1
 
     def squares(self, name: str, grads: List[Tensor]) -> Tuple[Tensor, Optional[Tensor]]:
@@ -197,7 +205,7 @@ class FactoredRule(ModuleRule):
         return name != "bias"
 
     def compact_diag(self, name):
-        return self.single_position()
+        return self.single_position(name)
 
     def diag_weights(self, name, grads):
         return self.squares(name, grads)[0]
@@ -271,7 +279,7 @@ class FactoredRule(ModuleRule):
         return self._to_param(name, self.outer(grad_side, self.inputs()), 2)
 
     def diag(self, name, grads):
-        if self.single_position():
+        if self.single_position(name):
             return self.diag_from_weights(name, self.diag_weights(name, grads), False)
         if name == "bias":
             return self._to_param(
@@ -280,14 +288,14 @@ class FactoredRule(ModuleRule):
         return self._to_param(name, self._column_loop(name, grads).sum(0), 0)
 
     def batch_diag(self, name, grads):
-        if self.single_position():
+        if self.single_position(name):
             return self.diag_from_weights(name, self.diag_weights(name, grads), True)
         if name == "bias":
             return self._to_param(name, sum_of_squares(self.grad_factor(name, grads).sum(-1)), 1)
         return self._to_param(name, self._column_loop(name, grads), 1)
 
     def batch_l2(self, name, grads):
-        if self.single_position():
+        if self.single_position(name):
             grad_squares, input_squares = self.squares(name, grads)
             if input_squares is None:
                 return grad_squares.sum((1, 2))

@@ -158,7 +158,7 @@ class OuterProductRule(KroneckerRule, GramRule, Protocol):
     def grad_factor(self, name: str, grads: Grads) -> Tensor:
         """The output side ``G [K, N, groups, d_grad, T]`` of one chunk (weight or bias)."""
 
-    def single_position(self) -> bool:
+    def single_position(self, name: str = "weight") -> bool:
         """Whether ``T = 1`` (no weight sharing, one call: Linear on ``[N, d]``)."""
 
     def outer(self, grad_side: Tensor, input_side: Tensor) -> Tensor:
