@@ -3,12 +3,12 @@
 Each seed builds a small sequence model from a random stack of blocks —
 linear layers, residual branches, norms, in-place activations, attention
 written with tensor ops (causal masks passed as arguments), ``MultiheadAttention``,
-convolutions over time, tied layers called twice, modules without a
+convolutions and transposed convolutions over time, tied layers called twice, modules without a
 dedicated rule (with and without dropout in train mode), pruned and hooked
 layers, ``LSTMCell`` — with a random head and loss (cross-entropy per
 position, flattened language-model style, pooled; MSE; BCE; either
 reduction). Sizes are tiny and may coincide (``N == T`` is allowed on
-purpose). Every model is compared with
+purpose), and a sequence may have one step. Every model is compared with
 :class:`tests.references.GraphReference` of the same forward pass for the
 GGN diagonal, the per-sample GGN diagonals, the per-sample gradients and
 the square root of the GGN.
@@ -98,6 +98,7 @@ BLOCKS = [
     "hooked",
     "prelu",
     "cell",
+    "conv_transpose",
 ]
 LOSSES = ["ce_positions", "ce_flat", "ce_pooled", "mse", "bce"]
 
@@ -129,6 +130,8 @@ class RandomModel(nn.Module):
             return nn.MultiheadAttention(dim, 1, batch_first=True)
         if kind == "conv":
             return nn.Conv1d(dim, dim, 3, padding=1)
+        if kind == "conv_transpose":  # over time, one step longer (folded in forward)
+            return nn.ConvTranspose1d(dim, dim, 2)
         if kind in ("generic", "generic_dropout"):
             return Gain(dim, 0.3 if kind == "generic_dropout" else 0.0)
         if kind == "pruned":
@@ -156,6 +159,9 @@ class RandomModel(nn.Module):
                 h = h + layer(h, h, h, need_weights=False)[0]
             elif kind == "conv":
                 h = layer(h.transpose(1, 2)).transpose(1, 2)
+            elif kind == "conv_transpose":
+                out = layer(h.transpose(1, 2))  # [N, D, T + 1]: every step is used
+                h = (out[..., :-1] + out[..., 1:]).transpose(1, 2)
             elif kind == "tied":
                 h = torch.tanh(self.shared(torch.tanh(self.shared(h))))
             else:
@@ -171,7 +177,7 @@ class RandomModel(nn.Module):
 def build(seed: int):
     rng = random.Random(seed)
     torch.manual_seed(seed)
-    N, T, D, C = rng.randint(1, 3), rng.randint(2, 3), rng.randint(2, 3), rng.randint(2, 3)
+    N, T, D, C = rng.randint(1, 3), rng.randint(1, 3), rng.randint(2, 3), rng.randint(2, 3)
     loss = rng.choice(LOSSES)
     model = RandomModel(rng, D, T, C, loss).train(rng.random() < 0.5)
     X = torch.randn(N, T, D)
@@ -218,6 +224,9 @@ def check_seed(seed: int):
         assert_close(param.ggn_diag, diag, msg=f"{message}: ggn_diag")
         assert_close(param.batch_ggn_diag, batch_diag, msg=f"{message}: batch_ggn_diag")
         assert_close(param.grad_batch, grads, msg=f"{message}: grad_batch")
+    if not reached:  # every ReLU dead (one sample, one step): nothing to compare
+        assert not ggn.any(), message
+        return
     sqrt = torch.cat([p.sqrt_ggn.reshape(-1, p.numel()) for p in reached], dim=1)
     rows = torch.cat([u.flatten().fill_(bool(u.any())) for u in reference.split(used)])
     assert_close(sqrt.T @ sqrt, ggn[rows][:, rows], msg=f"{message}: SqrtGGN")
