@@ -264,6 +264,7 @@ def _run(edge, loss, calls, consumers, grad, extensions, loss_gradient):
     _check_calls(calls)
     targets = assign(calls, consumers, loss.batch_size)
     rules = list({id(rule): rule for t in targets for rule, _ in t.owners}.values())
+    _probe_sample_axes(edge, rules, loss)
     # only outputs of calls that some rule reads are backpropagated to
     used_calls = list({id(c): c for rule in rules for c in rule.calls}.values())
     info = RunInfo(batch_size=loss.batch_size, normalization=loss.normalization, loss=loss)
@@ -334,6 +335,54 @@ def _run(edge, loss, calls, consumers, grad, extensions, loss_gradient):
     if AVERAGED in sets:
         add_averaged(edge, loss, loss_gradient, extensions, targets, partials)
     _store_results(extensions, targets, calls, partials, info)
+
+
+def _probe_sample_axes(edge: GradientEdge, rules, loss: LossRule) -> None:
+    """Find the sample axis of outputs where sizes cannot tell it.
+
+    A layer acting on the last axis takes the first axis of size ``N`` as the
+    samples; ``[T, N, D]`` with ``T == N`` (a time-major layer whose output is
+    transposed back for the loss) would be read batch-first, silently wrong.
+    For such outputs one backward pass of a probe (random values on the loss
+    input's first sample, zeros elsewhere) shows the axis: samples do not
+    mix (layers that mix them are refused), so the probe's gradient at the
+    output vanishes off index 0 of the sample axis only. Where the probe
+    cannot tell (both or neither axis look so), the first axis stays.
+    """
+    ambiguous = [
+        (rule, call)
+        for rule in rules
+        for call in rule.calls
+        if rule.ambiguous_axes(call) and call.edges and call.edges[0] is not None
+    ]
+    if not ambiguous:
+        return
+    rows = loss.input.shape[0] // loss.batch_size  # rows of one sample (flattened losses)
+    generator = torch.Generator(device=loss.input.device).manual_seed(0)
+    probe = torch.zeros_like(loss.input)
+    probe[:rows] = torch.randn(
+        probe[:rows].shape, generator=generator, dtype=probe.dtype, device=probe.device
+    )
+    edges = [call.edges[0] for _, call in ambiguous]
+    grads = torch.autograd.grad(
+        [edge], edges, grad_outputs=[probe], retain_graph=True, allow_unused=True
+    )
+    for (rule, call), grad in zip(ambiguous, grads):
+        if grad is None:
+            continue
+        separating = [
+            axis
+            for axis in rule.ambiguous_axes(call)
+            if _only_first_index(grad.detach().abs(), axis)
+        ]
+        if len(separating) == 1:
+            rule.set_sample_axis(call, separating[0])
+
+
+def _only_first_index(magnitude: Tensor, axis: int) -> bool:
+    """Whether ``magnitude`` is nonzero at index 0 of ``axis`` and zero elsewhere."""
+    per_index = magnitude.movedim(axis, 0).flatten(1).sum(1)
+    return bool(per_index[0] > 0) and not bool(per_index[1:].any())
 
 
 def _store_results(extensions, targets, calls, partials, info: RunInfo) -> None:

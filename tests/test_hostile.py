@@ -779,3 +779,54 @@ def test_a_parameter_also_used_in_a_forward_hook_of_its_container_is_not_silentl
     for name, param in model.named_parameters():
         if param is not last.bias:
             assert_close(param.grad_batch.sum(0), param.grad)
+
+
+# ---------------------------------------------------------------------------
+# The sample axis of a layer acting on the last axis, when sizes cannot tell
+# ---------------------------------------------------------------------------
+class TimeMajorLinear(nn.Module):
+    """A Linear (and LayerNorm) on ``[T, N, D]``, transposed back for the loss."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin, self.norm, self.out = nn.Linear(4, 3), nn.LayerNorm(3), nn.Linear(3, 2)
+
+    def forward(self, x):  # [N, T, D]
+        h = self.norm(torch.tanh(self.lin(x.transpose(0, 1))))  # [T, N, 3]
+        return self.out(h).transpose(0, 1)  # [N, T, 2]
+
+
+class TimeMajorEmbedding(nn.Module):
+    """An Embedding on time-major indices ``[T, N]``; cross-entropy on ``[N, C, T]``."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed, self.out = nn.Embedding(5, 3, padding_idx=0), nn.Linear(3, 4)
+
+    def forward(self, idx):  # [N, T]
+        return self.out(self.embed(idx.T)).permute(1, 2, 0)  # [T, N, 4] -> [N, 4, T]
+
+
+@pytest.mark.parametrize("size", [2, 3])
+@pytest.mark.parametrize("kind", ["linear", "embedding"])
+def test_time_major_layers_with_as_many_steps_as_samples(kind, size):
+    """``[T, N, ...]`` with ``T == N``: both axes have size ``N``, and taking
+    the first as the samples counted cross-sample terms (even the summed GGN
+    diagonal was ``N`` times too large); a probe backward now finds the axis."""
+    from tests.references import DenseReference
+
+    torch.manual_seed(size)
+    if kind == "linear":
+        model, loss_fn = TimeMajorLinear(), nn.MSELoss(reduction="sum")
+        X, y = torch.randn(size, size, 4), torch.randn(size, size, 2)
+    else:
+        model, loss_fn = TimeMajorEmbedding(), nn.CrossEntropyLoss()
+        X, y = torch.randint(0, 5, (size, size)), torch.randint(0, 4, (size, size))
+    reference = DenseReference(model, loss_fn, X, y)
+    extended, loss_ext = extend(copy.deepcopy(model)), extend(copy.deepcopy(loss_fn))
+    with backpack(GGNDiag(), BatchGGNDiag(), BatchGrad()):
+        loss_ext(extended(X), y).backward()
+    for name, param in extended.named_parameters():
+        assert_close(param.ggn_diag, reference.diag(name), msg=f"{kind} {name} ggn_diag")
+        assert_close(param.batch_ggn_diag, reference.per_sample_diag(name), msg=name)
+        assert_close(param.grad_batch, reference.per_sample_grads(name), msg=name)

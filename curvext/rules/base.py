@@ -102,6 +102,21 @@ class ModuleRule:
             return axes[0] if axes else None
         return 0 if len(shape) > 0 and shape[0] == self.batch_size else None
 
+    def ambiguous_axes(self, call: ModuleCall) -> List[int]:
+        """With :attr:`flexible_batch_axis`: the axes of ``call``'s first
+        output, but its last (the features), that have size ``N`` when there
+        are several (``[T, N, D]`` with ``T == N``), else ``[]``. The engine
+        then finds the sample axis by a probe (:meth:`set_sample_axis`)."""
+        if not self.flexible_batch_axis or not call.output_shapes:
+            return []
+        shape = call.output_shapes[0]
+        axes = [axis for axis, size in enumerate(shape[:-1]) if size == self.batch_size]
+        return axes if len(axes) > 1 else []
+
+    def set_sample_axis(self, call: ModuleCall, axis: int) -> None:
+        """Read the samples of ``call`` (its inputs and outputs) on ``axis``."""
+        self.__dict__.setdefault("_first_axes", {})[id(call)] = axis
+
     def output_axes(self, call: ModuleCall) -> List[Optional[int]]:
         """Sample axis of each recorded output of ``call``."""
         return [self.batch_axis(shape) for shape in call.output_shapes]
