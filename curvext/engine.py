@@ -349,12 +349,12 @@ def _probe_sample_axes(edge: GradientEdge, rules, loss: LossRule) -> None:
     output vanishes off index 0 of the sample axis only. Where the probe
     cannot tell (both or neither axis look so), the first axis stays.
     """
-    ambiguous = [
-        (rule, call)
-        for rule in rules
-        for call in rule.calls
-        if rule.ambiguous_axes(call) and call.edges and call.edges[0] is not None
-    ]
+    ambiguous = []  # (rule, call, candidate axes)
+    for rule in rules:
+        for call in rule.calls:
+            axes = rule.ambiguous_axes(call)
+            if axes and call.edges and call.edges[0] is not None:
+                ambiguous.append((rule, call, axes))
     if not ambiguous:
         return
     rows = loss.input.shape[0] // loss.batch_size  # rows of one sample (flattened losses)
@@ -363,18 +363,15 @@ def _probe_sample_axes(edge: GradientEdge, rules, loss: LossRule) -> None:
     probe[:rows] = torch.randn(
         probe[:rows].shape, generator=generator, dtype=probe.dtype, device=probe.device
     )
-    edges = [call.edges[0] for _, call in ambiguous]
+    edges = [call.edges[0] for _, call, _ in ambiguous]
     grads = torch.autograd.grad(
         [edge], edges, grad_outputs=[probe], retain_graph=True, allow_unused=True
     )
-    for (rule, call), grad in zip(ambiguous, grads):
+    for (rule, call, axes), grad in zip(ambiguous, grads):
         if grad is None:
             continue
-        separating = [
-            axis
-            for axis in rule.ambiguous_axes(call)
-            if _only_first_index(grad.detach().abs(), axis)
-        ]
+        magnitude = grad.detach().abs()
+        separating = [axis for axis in axes if _only_first_index(magnitude, axis)]
         if len(separating) == 1:
             rule.set_sample_axis(call, separating[0])
 

@@ -363,19 +363,15 @@ class CrossEntropyLossRule(LossRule):
         num_classes = self.input.shape[1]
         prob = self.prob.movedim(1, -1).reshape(-1, num_classes)
         labels = sample_categorical(prob, mc_samples, generator)
-        # p - e_label per sample: a copy of p with 1 taken from the drawn class
-        # a copy (contiguous() of the expanded prob may be prob itself for M = 1)
+        # p - e_label per sample: p copied (an explicit clone: contiguous() of
+        # the expanded p is p itself for M = 1), then 1 taken at the drawn class
         columns = prob.expand(mc_samples, *prob.shape).clone(memory_format=torch.contiguous_format)
-        columns.scatter_(2, labels.unsqueeze(-1), -1.0, reduce="add")
+        columns.scatter_(2, labels.unsqueeze(-1), -1.0, reduce="add")  # [M, N*T, C]
         scale = self.normalization / mc_samples
         if self._position_weight is None:
-            return self._unmove(columns.mul_(math.sqrt(scale)), mc_samples)
-        columns.mul_((scale * self._position_weight.reshape(-1, 1)).sqrt())
-        return self._unmove(columns, mc_samples)
-
-    def _unmove(self, columns: Tensor, mc_samples: int) -> Tensor:
-        """``[M, N*T, C]`` (classes last) → ``[M, *input.shape]``."""
-        num_classes = self.input.shape[1]
+            columns.mul_(math.sqrt(scale))
+        else:
+            columns.mul_((scale * self._position_weight.reshape(-1, 1)).sqrt())
         moved_shape = (mc_samples, self.input.shape[0], *self.input.shape[2:], num_classes)
         return columns.reshape(moved_shape).movedim(-1, 2)
 

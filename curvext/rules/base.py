@@ -128,9 +128,9 @@ class ModuleRule:
         sample axis of the first output.
         """
         axes = self.__dict__.setdefault("_first_axes", {})  # rules live for one pass
-        axis = axes.get(id(call), -1)
-        if axis == -1:
-            axis = axes[id(call)] = self.output_axes(call)[0]
+        if id(call) not in axes:
+            axes[id(call)] = self.output_axes(call)[0]
+        axis = axes[id(call)]
         return tensor if not axis else tensor.movedim(axis + offset, offset)
 
     def check_batch(self, batch_size: int):
